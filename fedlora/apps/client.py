@@ -1,0 +1,108 @@
+"""The site half of a round, as a Flower ClientApp (Message API).
+
+A site receives the global adapter and the strategy's broadcast state, trains locally, and
+replies with the strategy's already-weighted contribution vectors: LoRA tensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.apps import records as R
+from fedlora.config import Config, TrainConfig
+from fedlora.model import adapter_arrays, load_adapter_arrays
+from fedlora.runtime import get_runtime
+from fedlora.strategies import strategy_for
+from fedlora.strategies.base import LocalWork
+from fedlora.train import local_train
+
+
+def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
+    """Unequal local work: factors spread evenly over [1 - spread, 1 + spread] across sites."""
+    if n_sites < 2 or not train.local_steps_spread:
+        return train.local_steps
+    factor = 1 - train.local_steps_spread + 2 * train.local_steps_spread * site / (n_sites - 1)
+    return max(1, round(train.local_steps * factor))
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable seed for (run seed, round, site): same command, same numbers."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def site_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def query_reply(msg: Message, context: Context) -> Message:
+    """Tell the server which site this node is (it assigns work by site, not by node id)."""
+    return Message(
+        RecordDict({R.SITE_METRICS: MetricRecord({R.SITE_ID: site_id(context)})}), reply_to=msg
+    )
+
+
+def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
+    site = site_id(context)
+    rt = get_runtime(cfg)
+    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
+    global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
+    broadcast = R.from_record(msg.content[R.BROADCAST])
+    client_state = (
+        R.from_record(context.state[R.CLIENT_STATE]) if R.CLIENT_STATE in context.state else {}
+    )
+    strategy = strategy_for(cfg)
+    load_adapter_arrays(rt.model, global_arrays)
+    terms = strategy.training_terms(broadcast, client_state, global_arrays)
+    steps = site_local_steps(cfg.train, site, cfg.federation.clients)
+    seed = derive_seed(cfg.run.seed, round_, site)
+    torch.manual_seed(seed)  # LoRA dropout
+    rows = rt.site_rows(site)
+    result = local_train(
+        rt.model,
+        rows,
+        steps,
+        cfg.train,
+        terms,
+        np.random.default_rng(seed),
+        rt.pad_id,
+        bf16=cfg.model.bf16,
+    )
+    local = adapter_arrays(rt.model)
+    delta = {k: local[k] - global_arrays[k] for k in global_arrays}
+    work = LocalWork(
+        num_examples=len(rows), steps=result.steps, lr=cfg.train.lr, momentum=cfg.train.momentum
+    )
+    contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
+    if new_state:
+        context.state[R.CLIENT_STATE] = R.to_record(new_state)
+    metrics = MetricRecord(
+        {
+            R.SITE_ID: site,
+            R.TRAIN_LOSS: result.mean_loss,
+            R.LOCAL_STEPS: result.steps,
+            R.NUM_EXAMPLES: len(rows),
+        }
+    )
+    content = RecordDict({R.CONTRIBUTION: R.to_record(contribution), R.SITE_METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(cfg: Config) -> ClientApp:
+    """A ClientApp closed over the (small) config only: the model is loaded in the worker."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return query_reply(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_reply(cfg, msg, context)
+
+    return app

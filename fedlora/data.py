@@ -1,0 +1,356 @@
+"""Data sets, prompt formatting, partitioning into sites, and the partition summary.
+
+A row becomes an `Example`: a prompt made of a fixed prefix, a free text cut to a token budget
+and a fixed suffix, then a completion on which the loss is taken. For classification the
+completion is the label word and the label set gives the candidate answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedlora.config import DataConfig
+from fedlora.errors import FedloraError
+
+
+@dataclass(frozen=True)
+class Example:
+    prefix: str
+    text: str
+    suffix: str
+    completion: str
+    label: str = ""  # class name for classification, "" for plain text
+    group: str = ""  # natural key (e.g. the specialty of a condition)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    task: str
+    train: list[Example]
+    test: list[Example]
+    labels: list[str]  # candidate class names ([] for plain text)
+
+    def completion_of(self, label: str) -> str:
+        return " " + label
+
+
+# --- Built-in Drugs.com reviews -------------------------------------------------------------
+
+#: Conditions grouped into medical specialties: each specialty is a natural "hospital site".
+SPECIALTY_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "women's health": (
+        "birth control",
+        "contracept",
+        "pregnan",
+        "menopaus",
+        "menstrua",
+        "vagin",
+        "uterine",
+        "endometriosis",
+        "ovar",
+        "hot flash",
+        "female",
+        "postpartum",
+        "lactation",
+        "infertility",
+        "premenstrual",
+        "polycystic",
+    ),
+    "mental health": (
+        "depress",
+        "anxiety",
+        "bipolar",
+        "adhd",
+        "insomnia",
+        "schizo",
+        "panic",
+        "obsessive",
+        "ptsd",
+        "smoking",
+        "alcohol",
+        "opiate",
+        "dependence",
+        "psychos",
+        "narcolepsy",
+        "mood",
+        "autism",
+        "agitation",
+    ),
+    "pain": (
+        "pain",
+        "migraine",
+        "headache",
+        "arthritis",
+        "fibromyalgia",
+        "neuropath",
+        "gout",
+        "back",
+        "sciatica",
+        "spondyl",
+        "muscle spasm",
+        "tendon",
+        "bursitis",
+    ),
+}
+
+
+def specialty(condition: str) -> str:
+    c = condition.lower()
+    for name, words in SPECIALTY_KEYWORDS.items():
+        if any(w in c for w in words):
+            return name
+    return "other"
+
+
+def _drugs_examples(path: Path) -> list[Example]:
+    out: list[Example] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            condition = (row.get("condition") or "unknown").strip()
+            out.append(
+                Example(
+                    prefix=f"Condition: {condition}\nReview: ",
+                    text=html.unescape((row.get("review") or "").strip().strip('"')).strip(),
+                    suffix="\nSentiment:",
+                    completion=" " + row["rating"].strip(),
+                    label=row["rating"].strip(),
+                    group=specialty(condition),
+                )
+            )
+    return out
+
+
+def builtin_dataset(log=print) -> Dataset:
+    from fedlora.assets import default_data_files
+
+    train_path, test_path = default_data_files(log=log)
+    train, test = _drugs_examples(train_path), _drugs_examples(test_path)
+    labels = sorted({e.label for e in train})
+    return Dataset("drugscom", "classify", train, test, labels)
+
+
+# --- User files -------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a .jsonl or .csv file as dicts; errors name the file and line."""
+    if not path.is_file():
+        raise FedloraError(
+            f"Data file {path} does not exist; pass --data PATH to a .jsonl or .csv."
+        )
+    suffix = path.suffix.lower()
+    rows: list[dict[str, str]] = []
+    if suffix in (".jsonl", ".json"):
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FedloraError(f"{path}, line {i}: not valid JSON ({exc.msg}).") from exc
+            if not isinstance(row, dict):
+                raise FedloraError(f"{path}, line {i}: expected a JSON object per line.")
+            rows.append({k: "" if v is None else str(v) for k, v in row.items()})
+    elif suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            for i, row in enumerate(reader, 2):
+                if None in row or any(v is None for v in row.values()):
+                    raise FedloraError(f"{path}, line {i}: wrong number of columns.")
+                rows.append(dict(row))
+    else:
+        raise FedloraError(f"Data file {path}: unknown format {suffix!r}; use .jsonl or .csv.")
+    if not rows:
+        raise FedloraError(f"Data file {path} has no rows.")
+    return rows
+
+
+def _examples_from_rows(rows: list[dict[str, str]], task: str, path: Path) -> list[Example]:
+    keys = set(rows[0])
+    out: list[Example] = []
+    for i, row in enumerate(rows, 1):
+        group = row.get("group", "")
+        if task == "text":
+            if "text" not in row:
+                raise FedloraError(f"{path}, row {i}: task 'text' needs a 'text' field.")
+            out.append(Example("", row["text"], "", "", group=group))
+        elif {"text", "label"} <= keys:
+            if not row.get("label", "").strip():
+                raise FedloraError(f"{path}, row {i}: empty 'label'.")
+            label = row["label"].strip()
+            out.append(Example("Text: ", row["text"], "\nLabel:", " " + label, label, group))
+        elif {"prompt", "completion"} <= keys:
+            if not row.get("completion", "").strip():
+                raise FedloraError(f"{path}, row {i}: empty 'completion'.")
+            completion = row["completion"]
+            completion = completion if completion.startswith(" ") else " " + completion
+            out.append(Example("", row["prompt"], "", completion, completion.strip(), group))
+        else:
+            raise FedloraError(
+                f"{path}: rows need 'text' and 'label', or 'prompt' and 'completion' "
+                f"(or data.task = \"text\" with a 'text' field); found {sorted(keys)}."
+            )
+    return out
+
+
+def load_dataset(cfg: DataConfig, seed: int, log=print) -> Dataset:
+    if not cfg.path:
+        if cfg.task != "classify":
+            raise FedloraError(
+                "The built-in data is a classification task; set data.task = "
+                '"classify" or pass your own text with --data.'
+            )
+        if cfg.test_path:
+            raise FedloraError("data.test_path needs data.path (your own training file).")
+        return builtin_dataset(log)
+    path = Path(cfg.path).expanduser()
+    examples = _examples_from_rows(read_rows(path), cfg.task, path)
+    if cfg.test_path:
+        tpath = Path(cfg.test_path).expanduser()
+        train, test = examples, _examples_from_rows(read_rows(tpath), cfg.task, tpath)
+    else:
+        order = np.random.default_rng(seed).permutation(len(examples))
+        n_test = max(1, round(len(examples) * cfg.test_fraction))
+        if len(examples) - n_test < 1:
+            raise FedloraError(f"{path} has too few rows ({len(examples)}) to hold out a test set.")
+        test = [examples[i] for i in sorted(order[:n_test])]
+        train = [examples[i] for i in sorted(order[n_test:])]
+    labels = sorted({e.label for e in train}) if cfg.task == "classify" else []
+    if cfg.task == "classify":
+        if len(labels) < 2:
+            raise FedloraError(f"{path}: classification needs at least two distinct labels.")
+        if len(labels) > 50:
+            raise FedloraError(
+                f"{path}: {len(labels)} distinct labels/completions; for free-form completions "
+                'use data.task = "text".'
+            )
+        unknown = {e.label for e in test} - set(labels)
+        if unknown:
+            raise FedloraError(f"Test rows have labels never seen in training: {sorted(unknown)}.")
+    return Dataset(path.stem, cfg.task, train, test, labels)
+
+
+# --- Partitioning -----------------------------------------------------------------------------
+
+
+def partition(
+    dataset: Dataset, n_sites: int, scheme: str, seed: int, alpha: float = 0.5
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Split train and test rows into `n_sites` sites, the same way for both (so each site's
+    share of the test set measures the global model on that site's kind of data)."""
+    train, test = dataset.train, dataset.test
+    if n_sites > len(train):
+        raise FedloraError(
+            f"{n_sites} clients but only {len(train)} training rows; use at most {len(train)} "
+            "clients (--clients)."
+        )
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return _iid(len(train), n_sites, rng), _iid(len(test), n_sites, rng)
+    if scheme == "dirichlet":
+        if dataset.task != "classify":
+            raise FedloraError("partition 'dirichlet' splits by label; it needs task 'classify'.")
+        props = rng.dirichlet([alpha] * n_sites, size=len(dataset.labels))
+        return (
+            _by_label_proportions(train, dataset.labels, props, rng, ensure_nonempty=True),
+            _by_label_proportions(test, dataset.labels, props, rng, ensure_nonempty=False),
+        )
+    if scheme == "natural":
+        if not any(e.group for e in train):
+            raise FedloraError(
+                "partition 'natural' needs a 'group' column in the data (the natural key, e.g. "
+                "the hospital department); use --partition iid or dirichlet otherwise."
+            )
+        return _natural(train, test, n_sites, rng)
+    raise FedloraError(f"Unknown partition {scheme!r}; choose natural, iid or dirichlet.")
+
+
+def _iid(n: int, n_sites: int, rng: np.random.Generator) -> list[list[int]]:
+    order = rng.permutation(n)
+    return [sorted(int(i) for i in part) for part in np.array_split(order, n_sites)]
+
+
+def _by_label_proportions(
+    rows: list[Example],
+    labels: list[str],
+    props: np.ndarray,
+    rng: np.random.Generator,
+    ensure_nonempty: bool,
+) -> list[list[int]]:
+    n_sites = props.shape[1]
+    sites: list[list[int]] = [[] for _ in range(n_sites)]
+    for li, label in enumerate(labels):
+        idx = rng.permutation([i for i, e in enumerate(rows) if e.label == label])
+        cuts = (np.cumsum(props[li])[:-1] * len(idx)).round().astype(int)
+        for site, part in enumerate(np.split(idx, cuts)):
+            sites[site].extend(int(i) for i in part)
+    if ensure_nonempty:  # a site with no rows cannot train: give it one row from the largest
+        for site in range(n_sites):
+            if not sites[site]:
+                donor = max(range(n_sites), key=lambda s: len(sites[s]))
+                sites[site].append(sites[donor].pop())
+    return [sorted(s) for s in sites]
+
+
+def _natural(
+    train: list[Example], test: list[Example], n_sites: int, rng: np.random.Generator
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Order rows by natural key (ties shuffled by the seed) and cut into contiguous shards of
+    equal size: each site is dominated by one group, as a specialty hospital would be. Test rows
+    go to a site holding their group (the one holding most of it)."""
+    shuffle = rng.permutation(len(train))
+    order = sorted(range(len(train)), key=lambda i: (train[i].group, shuffle[i]))
+    shards = [sorted(int(i) for i in part) for part in np.array_split(order, n_sites)]
+    home: dict[str, int] = {}
+    counts: dict[str, Counter[int]] = {}
+    for site, rows in enumerate(shards):
+        for i in rows:
+            counts.setdefault(train[i].group, Counter())[site] += 1
+    for group, c in counts.items():
+        home[group] = c.most_common(1)[0][0]
+    test_sites: list[list[int]] = [[] for _ in range(n_sites)]
+    # a group's test rows are spread over all sites that hold that group, in proportion
+    for group in sorted({e.group for e in test}):
+        idx = [i for i, e in enumerate(test) if e.group == group]
+        holders = counts.get(group)
+        if not holders:
+            test_sites[int(rng.integers(n_sites))].extend(idx)
+            continue
+        sites = sorted(holders)
+        weights = np.array([holders[s] for s in sites], dtype=float)
+        cuts = (np.cumsum(weights / weights.sum())[:-1] * len(idx)).round().astype(int)
+        for s, part in zip(sites, np.split(np.array(idx), cuts), strict=True):
+            test_sites[s].extend(int(i) for i in part)
+    return shards, [sorted(s) for s in test_sites]
+
+
+def site_label(rows: list[Example]) -> str:
+    groups = Counter(e.group for e in rows if e.group)
+    return groups.most_common(1)[0][0] if groups else ""
+
+
+def partition_summary(
+    dataset: Dataset, train_parts: list[list[int]], test_parts: list[list[int]]
+) -> str:
+    """A table of rows and label mix per site, shown before training."""
+    labels = dataset.labels
+    head = f"{'site':<8}{'group':<16}{'train':>6}{'test':>6}"
+    if labels:
+        head += "  " + " ".join(f"{lab[:8]:>8}" for lab in labels)
+    lines = [head, "-" * len(head)]
+    for site, (tr, te) in enumerate(zip(train_parts, test_parts, strict=True)):
+        rows = [dataset.train[i] for i in tr]
+        line = f"{site:<8}{site_label(rows)[:15]:<16}{len(tr):>6}{len(te):>6}"
+        if labels:
+            c = Counter(e.label for e in rows)
+            line += "  " + " ".join(f"{c[lab] / max(1, len(rows)):>8.0%}" for lab in labels)
+        lines.append(line)
+    return "\n".join(lines)

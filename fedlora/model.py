@@ -1,0 +1,130 @@
+"""Base models (built-in default, tiny-random, local folder, hub id), LoRA, and adapter <-> arrays.
+
+Only the LoRA A/B matrices are trainable and only they leave a site: `adapter_arrays` is the
+one place that decides what an adapter is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fedlora.config import LoraSettings
+from fedlora.errors import FedloraError
+
+Arrays = dict[str, np.ndarray]
+ADAPTER_NAME = "default"
+LORA_MARKERS = ("lora_A", "lora_B")
+
+
+def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
+    """Map a model name to something `from_pretrained` can open without surprises."""
+    from fedlora import assets
+
+    if name == assets.DEFAULT_MODEL_NAME:
+        return str(assets.default_model_dir(log=log))
+    if name == assets.TINY_RANDOM:
+        return str(assets.tiny_random_model_dir(log=log))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FedloraError(
+                f"Model folder {path} has no config.json; is it a transformers model?"
+            )
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id: needs access to the hub
+    raise FedloraError(
+        f"Model {name!r} is neither a built-in "
+        f"({assets.DEFAULT_MODEL_NAME}, {assets.TINY_RANDOM}), "
+        "an existing folder, nor a hub id like org/name."
+    )
+
+
+def load_base(name: str, log: Callable[[str], None] = print) -> tuple[PreTrainedModel, object]:
+    where = resolve_model(name, log)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except OSError as exc:
+        raise FedloraError(f"Could not load model {name!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def add_lora(base: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
+    """Wrap the frozen base with LoRA; A is initialised from `seed` so every party agrees."""
+    targets = lora.target_modules()
+    available = linear_module_names(base)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise FedloraError(
+            f"LoRA target module(s) {unknown} do not exist in this model; "
+            f"its linear modules are: {', '.join(available)}."
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    for name, param in model.named_parameters():
+        param.requires_grad = any(m in name for m in LORA_MARKERS)
+    return model
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA A/B parameters by name: the only tensors that train and travel."""
+    return {n: p for n, p in model.named_parameters() if any(m in n for m in LORA_MARKERS)}
+
+
+def adapter_arrays(model: torch.nn.Module) -> Arrays:
+    return {n: p.detach().cpu().numpy().copy() for n, p in adapter_parameters(model).items()}
+
+
+def load_adapter_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
+    params = adapter_parameters(model)
+    if set(params) != set(arrays):
+        missing, extra = set(params) - set(arrays), set(arrays) - set(params)
+        raise FedloraError(
+            f"Adapter does not match the model's LoRA layout (missing {len(missing)}, "
+            f"unexpected {len(extra)} tensors); check lora.r and lora.targets."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = torch.from_numpy(np.asarray(arrays[name], dtype=np.float32))
+            if value.shape != param.shape:
+                raise FedloraError(
+                    f"Adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(param.shape)}; check lora.r."
+                )
+            param.copy_(value)
+
+
+def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path) -> None:
+    """Write `arrays` as a standard peft adapter (loads with PeftModel.from_pretrained)."""
+    load_adapter_arrays(model, arrays)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -1,0 +1,83 @@
+"""What a process needs to train or evaluate: the base model with LoRA, the tokenised data and
+the partition. Built once per process (a Ray worker serves many sites and rounds) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlora.config import Config
+from fedlora.data import Dataset, load_dataset, partition
+from fedlora.model import add_lora, load_base, set_threads
+from fedlora.train import Encoded, Encoder
+
+
+@dataclass
+class Runtime:
+    cfg: Config
+    model: object  # peft.PeftModel
+    tokenizer: object
+    dataset: Dataset
+    encoder: Encoder
+    train_parts: list[list[int]]
+    test_parts: list[list[int]]
+    _site_rows: dict[int, list[Encoded]] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def site_rows(self, site: int) -> list[Encoded]:
+        if site not in self._site_rows:
+            rows = [self.dataset.train[i] for i in self.train_parts[site]]
+            self._site_rows[site] = self.encoder.encode_all(rows)
+        return self._site_rows[site]
+
+    def eval_set(self) -> tuple[list[Encoded], list[int]]:
+        """Held-out rows (at most data.eval_rows, a seeded subset) and each row's site."""
+        site_of = {i: s for s, rows in enumerate(self.test_parts) for i in rows}
+        idx = list(range(len(self.dataset.test)))
+        limit = self.cfg.data.eval_rows
+        if limit and limit < len(idx):
+            rng = np.random.default_rng(self.cfg.run.seed)
+            idx = sorted(int(i) for i in rng.choice(len(idx), size=limit, replace=False))
+        rows = self.encoder.encode_all([self.dataset.test[i] for i in idx])
+        return rows, [site_of.get(i, -1) for i in idx]
+
+
+def load_data(cfg: Config, log: Callable[[str], None] = print):
+    """The data set and its partition: cheap, so it runs before any model is loaded."""
+    dataset = load_dataset(cfg.data, cfg.run.seed, log=log)
+    train_parts, test_parts = partition(
+        dataset, cfg.federation.clients, cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha
+    )
+    return dataset, train_parts, test_parts
+
+
+def build_runtime(cfg: Config, log: Callable[[str], None] = print) -> Runtime:
+    set_threads(cfg.train.threads)
+    dataset, train_parts, test_parts = load_data(cfg, log)
+    base, tokenizer = load_base(cfg.model.name, log=log)
+    model = add_lora(base, cfg.lora, cfg.run.seed)
+    encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
+    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts)
+
+
+_CACHE: dict[str, Runtime] = {}
+
+
+def get_runtime(cfg: Config, log: Callable[[str], None] = print) -> Runtime:
+    """One runtime per process and config: the base model is loaded once per worker."""
+    key = json.dumps(
+        {k: v for k, v in cfg.to_dict().items() if k in ("model", "lora", "data", "federation")}
+        | {"seed": cfg.run.seed, "threads": cfg.train.threads},
+        sort_keys=True,
+    )
+    if key not in _CACHE:
+        _CACHE.clear()  # a worker serves one federation at a time: free the previous model
+        _CACHE[key] = build_runtime(cfg, log)
+    return _CACHE[key]

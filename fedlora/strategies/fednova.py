@@ -1,0 +1,77 @@
+"""FedNova (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+Federated Optimization"): normalise each client's update by its local work a_i, then scale by
+the effective step count tau_eff, so clients taking more steps do not pull the objective.
+
+Generalised update rule (Section 4) and FedNova (Section 5):
+    x <- x - tau_eff * eta * sum_i p_i d_i,   d_i = (x - y_i) / (eta a_i),
+    tau_eff = sum_i p_i a_i,                   p_i = n_i / sum_{j in S} n_j,
+where a_i stands for the paper's ||a_i||_1. With delta_i = y_i - x the eta cancels:
+    Delta = tau_eff * sum_i p_i delta_i / a_i.
+a_i = tau_i for plain SGD; for SGD with momentum rho (Section 5, momentum SGD as local solver):
+    a_i = [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlora.strategies.base import (
+    DELTA,
+    NOVA_A,
+    WEIGHT,
+    Arrays,
+    LocalWork,
+    Strategy,
+    check_delta,
+    read_scalar,
+    scalar,
+    to_out,
+    weighted_mean,
+    with_prefix,
+)
+
+
+def nova_a(steps: int, momentum: float = 0.0) -> float:
+    """a_i (the paper's ||a_i||_1): tau_i for SGD, the closed form above for momentum rho."""
+    if steps < 1:
+        raise ValueError(f"FedNova needs steps >= 1, got {steps}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    rho = float(momentum)
+    if rho == 0.0:
+        return float(steps)
+    return (steps - rho * (1.0 - rho**steps) / (1.0 - rho)) / (1.0 - rho)
+
+
+def fednova_update(sum_normalised: Arrays, sum_n_a: float, sum_n: float) -> Arrays:
+    """Delta = tau_eff * sum(n_i delta_i / a_i) / sum(n_i), tau_eff = sum(n_i a_i) / sum(n_i)."""
+    tau_eff = sum_n_a / sum_n
+    return {k: tau_eff * v for k, v in weighted_mean(sum_normalised, sum_n).items()}
+
+
+class FedNova(Strategy):
+    """Normalised averaging: removes the bias towards clients that take more local steps."""
+
+    name = "fednova"
+
+    def client_contribution(
+        self, delta: Arrays, work: LocalWork, broadcast: Arrays, client_state: Arrays
+    ) -> tuple[Arrays, Arrays]:
+        """Send n_i delta_i / a_i, n_i a_i and n_i; FedNova keeps no client state."""
+        check_delta(delta)
+        a_i = nova_a(work.steps, work.momentum)
+        n_i = float(work.num_examples)
+        contribution = with_prefix(
+            DELTA, {k: n_i * np.asarray(v, dtype=np.float64) / a_i for k, v in delta.items()}
+        )
+        contribution[NOVA_A] = scalar(n_i * a_i)
+        contribution[WEIGHT] = scalar(n_i)
+        return contribution, {}
+
+    def aggregate(self, sums: Arrays, num_contributors: int) -> Arrays:
+        """Delta = tau_eff * sum(n_i delta_i / a_i) / sum(n_i) (Section 5, eta cancelled)."""
+        parts = self._check_sums(sums, num_contributors, scalars=(NOVA_A, WEIGHT))
+        sum_n = read_scalar(sums, WEIGHT)
+        if not sum_n > 0:
+            raise ValueError(f"total aggregation weight must be > 0, got {sum_n}")
+        return to_out(fednova_update(parts[DELTA], read_scalar(sums, NOVA_A), sum_n))

@@ -1,0 +1,246 @@
+"""Local training and evaluation: the one place for the loss, the proximal term, the SCAFFOLD
+correction and step counting.
+
+Logits are computed only at the positions that carry loss: the output layer of a 49k-word
+vocabulary would otherwise dominate CPU time and activation memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedlora.config import TrainConfig
+from fedlora.data import Dataset, Example
+from fedlora.model import adapter_parameters
+from fedlora.strategies.base import TrainingTerms
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int  # loss is taken on input_ids[n_prompt:]
+    label: int  # index into the candidate list, -1 for plain text
+
+
+class Encoder:
+    """Tokenises examples once; the free text is cut to `max_text_tokens`."""
+
+    def __init__(self, tokenizer, dataset: Dataset, max_text_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.task = dataset.task
+        self.max_text_tokens = max_text_tokens
+        self.labels = dataset.labels
+        self.candidates = [self._ids(dataset.completion_of(lab)) for lab in dataset.labels]
+        firsts = [c[0] for c in self.candidates]
+        #: each candidate answer starts with its own token: one forward pass scores them all.
+        self.first_token_decides = len(set(firsts)) == len(firsts)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def encode(self, ex: Example) -> Encoded:
+        text = self._ids(ex.text)[: self.max_text_tokens]
+        if self.task == "text":
+            return Encoded(text, 1, -1)
+        prompt = self._ids(ex.prefix) + text + self._ids(ex.suffix)
+        label = self.labels.index(ex.label)
+        return Encoded(prompt + self.candidates[label], len(prompt), label)
+
+    def encode_all(self, rows: Sequence[Example]) -> list[Encoded]:
+        return [self.encode(e) for e in rows]
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask."""
+    width = max(len(b.input_ids) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b.input_ids)] = torch.tensor(b.input_ids)
+        mask[i, : len(b.input_ids)] = 1
+    return ids, mask
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+
+
+def loss_positions(batch: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position, target) for every token that carries loss: position p predicts p+1."""
+    rows, pos, tgt = [], [], []
+    for i, b in enumerate(batch):
+        for p in range(max(b.n_prompt, 1), len(b.input_ids)):
+            rows.append(i)
+            pos.append(p - 1)
+            tgt.append(b.input_ids[p])
+    return torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
+
+
+def token_losses(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False):
+    """Per-token cross-entropy over the full vocabulary at loss positions only."""
+    decoder, head = _decoder_and_head(model)
+    ids, mask = collate(batch, pad_id)
+    rows, pos, tgt = loss_positions(batch)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with ctx:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden[rows, pos]).float()
+    return F.cross_entropy(logits, tgt, reduction="none"), logits, rows
+
+
+def batch_loss(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean token loss (a per-sequence loss, so that
+    every example weighs the same whatever its answer length)."""
+    losses, _, rows = token_losses(model, batch, pad_id, bf16)
+    per_seq = torch.zeros(len(batch)).index_add(0, rows, losses)
+    counts = torch.zeros(len(batch)).index_add(0, rows, torch.ones_like(losses))
+    return (per_seq / counts.clamp(min=1)).mean()
+
+
+def batches(
+    rows: Sequence[Encoded], batch_size: int, rng: np.random.Generator
+) -> Iterator[list[Encoded]]:
+    """Endless shuffled passes over the rows (a new permutation each epoch)."""
+    while True:
+        order = rng.permutation(len(rows))
+        for start in range(0, len(order), batch_size):
+            yield [rows[i] for i in order[start : start + batch_size]]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    mean_loss: float
+    steps: int
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def local_train(
+    model,
+    rows: Sequence[Encoded],
+    steps: int,
+    cfg: TrainConfig,
+    terms: TrainingTerms,
+    rng: np.random.Generator,
+    pad_id: int,
+    bf16: bool = False,
+) -> LocalResult:
+    """Run `steps` optimiser steps from the adapter currently in `model`.
+
+    FedProx's proximal term and SCAFFOLD's control-variate correction are added to the gradient
+    here, after clipping the data gradient, so that neither is clipped away.
+    """
+    params = adapter_parameters(model)
+    start = {n: p.detach().clone() for n, p in params.items()} if terms.prox_mu else {}
+    correction = (
+        {
+            n: torch.from_numpy(np.asarray(v, dtype=np.float32))
+            for n, v in terms.grad_correction.items()
+        }
+        if terms.grad_correction
+        else {}
+    )
+    optimizer = make_optimizer(list(params.values()), cfg)
+    model.train()
+    total = 0.0
+    stream = batches(rows, cfg.batch_size, rng)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(model, next(stream), pad_id, bf16)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        with torch.no_grad():
+            for name, p in params.items():
+                if terms.prox_mu:
+                    p.grad.add_(p - start[name], alpha=terms.prox_mu)
+                if name in correction:
+                    p.grad.add_(correction[name])
+        optimizer.step()
+        total += float(loss.detach())
+    model.eval()
+    return LocalResult(total / steps, steps)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float | None
+    macro_f1: float | None
+    perplexity: float | None
+    correct: list[bool]  # per row (classification), for per-site accuracy and paired tests
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    encoder: Encoder,
+    rows: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int = 16,
+    bf16: bool = False,
+) -> EvalResult:
+    """Eval loss (full-vocabulary cross-entropy on the answer tokens), and for classification the
+    accuracy and macro-F1 of picking the most likely candidate answer."""
+    model.eval()
+    loss_sum, n_tokens, preds = 0.0, 0, []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
+        loss_sum += float(losses.sum())
+        n_tokens += len(losses)
+        if encoder.task != "classify":
+            continue
+        if encoder.first_token_decides:
+            # the first loss position of each row predicts the first answer token
+            first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
+            firsts = torch.tensor([c[0] for c in encoder.candidates])
+            preds.extend(logits[first][:, firsts].argmax(dim=1).tolist())
+        else:
+            preds.extend(_score_candidates(model, encoder, batch, pad_id, bf16))
+    loss = loss_sum / max(1, n_tokens)
+    if encoder.task != "classify":
+        return EvalResult(loss, None, None, math.exp(min(loss, 50.0)), [])
+    gold = [r.label for r in rows]
+    correct = [p == g for p, g in zip(preds, gold, strict=True)]
+    return EvalResult(
+        loss, sum(correct) / len(correct), macro_f1(gold, preds, len(encoder.labels)), None, correct
+    )
+
+
+def _score_candidates(
+    model, encoder: Encoder, batch: Sequence[Encoded], pad_id: int, bf16: bool
+) -> list[int]:
+    """Sum of log-probabilities of each full candidate answer (when first tokens are shared)."""
+    scores = torch.zeros(len(batch), len(encoder.candidates))
+    for c, cand in enumerate(encoder.candidates):
+        variants = [Encoded(b.input_ids[: b.n_prompt] + cand, b.n_prompt, c) for b in batch]
+        losses, _, rows = token_losses(model, variants, pad_id, bf16)
+        scores[:, c] = -torch.zeros(len(batch)).index_add(0, rows, losses)
+    return scores.argmax(dim=1).tolist()
+
+
+def macro_f1(gold: Sequence[int], pred: Sequence[int], n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
+    f1s = []
+    for c in range(n_classes):
+        tp = sum(1 for g, p in zip(gold, pred, strict=True) if g == c and p == c)
+        fp = sum(1 for g, p in zip(gold, pred, strict=True) if g != c and p == c)
+        fn = sum(1 for g, p in zip(gold, pred, strict=True) if g == c and p != c)
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s) if f1s else 0.0
