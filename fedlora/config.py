@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from fedlora.errors import FedloraError
 
 StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
-PartitionName = Literal["natural", "iid", "dirichlet"]
+PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
 
@@ -61,11 +61,14 @@ class DataConfig:
     #: prompt+completion, or (task "text") text rows. An optional "group" column is the
     #: natural key for partition "natural".
     path: str = ""
-    #: held-out file in the same format; "" takes `test_fraction` of `path` (or the built-in test split).
+    #: held-out file in the same format; "" holds out `test_fraction` of `path`
+    #: (the built-in data has its own test split).
     test_path: str = ""
     test_fraction: float = 0.2
     task: TaskName = "classify"
-    partition: PartitionName = "natural"
+    #: "auto" = natural when the data has a natural key (the built-in data, a "group" column),
+    #: else iid.
+    partition: PartitionName = "auto"
     dirichlet_alpha: float = 0.5
     #: the free text (review) is cut to this many tokens; the loss needs no more.
     max_text_tokens: int = 64

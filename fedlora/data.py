@@ -253,6 +253,8 @@ def partition(
             "clients (--clients)."
         )
     rng = np.random.default_rng(seed)
+    if scheme == "auto":
+        scheme = "natural" if any(e.group for e in train) else "iid"
     if scheme == "iid":
         return _iid(len(train), n_sites, rng), _iid(len(test), n_sites, rng)
     if scheme == "dirichlet":

@@ -54,6 +54,7 @@ def load_base(name: str, log: Callable[[str], None] = print) -> tuple[PreTrained
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except OSError as exc:
         raise FedloraError(f"Could not load model {name!r}: {exc}") from exc
+    tokenizer.model_max_length = 1 << 30  # fedlora cuts texts itself (data.max_text_tokens)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -28,12 +28,16 @@ def results_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.name}"
 
 
-def prepare_out(out: Path) -> Path:
-    """Refuse to overwrite a result; return the `.partial` working folder."""
-    if out.exists() and any(out.iterdir()):
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedloraError(
             f"Results folder {out} already exists; choose another --out or remove it."
         )
+
+
+def prepare_out(out: Path) -> Path:
+    """Refuse to overwrite a result; return the `.partial` working folder."""
+    check_out(out)
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
@@ -86,31 +90,32 @@ def simulate(cfg: Config, log=print) -> Path:
     """Run the federation described by `cfg`; return the finished results folder."""
     quiet_engines()
     out = results_dir(cfg)
+    check_out(out)
     from fedlora.runtime import build_runtime, load_data
 
     dataset, train_parts, test_parts = load_data(cfg, log)  # fail fast on data errors
     log(
         f"Data: {dataset.name}, {len(dataset.train)} training rows, {len(dataset.test)} held out; "
-        f"partition '{cfg.data.partition}' into {cfg.federation.clients} sites:"
+        f"{cfg.federation.clients} sites:"
     )
     log(partition_summary(dataset, train_parts, test_parts))
+    started = time.perf_counter()
+    log(f"Loading base model {cfg.model.name} ...")
+    runtime = build_runtime(cfg, log)  # refuses unknown target modules before anything is written
+    n_params = sum(p.numel() for p in runtime.model.parameters())
+    n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
+    log(
+        f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules())}: {n_lora:,} trainable "
+        f"of {n_params:,} parameters ({n_lora / n_params:.2%}), {human_bytes(4 * n_lora)} "
+        "per adapter."
+    )
+    log(
+        f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, "
+        f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers."
+    )
     work = prepare_out(out)
     write_config(cfg, work / "config.toml")
     try:
-        started = time.perf_counter()
-        log(f"Loading base model {cfg.model.name} ...")
-        runtime = build_runtime(cfg, log)
-        n_params = sum(p.numel() for p in runtime.model.parameters())
-        n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
-        log(
-            f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules())}: {n_lora:,} trainable "
-            f"of {n_params:,} parameters ({n_lora / n_params:.2%}), {human_bytes(4 * n_lora)} "
-            "per adapter."
-        )
-        log(
-            f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, "
-            f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers."
-        )
         adapter = run_engine(cfg, runtime, Reporter(work))
         finish(cfg, runtime, adapter, work, time.perf_counter() - started)
     except BaseException:

@@ -81,7 +81,11 @@ def loss_positions(batch: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor
             rows.append(i)
             pos.append(p - 1)
             tgt.append(b.input_ids[p])
-    return torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
+    return (
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(pos, dtype=torch.long),
+        torch.tensor(tgt, dtype=torch.long),
+    )
 
 
 def token_losses(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False):
@@ -102,7 +106,8 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False)
     losses, _, rows = token_losses(model, batch, pad_id, bf16)
     per_seq = torch.zeros(len(batch)).index_add(0, rows, losses)
     counts = torch.zeros(len(batch)).index_add(0, rows, torch.ones_like(losses))
-    return (per_seq / counts.clamp(min=1)).mean()
+    has_loss = counts > 0  # a one-token text row carries no loss: leave it out of the mean
+    return (per_seq[has_loss] / counts[has_loss]).mean()
 
 
 def batches(
@@ -138,8 +143,10 @@ def local_train(
     rng: np.random.Generator,
     pad_id: int,
     bf16: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> LocalResult:
-    """Run `steps` optimiser steps from the adapter currently in `model`.
+    """Run `steps` optimiser steps from the adapter currently in `model` (a fresh optimiser
+    unless one is passed in, as centralised training across checkpoints does).
 
     FedProx's proximal term and SCAFFOLD's control-variate correction are added to the gradient
     here, after clipping the data gradient, so that neither is clipped away.
@@ -154,7 +161,7 @@ def local_train(
         if terms.grad_correction
         else {}
     )
-    optimizer = make_optimizer(list(params.values()), cfg)
+    optimizer = optimizer or make_optimizer(list(params.values()), cfg)
     model.train()
     total = 0.0
     stream = batches(rows, cfg.batch_size, rng)
@@ -198,8 +205,10 @@ def evaluate(
     accuracy and macro-F1 of picking the most likely candidate answer."""
     model.eval()
     loss_sum, n_tokens, preds = 0.0, 0, []
+    # batches of similar length waste little on padding; predictions are put back in row order
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+        batch = [rows[i] for i in order[start : start + batch_size]]
         losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
         loss_sum += float(losses.sum())
         n_tokens += len(losses)
@@ -215,6 +224,7 @@ def evaluate(
     loss = loss_sum / max(1, n_tokens)
     if encoder.task != "classify":
         return EvalResult(loss, None, None, math.exp(min(loss, 50.0)), [])
+    preds = [p for _, p in sorted(zip(order, preds, strict=True))]
     gold = [r.label for r in rows]
     correct = [p == g for p, g in zip(preds, gold, strict=True)]
     return EvalResult(

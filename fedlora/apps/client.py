@@ -89,7 +89,9 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
             R.NUM_EXAMPLES: len(rows),
         }
     )
-    content = RecordDict({R.CONTRIBUTION: R.to_record(contribution), R.SITE_METRICS: metrics})
+    # vectors travel as float32 (the adapter's own precision); the server sums in float64
+    sent = {k: v if v.shape == (1,) else v.astype(np.float32) for k, v in contribution.items()}
+    content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
     return Message(content, reply_to=msg)
 
 

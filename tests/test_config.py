@@ -1,0 +1,171 @@
+"""Config: defaults, file < override precedence, override parsing, validation, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedlora.config import (
+    Config,
+    FederationConfig,
+    LoraSettings,
+    TrainConfig,
+    load_config,
+    parse_override,
+    write_config,
+)
+from fedlora.errors import FedloraError
+
+
+def test_defaults_load_and_equal_the_dataclass_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.lora.r == LoraSettings().r
+    assert cfg.federation.clients == FederationConfig().clients
+    assert cfg.train.optimizer == TrainConfig().optimizer
+    assert cfg.lora.target_modules()  # the default preset names modules
+
+
+def test_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        "[train]\nlr = 0.25\nlocal_steps = 7\n\n"
+        "[federation]\nclients = 4\n\n"
+        '[lora]\ntargets = "qkv"\n'
+    )
+    cfg = load_config(path, [{"train": {"lr": 0.5}}, {"train": {"lr": 0.75}}])
+    assert cfg.train.lr == 0.75  # the last override wins over the earlier one and the file
+    assert cfg.train.local_steps == 7  # from the file, not overridden
+    assert cfg.federation.clients == 4
+    assert cfg.lora.target_modules() == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.lora.r == LoraSettings().r  # untouched default
+
+
+def test_int_in_float_field_becomes_float():
+    cfg = load_config(None, [{"train": {"lr": 1}}])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "section", "key", "value", "kind"),
+    [
+        ("train.lr=1e-3", "train", "lr", 0.001, float),
+        ("model.bf16=true", "model", "bf16", True, bool),
+        ("lora.targets=['q_proj', 'o_proj']", "lora", "targets", ["q_proj", "o_proj"], list),
+        ("lora.targets=o_proj", "lora", "targets", "o_proj", str),
+        ("federation.clients=12", "federation", "clients", 12, int),
+        ('data.path="my file.jsonl"', "data", "path", "my file.jsonl", str),
+    ],
+)
+def test_parse_override_keeps_types(text, section, key, value, kind):
+    parsed = parse_override(text)
+    assert parsed == {section: {key: value}}
+    assert type(parsed[section][key]) is kind
+
+
+@pytest.mark.parametrize("text", ["train.lr", "lr=0.1", "=3"])
+def test_parse_override_malformed(text):
+    with pytest.raises(FedloraError, match="section.key=value"):
+        parse_override(text)
+
+
+def test_override_applies_through_load_config():
+    overrides = [parse_override("train.lr=5e-4"), parse_override("lora.targets=o_proj")]
+    cfg = load_config(None, overrides)
+    assert cfg.train.lr == 5e-4
+    assert cfg.lora.target_modules() == ["o_proj"]
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(FedloraError, match=r"\[optim\]"):
+        load_config(None, [{"optim": {"lr": 0.1}}])
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(FedloraError, match=r"train\.learning_rate"):
+        load_config(None, [{"train": {"learning_rate": 0.1}}])
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[lora]\nrank = 4\n")
+    with pytest.raises(FedloraError) as info:
+        load_config(path)
+    assert "lora.rank" in str(info.value) and str(path) in str(info.value)
+
+
+def test_wrong_type_and_choice_are_refused():
+    with pytest.raises(FedloraError, match=r"federation\.clients"):
+        load_config(None, [{"federation": {"clients": "three"}}])
+    with pytest.raises(FedloraError, match="fedavg"):  # lists the valid choices
+        load_config(None, [{"strategy": {"name": "fedsgd"}}])
+
+
+def test_missing_and_invalid_config_file(tmp_path):
+    with pytest.raises(FedloraError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = \n")
+    with pytest.raises(FedloraError, match="not valid TOML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("lora", "r", 0),
+        ("federation", "rounds", 0),
+        ("data", "dirichlet_alpha", 0),
+        ("federation", "clients", 0),
+        ("train", "lr", 0),
+        ("train", "local_steps", 0),
+        ("lora", "dropout", 1.0),
+    ],
+)
+def test_impossible_numbers_name_the_key(section, key, value):
+    with pytest.raises(FedloraError) as info:
+        load_config(None, [{section: {key: value}}])
+    assert f"{section}.{key}" in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fednova"])
+def test_scaffold_fednova_refuse_adamw(strategy):
+    with pytest.raises(FedloraError) as info:
+        load_config(None, [{"strategy": {"name": strategy}, "train": {"optimizer": "adamw"}}])
+    message = str(info.value)
+    assert "train.optimizer" in message and "sgd" in message and strategy in message
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fednova"])
+def test_scaffold_fednova_accept_sgd(strategy):
+    cfg = load_config(None, [{"strategy": {"name": strategy}, "train": {"optimizer": "sgd"}}])
+    assert cfg.strategy.name == strategy and cfg.train.optimizer == "sgd"
+
+
+def test_write_config_round_trips(tmp_path):
+    original = load_config(
+        None,
+        [
+            {
+                "model": {"name": "tiny-random", "bf16": True},
+                "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "o_proj"]},
+                "data": {"path": 'dir with "quotes"\\and\\backslash.jsonl', "eval_rows": 60},
+                "train": {"lr": 1e-4, "optimizer": "sgd", "momentum": 0.9},
+                "strategy": {"name": "fednova"},
+                "federation": {"clients": 3, "rounds": 2},
+                "run": {"seed": 7, "out": "runs/x"},
+            }
+        ],
+    )
+    path = tmp_path / "config.toml"
+    write_config(original, path)
+    again = load_config(path)
+    assert again == original
+    assert dataclasses.asdict(again) == dataclasses.asdict(original)
+
+
+def test_write_config_round_trips_defaults(tmp_path):
+    path = tmp_path / "config.toml"
+    write_config(Config(), path)
+    assert load_config(path) == Config()

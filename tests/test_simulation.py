@@ -1,0 +1,235 @@
+"""Integration: whole federations on Flower's simulation engine (tiny-random, 3 sites x 2
+rounds), the results folder they leave, reproducibility, and what a site actually sends."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from peft import PeftModel
+from safetensors.numpy import load_file
+
+from fedlora.apps import records as R
+from fedlora.apps.client import site_local_steps, train_reply
+from fedlora.apps.server import Federation, check_contribution
+from fedlora.config import load_config
+from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base
+from fedlora.report import Reporter
+from fedlora.runtime import build_runtime
+from fedlora.simulate import simulate
+from fedlora.train import evaluate
+
+SGD = {"optimizer": "sgd", "lr": 0.5}
+STRATEGY_OVERRIDES = {
+    "fedavg": {},
+    "fedprox": {},
+    "scaffold": {"train": SGD},
+    "fednova": {"train": SGD | {"local_steps_spread": 0.5, "momentum": 0.9}},
+}
+ROW_KEYS = {
+    "round",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+    "site_accuracy",
+}
+#: the run simulated twice for the reproducibility check (the one with the most moving parts)
+REPEATED = "fednova"
+
+
+def strategy_cfg(tiny_cfg_at, folder, name):
+    return tiny_cfg_at(folder, {"strategy": {"name": name}}, **STRATEGY_OVERRIDES[name])
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_cfg_at):
+    """name -> (config, results folder): one simulation per strategy, REPEATED twice."""
+    out = {}
+    for name in [*STRATEGY_OVERRIDES, REPEATED]:
+        key = name if name not in out else name + "-again"
+        cfg = strategy_cfg(tiny_cfg_at, tmp_path_factory.mktemp(key), name)
+        out[key] = (cfg, simulate(cfg, log=quiet))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory, tiny_cfg_at):
+    """A runtime with the same model, LoRA and data settings as every run (for encoding)."""
+    return build_runtime(tiny_cfg_at(tmp_path_factory.mktemp("rt")), log=quiet)
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_OVERRIDES))
+def test_results_folder(runs, rt, name):
+    cfg, out = runs[name]
+    assert out.is_dir() and out.name == "run"
+    assert not out.with_name("run.partial").exists()
+    assert load_config(out / "config.toml") == cfg
+    assert (out / "metrics.png").stat().st_size > 0
+
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    n_lora = sum(p.numel() for p in rt.model.parameters() if p.requires_grad)
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert 0 <= r["eval_accuracy"] <= 1 and math.isfinite(r["eval_loss"])
+        assert r["seconds"] >= 0
+        assert r["site_accuracy"] and set(r["site_accuracy"]) <= {"0", "1", "2"}
+        assert all(0 <= v <= 1 for v in r["site_accuracy"].values())
+    assert rows[0]["train_loss"] is None
+    assert rows[0]["bytes_up"] == rows[0]["bytes_down"] == 0
+    for r in rows[1:]:
+        assert math.isfinite(r["train_loss"])
+        assert r["clients"] == cfg.federation.clients
+        # each site receives the float32 global adapter, plus SCAFFOLD's c once it exists
+        per_site = 4 * n_lora * (2 if name == "scaffold" and r["round"] > 1 else 1)
+        assert r["bytes_down"] == cfg.federation.clients * per_site
+        assert r["bytes_up"] >= cfg.federation.clients * 4 * n_lora
+    assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]  # the global adapter moved
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == name
+    assert summary["clients"] == cfg.federation.clients
+    assert summary["rounds"] == cfg.federation.rounds
+    assert summary["seed"] == cfg.run.seed
+    assert summary["model"] == "tiny-random"
+    for k in ("eval_loss", "eval_accuracy", "eval_macro_f1", "site_accuracy"):
+        assert summary["final"][k] == rows[-1][k]
+    for k in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
+        assert summary["round0"][k] == rows[0][k]
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    assert summary["bytes_down"] == sum(r["bytes_down"] for r in rows)
+    assert summary["wall_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_OVERRIDES))
+def test_saved_adapter_is_the_final_global_adapter(runs, rt, name):
+    cfg, out = runs[name]
+    base, _ = load_base("tiny-random", log=quiet)
+    loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
+    trained = adapter_arrays(loaded)
+    assert trained and all(any(m in k for m in LORA_MARKERS) for k in trained)
+    assert loaded.peft_config["default"].r == cfg.lora.r
+    assert set(loaded.peft_config["default"].target_modules) == set(cfg.lora.target_modules())
+
+    fresh, _ = load_base("tiny-random", log=quiet)
+    initial = adapter_arrays(add_lora(fresh, cfg.lora, cfg.run.seed))
+    assert set(initial) == set(trained)
+    assert any(not np.array_equal(initial[k], trained[k]) for k in initial)  # training happened
+
+    # the adapter on disk scores the held-out rows exactly as the final round reported
+    rows, _ = rt.eval_set()
+    result = evaluate(loaded, rt.encoder, rows, rt.pad_id)
+    final = metrics(out)[-1]
+    assert result.loss == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert result.accuracy == pytest.approx(final["eval_accuracy"])
+
+
+def test_same_config_same_numbers(runs):
+    (cfg_a, out_a), (cfg_b, out_b) = runs[REPEATED], runs[REPEATED + "-again"]
+    assert out_a != out_b and cfg_a.run.seed == cfg_b.run.seed
+    rows_a, rows_b = metrics(out_a), metrics(out_b)
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b, strict=True):
+        a.pop("seconds")
+        b.pop("seconds")
+        assert a == b
+    tensors_a = load_file(str(out_a / "adapter" / "adapter_model.safetensors"))
+    tensors_b = load_file(str(out_b / "adapter" / "adapter_model.safetensors"))
+    assert tensors_a.keys() == tensors_b.keys() and tensors_a
+    for k in tensors_a:
+        assert np.array_equal(tensors_a[k], tensors_b[k]), k
+
+
+# --- what a site sends ----------------------------------------------------------------------------
+
+SCALARS = {"weight", "count", "nova_a"}
+VECTOR_PREFIXES = {"fedavg": ["delta/"], "fedprox": ["delta/"], "fednova": ["delta/"]}
+VECTOR_PREFIXES["scaffold"] = ["delta/", "dc/"]
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps new messages with the current task's identity; outside a running app
+    there is none, so give the test one (restored afterwards)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_OVERRIDES))
+def test_site_sends_lora_tensors_only(name, rt, tmp_path, tiny_cfg_at, task_identity):
+    from flwr.app import Context, RecordDict
+
+    cfg = strategy_cfg(tiny_cfg_at, tmp_path, name)
+    federation = Federation(cfg, rt, Reporter(tmp_path))
+    nodes = {0: 101, 1: 102, 2: 103}
+    msgs, bytes_down = federation.train_messages(None, nodes, [0], 1)
+    assert len(msgs) == 1 and msgs[0].metadata.dst_node_id == nodes[0]
+
+    lora_names = {n for n, p in rt.model.named_parameters() if p.requires_grad}
+    n_lora = sum(p.numel() for p in rt.model.parameters() if p.requires_grad)
+    n_base = sum(p.numel() for p in rt.model.parameters() if not p.requires_grad)
+    assert lora_names and all(any(m in n for m in LORA_MARKERS) for n in lora_names)
+
+    sent_down = R.from_record(msgs[0].content[R.GLOBAL_ADAPTER])
+    assert set(sent_down) == lora_names
+    assert sum(v.size for v in sent_down.values()) == n_lora
+    assert bytes_down == 4 * n_lora  # float32, and no broadcast before the first aggregation
+
+    context = Context(
+        run_id=1,
+        node_id=nodes[0],
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = train_reply(cfg, msgs[0], context)
+    sent = R.from_record(reply.content[R.CONTRIBUTION])
+    check_contribution(sent, sent_down)
+
+    scalars = {k for k in sent if k in SCALARS}
+    vectors = {k: v for k, v in sent.items() if k not in SCALARS}
+    for k in scalars:
+        assert sent[k].shape == (1,)
+    for key, value in vectors.items():
+        prefix, _, tensor = key.partition("/")
+        assert prefix + "/" in VECTOR_PREFIXES[name], key
+        assert tensor in lora_names and ("lora_A" in tensor or "lora_B" in tensor), key
+        assert value.shape == sent_down[tensor].shape
+    for prefix in VECTOR_PREFIXES[name]:
+        assert {k for k in vectors if k.startswith(prefix)} == {prefix + n for n in lora_names}
+
+    n_values = sum(v.size for v in sent.values())
+    n_delta = sum(v.size for k, v in vectors.items() if k.startswith("delta/"))
+    assert n_delta == n_lora
+    assert n_values == len(VECTOR_PREFIXES[name]) * n_lora + len(scalars)
+    assert n_delta < 0.05 * n_base
+    if name != "scaffold":
+        assert n_values < 0.05 * n_base
+
+    # the site trained: the LoRA B matrices (zero at the start) moved
+    assert any(np.abs(v).max() > 0 for k, v in vectors.items() if "lora_B" in k)
+
+    site_metrics = reply.content[R.SITE_METRICS]
+    assert int(site_metrics[R.SITE_ID]) == 0
+    assert int(site_metrics[R.NUM_EXAMPLES]) == len(rt.train_parts[0])
+    expected_steps = site_local_steps(cfg.train, 0, cfg.federation.clients)
+    assert int(site_metrics[R.LOCAL_STEPS]) == expected_steps
+    if name == "scaffold":  # the client control variate stays at the site, LoRA-shaped
+        state = R.from_record(context.state[R.CLIENT_STATE])
+        assert {k.partition("/")[2] for k in state} == lora_names
