@@ -273,18 +273,13 @@ def validate(cfg: Config) -> None:
     )
     _require(da.max_text_tokens >= 1, "data.max_text_tokens must be at least 1.")
     _require(da.eval_rows >= 0, "data.eval_rows must be >= 0 (0 = all rows).")
-    # Both SCAFFOLD's option-II control variate (x - y_i) / (K * eta) and FedNova's normaliser
-    # a_i are derived for (momentum) SGD; with Adam they would mix units and be silently wrong.
+    # SCAFFOLD's option-II control variate (x - y_i) / (a_i * eta) and FedNova's normaliser a_i
+    # are derived for (momentum) SGD; with Adam they would mix units and be silently wrong.
     if st.name in ("scaffold", "fednova"):
         _require(
             tr.optimizer == "sgd",
             f"strategy {st.name} is defined for local SGD (its correction assumes SGD steps); "
             f'set train.optimizer = "sgd" (got {tr.optimizer!r}).',
-        )
-    if st.name == "scaffold":
-        _require(
-            tr.momentum == 0,
-            "strategy scaffold (option II) assumes plain local SGD; set train.momentum = 0.",
         )
     if st.name == "fedprox" and st.mu == 0:
         import warnings

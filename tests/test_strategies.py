@@ -398,3 +398,24 @@ def test_no_warnings_on_normal_use() -> None:
         warnings.simplefilter("error")
         make_strategy("fedprox", total_clients=2, mu=0.1)
         run_round(FedAvg(total_clients=3), FEDAVG_DELTAS, FEDAVG_WORK)
+
+
+def test_scaffold_control_variate_with_momentum_divides_by_effective_steps():
+    # tau = 3, rho = 0.5: a = (3 - 0.5 * (1 - 0.125) / 0.5) / 0.5 = 4.25 (FedNova's closed form).
+    # c_i = 0, c = 0, delta = [-0.85], lr = 0.1: c_i+ = -(-0.85) / (4.25 * 0.1) = 2.0
+    from fedlora.strategies.scaffold import updated_client_control
+
+    out = updated_client_control(
+        {"w": np.zeros(1)},
+        {"w": np.zeros(1)},
+        {"w": np.array([-0.85])},
+        steps=3,
+        lr=0.1,
+        momentum=0.5,
+    )
+    np.testing.assert_allclose(out["w"], [2.0])
+    # without momentum it is the paper's K: -(-0.85) / (3 * 0.1)
+    out = updated_client_control(
+        {"w": np.zeros(1)}, {"w": np.zeros(1)}, {"w": np.array([-0.85])}, steps=3, lr=0.1
+    )
+    np.testing.assert_allclose(out["w"], [0.85 / 0.3])

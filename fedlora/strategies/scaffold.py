@@ -36,12 +36,19 @@ from fedlora.strategies.base import (
     with_prefix,
 )
 from fedlora.strategies.fedavg import fedavg_update, weighted_delta_terms
+from fedlora.strategies.fednova import nova_a
 
 
-def updated_client_control(c_i: Arrays, c: Arrays, delta: Arrays, steps: int, lr: float) -> Arrays:
+def updated_client_control(
+    c_i: Arrays, c: Arrays, delta: Arrays, steps: int, lr: float, momentum: float = 0.0
+) -> Arrays:
     """Algorithm 1 line 12 (option II): c_i+ = c_i - c + (x - y_i)/(K eta_l)
-    = c_i - c - delta_i / (K eta_l), with K = tau_i the steps this client actually took."""
-    scale = 1.0 / (steps * lr)
+    = c_i - c - delta_i / (K eta_l), with K = tau_i the steps this client actually took.
+
+    With local SGD momentum rho, K steps under a constant gradient move eta_l * a_i times it,
+    where a_i is FedNova's effective step count (`nova_a`); dividing by a_i instead of K keeps
+    c_i an estimate of the gradient. a_i = K when rho = 0: the paper's formula exactly."""
+    scale = 1.0 / (nova_a(steps, momentum) * lr)
     return {k: c_i[k] - c[k] - scale * np.asarray(d, dtype=np.float64) for k, d in delta.items()}
 
 
@@ -93,7 +100,7 @@ class Scaffold(Strategy):
             raise ValueError(f"SCAFFOLD needs steps >= 1 to form c_i+, got {work.steps}")
         c = _read_variate(C, "broadcast c vs delta", broadcast, delta)
         c_i = _read_variate(C_I, "client_state c_i vs delta", client_state, delta)
-        c_i_new = updated_client_control(c_i, c, delta, work.steps, work.lr)
+        c_i_new = updated_client_control(c_i, c, delta, work.steps, work.lr, work.momentum)
         contribution = weighted_delta_terms(delta, float(work.num_examples))
         contribution.update(with_prefix(DC, {k: c_i_new[k] - c_i[k] for k in delta}))
         contribution[COUNT] = scalar(1.0)
