@@ -38,7 +38,7 @@ def main() -> None:
 
     def report(loss: float | None) -> None:
         t = time.perf_counter()
-        res = evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=cfg.model.bf16)
+        res = evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=rt.bf16)
         print(
             json.dumps(
                 {
@@ -65,7 +65,7 @@ def main() -> None:
             TrainingTerms(),
             rng,
             rt.pad_id,
-            bf16=cfg.model.bf16,
+            bf16=rt.bf16,
             optimizer=optimizer,
         )
         train_seconds += time.perf_counter() - t

@@ -39,12 +39,20 @@ def bare_loop(cfg) -> dict[str, float]:
             seed = derive_seed(cfg.run.seed, round_, site)
             torch.manual_seed(seed)
             steps = site_local_steps(cfg.train, site, cfg.federation.clients)
-            local_train(rt.model, rt.site_rows(site), steps, cfg.train, TrainingTerms(),
-                        np.random.default_rng(seed), rt.pad_id, bf16=cfg.model.bf16)
+            local_train(
+                rt.model,
+                rt.site_rows(site),
+                steps,
+                cfg.train,
+                TrainingTerms(),
+                np.random.default_rng(seed),
+                rt.pad_id,
+                bf16=rt.bf16,
+            )
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(cfg.federation.rounds + 1):
-        evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=cfg.model.bf16)
+        evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=rt.bf16)
     return {"bare_train_seconds": train_s, "bare_eval_seconds": time.perf_counter() - t0}
 
 
@@ -62,14 +70,19 @@ def main() -> None:
         summary = json.loads((out / "summary.json").read_text())
     bare = bare_loop(load_config(None, overrides))
     bare_total = bare["bare_train_seconds"] + bare["bare_eval_seconds"]
-    print(json.dumps({
-        "strategy": args.strategy,
-        "simulate_wall_seconds": round(wall, 1),
-        **{k: round(v, 1) for k, v in bare.items()},
-        "overhead_vs_train_and_eval": round(wall / bare_total, 3),
-        "overhead_vs_train_only": round(wall / bare["bare_train_seconds"], 3),
-        "final_accuracy": summary["final"]["eval_accuracy"],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "strategy": args.strategy,
+                "simulate_wall_seconds": round(wall, 1),
+                **{k: round(v, 1) for k, v in bare.items()},
+                "overhead_vs_train_and_eval": round(wall / bare_total, 3),
+                "overhead_vs_train_only": round(wall / bare["bare_train_seconds"], 3),
+                "final_accuracy": summary["final"]["eval_accuracy"],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

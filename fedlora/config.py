@@ -18,6 +18,7 @@ StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
 PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -35,8 +36,9 @@ class ModelConfig:
     #: "SmolLM2-135M-Instruct" (built-in, fetched from the package index once), "tiny-random",
     #: a local model folder, or a hub id (needs internet access to the hub).
     name: str = "SmolLM2-135M-Instruct"
-    #: bfloat16 autocast on the CPU: faster on some machines, slower on others (BENCHMARKS.md).
-    bf16: bool = False
+    #: "bf16" autocast is faster on CPUs with bfloat16 matrix units and slower on others
+    #: (BENCHMARKS.md); "auto" measures a matmul once per process and picks the faster.
+    precision: Precision = "auto"
 
 
 @dataclass
@@ -78,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = 10
+    local_steps: int = 6
     #: sites do unequal work: site i runs local_steps * f_i steps, f_i spread evenly over
     #: [1 - spread, 1 + spread] (0 = equal work). This is what FedNova corrects for.
     local_steps_spread: float = 0.0

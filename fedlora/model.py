@@ -6,7 +6,9 @@ one place that decides what an adapter is.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +126,35 @@ def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path) -> None:
     load_adapter_arrays(model, arrays)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """fp32 time / bf16-autocast time of a LoRA-sized matmul on this CPU (measured once)."""
+    x, layer = torch.randn(512, 576), torch.nn.Linear(576, 1536)
+
+    def seconds(bf16: bool) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for _ in range(3):
+                layer(x)
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(5):
+                    layer(x)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    return seconds(False) / seconds(True)
+
+
+def use_bf16(precision: str) -> bool:
+    """Resolve model.precision. "auto" takes bf16 only when its matmuls are clearly (2x) faster:
+    with bfloat16 matrix units they are several times faster and a training step gains about
+    1.25x; without them bf16 is slower (BENCHMARKS.md)."""
+    if precision == "auto":
+        return bf16_matmul_speedup() >= 2.0
+    return precision == "bf16"
 
 
 def set_threads(n: int) -> None:

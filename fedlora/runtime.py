@@ -12,7 +12,7 @@ import numpy as np
 
 from fedlora.config import Config
 from fedlora.data import Dataset, load_dataset, partition
-from fedlora.model import add_lora, load_base, set_threads
+from fedlora.model import add_lora, load_base, set_threads, use_bf16
 from fedlora.train import Encoded, Encoder
 
 
@@ -25,6 +25,7 @@ class Runtime:
     encoder: Encoder
     train_parts: list[list[int]]
     test_parts: list[list[int]]
+    bf16: bool = False  # the resolved model.precision
     _site_rows: dict[int, list[Encoded]] = field(default_factory=dict)
 
     @property
@@ -64,7 +65,8 @@ def build_runtime(cfg: Config, log: Callable[[str], None] = print) -> Runtime:
     base, tokenizer = load_base(cfg.model.name, log=log)
     model = add_lora(base, cfg.lora, cfg.run.seed)
     encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
-    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts)
+    bf16 = use_bf16(cfg.model.precision)
+    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts, bf16)
 
 
 _CACHE: dict[str, Runtime] = {}

@@ -57,6 +57,10 @@ def quiet_engines() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -127,6 +131,10 @@ def simulate(cfg: Config, log=print) -> Path:
     return out
 
 
+def precision_name(bf16: bool) -> str:
+    return "bf16 autocast" if bf16 else "fp32"
+
+
 def run_engine(cfg: Config, runtime, reporter: Reporter):
     from flwr.simulation import run_simulation
 
@@ -160,6 +168,7 @@ def finish(cfg: Config, runtime, adapter, work: Path, wall: float) -> None:
         "rounds": cfg.federation.rounds,
         "seed": cfg.run.seed,
         "model": cfg.model.name,
+        "precision": precision_name(runtime.bf16),
         "final": {
             k: final.get(k)
             for k in (

@@ -42,14 +42,26 @@ def centralised(overrides: list[dict], samples: int) -> dict:
     steps = max(1, samples // cfg.train.batch_size)
     optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
     t0 = time.perf_counter()
-    local_train(rt.model, rt.encoder.encode_all(rt.dataset.train), steps, cfg.train,
-                TrainingTerms(), np.random.default_rng(cfg.run.seed), rt.pad_id,
-                bf16=cfg.model.bf16, optimizer=optimizer)
+    local_train(
+        rt.model,
+        rt.encoder.encode_all(rt.dataset.train),
+        steps,
+        cfg.train,
+        TrainingTerms(),
+        np.random.default_rng(cfg.run.seed),
+        rt.pad_id,
+        bf16=rt.bf16,
+        optimizer=optimizer,
+    )
     eval_rows, _ = rt.eval_set()
-    res = evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=cfg.model.bf16)
-    return {"run": f"centralised, {steps} steps", "final_accuracy": res.accuracy,
-            "final_macro_f1": res.macro_f1, "final_eval_loss": res.loss,
-            "wall_seconds": time.perf_counter() - t0}
+    res = evaluate(rt.model, rt.encoder, eval_rows, rt.pad_id, bf16=rt.bf16)
+    return {
+        "run": f"centralised, {steps} steps",
+        "final_accuracy": res.accuracy,
+        "final_macro_f1": res.macro_f1,
+        "final_eval_loss": res.loss,
+        "wall_seconds": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -63,23 +75,33 @@ def main() -> None:
     common = [parse_override(s) for s in args.set]
     results = []
     for name in args.strategies.split(","):
-        cfg = load_config(CONFIGS[name], [{"strategy": {"name": name}}, *common,
-                                           {"run": {"out": str(out / name)}}])
+        cfg = load_config(
+            CONFIGS[name],
+            [{"strategy": {"name": name}}, *common, {"run": {"out": str(out / name)}}],
+        )
         t0 = time.perf_counter()
         run = simulate(cfg)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        results.append({
-            "run": name, "round0_accuracy": rows[0]["eval_accuracy"],
-            "round0_macro_f1": rows[0]["eval_macro_f1"], "round0_eval_loss": rows[0]["eval_loss"],
-            "final_accuracy": rows[-1]["eval_accuracy"], "final_macro_f1": rows[-1]["eval_macro_f1"],
-            "final_eval_loss": rows[-1]["eval_loss"], "wall_seconds": time.perf_counter() - t0,
-            "curve": [(r["round"], r["eval_accuracy"], r["eval_macro_f1"]) for r in rows],
-        })
+        results.append(
+            {
+                "run": name,
+                "round0_accuracy": rows[0]["eval_accuracy"],
+                "round0_macro_f1": rows[0]["eval_macro_f1"],
+                "round0_eval_loss": rows[0]["eval_loss"],
+                "final_accuracy": rows[-1]["eval_accuracy"],
+                "final_macro_f1": rows[-1]["eval_macro_f1"],
+                "final_eval_loss": rows[-1]["eval_loss"],
+                "wall_seconds": time.perf_counter() - t0,
+                "curve": [(r["round"], r["eval_accuracy"], r["eval_macro_f1"]) for r in rows],
+            }
+        )
         (out / "results.json").write_text(json.dumps(results, indent=1))
     base = load_config(None, common)
     fed = base.federation
-    samples = fed.rounds * base.train.batch_size * sum(
-        site_local_steps(base.train, s, fed.clients) for s in range(fed.clients)
+    samples = (
+        fed.rounds
+        * base.train.batch_size
+        * sum(site_local_steps(base.train, s, fed.clients) for s in range(fed.clients))
     )
     results.append(centralised(common, int(samples * min(1.0, fed.fraction))))
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -92,13 +114,18 @@ def write_table(results: list[dict], path: Path) -> None:
     def f(v):
         return "" if v is None else f"{v:.3f}"
 
-    lines = ["| run | round-0 acc | round-0 macro-F1 | final acc | final macro-F1 | final eval loss "
-             "| wall s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | round-0 acc | round-0 macro-F1 | final acc | final macro-F1 | final eval loss "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['run']} | {f(r.get('round0_accuracy'))} | "
-                     f"{f(r.get('round0_macro_f1'))} | {f(r['final_accuracy'])} | "
-                     f"{f(r['final_macro_f1'])} | {f(r['final_eval_loss'])} | "
-                     f"{r['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {r['run']} | {f(r.get('round0_accuracy'))} | "
+            f"{f(r.get('round0_macro_f1'))} | {f(r['final_accuracy'])} | "
+            f"{f(r['final_macro_f1'])} | {f(r['final_eval_loss'])} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -95,3 +95,28 @@ def test_entry_point_is_installed(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("fedlora: error:") == 1
     assert "federation.clients" in proc.stderr
+
+
+def test_simulate_happy_path_prints_table_and_results(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "simulate",
+        "--model",
+        "tiny-random",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--set",
+        "data.eval_rows=20",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "train loss" in proc.stdout and "accuracy" in proc.stdout  # the round table
+    assert "women's health" in proc.stdout  # the partition summary names the sites' groups
+    assert (out / "summary.json").is_file() and (out / "metrics.png").is_file()
+    assert not out.with_name("run.partial").exists()

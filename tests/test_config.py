@@ -51,7 +51,7 @@ def test_int_in_float_field_becomes_float():
     ("text", "section", "key", "value", "kind"),
     [
         ("train.lr=1e-3", "train", "lr", 0.001, float),
-        ("model.bf16=true", "model", "bf16", True, bool),
+        ("model.precision=bf16", "model", "precision", "bf16", str),
         ("lora.targets=['q_proj', 'o_proj']", "lora", "targets", ["q_proj", "o_proj"], list),
         ("lora.targets=o_proj", "lora", "targets", "o_proj", str),
         ("federation.clients=12", "federation", "clients", 12, int),
@@ -148,7 +148,7 @@ def test_write_config_round_trips(tmp_path):
         None,
         [
             {
-                "model": {"name": "tiny-random", "bf16": True},
+                "model": {"name": "tiny-random", "precision": "bf16"},
                 "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "o_proj"]},
                 "data": {"path": 'dir with "quotes"\\and\\backslash.jsonl', "eval_rows": 60},
                 "train": {"lr": 1e-4, "optimizer": "sgd", "momentum": 0.9},

@@ -233,3 +233,27 @@ def test_site_sends_lora_tensors_only(name, rt, tmp_path, tiny_cfg_at, task_iden
     if name == "scaffold":  # the client control variate stays at the site, LoRA-shaped
         state = R.from_record(context.state[R.CLIENT_STATE])
         assert {k.partition("/")[2] for k in state} == lora_names
+
+
+def test_plain_text_task_reports_perplexity(tmp_path, tiny_cfg):
+    """The second task type: plain causal-LM text, evaluated by perplexity."""
+    data = tmp_path / "notes.jsonl"
+    lines = [f"Patient {i} reports mild symptoms after dose {i % 4}." for i in range(40)]
+    data.write_text("\n".join(json.dumps({"text": t}) for t in lines) + "\n")
+    cfg = tiny_cfg(data={"path": str(data), "task": "text", "eval_rows": 0}, train={"lr": 5e-3})
+    out = simulate(cfg, log=quiet)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r.get("eval_accuracy") is None
+        assert math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_client_sampling_fraction_and_minimum(tmp_path, tiny_cfg):
+    """federation.fraction = 0.3 of 4 sites with min_clients = 2: two sites per round, seeded."""
+    cfg = tiny_cfg(federation={"clients": 4, "fraction": 0.3, "min_clients": 2})
+    out = simulate(cfg, log=quiet)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(r["clients"] == 2 and len(r["sites"]) == 2 for r in rows)
+    assert all(set(r["sites"]) <= {0, 1, 2, 3} for r in rows)

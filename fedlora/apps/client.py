@@ -71,7 +71,7 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
         terms,
         np.random.default_rng(seed),
         rt.pad_id,
-        bf16=cfg.model.bf16,
+        bf16=rt.bf16,
     )
     local = adapter_arrays(rt.model)
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}

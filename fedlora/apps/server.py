@@ -60,7 +60,7 @@ class Federation:
     def evaluate_global(self) -> dict[str, object]:
         rt = self.runtime
         load_adapter_arrays(rt.model, self.global_arrays)
-        result = evaluate(rt.model, rt.encoder, self.eval_rows, rt.pad_id, bf16=self.cfg.model.bf16)
+        result = evaluate(rt.model, rt.encoder, self.eval_rows, rt.pad_id, bf16=rt.bf16)
         row: dict[str, object] = {"eval_loss": result.loss}
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
