@@ -116,6 +116,9 @@ class FederationConfig:
     min_clients: int = 2
     #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core.
     workers: int = 0
+    #: after the last round every site fine-tunes the global adapter on its own rows for this
+    #: many steps and reports global vs personalised accuracy on its held-out share (0 = off).
+    personalize_steps: int = 0
 
 
 @dataclass
@@ -249,6 +252,7 @@ def validate(cfg: Config) -> None:
         f"federation.min_clients ({fe.min_clients}) exceeds federation.clients ({fe.clients}).",
     )
     _require(fe.workers >= 0, f"federation.workers must be >= 0 (got {fe.workers}).")
+    _require(fe.personalize_steps >= 0, "federation.personalize_steps must be >= 0 (0 = off).")
     _require(tr.local_steps >= 1, f"train.local_steps must be at least 1 (got {tr.local_steps}).")
     _require(
         0 <= tr.local_steps_spread < 1,

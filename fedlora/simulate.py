@@ -120,8 +120,8 @@ def simulate(cfg: Config, log=print) -> Path:
     work = prepare_out(out)
     write_config(cfg, work / "config.toml")
     try:
-        adapter = run_engine(cfg, runtime, Reporter(work))
-        finish(cfg, runtime, adapter, work, time.perf_counter() - started)
+        federation = run_engine(cfg, runtime, Reporter(work))
+        finish(cfg, runtime, federation, work, time.perf_counter() - started)
     except BaseException:
         log(f"The run did not finish; partial output kept in {work}.")
         raise
@@ -153,13 +153,13 @@ def run_engine(cfg: Config, runtime, reporter: Reporter):
     )
     if "adapter" not in result:
         raise FedloraError("The simulation ended without a result; see the messages above.")
-    return result["adapter"]
+    return federation
 
 
-def finish(cfg: Config, runtime, adapter, work: Path, wall: float) -> None:
+def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
     from fedlora.model import save_adapter
 
-    save_adapter(runtime.model, adapter, work / "adapter")
+    save_adapter(runtime.model, federation.global_arrays, work / "adapter")
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     final, first = rows[-1], rows[0]
     summary = {
@@ -187,5 +187,7 @@ def finish(cfg: Config, runtime, adapter, work: Path, wall: float) -> None:
         "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
         "wall_seconds": wall,
     }
+    if federation.personalization:
+        summary["personalization"] = federation.personalization
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(rows, work / "metrics.png", f"{cfg.strategy.name}, {cfg.federation.clients} sites")

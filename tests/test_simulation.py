@@ -257,3 +257,16 @@ def test_client_sampling_fraction_and_minimum(tmp_path, tiny_cfg):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(r["clients"] == 2 and len(r["sites"]) == 2 for r in rows)
     assert all(set(r["sites"]) <= {0, 1, 2, 3} for r in rows)
+
+
+def test_personalisation_reports_global_and_personal_accuracy_per_site(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(federation={"personalize_steps": 3, "rounds": 1})
+    out = simulate(cfg, log=quiet)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["personalization"]
+    assert [int(r["site"]) for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 <= r["global_accuracy"] <= 1 and 0 <= r["personal_accuracy"] <= 1
+        assert r["held_out_rows"] > 0
+    # fine-tuning on the site's own rows changes the adapter: some loss must move
+    assert any(r["personal_loss"] != r["global_loss"] for r in rows)

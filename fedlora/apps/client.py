@@ -18,8 +18,8 @@ from fedlora.config import Config, TrainConfig
 from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.runtime import get_runtime
 from fedlora.strategies import strategy_for
-from fedlora.strategies.base import LocalWork
-from fedlora.train import local_train
+from fedlora.strategies.base import LocalWork, TrainingTerms
+from fedlora.train import evaluate, local_train
 
 
 def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
@@ -95,6 +95,37 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
+    """Fine-tune the final global adapter on this site's rows only and compare both on the
+    site's own held-out share. Nothing but these metrics leaves the site."""
+    site = site_id(context)
+    rt = get_runtime(cfg)
+    steps = int(msg.content[R.ROUND_CONFIG][R.PERSONALIZE_STEPS])
+    global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
+    held_out = rt.encoder.encode_all([rt.dataset.test[i] for i in rt.test_parts[site]])
+    metrics: dict[str, float | int] = {R.SITE_ID: site, R.HELD_OUT_ROWS: len(held_out)}
+    load_adapter_arrays(rt.model, global_arrays)
+    if held_out:
+        before = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
+        metrics |= {R.GLOBAL_LOSS: before.loss, R.GLOBAL_ACCURACY: before.accuracy or 0.0}
+    seed = derive_seed(cfg.run.seed, cfg.federation.rounds + 1, site)
+    torch.manual_seed(seed)
+    local_train(
+        rt.model,
+        rt.site_rows(site),
+        steps,
+        cfg.train,
+        TrainingTerms(),
+        np.random.default_rng(seed),
+        rt.pad_id,
+        bf16=rt.bf16,
+    )
+    if held_out:
+        after = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
+        metrics |= {R.PERSONAL_LOSS: after.loss, R.PERSONAL_ACCURACY: after.accuracy or 0.0}
+    return Message(RecordDict({R.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 def make_client_app(cfg: Config) -> ClientApp:
     """A ClientApp closed over the (small) config only: the model is loaded in the worker."""
     app = ClientApp()
@@ -106,5 +137,9 @@ def make_client_app(cfg: Config) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return train_reply(cfg, msg, context)
+
+    @app.evaluate()
+    def personalize(msg: Message, context: Context) -> Message:
+        return personalize_reply(cfg, msg, context)
 
     return app

@@ -21,6 +21,14 @@ TRAIN_LOSS = "train_loss"
 LOCAL_STEPS = "local_steps"
 NUM_EXAMPLES = "num_examples"
 
+# personalisation (site -> server, after the last round)
+GLOBAL_ACCURACY = "global_accuracy"
+PERSONAL_ACCURACY = "personal_accuracy"
+GLOBAL_LOSS = "global_loss"
+PERSONAL_LOSS = "personal_loss"
+HELD_OUT_ROWS = "held_out_rows"
+PERSONALIZE_STEPS = "personalize_steps"
+
 # site state kept across rounds (Flower's context.state)
 CLIENT_STATE = "fedlora_client_state"
 
