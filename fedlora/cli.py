@@ -61,7 +61,106 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, e.g. --set train.lr=5e-4 --set lora.targets=o_proj (repeatable)",
     )
+    add_lifecycle_commands(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_base_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base",
+        help="base model (default: the one the run used; SmolLM2-135M-Instruct, tiny-random, a "
+        "folder or hub id)",
+    )
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="use an adapter on a base model with another name (shapes must still fit)",
+    )
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    _add_base_flags(p)
+    p.add_argument(
+        "--data", help=".jsonl/.csv file; its held-out split is used (default: the run's)"
+    )
+    p.add_argument("--task", choices=["classify", "text"], help="default: the run's data.task")
+    p.add_argument(
+        "--rows", type=_positive, help="evaluate at most N held-out rows (a seeded subset)"
+    )
+    p.add_argument(
+        "--bootstrap", type=_positive, default=1000, help="bootstrap draws (default 1000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+
+
+def add_lifecycle_commands(sub) -> None:
+    what = "a results folder, an adapter folder, or `base` (the bare base model)"
+    exp = sub.add_parser(
+        "export",
+        help="copy a run's adapter, or merge it into a standalone model",
+        description="Export the global adapter of a `fedlora simulate` results folder: as a peft "
+        "adapter (adapter_config.json + adapter_model.safetensors, with the run's config.toml and "
+        "summary.json), or with --merge as a standalone transformers model with the adapter "
+        "folded into its weights.",
+    )
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="results folder (or adapter folder)")
+    exp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    exp.add_argument(
+        "--merge", action="store_true", help="save base + adapter merged (W + alpha/r * B A)"
+    )
+    _add_base_flags(exp)
+
+    ev = sub.add_parser(
+        "eval",
+        help="held-out metrics of an adapter, with 95%% confidence intervals",
+        description="Evaluate an adapter on held-out rows: eval loss, accuracy and macro-F1 "
+        "(classify) or perplexity (text), with 95% confidence intervals.",
+    )
+    ev.add_argument("adapter", metavar="ADAPTER", help=what)
+    _add_eval_flags(ev)
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="compare two adapters on the same held-out rows (McNemar, paired bootstrap)",
+        description="Evaluate A and B on the same held-out rows; show both with confidence "
+        "intervals, a paired test of B against A, and a verdict.",
+    )
+    cmp_.add_argument("a", metavar="A", help=what)
+    cmp_.add_argument("b", metavar="B", help=what)
+    _add_eval_flags(cmp_)
+
+    gen = sub.add_parser(
+        "generate",
+        help="greedy completions of a prompt by several adapters on one base model",
+        description="Load several adapters on one base model (loaded once) and print each "
+        "adapter's greedy completion of PROMPT.",
+    )
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        required=True,
+        metavar="NAME=DIR",
+        help="an adapter or results folder under a name (repeatable)",
+    )
+    gen.add_argument("--max-new-tokens", type=_positive, default=32, help="default 32")
+    gen.add_argument(
+        "--show-base", action="store_true", help="also print the bare base model's completion"
+    )
+    _add_base_flags(gen)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -85,6 +184,116 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_notes(source) -> None:
+    for note in source.notes:
+        print(f"note: {note}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.lifecycle import check_out_dir, export, resolve_source
+
+    source = resolve_source(args.run_dir)
+    out = Path(args.out).expanduser()
+    check_out_dir(out)  # before loading anything
+    _print_notes(source)
+    export(source, out, args.merge, args.base, args.allow_other_base)
+    return 0
+
+
+def _check_json_target(path: str | None) -> None:
+    from pathlib import Path
+
+    if path and Path(path).expanduser().is_dir():
+        raise FedloraError(f"--json {path} is a folder; give a file name.")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.lifecycle import resolve_source
+
+    source = resolve_source(args.adapter)
+    _check_json_target(args.json)
+    from fedlora.evaluation import format_eval, run_eval, write_json
+
+    report = run_eval(
+        source,
+        base=args.base,
+        data=args.data,
+        task=args.task,
+        rows=args.rows,
+        draws=args.bootstrap,
+        seed=args.seed,
+        allow_other_base=args.allow_other_base,
+    )
+    print()
+    print(format_eval(report))
+    if args.json:
+        write_json(report, Path(args.json).expanduser())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.lifecycle import resolve_source
+
+    a, b = resolve_source(args.a), resolve_source(args.b)
+    _check_json_target(args.json)
+    from fedlora.evaluation import format_compare, run_compare, write_json
+
+    report = run_compare(
+        a,
+        b,
+        base=args.base,
+        data=args.data,
+        task=args.task,
+        rows=args.rows,
+        draws=args.bootstrap,
+        seed=args.seed,
+        allow_other_base=args.allow_other_base,
+    )
+    print()
+    print(format_compare(report))
+    if args.json:
+        write_json(report, Path(args.json).expanduser())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedlora.lifecycle import generate, parse_adapter_specs, resolve_source
+
+    adapters = [
+        (name, resolve_source(folder)) for name, folder in parse_adapter_specs(args.adapter)
+    ]
+    for _, source in adapters:
+        _print_notes(source)
+    results = generate(
+        adapters,
+        args.prompt,
+        base=args.base,
+        max_new_tokens=args.max_new_tokens,
+        show_base=args.show_base,
+        allow_other_base=args.allow_other_base,
+    )
+    width = max(len(n) for n in results)
+    print()
+    for name, text in results.items():
+        print(f"[{name:<{width}}] {args.prompt}{text}")
+    return 0
+
+
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "export": cmd_export,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "generate": cmd_generate,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -92,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"simulate": cmd_simulate}[args.command](args)
+        return COMMANDS[args.command](args)
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return exc.exit_code

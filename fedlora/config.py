@@ -19,6 +19,7 @@ PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
+AggregationMode = Literal["factors", "freeze-a"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -48,6 +49,10 @@ class LoraSettings:
     dropout: float = 0.05
     #: a preset name (see TARGET_PRESETS) or a comma-separated / list of module names.
     targets: str | list[str] = "qv"
+    #: "factors": A and B train and are averaged separately (mean(B)·mean(A) != mean(B·A); the
+    #: gap is reported every round). "freeze-a": A stays at its shared seeded initialisation and
+    #: only B trains and travels, so averaging is exact (and 40% of the bytes on q/v).
+    aggregation: AggregationMode = "factors"
 
     def target_modules(self) -> list[str]:
         if isinstance(self.targets, list):

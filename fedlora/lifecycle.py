@@ -300,7 +300,9 @@ def _layer_count(linears: dict[str, tuple[int, int]]) -> int:
 
 def quiet_libraries() -> None:
     import os
+    import warnings
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -368,7 +370,9 @@ class AdapterBank:
 
 def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FedloraError(f"Output folder {out} already exists; choose another --out or remove it.")
+        raise FedloraError(
+            f"Output folder {out} already exists; choose another --out or remove it."
+        )
 
 
 @contextmanager

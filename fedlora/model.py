@@ -70,7 +70,8 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def add_lora(base: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
-    """Wrap the frozen base with LoRA; A is initialised from `seed` so every party agrees."""
+    """Wrap the frozen base with LoRA; A is initialised from `seed` so every party agrees
+    (with `lora.aggregation = "freeze-a"` it stays there: only B trains)."""
     targets = lora.target_modules()
     available = linear_module_names(base)
     unknown = [t for t in targets if t not in available]
@@ -88,14 +89,29 @@ def add_lora(base: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
     )
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
+    trainable = ("lora_B",) if lora.aggregation == "freeze-a" else LORA_MARKERS
     for name, param in model.named_parameters():
-        param.requires_grad = any(m in name for m in LORA_MARKERS)
+        param.requires_grad = any(m in name for m in trainable)
     return model
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The LoRA A/B parameters by name: the only tensors that train and travel."""
-    return {n: p for n, p in model.named_parameters() if any(m in n for m in LORA_MARKERS)}
+    """The trainable LoRA parameters by name: the only tensors that train and travel (A and B,
+    or B alone when A is frozen)."""
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if p.requires_grad and any(m in n for m in LORA_MARKERS)
+    }
+
+
+def lora_arrays(model: torch.nn.Module) -> Arrays:
+    """Every LoRA tensor, frozen ones included (what the saved adapter holds)."""
+    return {
+        n: p.detach().cpu().numpy().copy()
+        for n, p in model.named_parameters()
+        if any(m in n for m in LORA_MARKERS)
+    }
 
 
 def adapter_arrays(model: torch.nn.Module) -> Arrays:

@@ -16,6 +16,7 @@ COLUMNS = (
     ("eval_accuracy", "accuracy", 8, "{:.3f}"),
     ("eval_macro_f1", "macro-F1", 8, "{:.3f}"),
     ("eval_perplexity", "ppl", 8, "{:.2f}"),
+    ("agg_error_mean", "agg err", 8, "{:.2e}"),
     ("clients", "sites", 5, "{}"),
     ("bytes_up", "up", 9, "{}"),
     ("bytes_down", "down", 9, "{}"),

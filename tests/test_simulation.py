@@ -270,3 +270,42 @@ def test_personalisation_reports_global_and_personal_accuracy_per_site(tmp_path,
         assert r["held_out_rows"] > 0
     # fine-tuning on the site's own rows changes the adapter: some loss must move
     assert any(r["personal_loss"] != r["global_loss"] for r in rows)
+
+
+def test_freeze_a_sends_only_b_and_aggregates_exactly(tmp_path, tiny_cfg):
+    """freeze-a: A never trains or travels; the factor-averaging error is 0 up to float error,
+    while plain factor averaging on the same federation shows a non-zero error."""
+    runs = {}
+    for mode in ("factors", "freeze-a"):
+        cfg = load_config(
+            None,
+            [
+                {
+                    "model": {"name": "tiny-random"},
+                    "federation": {"clients": 3, "rounds": 2},
+                    "train": {"local_steps": 3, "lr": 0.01},
+                    "data": {"eval_rows": 30},
+                },
+                {"lora": {"aggregation": mode}, "run": {"out": str(tmp_path / mode)}},
+            ],
+        )
+        out = simulate(cfg, log=quiet)
+        runs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        runs[mode + "-adapter"] = adapter
+    factors, frozen = runs["factors"][1:], runs["freeze-a"][1:]
+    assert all(r["agg_error_max"] > 1e-6 for r in factors)
+    assert all(r["agg_error_max"] < 1e-9 for r in frozen)
+    # only B travels: per site, B's share of the adapter's floats
+    a_b = {k: v.size for k, v in runs["factors-adapter"].items()}
+    b_share = sum(v for k, v in a_b.items() if "lora_B" in k) / sum(a_b.values())
+    assert frozen[0]["bytes_down"] == round(b_share * factors[0]["bytes_down"])
+    # A in the saved freeze-a adapter is still the seeded initialisation: equal to a fresh one
+    fresh = build_runtime(
+        load_config(None, [{"model": {"name": "tiny-random"}, "federation": {"clients": 3}}])
+    )
+    init = {k: v for k, v in adapter_arrays(fresh.model).items() if "lora_A" in k}
+    saved = runs["freeze-a-adapter"]
+    for name, value in init.items():
+        key = name.replace("base_model.model.", "base_model.model.", 1).replace(".default", "")
+        np.testing.assert_array_equal(saved[key], value)

@@ -20,11 +20,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays, load_adapter_arrays
+from fedlora.lora_math import factor_averaging_error
+from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for, sum_contributions
-from fedlora.strategies.base import Arrays, Strategy
+from fedlora.strategies.base import WEIGHT, Arrays, Strategy
 from fedlora.train import evaluate
 
 
@@ -133,6 +134,7 @@ class Federation:
                 f"Round {round_}: only {len(contributions)} of {len(chosen)} sites replied, "
                 f"fewer than federation.min_clients = {fed.min_clients}.{detail}"
             )
+        error_mean, error_max = self.factor_error(contributions)
         sums = sum_contributions(contributions)
         update = self.strategy.aggregate(sums, len(contributions))
         self.global_arrays = self.server_opt.step(self.global_arrays, update)
@@ -141,6 +143,8 @@ class Federation:
             "train_loss": float(np.average(losses, weights=weights)),
             "clients": len(contributions),
             "sites": chosen,
+            "agg_error_mean": error_mean,
+            "agg_error_max": error_max,
         }
         self.reporter.progress(f"round {round_}/{fed.rounds}: evaluating the global adapter")
         row |= self.evaluate_global()
@@ -150,6 +154,18 @@ class Federation:
             "seconds": time.perf_counter() - started,
         }
         return row
+
+    def factor_error(self, contributions: list[Arrays]) -> tuple[float, float]:
+        """The relative gap between the weighted mean of the sites' B_i·A_i and the product
+        of the averaged factors (lora_math.factor_averaging_error), from each site's own delta:
+        the server sees individual contributions when aggregating in the clear."""
+        frozen = lora_arrays(self.runtime.model)  # frozen tensors (A under freeze-a) never change
+        sites, weights = [], []
+        for contribution in contributions:
+            delta = self.strategy.site_delta(contribution)
+            sites.append(frozen | {k: self.global_arrays[k] + delta[k] for k in self.global_arrays})
+            weights.append(float(contribution[WEIGHT][0]))
+        return factor_averaging_error(sites, weights)
 
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)

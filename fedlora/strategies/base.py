@@ -179,6 +179,13 @@ class Strategy(ABC):
         """
 
     # server half ------------------------------------------------------------------------------
+    def site_delta(self, contribution: Arrays) -> Arrays:
+        """Undo the weighting of ONE site's contribution: its delta_i. Only possible where the
+        server sees individual contributions (plaintext aggregation); used for diagnostics such
+        as the LoRA factor-averaging error, never for the update itself."""
+        n_i = read_scalar(contribution, WEIGHT)
+        return {k: v / n_i for k, v in strip_prefix(DELTA, contribution).items()}
+
     def broadcast(self) -> Arrays:
         """Server state sent along with the global adapter; none by default."""
         return {}

@@ -25,6 +25,7 @@ from fedlora.strategies.base import (
     check_delta,
     read_scalar,
     scalar,
+    strip_prefix,
     to_out,
     weighted_mean,
     with_prefix,
@@ -67,6 +68,12 @@ class FedNova(Strategy):
         contribution[NOVA_A] = scalar(n_i * a_i)
         contribution[WEIGHT] = scalar(n_i)
         return contribution, {}
+
+    def site_delta(self, contribution: Arrays) -> Arrays:
+        """delta_i = (n_i delta_i / a_i) * a_i / n_i, with a_i = (n_i a_i) / n_i."""
+        n_i = read_scalar(contribution, WEIGHT)
+        a_i = read_scalar(contribution, NOVA_A) / n_i
+        return {k: v * a_i / n_i for k, v in strip_prefix(DELTA, contribution).items()}
 
     def aggregate(self, sums: Arrays, num_contributors: int) -> Arrays:
         """Delta = tau_eff * sum(n_i delta_i / a_i) / sum(n_i) (Section 5, eta cancelled)."""

@@ -1,0 +1,533 @@
+"""`fedlora eval` and `fedlora compare`: held-out metrics with 95% confidence intervals, and a
+paired comparison of two adapters (or an adapter and the bare base) on the same rows.
+
+Intervals: Wilson score for accuracy; a seeded bootstrap over rows for the eval loss (a ratio of
+token-loss sums, as in training's evaluation), perplexity (exp of the loss interval) and
+macro-F1. Comparison: the exact McNemar test on the rows where exactly one side is right, and a
+paired bootstrap (the same resampled rows for both sides) on the differences.
+
+The statistics need per-row numbers (loss sum, loss tokens, predicted class); `score_rows`
+computes them in one pass exactly as `fedlora.train.evaluate` does (same batches, same candidate
+scoring), so the headline numbers match the round table of `fedlora simulate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlora.config import Config, load_config
+from fedlora.errors import FedloraError
+from fedlora.lifecycle import BASE_WORD, AdapterBank, Source, check_base_name, choose_base
+
+Log = Callable[[str], None]
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+DRAWS = 1000
+ALPHA = 0.05
+
+
+# --- Statistics ------------------------------------------------------------------------------
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (sensible at 0, 1 and small n)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at k = 0 or k = n the bound is exactly p; keep rounding from putting p outside
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: under no difference each of the b + c discordant pairs
+    goes either way with probability 1/2, so p = min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c))).
+    Exact integer arithmetic (Python ints; the final division is correctly rounded)."""
+    if b < 0 or c < 0:
+        raise ValueError("discordant counts must be >= 0")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def macro_f1_of(gold: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions (the
+    definition of `fedlora.train.macro_f1`), from a confusion matrix."""
+    conf = np.bincount(gold * n_classes + pred, minlength=n_classes * n_classes)
+    conf = conf.reshape(n_classes, n_classes)
+    tp = np.diag(conf).astype(float)
+    fp = conf.sum(axis=0) - tp
+    fn = conf.sum(axis=1) - tp
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+
+
+def resamples(n: int, draws: int, seed: int) -> Iterator[np.ndarray]:
+    """`draws` bootstrap resamples of row indices (with replacement), seeded."""
+    rng = np.random.default_rng(seed)
+    for _ in range(draws):
+        yield rng.integers(0, n, size=n)
+
+
+def percentile_ci(values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = np.percentile(np.asarray(values, dtype=float), [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Per held-out row: the summed token loss and its number of loss tokens; for
+    classification the gold and predicted class index."""
+
+    task: str
+    labels: list[str]
+    loss_sum: np.ndarray
+    tokens: np.ndarray
+    gold: np.ndarray | None = None
+    pred: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.loss_sum)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.gold == self.pred
+
+    def loss(self, idx: np.ndarray | None = None) -> float:
+        s = self.loss_sum if idx is None else self.loss_sum[idx]
+        t = self.tokens if idx is None else self.tokens[idx]
+        return float(s.sum() / max(1, t.sum()))
+
+    def accuracy(self, idx: np.ndarray | None = None) -> float:
+        c = self.correct if idx is None else self.correct[idx]
+        return float(c.mean()) if len(c) else 0.0
+
+    def macro_f1(self, idx: np.ndarray | None = None) -> float:
+        g = self.gold if idx is None else self.gold[idx]
+        p = self.pred if idx is None else self.pred[idx]
+        return macro_f1_of(g, p, len(self.labels))
+
+
+def _metric(value: float, ci: tuple[float, float], method: str, **extra: Any) -> dict[str, Any]:
+    return {"value": value, "ci95": [ci[0], ci[1]], "method": method, **extra}
+
+
+def summarize(s: RowScores, draws: int = DRAWS, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Point estimates with 95% intervals."""
+    if s.n == 0:
+        raise FedloraError("There are no held-out rows to evaluate.")
+    classify = s.task == "classify"
+    losses, f1s = [], []
+    for idx in resamples(s.n, draws, seed):
+        losses.append(s.loss(idx))
+        if classify:
+            f1s.append(s.macro_f1(idx))
+    boot = f"bootstrap over rows ({draws} draws, seed {seed})"
+    loss_ci = percentile_ci(losses)
+    out = {"eval_loss": _metric(s.loss(), loss_ci, boot)}
+    if classify:
+        k = int(s.correct.sum())
+        out["accuracy"] = _metric(
+            s.accuracy(), wilson_interval(k, s.n), "Wilson score", correct=k, rows=s.n
+        )
+        out["macro_f1"] = _metric(s.macro_f1(), percentile_ci(f1s), boot)
+    else:
+        ppl = (_exp(s.loss()), (_exp(loss_ci[0]), _exp(loss_ci[1])))
+        out["perplexity"] = _metric(ppl[0], ppl[1], "exp of the eval-loss interval")
+    return out
+
+
+def _exp(x: float) -> float:
+    return math.exp(min(x, 50.0))  # as fedlora.train.evaluate caps it
+
+
+def paired(a: RowScores, b: RowScores, draws: int = DRAWS, seed: int = 0) -> dict[str, Any]:
+    """B - A on the same rows: paired bootstrap intervals (both sides resampled with the same
+    rows) and, for classification, the exact McNemar test on per-row correctness."""
+    if a.n != b.n or a.task != b.task:
+        raise FedloraError("A and B were not evaluated on the same held-out rows.")
+    if a.task == "classify" and not np.array_equal(a.gold, b.gold):
+        raise FedloraError("A and B were evaluated with different gold labels.")
+    classify = a.task == "classify"
+    d_loss, d_acc, d_f1 = [], [], []
+    for idx in resamples(a.n, draws, seed):
+        d_loss.append(b.loss(idx) - a.loss(idx))
+        if classify:
+            d_acc.append(b.accuracy(idx) - a.accuracy(idx))
+            d_f1.append(b.macro_f1(idx) - a.macro_f1(idx))
+    method = f"paired bootstrap over rows ({draws} draws, seed {seed})"
+    out: dict[str, Any] = {
+        "eval_loss_diff": _metric(b.loss() - a.loss(), percentile_ci(d_loss), method)
+    }
+    if classify:
+        a_only = int((a.correct & ~b.correct).sum())
+        b_only = int((~a.correct & b.correct).sum())
+        out["accuracy_diff"] = _metric(b.accuracy() - a.accuracy(), percentile_ci(d_acc), method)
+        out["macro_f1_diff"] = _metric(b.macro_f1() - a.macro_f1(), percentile_ci(d_f1), method)
+        out["mcnemar"] = {
+            "a_right_b_wrong": a_only,
+            "a_wrong_b_right": b_only,
+            "p_value": mcnemar_exact(a_only, b_only),
+            "method": "exact (binomial on the discordant rows), two-sided",
+        }
+    return out
+
+
+def format_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def verdict(pair: dict[str, Any], a: str = "A", b: str = "B", level: float = ALPHA) -> str:
+    """One sentence a person can act on."""
+    pct = f"{100 * (1 - level):.0f}%"
+    if "mcnemar" in pair:
+        mc, acc = pair["mcnemar"], pair["accuracy_diff"]
+        p = mc["p_value"]
+        if mc["a_right_b_wrong"] + mc["a_wrong_b_right"] == 0:
+            return f"{a} and {b} give the same answer on every row: no difference in accuracy."
+        if p < level:
+            sign = 1 if acc["value"] > 0 else -1
+            better, worse = (b, a) if sign > 0 else (a, b)
+            lo, hi = sorted(sign * x for x in acc["ci95"])
+            return (
+                f"{better} is more accurate than {worse}: {_points(sign * acc['value'])} points "
+                f"({pct} CI {_points(lo)} to {_points(hi)}), McNemar {format_p(p)}."
+            )
+        lo, hi = acc["ci95"]
+        return (
+            f"No significant difference in accuracy at the {100 * level:.0f}% level: {b} - {a} = "
+            f"{_points(acc['value'])} points ({pct} CI {_points(lo)} to {_points(hi)}), "
+            f"McNemar {format_p(p)}."
+        )
+    d = pair["eval_loss_diff"]
+    lo, hi = d["ci95"]
+    if lo > 0 or hi < 0:
+        better, worse = (b, a) if d["value"] < 0 else (a, b)
+        return (
+            f"{better} has lower perplexity than {worse}: eval loss {b} - {a} = "
+            f"{d['value']:+.4f} ({pct} CI {lo:+.4f} to {hi:+.4f}, paired bootstrap)."
+        )
+    return (
+        f"No significant difference in perplexity at the {100 * level:.0f}% level: eval loss "
+        f"{b} - {a} = {d['value']:+.4f} ({pct} CI {lo:+.4f} to {hi:+.4f}, paired bootstrap)."
+    )
+
+
+# --- Scoring held-out rows -------------------------------------------------------------------
+
+
+def score_rows(model, encoder, rows, pad_id: int, batch_size: int = 16, bf16: bool = False):
+    """Per-row loss sums, loss-token counts and predictions, computed as
+    `fedlora.train.evaluate` does (length-sorted batches; first-token or full-candidate scoring).
+    """
+    import torch
+
+    from fedlora.train import _score_candidates, token_losses
+
+    model.eval()
+    n = len(rows)
+    loss_sum, tokens = np.zeros(n), np.zeros(n, dtype=np.int64)
+    pred = np.full(n, -1, dtype=np.int64)
+    classify = encoder.task == "classify"
+    order = sorted(range(n), key=lambda i: len(rows[i].input_ids))
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            ids = order[start : start + batch_size]
+            batch = [rows[i] for i in ids]
+            losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
+            per_row = torch.zeros(len(batch), dtype=torch.float64)
+            per_row.index_add_(0, row_of, losses.double())
+            loss_sum[ids] = per_row.numpy()
+            tokens[ids] = torch.bincount(row_of, minlength=len(batch)).numpy()
+            if not classify:
+                continue
+            if encoder.first_token_decides:
+                first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
+                firsts = torch.tensor([c[0] for c in encoder.candidates])
+                pred[ids] = logits[first][:, firsts].argmax(dim=1).numpy()
+            else:
+                pred[ids] = _score_candidates(model, encoder, batch, pad_id, bf16)
+    gold = np.array([r.label for r in rows], dtype=np.int64) if classify else None
+    return RowScores(
+        encoder.task,
+        list(encoder.labels),
+        loss_sum,
+        tokens,
+        gold,
+        pred if classify else None,
+    )
+
+
+# --- Planning: which base, which data, which rows --------------------------------------------
+
+
+def data_config(
+    sources: list[Source],
+    data: str | None = None,
+    task: str | None = None,
+    rows: int | None = None,
+) -> tuple[Config, list[str]]:
+    """The evaluation settings: the first run's config (data, seed, precision) or the defaults,
+    then --data / --task / --rows. Notes say when another run used other data settings."""
+    runs = [s for s in sources if s.cfg is not None]
+    base = runs[0].cfg.to_dict() if runs else Config().to_dict()
+    over: dict[str, Any] = {}
+    if data is not None:
+        over |= {"path": data, "test_path": ""}
+    if task is not None:
+        over["task"] = task
+    if rows is not None:
+        over["eval_rows"] = rows
+    cfg = load_config(None, [base, {"data": over}] if over else [base])
+    notes = []
+    if data is None and len(runs) > 1:
+        keys = ("path", "test_path", "task", "test_fraction")
+
+        def split(c: Config) -> tuple:
+            own_split = c.data.path and not c.data.test_path  # held out by seed
+            return (*(getattr(c.data, k) for k in keys), c.run.seed if own_split else None)
+
+        for other in runs[1:]:
+            if split(other.cfg) != split(runs[0].cfg):
+                notes.append(
+                    f"{other.label} was trained with other data settings than {runs[0].label}; "
+                    f"both are evaluated on the held-out rows of {runs[0].label}'s settings "
+                    "(pass --data to choose)."
+                )
+    return cfg, notes
+
+
+def heldout_indices(n_test: int, eval_rows: int, seed: int) -> list[int]:
+    """At most `eval_rows` held-out rows, the seeded subset `fedlora simulate` evaluates on."""
+    idx = list(range(n_test))
+    if eval_rows and eval_rows < n_test:
+        rng = np.random.default_rng(seed)
+        idx = sorted(int(i) for i in rng.choice(n_test, size=eval_rows, replace=False))
+    return idx
+
+
+def base_names(sources: list[Source], override: str | None) -> list[str]:
+    """Each source's base model: --base, else the one its run used; `base` takes the first
+    adapter's (or the default model)."""
+    if override:
+        return [override] * len(sources)
+    own = {i: choose_base([s], None) for i, s in enumerate(sources) if not s.is_base}
+    shared = next(iter(own.values()), Config().model.name)
+    return [own.get(i, shared) for i in range(len(sources))]
+
+
+def score_sources(
+    sources: list[Source],
+    base: str | None = None,
+    data: str | None = None,
+    task: str | None = None,
+    rows: int | None = None,
+    allow_other_base: bool = False,
+    log: Log = print,
+) -> tuple[Config, Any, list[RowScores], list[str]]:
+    """Score every source on the same held-out rows; each base model is loaded once."""
+    from fedlora.data import load_dataset
+
+    cfg, notes = data_config(sources, data, task, rows)
+    for s in sources:
+        notes += s.notes
+    names = base_names(sources, base)
+    for s, name in zip(sources, names, strict=True):
+        check_base_name(s, name, allow_other_base)
+    dataset = load_dataset(cfg.data, cfg.run.seed, log=log)  # data errors before any model
+    if cfg.data.task == "classify" and not dataset.labels:
+        raise FedloraError("Classification needs labels; the data set has none.")
+    for note in notes:
+        log(f"note: {note}")
+
+    from fedlora.model import use_bf16
+    from fedlora.train import Encoder
+
+    bf16 = use_bf16(cfg.model.precision)
+    banks: dict[str, AdapterBank] = {}
+    scores: list[RowScores] = []
+    idx = heldout_indices(len(dataset.test), cfg.data.eval_rows, cfg.run.seed)
+    test = [dataset.test[i] for i in idx]
+    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+        if name not in banks:
+            log(f"Loading base model {name} ...")
+            banks[name] = AdapterBank(name, log)
+        bank = banks[name]
+        adapter = None
+        if not source.is_base:
+            adapter = f"s{i}"
+            bank.add(adapter, source, allow_other_base)
+        encoder = Encoder(bank.tokenizer, dataset, cfg.data.max_text_tokens)
+        encoded = encoder.encode_all(test)
+        log(f"Evaluating {source.label} on {len(encoded)} held-out rows ...")
+        with bank.using(adapter) as model:
+            scores.append(
+                score_rows(model, encoder, encoded, int(bank.tokenizer.pad_token_id), bf16=bf16)
+            )
+    return cfg, dataset, scores, names
+
+
+# --- Commands --------------------------------------------------------------------------------
+
+
+def _describe(cfg: Config, dataset, n_rows: int) -> dict[str, Any]:
+    return {
+        "data": dataset.name,
+        "data_path": cfg.data.path or "built-in",
+        "task": dataset.task,
+        "labels": list(dataset.labels),
+        "rows": n_rows,
+        "heldout_rows": len(dataset.test),
+        "split_seed": cfg.run.seed,
+    }
+
+
+def run_eval(
+    source: Source,
+    base: str | None = None,
+    data: str | None = None,
+    task: str | None = None,
+    rows: int | None = None,
+    draws: int = DRAWS,
+    seed: int = 0,
+    allow_other_base: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    cfg, dataset, (scores,), (name,) = score_sources(
+        [source], base, data, task, rows, allow_other_base, log
+    )
+    return {
+        "adapter": source.label,
+        "base_model": name,
+        **_describe(cfg, dataset, scores.n),
+        "metrics": summarize(scores, draws, seed),
+    }
+
+
+def run_compare(
+    a: Source,
+    b: Source,
+    base: str | None = None,
+    data: str | None = None,
+    task: str | None = None,
+    rows: int | None = None,
+    draws: int = DRAWS,
+    seed: int = 0,
+    allow_other_base: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    cfg, dataset, (sa, sb), (na, nb) = score_sources(
+        [a, b], base, data, task, rows, allow_other_base, log
+    )
+    pair = paired(sa, sb, draws, seed)
+    return {
+        **_describe(cfg, dataset, sa.n),
+        "a": {"adapter": a.label, "base_model": na, "metrics": summarize(sa, draws, seed)},
+        "b": {"adapter": b.label, "base_model": nb, "metrics": summarize(sb, draws, seed)},
+        "paired": pair,
+        "verdict": verdict(pair),
+    }
+
+
+_NAMES = {
+    "eval_loss": "eval loss",
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "perplexity": "perplexity",
+}
+
+
+def _fmt(key: str, x: float) -> str:
+    return f"{x:.4f}" if key in ("eval_loss", "eval_loss_diff") else f"{x:.3f}"
+
+
+def _with_ci(key: str, m: dict[str, Any]) -> str:
+    lo, hi = m["ci95"]
+    return f"{_fmt(key, m['value'])} ({_fmt(key, lo)} to {_fmt(key, hi)})"
+
+
+def _data_line(report: dict[str, Any]) -> str:
+    task = report["task"]
+    what = f"classify: {', '.join(report['labels'])}" if task == "classify" else "text"
+    return (
+        f"Data: {report['data']} ({report['data_path']}), {report['rows']} of "
+        f"{report['heldout_rows']} held-out rows ({what})"
+    )
+
+
+def format_eval(report: dict[str, Any]) -> str:
+    base = report["base_model"]
+    who = f"base model {base}" if report["adapter"] == BASE_WORD else report["adapter"]
+    lines = [f"Model: {who}" + ("" if report["adapter"] == BASE_WORD else f" on {base}")]
+    lines.append(_data_line(report))
+    head = f"{'metric':<12}{'value':>10}  {'95% CI':<22}method"
+    lines += ["", head, "-" * (len(head) + 30)]
+    for key, m in report["metrics"].items():
+        lo, hi = m["ci95"]
+        ci = f"{_fmt(key, lo)} to {_fmt(key, hi)}"
+        lines.append(f"{_NAMES[key]:<12}{_fmt(key, m['value']):>10}  {ci:<22}{m['method']}")
+    return "\n".join(lines)
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    a, b, pair = report["a"], report["b"], report["paired"]
+    lines = [
+        f"A: {a['adapter']} (base {a['base_model']})",
+        f"B: {b['adapter']} (base {b['base_model']})",
+        _data_line(report) + ", the same rows for both",
+        "",
+    ]
+    head = f"{'metric':<12}{'A (95% CI)':<28}{'B (95% CI)':<28}B - A (95% CI, paired bootstrap)"
+    lines += [head, "-" * len(head)]
+    diffs = {
+        "eval_loss": "eval_loss_diff",
+        "accuracy": "accuracy_diff",
+        "macro_f1": "macro_f1_diff",
+    }
+    for key in a["metrics"]:
+        d = pair.get(diffs.get(key, ""))
+        if d is None:
+            diff = ""
+        elif key == "accuracy":
+            lo, hi = d["ci95"]
+            diff = f"{_points(d['value'])} points ({_points(lo)} to {_points(hi)})"
+        else:
+            lo, hi = d["ci95"]
+            f = "+.4f" if key == "eval_loss" else "+.3f"
+            diff = f"{d['value']:{f}} ({lo:{f}} to {hi:{f}})"
+        lines.append(
+            f"{_NAMES[key]:<12}{_with_ci(key, a['metrics'][key]):<28}"
+            f"{_with_ci(key, b['metrics'][key]):<28}{diff}"
+        )
+    lines.append("")
+    if "mcnemar" in pair:
+        mc = pair["mcnemar"]
+        lines.append(
+            f"McNemar exact test on {report['rows']} paired rows: A right & B wrong "
+            f"{mc['a_right_b_wrong']}, A wrong & B right {mc['a_wrong_b_right']}, "
+            f"{format_p(mc['p_value'])}"
+        )
+    lines.append(f"Verdict: {report['verdict']}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
