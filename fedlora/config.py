@@ -19,7 +19,7 @@ PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
-AggregationMode = Literal["factors", "freeze-a"]
+AggregationMode = Literal["factors", "freeze-a", "svd"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -51,7 +51,9 @@ class LoraSettings:
     targets: str | list[str] = "qv"
     #: "factors": A and B train and are averaged separately (mean(B)·mean(A) != mean(B·A); the
     #: gap is reported every round). "freeze-a": A stays at its shared seeded initialisation and
-    #: only B trains and travels, so averaging is exact (and 40% of the bytes on q/v).
+    #: only B trains and travels, so averaging is exact (and 40% of the bytes on q/v). "svd": the
+    #: server averages the sites' products B_i·A_i exactly and re-factorises to rank r by
+    #: truncated SVD (needs each site's factors in the clear; the truncation error is reported).
     aggregation: AggregationMode = "factors"
 
     def target_modules(self) -> list[str]:
@@ -291,6 +293,14 @@ def validate(cfg: Config) -> None:
             tr.optimizer == "sgd",
             f"strategy {st.name} is defined for local SGD (its correction assumes SGD steps); "
             f'set train.optimizer = "sgd" (got {tr.optimizer!r}).',
+        )
+    if lo.aggregation == "svd":
+        _require(
+            st.name != "scaffold",
+            'lora.aggregation = "svd" cannot run with strategy scaffold: the server '
+            "re-factorises A and B every round, so control variates kept on the old factors no "
+            'longer describe the same parameters; use lora.aggregation = "freeze-a" (exact, '
+            'and SCAFFOLD-compatible) or "factors".',
         )
     if st.name == "fedprox" and st.mu == 0:
         import warnings

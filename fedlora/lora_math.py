@@ -44,3 +44,33 @@ def factor_averaging_error(
     if not errors:
         return 0.0, 0.0
     return float(np.mean(errors)), float(np.max(errors))
+
+
+def products(adapter: Arrays) -> Arrays:
+    """module -> B·A (the update LoRA adds to the frozen weight, before the alpha/r scale)."""
+    return {m: b @ a for m, (a, b) in split_factors(adapter).items()}
+
+
+def refactorize(product: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Best rank-r factors of `product` (Eckart-Young): B = U_r S_r^1/2, A = S_r^1/2 V_r^T.
+    Returns (A, B, relative truncation error ||P - B A||_F / ||P||_F)."""
+    u, s, vt = np.linalg.svd(product, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    b = u[:, :rank] * root
+    a = root[:, None] * vt[:rank]
+    total = float(np.sqrt(np.sum(s**2)))
+    error = float(np.sqrt(np.sum(s[rank:] ** 2)) / total) if total > 0 else 0.0
+    if a.shape[0] < rank:  # a product of lower rank than r: pad with zero factors
+        a = np.vstack([a, np.zeros((rank - a.shape[0], a.shape[1]))])
+        b = np.hstack([b, np.zeros((b.shape[0], rank - b.shape[1]))])
+    return a, b, error
+
+
+def factor_names(adapter: Arrays) -> dict[str, tuple[str, str]]:
+    """module -> (name of its A tensor, name of its B tensor)."""
+    names: dict[str, dict[str, str]] = {}
+    for name in adapter:
+        for factor in ("lora_A", "lora_B"):
+            if f".{factor}." in name:
+                names.setdefault(name.split(f".{factor}.")[0], {})[factor] = name
+    return {m: (n["lora_A"], n["lora_B"]) for m, n in names.items() if len(n) == 2}

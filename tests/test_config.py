@@ -169,3 +169,18 @@ def test_write_config_round_trips_defaults(tmp_path):
     path = tmp_path / "config.toml"
     write_config(Config(), path)
     assert load_config(path) == Config()
+
+
+def test_svd_with_scaffold_is_refused_with_the_reason_and_the_alternative():
+    with pytest.raises(FedloraError) as err:
+        load_config(
+            None,
+            [
+                {
+                    "strategy": {"name": "scaffold"},
+                    "train": {"optimizer": "sgd"},
+                    "lora": {"aggregation": "svd"},
+                }
+            ],
+        )
+    assert "control variates" in str(err.value) and "freeze-a" in str(err.value)

@@ -309,3 +309,16 @@ def test_freeze_a_sends_only_b_and_aggregates_exactly(tmp_path, tiny_cfg):
     for name, value in init.items():
         key = name.replace("base_model.model.", "base_model.model.", 1).replace(".default", "")
         np.testing.assert_array_equal(saved[key], value)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fednova"])
+def test_svd_aggregation_runs_and_reports_truncation_error(tmp_path, tiny_cfg, strategy):
+    cfg = tiny_cfg(
+        {"strategy": {"name": strategy}, "lora": {"aggregation": "svd"}},
+        train={"optimizer": "sgd", "lr": 0.5, "local_steps_spread": 0.5},
+        federation={"rounds": 1},
+    )
+    out = simulate(cfg, log=quiet)
+    row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 <= row["agg_error_mean"] <= row["agg_error_max"] < 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

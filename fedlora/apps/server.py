@@ -20,12 +20,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
-from fedlora.lora_math import factor_averaging_error
+from fedlora.lora_math import factor_averaging_error, factor_names, products, refactorize
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for, sum_contributions
-from fedlora.strategies.base import WEIGHT, Arrays, Strategy
+from fedlora.strategies.base import WEIGHT, Arrays, LocalWork, Strategy
 from fedlora.train import evaluate
 
 
@@ -53,6 +53,10 @@ class Federation:
     def __post_init__(self) -> None:
         self.strategy = strategy_for(self.cfg)
         self.server_opt = ServerOptimizer(
+            lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
+        )
+        #: the server step in product space, for lora.aggregation = "svd"
+        self.product_opt = ServerOptimizer(
             lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
         )
         self.global_arrays = adapter_arrays(self.runtime.model)
@@ -113,7 +117,7 @@ class Federation:
                 f"round {round_}/{fed.rounds}: {done}/{len(chosen)} sites done"
             ),
         )
-        contributions, losses, weights, failures = [], [], [], []
+        contributions, works, losses, weights, failures = [], [], [], [], []
         bytes_up = 0
         for reply in replies:
             if reply.has_error():
@@ -123,6 +127,14 @@ class Federation:
             check_contribution(arrays, self.global_arrays)
             metrics = reply.content[R.SITE_METRICS]
             contributions.append(arrays)
+            works.append(
+                LocalWork(
+                    num_examples=int(metrics[R.NUM_EXAMPLES]),
+                    steps=int(metrics[R.LOCAL_STEPS]),
+                    lr=self.cfg.train.lr,
+                    momentum=self.cfg.train.momentum,
+                )
+            )
             losses.append(float(metrics[R.TRAIN_LOSS]))
             weights.append(float(metrics[R.NUM_EXAMPLES]))
             bytes_up += R.payload_bytes(arrays)
@@ -134,10 +146,13 @@ class Federation:
                 f"Round {round_}: only {len(contributions)} of {len(chosen)} sites replied, "
                 f"fewer than federation.min_clients = {fed.min_clients}.{detail}"
             )
-        error_mean, error_max = self.factor_error(contributions)
-        sums = sum_contributions(contributions)
-        update = self.strategy.aggregate(sums, len(contributions))
-        self.global_arrays = self.server_opt.step(self.global_arrays, update)
+        if self.cfg.lora.aggregation == "svd":
+            error_mean, error_max = self.svd_step(contributions, works)
+        else:
+            error_mean, error_max = self.factor_error(contributions)
+            sums = sum_contributions(contributions)
+            update = self.strategy.aggregate(sums, len(contributions))
+            self.global_arrays = self.server_opt.step(self.global_arrays, update)
         row: dict[str, object] = {
             "round": round_,
             "train_loss": float(np.average(losses, weights=weights)),
@@ -166,6 +181,28 @@ class Federation:
             sites.append(frozen | {k: self.global_arrays[k] + delta[k] for k in self.global_arrays})
             weights.append(float(contribution[WEIGHT][0]))
         return factor_averaging_error(sites, weights)
+
+    def svd_step(self, contributions: list[Arrays], works: list[LocalWork]) -> tuple[float, float]:
+        """`lora.aggregation = "svd"`: run the strategy's own two halves on the sites' product
+        updates B_i·A_i - B·A (exact averaging of what the sites trained), apply the server
+        step in product space, then re-factorise each module to rank r by truncated SVD.
+        Needs every site's factors in the clear. Returns the truncation error (mean, max)."""
+        x_products = products(self.global_arrays)
+        in_product_space = []
+        for contribution, work in zip(contributions, works, strict=True):
+            delta = self.strategy.site_delta(contribution)
+            local = {k: self.global_arrays[k] + delta[k] for k in self.global_arrays}
+            d_product = {m: p - x_products[m] for m, p in products(local).items()}
+            in_product_space.append(self.strategy.client_contribution(d_product, work, {}, {})[0])
+        update = self.strategy.aggregate(sum_contributions(in_product_space), len(works))
+        new_products = self.product_opt.step(x_products, update)
+        new_global, errors = dict(self.global_arrays), []
+        for module, (a_name, b_name) in factor_names(self.global_arrays).items():
+            a, b, error = refactorize(new_products[module], self.cfg.lora.r)
+            new_global[a_name], new_global[b_name] = a.astype(np.float32), b.astype(np.float32)
+            errors.append(error)
+        self.global_arrays = new_global
+        return float(np.mean(errors)), float(np.max(errors))
 
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
