@@ -25,6 +25,7 @@ import numpy as np
 from fedlora.config import Config, load_config
 from fedlora.errors import FedloraError
 from fedlora.lifecycle import BASE_WORD, AdapterBank, Source, check_base_name, choose_base
+from fedlora.metrics import macro_f1
 
 Log = Callable[[str], None]
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -58,20 +59,6 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
     return min(1.0, 2 * tail / 2**n)
-
-
-def macro_f1_of(gold: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in gold or predictions (the
-    definition of `fedlora.train.macro_f1`), from a confusion matrix."""
-    conf = np.bincount(gold * n_classes + pred, minlength=n_classes * n_classes)
-    conf = conf.reshape(n_classes, n_classes)
-    tp = np.diag(conf).astype(float)
-    fp = conf.sum(axis=0) - tp
-    fn = conf.sum(axis=1) - tp
-    present = (tp + fp + fn) > 0
-    if not present.any():
-        return 0.0
-    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
 
 
 def resamples(n: int, draws: int, seed: int) -> Iterator[np.ndarray]:
@@ -118,7 +105,7 @@ class RowScores:
     def macro_f1(self, idx: np.ndarray | None = None) -> float:
         g = self.gold if idx is None else self.gold[idx]
         p = self.pred if idx is None else self.pred[idx]
-        return macro_f1_of(g, p, len(self.labels))
+        return macro_f1(g, p, len(self.labels))
 
 
 def _metric(value: float, ci: tuple[float, float], method: str, **extra: Any) -> dict[str, Any]:
@@ -234,45 +221,12 @@ def verdict(pair: dict[str, Any], a: str = "A", b: str = "B", level: float = ALP
 
 
 def score_rows(model, encoder, rows, pad_id: int, batch_size: int = 16, bf16: bool = False):
-    """Per-row loss sums, loss-token counts and predictions, computed as
-    `fedlora.train.evaluate` does (length-sorted batches; first-token or full-candidate scoring).
-    """
-    import torch
+    """Per-row scores of `rows`, exactly as `fedlora.train.evaluate` computes them."""
+    from fedlora import train
 
-    from fedlora.train import _score_candidates, token_losses
-
-    model.eval()
-    n = len(rows)
-    loss_sum, tokens = np.zeros(n), np.zeros(n, dtype=np.int64)
-    pred = np.full(n, -1, dtype=np.int64)
-    classify = encoder.task == "classify"
-    order = sorted(range(n), key=lambda i: len(rows[i].input_ids))
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            ids = order[start : start + batch_size]
-            batch = [rows[i] for i in ids]
-            losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
-            per_row = torch.zeros(len(batch), dtype=torch.float64)
-            per_row.index_add_(0, row_of, losses.double())
-            loss_sum[ids] = per_row.numpy()
-            tokens[ids] = torch.bincount(row_of, minlength=len(batch)).numpy()
-            if not classify:
-                continue
-            if encoder.first_token_decides:
-                first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
-                firsts = torch.tensor([c[0] for c in encoder.candidates])
-                pred[ids] = logits[first][:, firsts].argmax(dim=1).numpy()
-            else:
-                pred[ids] = _score_candidates(model, encoder, batch, pad_id, bf16)
-    gold = np.array([r.label for r in rows], dtype=np.int64) if classify else None
-    return RowScores(
-        encoder.task,
-        list(encoder.labels),
-        loss_sum,
-        tokens,
-        gold,
-        pred if classify else None,
-    )
+    loss_sum, tokens, pred = train.score_rows(model, encoder, rows, pad_id, batch_size, bf16)
+    gold = np.array([r.label for r in rows], dtype=np.int64) if pred is not None else None
+    return RowScores(encoder.task, list(encoder.labels), loss_sum, tokens, gold, pred)
 
 
 # --- Planning: which base, which data, which rows --------------------------------------------

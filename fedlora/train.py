@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedlora.config import TrainConfig
 from fedlora.data import Dataset, Example
+from fedlora.metrics import macro_f1
 from fedlora.model import adapter_parameters
 from fedlora.strategies.base import TrainingTerms
 
@@ -193,6 +194,44 @@ class EvalResult:
 
 
 @torch.no_grad()
+def score_rows(
+    model,
+    encoder: Encoder,
+    rows: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int = 16,
+    bf16: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per row: the summed answer-token loss, its number of loss tokens, and (classification)
+    the index of the most likely candidate answer. Rows are batched by length so that little
+    is spent on padding; results come back in row order."""
+    model.eval()
+    n = len(rows)
+    loss_sum, tokens = np.zeros(n), np.zeros(n, dtype=np.int64)
+    pred = np.full(n, -1, dtype=np.int64) if encoder.task == "classify" else None
+    order = sorted(range(n), key=lambda i: len(rows[i].input_ids))
+    for start in range(0, n, batch_size):
+        ids = order[start : start + batch_size]
+        batch = [rows[i] for i in ids]
+        losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
+        loss_sum[ids] = (
+            torch.zeros(len(batch), dtype=torch.float64)
+            .index_add(0, row_of, losses.double())
+            .numpy()
+        )
+        tokens[ids] = torch.bincount(row_of, minlength=len(batch)).numpy()
+        if pred is None:
+            continue
+        if encoder.first_token_decides:
+            # the first loss position of each row predicts the first answer token
+            first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
+            firsts = torch.tensor([c[0] for c in encoder.candidates])
+            pred[ids] = logits[first][:, firsts].argmax(dim=1).numpy()
+        else:
+            pred[ids] = score_candidates(model, encoder, batch, pad_id, bf16)
+    return loss_sum, tokens, pred
+
+
 def evaluate(
     model,
     encoder: Encoder,
@@ -203,36 +242,19 @@ def evaluate(
 ) -> EvalResult:
     """Eval loss (full-vocabulary cross-entropy on the answer tokens), and for classification the
     accuracy and macro-F1 of picking the most likely candidate answer."""
-    model.eval()
-    loss_sum, n_tokens, preds = 0.0, 0, []
-    # batches of similar length waste little on padding; predictions are put back in row order
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
-    for start in range(0, len(rows), batch_size):
-        batch = [rows[i] for i in order[start : start + batch_size]]
-        losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
-        loss_sum += float(losses.sum())
-        n_tokens += len(losses)
-        if encoder.task != "classify":
-            continue
-        if encoder.first_token_decides:
-            # the first loss position of each row predicts the first answer token
-            first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
-            firsts = torch.tensor([c[0] for c in encoder.candidates])
-            preds.extend(logits[first][:, firsts].argmax(dim=1).tolist())
-        else:
-            preds.extend(_score_candidates(model, encoder, batch, pad_id, bf16))
-    loss = loss_sum / max(1, n_tokens)
-    if encoder.task != "classify":
+    loss_sum, tokens, pred = score_rows(model, encoder, rows, pad_id, batch_size, bf16)
+    loss = float(loss_sum.sum() / max(1, tokens.sum()))
+    if pred is None:
         return EvalResult(loss, None, None, math.exp(min(loss, 50.0)), [])
-    preds = [p for _, p in sorted(zip(order, preds, strict=True))]
     gold = [r.label for r in rows]
+    preds = pred.tolist()
     correct = [p == g for p, g in zip(preds, gold, strict=True)]
     return EvalResult(
         loss, sum(correct) / len(correct), macro_f1(gold, preds, len(encoder.labels)), None, correct
     )
 
 
-def _score_candidates(
+def score_candidates(
     model, encoder: Encoder, batch: Sequence[Encoded], pad_id: int, bf16: bool
 ) -> list[int]:
     """Sum of log-probabilities of each full candidate answer (when first tokens are shared)."""
@@ -242,15 +264,3 @@ def _score_candidates(
         losses, _, rows = token_losses(model, variants, pad_id, bf16)
         scores[:, c] = -torch.zeros(len(batch)).index_add(0, rows, losses)
     return scores.argmax(dim=1).tolist()
-
-
-def macro_f1(gold: Sequence[int], pred: Sequence[int], n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
-    f1s = []
-    for c in range(n_classes):
-        tp = sum(1 for g, p in zip(gold, pred, strict=True) if g == c and p == c)
-        fp = sum(1 for g, p in zip(gold, pred, strict=True) if g != c and p == c)
-        fn = sum(1 for g, p in zip(gold, pred, strict=True) if g == c and p != c)
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return sum(f1s) / len(f1s) if f1s else 0.0

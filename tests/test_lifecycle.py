@@ -23,7 +23,6 @@ from fedlora import lifecycle
 from fedlora.cli import main
 from fedlora.evaluation import (
     RowScores,
-    macro_f1_of,
     mcnemar_exact,
     paired,
     score_rows,
@@ -138,11 +137,11 @@ def test_macro_f1_matches_training_definition():
     rng = np.random.default_rng(3)
     for n_classes in (2, 3, 5):
         gold, pred = rng.integers(0, n_classes, 50), rng.integers(0, n_classes, 50)
-        assert macro_f1_of(gold, pred, n_classes) == pytest.approx(
+        assert macro_f1(gold, pred, n_classes) == pytest.approx(
             macro_f1(gold.tolist(), pred.tolist(), n_classes)
         )
     # a class absent from gold and predictions does not count
-    assert macro_f1_of(np.array([0, 0]), np.array([0, 0]), 3) == 1.0
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == 1.0
 
 
 def test_paired_test_and_verdicts():
