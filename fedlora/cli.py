@@ -20,6 +20,7 @@ SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
     "partition": ("data", "partition", str),
     "seed": ("run", "seed", int),
     "out": ("run", "out", str),
+    "personalize_steps": ("federation", "personalize_steps", int),
 }
 
 
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--partition", help="natural, iid or dirichlet (data.partition)")
     sim.add_argument("--seed", type=int, help="random seed (run.seed)")
     sim.add_argument("--out", help="results folder (default runs/<time>-<strategy>)")
+    sim.add_argument(
+        "--personalize-steps",
+        type=int,
+        help="after the last round, each site fine-tunes the global adapter this many steps and "
+        "reports global vs personalised accuracy (federation.personalize_steps)",
+    )
     sim.add_argument(
         "--set",
         action="append",

@@ -322,3 +322,36 @@ def test_svd_aggregation_runs_and_reports_truncation_error(tmp_path, tiny_cfg, s
     row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= row["agg_error_mean"] <= row["agg_error_max"] < 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+MATRIX_REFUSED = {("scaffold", "svd"): "control variates"}
+
+
+@pytest.mark.parametrize("mode", ["factors", "freeze-a", "svd"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "scaffold", "fednova"])
+def test_compatibility_matrix_cell(tmp_path, strategy, mode):
+    """The README's strategy x aggregation matrix: each cell runs, or is refused with a reason."""
+    from fedlora.errors import FedloraError
+
+    train = {"local_steps": 1} | ({} if strategy in ("fedavg", "fedprox") else SGD)
+    overrides = [
+        {
+            "model": {"name": "tiny-random"},
+            "federation": {"clients": 2, "rounds": 1},
+            "data": {"eval_rows": 10},
+            "train": train,
+        },
+        {
+            "strategy": {"name": strategy},
+            "lora": {"aggregation": mode},
+            "run": {"out": str(tmp_path / "run")},
+        },
+    ]
+    reason = MATRIX_REFUSED.get((strategy, mode))
+    if reason:
+        with pytest.raises(FedloraError, match=reason):
+            load_config(None, overrides)
+        return
+    out = simulate(load_config(None, overrides), log=quiet)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 1 and rows[-1]["agg_error_max"] is not None
