@@ -7,7 +7,6 @@ one place that decides what an adapter is.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,4 +174,3 @@ def use_bf16(precision: str) -> bool:
 
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
-    os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -59,8 +59,12 @@ def load_data(cfg: Config, log: Callable[[str], None] = print):
     return dataset, train_parts, test_parts
 
 
-def build_runtime(cfg: Config, log: Callable[[str], None] = print) -> Runtime:
-    set_threads(cfg.train.threads)
+def build_runtime(
+    cfg: Config, log: Callable[[str], None] = print, threads: int | None = None
+) -> Runtime:
+    """`threads` defaults to train.threads (a site worker); the simulation's server process
+    evaluates while the workers wait, so it takes every core."""
+    set_threads(threads or cfg.train.threads)
     dataset, train_parts, test_parts = load_data(cfg, log)
     base, tokenizer = load_base(cfg.model.name, log=log)
     model = add_lora(base, cfg.lora, cfg.run.seed)

@@ -105,7 +105,8 @@ def simulate(cfg: Config, log=print) -> Path:
     log(partition_summary(dataset, train_parts, test_parts))
     started = time.perf_counter()
     log(f"Loading base model {cfg.model.name} ...")
-    runtime = build_runtime(cfg, log)  # refuses unknown target modules before anything is written
+    # the server evaluates while the site workers wait: it may use every core
+    runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)  # checks lora.targets too
     n_params = sum(p.numel() for p in runtime.model.parameters())
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(

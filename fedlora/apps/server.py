@@ -47,7 +47,6 @@ class Federation:
     strategy: Strategy = field(init=False)
     server_opt: ServerOptimizer = field(init=False)
     global_arrays: Arrays = field(init=False)
-    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     personalization: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -214,8 +213,6 @@ class Federation:
         )
         for round_ in range(1, self.cfg.federation.rounds + 1):
             row = self.run_round(grid, nodes, round_)
-            self.totals["bytes_up"] += row["bytes_up"]
-            self.totals["bytes_down"] += row["bytes_down"]
             self.reporter.round(row)
         if self.cfg.federation.personalize_steps:
             self.personalize(grid, nodes)
