@@ -20,6 +20,7 @@ TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
 AggregationMode = Literal["factors", "freeze-a", "svd"]
+Quantization = Literal["none", "4bit", "8bit"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -40,6 +41,9 @@ class ModelConfig:
     #: "bf16" autocast is faster on CPUs with bfloat16 matrix units and slower on others
     #: (BENCHMARKS.md); "auto" measures a matmul once per process and picks the faster.
     precision: Precision = "auto"
+    #: QLoRA: a frozen 4-bit (NF4) or 8-bit base under fp32 LoRA, through bitsandbytes; refused
+    #: when the config is loaded where no bitsandbytes backend is installed.
+    quantization: Quantization = "none"
 
 
 @dataclass
@@ -242,6 +246,16 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Refuse impossible numbers and combinations, naming the key to change."""
+    if cfg.model.quantization != "none":
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            f'model.quantization = "{cfg.model.quantization}" needs the bitsandbytes package '
+            "with a backend for this machine (a CUDA GPU, or its CPU backend where supported), "
+            'and it is not installed here; use model.quantization = "none" (the full-precision '
+            "base) or install bitsandbytes on a machine it supports.",
+        )
     lo, tr, fe, st, da = cfg.lora, cfg.train, cfg.federation, cfg.strategy, cfg.data
     _require(lo.r >= 1, f"lora.r must be at least 1 (got {lo.r}).")
     _require(lo.alpha > 0, f"lora.alpha must be positive (got {lo.alpha}).")

@@ -48,13 +48,32 @@ def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
     )
 
 
-def load_base(name: str, log: Callable[[str], None] = print) -> tuple[PreTrainedModel, object]:
+def load_base(
+    name: str, log: Callable[[str], None] = print, quantization: str = "none"
+) -> tuple[PreTrainedModel, object]:
     where = resolve_model(name, log)
+    kwargs: dict = {"dtype": torch.float32}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit",
+            load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise FedloraError(f"Could not load model {name!r}: {exc}") from exc
+    except (ImportError, RuntimeError, ValueError) as exc:
+        if quantization == "none":
+            raise
+        raise FedloraError(
+            f"A {quantization} base could not be loaded on this machine ({exc}); "
+            'use model.quantization = "none".'
+        ) from exc
     tokenizer.model_max_length = 1 << 30  # fedlora cuts texts itself (data.max_text_tokens)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

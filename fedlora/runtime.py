@@ -66,7 +66,7 @@ def build_runtime(
     evaluates while the workers wait, so it takes every core."""
     set_threads(threads or cfg.train.threads)
     dataset, train_parts, test_parts = load_data(cfg, log)
-    base, tokenizer = load_base(cfg.model.name, log=log)
+    base, tokenizer = load_base(cfg.model.name, log=log, quantization=cfg.model.quantization)
     model = add_lora(base, cfg.lora, cfg.run.seed)
     encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
     bf16 = use_bf16(cfg.model.precision)

@@ -184,3 +184,13 @@ def test_svd_with_scaffold_is_refused_with_the_reason_and_the_alternative():
             ],
         )
     assert "control variates" in str(err.value) and "freeze-a" in str(err.value)
+
+
+def test_quantised_base_is_refused_up_front_without_a_backend():
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(FedloraError, match="bitsandbytes") as err:
+        load_config(None, [{"model": {"quantization": "4bit"}}])
+    assert 'model.quantization = "none"' in str(err.value)
