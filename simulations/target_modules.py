@@ -71,6 +71,7 @@ def main() -> None:
         run = simulate(cfg)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run / "summary.json").read_text())
+        step, size = step_seconds_and_size(cfg)
         results.append(
             {
                 "targets": preset,
