@@ -80,8 +80,7 @@ def main() -> None:
                 "final_accuracy": rows[-1]["eval_accuracy"],
                 "final_macro_f1": rows[-1]["eval_macro_f1"],
                 "final_eval_loss": rows[-1]["eval_loss"],
-                "trainable_parameters": summary["bytes_down"]
-                // (4 * cfg.federation.clients * cfg.federation.rounds),
+                "trainable_parameters": size,
                 "bytes_up_per_round": rows[-1]["bytes_up"],
                 "wall_seconds": summary["wall_seconds"],
                 "step_seconds": step,
