@@ -17,15 +17,15 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.aggregation import aggregate_factors, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
-from fedlora.lora_math import factor_averaging_error, factor_names, products, refactorize
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
-from fedlora.strategies import ServerOptimizer, strategy_for, sum_contributions
-from fedlora.strategies.base import WEIGHT, Arrays, LocalWork, Strategy
+from fedlora.strategies import ServerOptimizer, strategy_for
+from fedlora.strategies.base import Arrays, LocalWork, Strategy
 from fedlora.train import evaluate
 
 
@@ -146,12 +146,22 @@ class Federation:
                 f"fewer than federation.min_clients = {fed.min_clients}.{detail}"
             )
         if self.cfg.lora.aggregation == "svd":
-            error_mean, error_max = self.svd_step(contributions, works)
+            self.global_arrays, error_mean, error_max = aggregate_svd(
+                self.strategy,
+                self.product_opt,
+                self.global_arrays,
+                contributions,
+                works,
+                self.cfg.lora.r,
+            )
         else:
-            error_mean, error_max = self.factor_error(contributions)
-            sums = sum_contributions(contributions)
-            update = self.strategy.aggregate(sums, len(contributions))
-            self.global_arrays = self.server_opt.step(self.global_arrays, update)
+            frozen = lora_arrays(self.runtime.model)  # A under freeze-a: never changes
+            error_mean, error_max = factor_error(
+                self.strategy, self.global_arrays, frozen, contributions
+            )
+            self.global_arrays = aggregate_factors(
+                self.strategy, self.server_opt, self.global_arrays, contributions
+            )
         row: dict[str, object] = {
             "round": round_,
             "train_loss": float(np.average(losses, weights=weights)),
@@ -168,40 +178,6 @@ class Federation:
             "seconds": time.perf_counter() - started,
         }
         return row
-
-    def factor_error(self, contributions: list[Arrays]) -> tuple[float, float]:
-        """The relative gap between the weighted mean of the sites' B_i·A_i and the product
-        of the averaged factors (lora_math.factor_averaging_error), from each site's own delta:
-        the server sees individual contributions when aggregating in the clear."""
-        frozen = lora_arrays(self.runtime.model)  # frozen tensors (A under freeze-a) never change
-        sites, weights = [], []
-        for contribution in contributions:
-            delta = self.strategy.site_delta(contribution)
-            sites.append(frozen | {k: self.global_arrays[k] + delta[k] for k in self.global_arrays})
-            weights.append(float(contribution[WEIGHT][0]))
-        return factor_averaging_error(sites, weights)
-
-    def svd_step(self, contributions: list[Arrays], works: list[LocalWork]) -> tuple[float, float]:
-        """`lora.aggregation = "svd"`: run the strategy's own two halves on the sites' product
-        updates B_i·A_i - B·A (exact averaging of what the sites trained), apply the server
-        step in product space, then re-factorise each module to rank r by truncated SVD.
-        Needs every site's factors in the clear. Returns the truncation error (mean, max)."""
-        x_products = products(self.global_arrays)
-        in_product_space = []
-        for contribution, work in zip(contributions, works, strict=True):
-            delta = self.strategy.site_delta(contribution)
-            local = {k: self.global_arrays[k] + delta[k] for k in self.global_arrays}
-            d_product = {m: p - x_products[m] for m, p in products(local).items()}
-            in_product_space.append(self.strategy.client_contribution(d_product, work, {}, {})[0])
-        update = self.strategy.aggregate(sum_contributions(in_product_space), len(works))
-        new_products = self.product_opt.step(x_products, update)
-        new_global, errors = dict(self.global_arrays), []
-        for module, (a_name, b_name) in factor_names(self.global_arrays).items():
-            a, b, error = refactorize(new_products[module], self.cfg.lora.r)
-            new_global[a_name], new_global[b_name] = a.astype(np.float32), b.astype(np.float32)
-            errors.append(error)
-        self.global_arrays = new_global
-        return float(np.mean(errors)), float(np.max(errors))
 
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
