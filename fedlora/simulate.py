@@ -107,6 +107,10 @@ def simulate(cfg: Config, log=print) -> Path:
     log(f"Loading base model {cfg.model.name} ...")
     # the server evaluates while the site workers wait: it may use every core
     runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)  # checks lora.targets too
+    # "auto" is decided once, here, and every site worker gets the decision: a worker timing
+    # its own matmul on a busy machine could decide otherwise and break reproducibility.
+    requested = cfg.model.precision
+    cfg.model.precision = "bf16" if runtime.bf16 else "fp32"
     n_params = sum(p.numel() for p in runtime.model.parameters())
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(
@@ -116,7 +120,8 @@ def simulate(cfg: Config, log=print) -> Path:
     )
     log(
         f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, "
-        f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers."
+        f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
+        f"{precision_name(runtime.bf16)} (model.precision = {requested})."
     )
     work = prepare_out(out)
     write_config(cfg, work / "config.toml")

@@ -20,9 +20,8 @@ def test_short_default_federation_learns(tmp_path):
     cfg = load_config(
         None,
         [
-            {"federation": {"clients": 2, "rounds": 2}},
-            {"train": {"local_steps": 8}},
-            {"data": {"eval_rows": 120}},
+            {"federation": {"clients": 3, "rounds": 3}},
+            {"data": {"eval_rows": 150}},
             {"run": {"out": str(tmp_path / "run")}},
         ],
     )
@@ -30,9 +29,10 @@ def test_short_default_federation_learns(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     # Untrained, the model rarely answers with one of the three words: the answer loss is high.
-    # After 2 rounds it must answer in the task's vocabulary and classify no worse than before.
-    assert last["eval_loss"] < 0.5 * first["eval_loss"], (first, last)
-    assert last["eval_accuracy"] >= first["eval_accuracy"] - 0.02, (first, last)
-    assert last["eval_macro_f1"] >= first["eval_macro_f1"] - 0.02, (first, last)
+    # A short federation must bring it down several-fold and classify better than round 0.
+    # (Macro-F1 is not asserted: in the first rounds it can dip while the model learns the
+    # majority answer; BENCHMARKS.md tracks it over the full default run.)
+    assert last["eval_loss"] < 0.3 * first["eval_loss"], (first, last)
+    assert last["eval_accuracy"] > first["eval_accuracy"], (first, last)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["model"] == "SmolLM2-135M-Instruct"

@@ -15,7 +15,7 @@ from fedlora.apps import records as R
 from fedlora.apps.client import site_local_steps, train_reply
 from fedlora.apps.server import Federation, check_contribution
 from fedlora.config import load_config
-from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base
+from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base, lora_arrays
 from fedlora.report import Reporter
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
@@ -119,7 +119,7 @@ def test_saved_adapter_is_the_final_global_adapter(runs, rt, name):
     cfg, out = runs[name]
     base, _ = load_base("tiny-random", log=quiet)
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
-    trained = adapter_arrays(loaded)
+    trained = lora_arrays(loaded)  # loaded for inference: nothing trainable
     assert trained and all(any(m in k for m in LORA_MARKERS) for k in trained)
     assert loaded.peft_config["default"].r == cfg.lora.r
     assert set(loaded.peft_config["default"].target_modules) == set(cfg.lora.target_modules())
