@@ -118,6 +118,10 @@ class Federation:
         )
         contributions, works, losses, weights, failures = [], [], [], [], []
         bytes_up = 0
+        # site order, not arrival order: float sums must not depend on which site finished first
+        replies.sort(
+            key=lambda m: -1 if m.has_error() else int(m.content[R.SITE_METRICS][R.SITE_ID])
+        )
         for reply in replies:
             if reply.has_error():
                 failures.append(reply.error.reason)
