@@ -216,6 +216,19 @@ def _check_json_target(path: str | None) -> None:
         raise FedloraError(f"--json {path} is a folder; give a file name.")
 
 
+def _scoring_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `eval` and `compare` share, as keyword arguments."""
+    return {
+        "base": args.base,
+        "data": args.data,
+        "task": args.task,
+        "rows": args.rows,
+        "draws": args.bootstrap,
+        "seed": args.seed,
+        "allow_other_base": args.allow_other_base,
+    }
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -225,16 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_json_target(args.json)
     from fedlora.evaluation import format_eval, run_eval, write_json
 
-    report = run_eval(
-        source,
-        base=args.base,
-        data=args.data,
-        task=args.task,
-        rows=args.rows,
-        draws=args.bootstrap,
-        seed=args.seed,
-        allow_other_base=args.allow_other_base,
-    )
+    report = run_eval(source, **_scoring_options(args))
     print()
     print(format_eval(report))
     if args.json:
@@ -251,17 +255,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _check_json_target(args.json)
     from fedlora.evaluation import format_compare, run_compare, write_json
 
-    report = run_compare(
-        a,
-        b,
-        base=args.base,
-        data=args.data,
-        task=args.task,
-        rows=args.rows,
-        draws=args.bootstrap,
-        seed=args.seed,
-        allow_other_base=args.allow_other_base,
-    )
+    report = run_compare(a, b, **_scoring_options(args))
     print()
     print(format_compare(report))
     if args.json:
