@@ -47,7 +47,11 @@ def query_reply(msg: Message, context: Context) -> Message:
     )
 
 
-def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
+def train_contribution(
+    cfg: Config, msg: Message, context: Context
+) -> tuple[dict[str, np.ndarray], MetricRecord]:
+    """Train on this site's rows from the global adapter in `msg`; return the strategy's
+    contribution (the vectors the server sums) and the site's metrics."""
     site = site_id(context)
     rt = get_runtime(cfg)
     round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
@@ -89,6 +93,12 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
             R.NUM_EXAMPLES: len(rows),
         }
     )
+    return contribution, metrics
+
+
+def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
+    """Plain aggregation: the contribution travels in the clear (inside TLS)."""
+    contribution, metrics = train_contribution(cfg, msg, context)
     # vectors travel as float32 (the adapter's own precision); the server sums in float64
     sent = {k: v if v.shape == (1,) else v.astype(np.float32) for k, v in contribution.items()}
     content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
