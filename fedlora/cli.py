@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reports global vs personalised accuracy (federation.personalize_steps)",
     )
     sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (same command and --out) from its last finished round",
+    )
+    sim.add_argument(
         "--set",
         action="append",
         default=[],
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="any config key, e.g. --set train.lr=5e-4 --set lora.targets=o_proj (repeatable)",
     )
     add_lifecycle_commands(sub)
+    add_sweep_command(sub)
     return parser
 
 
@@ -170,6 +176,39 @@ def add_lifecycle_commands(sub) -> None:
     _add_base_flags(gen)
 
 
+def add_sweep_command(sub) -> None:
+    sw = sub.add_parser(
+        "sweep",
+        help="one federation per point of a grid over config keys, with tables and plots",
+        description="Run one federation per combination of --grid values (x --repeats seeds), "
+        "one after the other, into --out; rerunning the same sweep skips finished runs. Writes "
+        "results.csv, results.md (mean ± std over repeats), utility_vs_epsilon.png and "
+        "utility_vs_rounds.png.",
+    )
+    sw.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values, e.g. --grid lora.r=4,8 --grid strategy=fedavg,scaffold "
+        "(values are TOML; shortcuts as the flags below; repeatable)",
+    )
+    sw.add_argument("--repeats", type=_positive, default=1, help="seeds per point (default 1)")
+    sw.add_argument("--out", required=True, help="the sweep folder (the same one to resume)")
+    sw.add_argument("--config", help="TOML config file every point starts from")
+    for flag, (section, key, kind) in SIMULATE_FLAGS.items():
+        if flag != "out":
+            name = "--" + flag.replace("_", "-")
+            sw.add_argument(name, type=kind, help=f"fixed for every point ({section}.{key})")
+    sw.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, fixed for every point (repeatable)",
+    )
+
+
 def config_from_args(args: argparse.Namespace):
     from fedlora.config import load_config, parse_override
 
@@ -186,7 +225,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from fedlora.simulate import simulate
 
-    out = simulate(cfg)
+    out = simulate(cfg, resume=args.resume)
     print(f"\nResults: {out}/ (config.toml, metrics.jsonl, summary.json, metrics.png, adapter/)")
     return 0
 
@@ -286,12 +325,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.config import parse_override
+    from fedlora.sweep import parse_grid, plan_sweep, run_sweep
+
+    shortcuts = {}
+    for flag, (section, key, _) in SIMULATE_FLAGS.items():
+        shortcuts[flag] = shortcuts[flag.replace("_", "-")] = f"{section}.{key}"
+    fixed = [
+        {section: {key: getattr(args, flag)}}
+        for flag, (section, key, _) in SIMULATE_FLAGS.items()
+        if flag != "out" and getattr(args, flag) is not None
+    ]
+    fixed += [parse_override(text) for text in args.set]
+    axes = parse_grid(args.grid, shortcuts)
+    plan = plan_sweep(Path(args.out).expanduser(), axes, args.repeats, args.config, fixed)
+    return run_sweep(plan)
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
     "export": cmd_export,
     "eval": cmd_eval,
     "compare": cmd_compare,
     "generate": cmd_generate,
+    "sweep": cmd_sweep,
 }
 
 

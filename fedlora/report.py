@@ -85,6 +85,13 @@ class Reporter:
             fh.write(json.dumps(row) + "\n")
         print(table_row(row), file=self.stream, flush=True)
 
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue a resumed run: metrics.jsonl and the table hold exactly the saved rounds."""
+        self.rows = []
+        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for row in rows:
+            self.round(row)
+
     def note(self, text: str) -> None:
         self.clear_progress()
         print(text, file=self.stream, flush=True)

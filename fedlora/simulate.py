@@ -15,10 +15,14 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+from fedlora import checkpoint
 from fedlora.config import Config, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.report import Reporter, human_bytes, plot_metrics
+
+#: the server state inside a `.partial` results folder (removed when the run finishes)
+STATE = "state"
 
 
 def results_dir(cfg: Config) -> Path:
@@ -90,11 +94,29 @@ def backend_config(cfg: Config) -> dict:
     }
 
 
-def simulate(cfg: Config, log=print) -> Path:
-    """Run the federation described by `cfg`; return the finished results folder."""
+def resume_dir(cfg: Config) -> Path:
+    """The `.partial` folder of an interrupted run, which must hold a saved server state."""
+    if not cfg.run.out:
+        raise FedloraError("--resume needs --out: the results folder of the interrupted run.")
+    out = results_dir(cfg)
+    work = out.with_name(out.name + ".partial")
+    if not (work / STATE / checkpoint.FILE).exists():
+        raise FedloraError(
+            f"Nothing to resume: {work} holds no saved server state (it is saved after every "
+            "round; a run interrupted before round 0 finished starts afresh without --resume)."
+        )
+    return work
+
+
+def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
+    """Run the federation described by `cfg`; return the finished results folder. With
+    `resume`, continue an interrupted run from its last saved round."""
     quiet_engines()
     out = results_dir(cfg)
-    check_out(out)
+    if resume:
+        resume_dir(cfg)
+    else:
+        check_out(out)
     from fedlora.runtime import build_runtime, load_data
 
     dataset, train_parts, test_parts = load_data(cfg, log)  # fail fast on data errors
@@ -123,14 +145,21 @@ def simulate(cfg: Config, log=print) -> Path:
         f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested})."
     )
-    work = prepare_out(out)
-    write_config(cfg, work / "config.toml")
+    if resume:
+        work = resume_dir(cfg)
+    else:
+        work = prepare_out(out)
+        write_config(cfg, work / "config.toml")
     try:
-        federation = run_engine(cfg, runtime, Reporter(work))
+        federation = run_engine(cfg, runtime, Reporter(work), work / STATE)
         finish(cfg, runtime, federation, work, time.perf_counter() - started)
     except BaseException:
-        log(f"The run did not finish; partial output kept in {work}.")
+        log(
+            f"The run did not finish; partial output kept in {work} (continue it with the same "
+            "command and --resume)."
+        )
         raise
+    shutil.rmtree(work / STATE)  # a finished result needs no server state
     if out.exists():
         out.rmdir()
     work.rename(out)
@@ -141,7 +170,7 @@ def precision_name(bf16: bool) -> str:
     return "bf16 autocast" if bf16 else "fp32"
 
 
-def run_engine(cfg: Config, runtime, reporter: Reporter):
+def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -149,7 +178,7 @@ def run_engine(cfg: Config, runtime, reporter: Reporter):
     from fedlora.apps.client import make_client_app
     from fedlora.apps.server import Federation, make_server_app
 
-    federation = Federation(cfg, runtime, reporter)
+    federation = Federation(cfg, runtime, reporter, state_dir)
     result: dict = {}
     run_simulation(
         server_app=make_server_app(federation, result),

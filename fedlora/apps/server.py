@@ -12,11 +12,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import checkpoint
 from fedlora.aggregation import aggregate_factors, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
@@ -47,6 +49,9 @@ class Federation:
     strategy: Strategy = field(init=False)
     server_opt: ServerOptimizer = field(init=False)
     global_arrays: Arrays = field(init=False)
+    #: where the server saves its state after every round (None: not saved); `run` resumes
+    #: from it when it holds a checkpoint of the same configuration
+    state_dir: Path | None = None
     personalization: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -183,17 +188,52 @@ class Federation:
         }
         return row
 
+    # --- server state that survives a restart ----------------------------------------------
+    def save_state(self, round_: int) -> None:
+        if self.state_dir is None:
+            return
+        arrays = {
+            "global": self.global_arrays,
+            "strategy": self.strategy.state_dict(),
+            "server_opt": self.server_opt.state_dict(),
+            "product_opt": self.product_opt.state_dict(),
+        }
+        fingerprint = checkpoint.config_fingerprint(self.cfg.to_dict())
+        checkpoint.save(
+            self.state_dir, checkpoint.Checkpoint(round_, arrays, self.reporter.rows, fingerprint)
+        )
+
+    def restore_state(self) -> int:
+        """Load the saved state if there is one; return the last finished round (-1: none)."""
+        if self.state_dir is None:
+            return -1
+        saved = checkpoint.load(self.state_dir, checkpoint.config_fingerprint(self.cfg.to_dict()))
+        if saved is None:
+            return -1
+        self.global_arrays = saved.arrays["global"]
+        self.strategy.load_state_dict(saved.arrays["strategy"])
+        self.server_opt.load_state_dict(saved.arrays["server_opt"])
+        self.product_opt.load_state_dict(saved.arrays["product_opt"])
+        self.reporter.restore(saved.rows)
+        self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
+        return saved.round
+
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
-        started = time.perf_counter()
-        self.reporter.progress("round 0: evaluating the initial adapter")
-        row0 = {"round": 0, "train_loss": None, "clients": 0} | self.evaluate_global()
-        self.reporter.round(
-            row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
-        )
-        for round_ in range(1, self.cfg.federation.rounds + 1):
+        done = self.restore_state()
+        if done < 0:
+            started = time.perf_counter()
+            self.reporter.progress("round 0: evaluating the initial adapter")
+            row0 = {"round": 0, "train_loss": None, "clients": 0} | self.evaluate_global()
+            self.reporter.round(
+                row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
+            )
+            self.save_state(0)
+            done = 0
+        for round_ in range(done + 1, self.cfg.federation.rounds + 1):
             row = self.run_round(grid, nodes, round_)
             self.reporter.round(row)
+            self.save_state(round_)
         if self.cfg.federation.personalize_steps:
             self.personalize(grid, nodes)
         return self.global_arrays
