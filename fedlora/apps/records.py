@@ -29,9 +29,6 @@ PERSONAL_LOSS = "personal_loss"
 HELD_OUT_ROWS = "held_out_rows"
 PERSONALIZE_STEPS = "personalize_steps"
 
-# site state kept across rounds (Flower's context.state)
-CLIENT_STATE = "fedlora_client_state"
-
 
 def to_record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord(
@@ -46,3 +43,24 @@ def from_record(record: ArrayRecord) -> Arrays:
 def payload_bytes(arrays: Arrays) -> int:
     """Bytes of tensor data carried by a message (what a site sends or receives)."""
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
+
+
+# secure aggregation (fedlora/apps/secure.py): four stages per round, message types
+# "query.secagg" (keys, shares, unmasking) and "train.secagg" (train and send a masked input)
+SECAGG_ACTION = "secagg"
+SECAGG = "secagg"  # ConfigRecord, both directions: the stage's protocol fields below
+SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "unmask"
+THRESHOLD = "threshold"  # t: shares needed to rebuild a secret
+VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
+SITES = "sites"  # site ids, aligned with C_PKS and S_PKS
+C_PKS = "c_pks"  # share-channel public keys
+S_PKS = "s_pks"  # mask public keys
+PEERS = "peers"  # site ids, aligned with CIPHERTEXTS (recipients up, senders down)
+CIPHERTEXTS = "ciphertexts"  # encrypted Shamir shares
+SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with B_SHARES
+DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
+B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
+S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
+SECAGG_MASKED = "secagg_masked"  # ArrayRecord: a site's masked input (uint64 modulo 2^64)
+SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
+SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session

@@ -1,0 +1,324 @@
+"""Secure aggregation over Flower's Message API: thin glue around fedlora.secure.secagg.
+
+One session per round, four stages, each one message to every site still in it and one reply:
+
+  keys    query.secagg  server -> site: threshold, value bound;  site -> server: its public keys
+  share   query.secagg  server -> site: everyone's public keys;  site -> server: encrypted shares
+  mask    train.secagg  server -> site: the round's training content + the shares addressed to
+                        it; site -> server: its masked contribution, layout, metrics
+  unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
+
+A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
+has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
+(keys and shapes) and the sites' metrics; of the contributions only their sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+
+from fedlora.apps import records as R
+from fedlora.apps.client import site_id, train_contribution
+from fedlora.config import Config
+from fedlora.errors import FedloraError
+from fedlora.secure.secagg import (
+    DEFAULT_VALUE_BOUND,
+    Layout,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+)
+from fedlora.strategies.base import Arrays
+
+KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
+QUERY_SECAGG = f"{MessageType.QUERY}.{R.SECAGG_ACTION}"
+TRAIN_SECAGG = f"{MessageType.TRAIN}.{R.SECAGG_ACTION}"
+
+
+@dataclass
+class SecureSum:
+    """What one secure round gives the server."""
+
+    sums: Arrays  # float64 per-key sums of the contributions of `sites`
+    sites: list[int]  # the sites whose contribution is in `sums`
+    metrics: dict[int, MetricRecord]  # site -> the metrics it reported with its input
+    failures: list[str] = field(default_factory=list)  # "site s, stage: reason", one per loss
+    bytes_up: dict[str, int] = field(default_factory=dict)  # stage -> payload bytes, all sites
+    bytes_down: dict[str, int] = field(default_factory=dict)
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: tensor data, key material, ciphertexts, config values (8 per
+    number); Flower's framing is not counted, as in the plaintext rounds' byte counts."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(
+                int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values()
+            )
+            continue
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, bytes | str) else 8
+    return total
+
+
+# --- server side -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Exchange:
+    """Sends one stage's messages and keeps the failures and byte counts of the whole session."""
+
+    grid: Grid
+    site_nodes: Mapping[int, int]
+    round_: int
+    on_progress: Callable[[str], None]
+    timeout: float | None
+    failures: list[str] = field(default_factory=list)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+
+    def __call__(
+        self, stage: str, contents: Mapping[int, RecordDict], message_type: str = QUERY_SECAGG
+    ) -> dict[int, RecordDict]:
+        """site -> reply content, for the sites that answered without error."""
+        by_id: dict[str, int] = {}
+        msgs = []
+        for site, content in contents.items():
+            msgs.append(
+                Message(content, dst_node_id=self.site_nodes[site], message_type=message_type)
+            )
+        for site, msg_id in zip(contents, self.grid.push_messages(msgs), strict=True):
+            by_id[msg_id] = site
+        self.bytes_down[stage] = sum(record_bytes(c) for c in contents.values())
+        self.bytes_up[stage] = 0
+        replies: dict[int, RecordDict] = {}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        pending = set(by_id)
+        self.on_progress(f"secure aggregation, {stage}: 0/{len(msgs)} sites")
+        while pending and (deadline is None or time.monotonic() < deadline):
+            for reply in self.grid.pull_messages(list(pending)):
+                msg_id = reply.metadata.reply_to_message_id
+                pending.discard(msg_id)
+                site = by_id[msg_id]
+                if reply.has_error():
+                    reason = reply.error.reason.strip().splitlines() or ["(no reason given)"]
+                    self.failures.append(f"site {site}, {stage}: {reason[-1]}")
+                    continue
+                replies[site] = reply.content
+                self.bytes_up[stage] += record_bytes(reply.content)
+                self.on_progress(
+                    f"secure aggregation, {stage}: {len(msgs) - len(pending)}/{len(msgs)} sites"
+                )
+            if pending:
+                time.sleep(0.2)
+        for msg_id in sorted(pending, key=by_id.get):
+            self.failures.append(f"site {by_id[msg_id]}, {stage}: no reply in {self.timeout} s")
+        return dict(sorted(replies.items()))
+
+    def parse(self, stage: str, replies: Mapping[int, RecordDict], read: Callable) -> dict:
+        """site -> read(reply); a malformed reply is that site's failure, not the round's."""
+        out = {}
+        for site, content in replies.items():
+            try:
+                out[site] = read(content)
+            except (KeyError, TypeError, ValueError) as err:
+                self.failures.append(f"site {site}, {stage}: malformed reply ({err!r})")
+        return out
+
+
+def _fields(stage: str, round_: int, **values: object) -> RecordDict:
+    return RecordDict({R.SECAGG: ConfigRecord({R.SECAGG_STAGE: stage, R.ROUND: round_} | values)})
+
+
+def secure_sum(
+    grid: Grid,
+    site_nodes: dict[int, int],
+    train_content: RecordDict,
+    threshold: int,
+    on_progress: Callable[[str], None],
+    *,
+    value_bound: float = DEFAULT_VALUE_BOUND,
+    timeout: float | None = None,
+) -> SecureSum:
+    """Run one round's training under secure aggregation with the sites `site_nodes` (site id ->
+    node id) and return the per-key SUM of their contributions.
+
+    `train_content` is what a plaintext TRAIN message carries (global adapter, broadcast, round
+    config with the round number). `threshold` t: the fewest sites that must survive every
+    stage (2t > number of sites); `value_bound`: the largest |value| a contribution may hold
+    (an input beyond it makes that site fail, naming the key). `timeout` (seconds per stage,
+    None = wait for every reply): a site that does not answer in time counts as dropped.
+    Raises FedloraError when fewer than t sites remain at any stage.
+    """
+    round_ = int(train_content[R.ROUND_CONFIG][R.ROUND])
+    ask = _Exchange(grid, site_nodes, round_, on_progress, timeout)
+    server = SecAggServer(threshold, value_bound)
+    stage = KEYS
+    try:
+        request = _fields(KEYS, round_, **{R.THRESHOLD: threshold, R.VALUE_BOUND: value_bound})
+        replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
+        keys = {}
+        for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
+            if claimed == s:
+                keys[s] = pks
+            else:
+                ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
+        peers = server.receive_keys(keys)
+
+        stage = SHARE
+        request = _fields(
+            SHARE,
+            round_,
+            **{
+                R.SITES: list(peers),
+                R.C_PKS: [c for c, _ in peers.values()],
+                R.S_PKS: [s for _, s in peers.values()],
+            },
+        )
+        replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
+        sent = ask.parse(
+            SHARE,
+            replies,
+            lambda c: dict(zip(c[R.SECAGG][R.PEERS], c[R.SECAGG][R.CIPHERTEXTS], strict=True)),
+        )
+        routed = server.route_shares(sent)
+
+        stage = MASK
+        contents = {}
+        for s, incoming in routed.items():
+            content = copy.deepcopy(train_content)
+            content[R.SECAGG] = _fields(
+                MASK, round_, **{R.PEERS: list(incoming), R.CIPHERTEXTS: list(incoming.values())}
+            )[R.SECAGG]
+            contents[s] = content
+        replies = ask(MASK, contents, TRAIN_SECAGG)
+        inputs = ask.parse(MASK, replies, _read_masked)
+        layouts = {layout for _, layout, _ in inputs.values()}
+        if len(layouts) > 1:
+            raise SecAggError("the sites' contributions have different keys or shapes")
+        survivors, dropped = server.receive_masked({s: m for s, (m, _, _) in inputs.items()})
+
+        stage = UNMASK
+        request = _fields(UNMASK, round_, **{R.SURVIVORS: survivors, R.DROPPED: dropped})
+        replies = ask(UNMASK, {s: copy.deepcopy(request) for s in survivors})
+        responses = ask.parse(UNMASK, replies, _read_unmask)
+        total = server.unmask(responses)
+    except SecAggError as err:
+        detail = "; ".join(ask.failures)
+        raise FedloraError(
+            f"Round {round_}: secure aggregation failed at the {stage!r} stage: {err}."
+            + (f" Site failures: {detail}" if detail else "")
+        ) from None
+    return SecureSum(
+        sums=layouts.pop().unpack(total),
+        sites=survivors,
+        metrics={s: inputs[s][2] for s in survivors},
+        failures=ask.failures,
+        bytes_up=ask.bytes_up,
+        bytes_down=ask.bytes_down,
+    )
+
+
+def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
+    f = content[R.SECAGG]
+    (site,), (c_pk,), (s_pk,) = f[R.SITES], f[R.C_PKS], f[R.S_PKS]
+    return int(site), (bytes(c_pk), bytes(s_pk))
+
+
+def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
+    masked = content[R.SECAGG_MASKED][R.SECAGG_MASKED].numpy()
+    return masked, Layout.from_config(content[R.SECAGG_LAYOUT]), content[R.SITE_METRICS]
+
+
+def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    f = content[R.SECAGG]
+    return (
+        dict(zip(f[R.SURVIVORS], f[R.B_SHARES], strict=True)),
+        dict(zip(f[R.DROPPED], f[R.S_SHARES], strict=True)),
+    )
+
+
+# --- site side ---------------------------------------------------------------------------------
+
+
+def secure_stage_reply(cfg: Config, msg: Message, context: Context) -> Message:
+    """Answer one stage of the round's secure-aggregation session (see the module doc)."""
+    fields = msg.content[R.SECAGG]
+    stage, round_ = str(fields[R.SECAGG_STAGE]), int(fields[R.ROUND])
+    site = site_id(context)
+    if stage == KEYS:
+        client = SecAggClient.create(
+            round_, site, int(fields[R.THRESHOLD]), float(fields[R.VALUE_BOUND])
+        )
+        c_pk, s_pk = client.public_keys()
+        reply = RecordDict(
+            {R.SECAGG: ConfigRecord({R.SITES: [site], R.C_PKS: [c_pk], R.S_PKS: [s_pk]})}
+        )
+    else:
+        client = _load_session(context, round_)
+        if stage == SHARE:
+            peers = zip(fields[R.SITES], fields[R.C_PKS], fields[R.S_PKS], strict=True)
+            out = client.share_keys({int(j): (bytes(c), bytes(s)) for j, c, s in peers})
+            reply = RecordDict(
+                {R.SECAGG: ConfigRecord({R.PEERS: list(out), R.CIPHERTEXTS: list(out.values())})}
+            )
+        elif stage == MASK:
+            reply = _masked_reply(cfg, msg, context, client)
+        elif stage == UNMASK:
+            b, s = client.unmask(fields[R.SURVIVORS], fields[R.DROPPED])
+            fields_out = {R.SURVIVORS: list(b), R.B_SHARES: list(b.values())}
+            fields_out |= {R.DROPPED: list(s), R.S_SHARES: list(s.values())}
+            reply = RecordDict({R.SECAGG: ConfigRecord(fields_out)})
+        else:
+            raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    if client.stage == "done":
+        del context.state[R.SECAGG_STATE]  # the session's secrets go with it
+    else:
+        context.state[R.SECAGG_STATE] = ConfigRecord(client.to_state())
+    return Message(reply, reply_to=msg)
+
+
+def _load_session(context: Context, round_: int) -> SecAggClient:
+    if R.SECAGG_STATE not in context.state:
+        raise SecAggError(f"no secure-aggregation session at this site for round {round_}")
+    client = SecAggClient.from_state(context.state[R.SECAGG_STATE])
+    if client.session != round_:
+        raise SecAggError(
+            f"this site's secure-aggregation session is for round {client.session}, "
+            f"the message for round {round_}"
+        )
+    return client
+
+
+def _masked_reply(cfg: Config, msg: Message, context: Context, client: SecAggClient) -> RecordDict:
+    """Train as in a plaintext round, then mask the contribution."""
+    fields = msg.content[R.SECAGG]
+    contribution, metrics = train_contribution(cfg, msg, context)
+    layout, masked = client.mask_input(
+        contribution, dict(zip(fields[R.PEERS], fields[R.CIPHERTEXTS], strict=True))
+    )
+    return RecordDict(
+        {
+            R.SECAGG_MASKED: ArrayRecord({R.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}),
+            R.SECAGG_LAYOUT: ConfigRecord(layout.to_config()),
+            R.SITE_METRICS: metrics,
+        }
+    )

@@ -1,0 +1,560 @@
+"""Secure summation of the sites' contribution vectors (SecAgg, Bonawitz et al. 2017, CCS).
+
+The server learns the elementwise SUM of the survivors' vectors and nothing else about any one
+site's vector. Every fedlora strategy needs only per-key sums (strategies/base.py), so this one
+protocol serves FedAvg, FedProx, SCAFFOLD and FedNova unchanged. This module is pure: no
+messaging; fedlora/apps/secure.py carries its values in Flower messages.
+
+Why not Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``, flwr 1.41), read in its
+source: it runs only under the legacy ``LegacyContext``/``Strategy.aggregate_fit`` path; it
+returns one weighted mean of one parameter list (``[w, w * params]``, divided by the summed
+weight) where fedlora needs several named sums (SCAFFOLD's unweighted ``dc/`` and ``count``,
+FedNova's ``nova_a``); the legacy ``FitRes`` it rebuilds carries ``num_examples`` and metrics in
+the clear; values are ``np.clip``-ped to ``clipping_range`` (default 8) without a word, and a
+weight above ``max_weight`` only logs a warning; its modulus is below 2^32 (coarse fixed point);
+and its mask generator ``pseudo_rand_gen`` folds each seed to 32 bits for numpy's Mersenne
+Twister, so every mask has at most 2^32 possible values. So fedlora builds a Message-API secure
+sum and takes from ``flwr.common.secure_aggregation`` what is sound: Shamir sharing
+(``create_shares``/``combine_shares``, GF(2^128)), Fernet encryption of shares
+(``encrypt``/``decrypt``) and the share envelope (``share_keys_plaintext_concat``). Key agreement
+is X25519 + HKDF-SHA256 from ``cryptography``; masks are ChaCha20 key streams (256-bit seeds).
+
+Protocol, one session per round, for the sites U0 the server chose and threshold t:
+
+1. advertise keys: each site makes two X25519 key pairs, c (share channel) and s (masks); the
+   server forwards all public keys to the sites that answered, U1 (|U1| >= t).
+2. share keys: each site draws a self-mask seed b_i, Shamir-shares b_i and its mask secret key
+   s_i (t of |U1| shares reconstruct), and encrypts one pair of shares per peer under the
+   c-key agreed with that peer. Senders of a complete set form U2 (|U2| >= t).
+3. masked input: each site i in U2 trains, encodes its vector x_i in fixed point modulo 2^64
+   and sends  y_i = x_i + PRG(b_i) + sum_{j in U2, j > i} PRG(s_ij) - sum_{j in U2, j < i}
+   PRG(s_ij)  (s_ij = the s-key agreed by i and j). Senders form U3 (|U3| >= t).
+4. unmask: each survivor sends its shares of b_j for j in U3 and of s_j for j in U2 \\ U3, never
+   both for one site. From t shares each, the server removes the survivors' self masks and the
+   dropped sites' pairwise masks; the pairwise masks among survivors cancel in the sum.
+
+Threat model: an honest-but-curious server (it follows the protocol and looks at everything it
+sees) plus sites that drop at any stage. Sites also demand 2t > |U1|: a server that tells
+different survivors different drop lists cannot collect t shares of both b_j and s_j, which is
+what unmasking one site would take. A server that forges sites' public keys (an active attacker)
+is out of scope (Bonawitz et al.'s signed consistency round is not implemented); node
+authentication in deployment keeps unknown nodes out.
+
+Fixed point (``FixedPoint``): each value x with |x| <= B (the value bound) becomes
+round(x * 2^f) in two's complement modulo 2^64, f = 62 - ceil(log2(N * B)) for N sites, so the
+sum of N encoded values stays below 2^62 in magnitude and decodes without wrapping. A value
+beyond B (or not finite) raises ``ValueOutOfRange``; nothing is clipped. The decoded sum S' of
+m <= N inputs satisfies, per element,
+
+    |S' - sum_i x_i| <= m * 2^-(f+1) + 2^-52 * sum_i |x_i|
+
+(m rounding errors of half a step when encoding; the second term is float64 rounding when the
+integer sum is turned back into a float, the same order as a float64 sum's own error).
+Trade-off: each doubling of B or of N costs one fractional bit. The default B = 2^30 covers
+n_i * delta_i for sites with up to millions of rows and FedNova's n_i * a_i up to 10^9; at
+N = 10 it leaves f = 28 (step 3.7e-9), at N = 100 f = 25 (step 3e-8): finer than the float32 in
+which plaintext contributions travel, for every value above about 0.5.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+
+DEFAULT_VALUE_BOUND = 2.0**30
+"""Largest |value| a site may contribute unless the caller says otherwise (see module doc)."""
+MIN_FRAC_BITS = 16
+"""Refuse N * B so large that the fixed-point step would be coarser than 2^-16."""
+
+_SUM_BITS = 62  # |sum of N encoded values| <= 2^62 + N/2 < 2^63: int64 decoding never wraps
+_KEY_BYTES = 32
+_NONCE = bytes(16)  # ChaCha20 nonce: every mask key is used for exactly one stream
+_PAIRWISE_INFO = b"fedlora secagg pairwise mask"
+_CHANNEL_INFO = b"fedlora secagg share channel"
+
+Arrays = dict[str, np.ndarray]
+PublicKeys = tuple[bytes, bytes]
+"""(c_pk, s_pk): a site's share-channel and mask public keys, raw X25519 (32 bytes each)."""
+
+
+class SecAggError(ValueError):
+    """The secure sum cannot be completed or a party broke the protocol."""
+
+
+class ValueOutOfRange(SecAggError):
+    """A value exceeds the fixed-point bound: it would wrap, so it is refused."""
+
+
+# --- fixed point ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Float64 <-> integers modulo 2^64 with `frac_bits` fractional bits, safe for the sum of
+    `num_sites` values of magnitude <= `value_bound`."""
+
+    num_sites: int
+    value_bound: float
+    frac_bits: int
+
+    @classmethod
+    def for_sites(cls, num_sites: int, value_bound: float = DEFAULT_VALUE_BOUND) -> FixedPoint:
+        """The finest scale that cannot overflow: f = 62 - ceil(log2(N * B))."""
+        if num_sites < 1:
+            raise SecAggError(f"num_sites must be >= 1, got {num_sites}")
+        if not (math.isfinite(value_bound) and value_bound > 0):
+            raise SecAggError(f"value_bound must be a positive number, got {value_bound}")
+        frac_bits = _SUM_BITS - math.ceil(math.log2(num_sites * value_bound))
+        if frac_bits < MIN_FRAC_BITS:
+            raise SecAggError(
+                f"value_bound {value_bound:g} with {num_sites} sites leaves {frac_bits} "
+                f"fractional bits (at least {MIN_FRAC_BITS} needed): lower the value bound"
+            )
+        return cls(num_sites, float(value_bound), frac_bits)
+
+    @property
+    def step(self) -> float:
+        """The quantisation step 2^-f."""
+        return math.ldexp(1.0, -self.frac_bits)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """round(x * 2^f) as uint64 (two's complement); out-of-bound or non-finite -> error."""
+        x = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(x) | (np.abs(x) > self.value_bound)
+        if bad.any():
+            index = int(np.flatnonzero(bad)[0])
+            raise ValueOutOfRange(
+                f"value {x.flat[index]!r} at index {index} is outside the secure-aggregation "
+                f"range [-{self.value_bound:g}, {self.value_bound:g}] ({int(bad.sum())} values "
+                "in all): raise the value bound"
+            )
+        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
+
+    def decode(self, total: np.ndarray) -> np.ndarray:
+        """The float64 value of a sum of at most `num_sites` encoded vectors (mod 2^64)."""
+        as_int = np.asarray(total, dtype=np.uint64).view(np.int64)
+        return np.ldexp(as_int.astype(np.float64), -self.frac_bits)
+
+    def error_bound(self, count: int, abs_sum: np.ndarray | float) -> np.ndarray:
+        """Per-element bound on |decoded sum - exact sum| for `count` inputs whose absolute
+        values sum to `abs_sum`: count * 2^-(f+1) + 2^-52 * abs_sum (module doc)."""
+        return count * self.step / 2 + np.ldexp(np.asarray(abs_sum, dtype=np.float64), -52)
+
+
+# --- contribution dict <-> one vector ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which key sits where in the packed vector: keys sorted, each array flattened (C order)."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
+        keys = tuple(sorted(arrays))
+        return cls(keys, tuple(tuple(np.shape(arrays[k])) for k in keys))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def pack(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One float64 vector; the keys and shapes must be exactly this layout's."""
+        if set(arrays) != set(self.keys):
+            raise SecAggError(
+                f"contribution keys differ from the layout: missing "
+                f"{sorted(set(self.keys) - set(arrays))}, unexpected "
+                f"{sorted(set(arrays) - set(self.keys))}"
+            )
+        parts = []
+        for key, shape in zip(self.keys, self.shapes, strict=True):
+            if tuple(np.shape(arrays[key])) != shape:
+                raise SecAggError(f"{key!r} has shape {np.shape(arrays[key])}, expected {shape}")
+            parts.append(np.asarray(arrays[key], dtype=np.float64).ravel())
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def unpack(self, vector: np.ndarray) -> Arrays:
+        if np.shape(vector) != (self.size,):
+            raise SecAggError(f"vector has shape {np.shape(vector)}, layout needs ({self.size},)")
+        ends = np.cumsum(self.sizes)
+        return {
+            key: np.array(vector[end - n : end]).reshape(shape)
+            for key, shape, n, end in zip(self.keys, self.shapes, self.sizes, ends, strict=True)
+        }
+
+    def key_at(self, index: int) -> str:
+        """The key whose values include packed position `index` (to name it in errors)."""
+        return self.keys[int(np.searchsorted(np.cumsum(self.sizes), index, side="right"))]
+
+    def to_config(self) -> dict[str, list[str] | list[int]]:
+        """Plain lists for a Flower ConfigRecord: keys, ranks and concatenated dimensions."""
+        return {
+            "keys": list(self.keys),
+            "ranks": [len(s) for s in self.shapes],
+            "dims": [d for s in self.shapes for d in s],
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> Layout:
+        keys, ranks, dims = list(config["keys"]), list(config["ranks"]), list(config["dims"])
+        if len(ranks) != len(keys) or sum(ranks) != len(dims):
+            raise SecAggError("malformed layout: keys, ranks and dims do not match")
+        ends = np.cumsum(ranks, dtype=int)
+        shapes = tuple(tuple(dims[e - r : e]) for r, e in zip(ranks, ends, strict=True))
+        return cls(tuple(keys), shapes)
+
+
+def encode_contribution(
+    fixed: FixedPoint, arrays: Mapping[str, np.ndarray]
+) -> tuple[Layout, np.ndarray]:
+    """Pack and encode a contribution dict; an out-of-range error names the offending key."""
+    layout = Layout.of(arrays)
+    vector = layout.pack(arrays)
+    try:
+        return layout, fixed.encode(vector)
+    except ValueOutOfRange as err:
+        bad = ~np.isfinite(vector) | (np.abs(vector) > fixed.value_bound)
+        key = layout.key_at(int(np.flatnonzero(bad)[0]))
+        raise ValueOutOfRange(f"contribution {key!r}: {err}") from None
+
+
+# --- primitives -----------------------------------------------------------------------------
+
+
+def new_private_key() -> bytes:
+    """A fresh X25519 private key, raw 32 bytes (one per key and session: never reused)."""
+    return X25519PrivateKey.generate().private_bytes_raw()
+
+
+def public_key(private: bytes) -> bytes:
+    """The raw 32-byte X25519 public key of a raw private key."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def agree(private: bytes, peer_public: bytes, purpose: bytes) -> bytes:
+    """A 32-byte key both ends derive alike: HKDF-SHA256 of the X25519 shared secret."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(peer_public)
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=purpose).derive(
+        shared
+    )
+
+
+def channel_key(private: bytes, peer_public: bytes) -> bytes:
+    """The Fernet key (urlsafe base64) that encrypts shares between two sites."""
+    return base64.urlsafe_b64encode(agree(private, peer_public, _CHANNEL_INFO))
+
+
+def mask(seed: bytes, size: int) -> np.ndarray:
+    """`size` uniform uint64 values from a 32-byte seed (ChaCha20 key stream)."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
+    stream = encryptor.update(bytes(8 * size))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def pairwise_mask(private: bytes, peer_public: bytes, size: int) -> np.ndarray:
+    return mask(agree(private, peer_public, _PAIRWISE_INFO), size)
+
+
+def check_threshold(threshold: int, num_sites: int) -> None:
+    """1 <= t <= n and 2t > n (module doc: no site can be unmasked by lying about drops)."""
+    if not 1 <= threshold <= num_sites:
+        raise SecAggError(
+            f"threshold {threshold} must be between 1 and the number of sites ({num_sites})"
+        )
+    if 2 * threshold <= num_sites:
+        raise SecAggError(
+            f"threshold {threshold} must exceed half the {num_sites} sites "
+            f"(at least {num_sites // 2 + 1})"
+        )
+
+
+def default_threshold(num_sites: int) -> int:
+    """The smallest safe threshold, floor(n/2) + 1: tolerates the most dropouts."""
+    return num_sites // 2 + 1
+
+
+# --- the site's side ---------------------------------------------------------------------------
+
+
+@dataclass
+class SecAggClient:
+    """One site's secrets and progress in one session; `to_state`/`from_state` let it live in
+    Flower's `context.state` between the stages' messages."""
+
+    session: int
+    site: int
+    threshold: int
+    value_bound: float
+    c_sk: bytes
+    s_sk: bytes
+    seed: bytes  # b_i, the self-mask seed
+    stage: str = "keys"
+    peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1, self included
+    own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's share of its own (b_i, s_i)
+    shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from U2: (b_j, s_j)
+
+    @classmethod
+    def create(
+        cls, session: int, site: int, threshold: int, value_bound: float = DEFAULT_VALUE_BOUND
+    ) -> SecAggClient:
+        if threshold < 1:
+            raise SecAggError(f"threshold must be >= 1, got {threshold}")
+        FixedPoint.for_sites(1, value_bound)  # validate the bound early
+        return cls(
+            session=session,
+            site=site,
+            threshold=threshold,
+            value_bound=float(value_bound),
+            c_sk=new_private_key(),
+            s_sk=new_private_key(),
+            seed=os.urandom(_KEY_BYTES),
+        )
+
+    def public_keys(self) -> PublicKeys:
+        """Stage 1 reply: (c_pk, s_pk)."""
+        return public_key(self.c_sk), public_key(self.s_sk)
+
+    def _expect(self, stage: str) -> None:
+        if self.stage != stage:
+            raise SecAggError(
+                f"site {self.site}: message out of order (session at {self.stage!r}, "
+                f"this step needs {stage!r})"
+            )
+
+    @property
+    def fixed_point(self) -> FixedPoint:
+        return FixedPoint.for_sites(len(self.peers), self.value_bound)
+
+    def share_keys(self, peers: Mapping[int, PublicKeys]) -> dict[int, bytes]:
+        """Stage 2: Shamir-share (b_i, s_i) among U1; one ciphertext per other site."""
+        self._expect("keys")
+        if peers.get(self.site) != self.public_keys():
+            raise SecAggError(f"site {self.site}: the server did not relay this site's own keys")
+        check_threshold(self.threshold, len(peers))
+        all_keys = [k for pair in peers.values() for k in pair]
+        if len(set(all_keys)) != len(all_keys):
+            raise SecAggError(f"site {self.site}: two sites advertised the same public key")
+        order = sorted(peers)
+        b_shares = create_shares(self.seed, self.threshold, len(order))
+        s_shares = create_shares(self.s_sk, self.threshold, len(order))
+        out: dict[int, bytes] = {}
+        for j, b_share, s_share in zip(order, b_shares, s_shares, strict=True):
+            if j == self.site:
+                self.own_shares = (b_share, s_share)
+                continue
+            plain = share_keys_plaintext_concat(self.site, j, b_share, s_share)
+            out[j] = encrypt(channel_key(self.c_sk, peers[j][0]), plain)
+        self.peers = dict(peers)
+        self.stage = "shared"
+        return out
+
+    def mask_input(
+        self, contribution: Mapping[str, np.ndarray], ciphertexts: Mapping[int, bytes]
+    ) -> tuple[Layout, np.ndarray]:
+        """Stage 3: keep the shares U2 sent, then y_i = encode(x_i) + masks (module doc).
+        Returns the layout (sent in the clear: keys and shapes) and y_i."""
+        self._expect("shared")
+        if len(ciphertexts) + 1 < self.threshold:
+            raise SecAggError(
+                f"site {self.site}: only {len(ciphertexts) + 1} sites shared keys, "
+                f"threshold is {self.threshold}"
+            )
+        shares: dict[int, tuple[bytes, bytes]] = {}
+        for j, ciphertext in ciphertexts.items():
+            if j == self.site or j not in self.peers:
+                raise SecAggError(f"site {self.site}: shares from unknown site {j}")
+            src, dst, b_share, s_share = share_keys_plaintext_separate(
+                decrypt(channel_key(self.c_sk, self.peers[j][0]), ciphertext)
+            )
+            if (src, dst) != (j, self.site):
+                raise SecAggError(f"site {self.site}: a share from {j} claims {src} -> {dst}")
+            shares[j] = (b_share, s_share)
+        layout, encoded = encode_contribution(self.fixed_point, contribution)
+        masked = encoded + mask(self.seed, encoded.size)
+        for j in shares:
+            pair = pairwise_mask(self.s_sk, self.peers[j][1], encoded.size)
+            if j > self.site:
+                masked += pair
+            else:
+                masked -= pair
+        self.shares = shares
+        self.stage = "masked"
+        return layout, masked
+
+    def unmask(
+        self, survivors: Iterable[int], dropped: Iterable[int]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Stage 4: shares of b_j for survivors and of s_j for dropped sites, never both."""
+        self._expect("masked")
+        alive, gone = set(survivors), set(dropped)
+        u2 = set(self.shares) | {self.site}
+        if alive & gone or alive | gone != u2 or self.site not in alive:
+            raise SecAggError(
+                f"site {self.site}: survivors {sorted(alive)} and dropped {sorted(gone)} do not "
+                f"split the sites that shared keys {sorted(u2)}"
+            )
+        if len(alive) < self.threshold:
+            raise SecAggError(
+                f"site {self.site}: {len(alive)} survivors, threshold is {self.threshold}"
+            )
+        mine = {self.site: self.own_shares} | self.shares
+        self.stage = "done"
+        return {j: mine[j][0] for j in sorted(alive)}, {j: mine[j][1] for j in sorted(gone)}
+
+    def to_state(self) -> dict[str, int | float | str | bytes | list[int] | list[bytes]]:
+        """Plain values only (fits a Flower ConfigRecord)."""
+        order, senders = sorted(self.peers), sorted(self.shares)
+        return {
+            "session": self.session,
+            "site": self.site,
+            "threshold": self.threshold,
+            "value_bound": self.value_bound,
+            "c_sk": self.c_sk,
+            "s_sk": self.s_sk,
+            "seed": self.seed,
+            "stage": self.stage,
+            "peer_ids": order,
+            "peer_c_pks": [self.peers[j][0] for j in order],
+            "peer_s_pks": [self.peers[j][1] for j in order],
+            "own_shares": list(self.own_shares),
+            "share_ids": senders,
+            "b_shares": [self.shares[j][0] for j in senders],
+            "s_shares": [self.shares[j][1] for j in senders],
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, object]) -> SecAggClient:
+        peers = zip(state["peer_ids"], state["peer_c_pks"], state["peer_s_pks"], strict=True)
+        shares = zip(state["share_ids"], state["b_shares"], state["s_shares"], strict=True)
+        own = tuple(state["own_shares"])
+        return cls(
+            session=int(state["session"]),
+            site=int(state["site"]),
+            threshold=int(state["threshold"]),
+            value_bound=float(state["value_bound"]),
+            c_sk=bytes(state["c_sk"]),
+            s_sk=bytes(state["s_sk"]),
+            seed=bytes(state["seed"]),
+            stage=str(state["stage"]),
+            peers={int(j): (bytes(c), bytes(s)) for j, c, s in peers},
+            own_shares=(bytes(own[0]), bytes(own[1])),
+            shares={int(j): (bytes(b), bytes(s)) for j, b, s in shares},
+        )
+
+
+# --- the server's side -------------------------------------------------------------------------
+
+
+@dataclass
+class SecAggServer:
+    """The server's view of one session: public keys, routed ciphertexts, the masked SUM (never
+    a single site's input in the clear), and the shares that remove the masks."""
+
+    threshold: int
+    value_bound: float = DEFAULT_VALUE_BOUND
+    peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1
+    sharers: list[int] = field(default_factory=list)  # U2
+    survivors: list[int] = field(default_factory=list)  # U3
+    masked_sum: np.ndarray | None = None
+
+    def _enough(self, what: str, sites: Iterable[int]) -> list[int]:
+        sites = sorted(sites)
+        if len(sites) < self.threshold:
+            raise SecAggError(
+                f"only {len(sites)} sites {what} (sites {sites}); secure aggregation needs at "
+                f"least the threshold of {self.threshold}"
+            )
+        return sites
+
+    @property
+    def fixed_point(self) -> FixedPoint:
+        return FixedPoint.for_sites(len(self.peers), self.value_bound)
+
+    def receive_keys(self, keys: Mapping[int, PublicKeys]) -> dict[int, PublicKeys]:
+        """Stage 1: U1 = the sites that advertised keys; returns what every site gets."""
+        self._enough("advertised keys", keys)
+        check_threshold(self.threshold, len(keys))
+        self.peers = {int(j): (bytes(c), bytes(s)) for j, (c, s) in sorted(keys.items())}
+        return dict(self.peers)
+
+    def route_shares(self, sent: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Stage 2: U2 = senders of a ciphertext for every other site in U1; returns, per
+        recipient in U2, the ciphertexts addressed to it by the rest of U2."""
+        complete = [
+            i for i, out in sent.items() if i in self.peers and set(out) == set(self.peers) - {i}
+        ]
+        self.sharers = self._enough("shared keys", complete)
+        return {j: {i: sent[i][j] for i in self.sharers if i != j} for j in self.sharers}
+
+    def receive_masked(self, masked: Mapping[int, np.ndarray]) -> tuple[list[int], list[int]]:
+        """Stage 3: add the masked inputs of U3 (mod 2^64); returns (survivors, dropped)."""
+        arrived = {i: np.asarray(y) for i, y in masked.items() if i in self.sharers}
+        self.survivors = self._enough("sent masked inputs", arrived)
+        sizes = {y.shape for y in arrived.values()}
+        if len(sizes) != 1 or any(y.dtype != np.uint64 for y in arrived.values()):
+            raise SecAggError(f"masked inputs differ in shape or type: {sorted(sizes)}")
+        total = np.zeros(sizes.pop(), dtype=np.uint64)
+        for i in self.survivors:
+            total += arrived[i]
+        self.masked_sum = total
+        return list(self.survivors), sorted(set(self.sharers) - set(self.survivors))
+
+    def unmask(
+        self, responses: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]
+    ) -> np.ndarray:
+        """Stage 4: from the survivors' (b shares, s shares), the float64 sum of U3's inputs."""
+        if self.masked_sum is None:
+            raise SecAggError("unmask before the masked inputs arrived")
+        responders = self._enough("sent unmasking shares", set(responses) & set(self.survivors))
+        dropped = sorted(set(self.sharers) - set(self.survivors))
+        total = self.masked_sum.copy()
+        for j in self.survivors:
+            b_j = self._combine(j, [responses[r][0].get(j) for r in responders])
+            total -= mask(b_j, total.size)
+        for d in dropped:
+            s_d = self._combine(d, [responses[r][1].get(d) for r in responders])
+            if public_key(s_d) != self.peers[d][1]:
+                raise SecAggError(f"the shares of dropped site {d} rebuild a wrong mask key")
+            for j in self.survivors:  # j added +PRG(s_jd) if d > j, -PRG(s_jd) if d < j
+                pair = pairwise_mask(s_d, self.peers[j][1], total.size)
+                if d > j:
+                    total -= pair
+                else:
+                    total += pair
+        return self.fixed_point.decode(total)
+
+    def _combine(self, site: int, shares: list[bytes | None]) -> bytes:
+        given = [s for s in shares if s]
+        if len(given) < self.threshold:
+            raise SecAggError(
+                f"only {len(given)} shares for site {site}, threshold is {self.threshold}"
+            )
+        try:
+            return combine_shares(given[: self.threshold])
+        except ValueError as err:
+            raise SecAggError(f"the shares for site {site} do not combine: {err}") from None
