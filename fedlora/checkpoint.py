@@ -30,6 +30,12 @@ _META = "__meta__"
 _FREE_SECTIONS = ("run",)
 
 
+def run_state_dir(out: Path) -> Path:
+    """Where a run's server and site state lives: inside its `.partial` results folder, which
+    is renamed to `out` (and the state removed) only when the run has finished."""
+    return out.with_name(out.name + ".partial") / "state"
+
+
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
     """Hash of everything that shapes the result (not where it is written)."""
     kept = {k: v for k, v in cfg_dict.items() if k not in _FREE_SECTIONS}

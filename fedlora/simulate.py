@@ -21,9 +21,6 @@ from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.report import Reporter, human_bytes, plot_metrics
 
-#: the server state inside a `.partial` results folder (removed when the run finishes)
-STATE = "state"
-
 
 def results_dir(cfg: Config) -> Path:
     if cfg.run.out:
@@ -100,7 +97,7 @@ def resume_dir(cfg: Config) -> Path:
         raise FedloraError("--resume needs --out: the results folder of the interrupted run.")
     out = results_dir(cfg)
     work = out.with_name(out.name + ".partial")
-    if not (work / STATE / checkpoint.FILE).exists():
+    if not (checkpoint.run_state_dir(out) / checkpoint.FILE).exists():
         raise FedloraError(
             f"Nothing to resume: {work} holds no saved server state (it is saved after every "
             "round; a run interrupted before round 0 finished starts afresh without --resume)."
@@ -117,6 +114,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         resume_dir(cfg)
     else:
         check_out(out)
+    cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
     from fedlora.runtime import build_runtime, load_data
 
     dataset, train_parts, test_parts = load_data(cfg, log)  # fail fast on data errors
@@ -151,7 +149,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         work = prepare_out(out)
         write_config(cfg, work / "config.toml")
     try:
-        federation = run_engine(cfg, runtime, Reporter(work), work / STATE)
+        federation = run_engine(cfg, runtime, Reporter(work), checkpoint.run_state_dir(out))
         finish(cfg, runtime, federation, work, time.perf_counter() - started)
     except BaseException:
         log(
@@ -159,7 +157,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
             "command and --resume)."
         )
         raise
-    shutil.rmtree(work / STATE)  # a finished result needs no server state
+    shutil.rmtree(checkpoint.run_state_dir(out))  # a finished result needs no saved state
     if out.exists():
         out.rmdir()
     work.rename(out)

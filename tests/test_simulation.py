@@ -12,8 +12,9 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from fedlora.apps import records as R
-from fedlora.apps.client import site_local_steps, train_reply
+from fedlora.apps.client import site_local_steps, site_state_dir, train_reply
 from fedlora.apps.server import Federation, check_contribution
+from fedlora.apps.site_state import SiteStore
 from fedlora.config import load_config
 from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base, lora_arrays
 from fedlora.report import Reporter
@@ -231,8 +232,10 @@ def test_site_sends_lora_tensors_only(name, rt, tmp_path, tiny_cfg_at, task_iden
     expected_steps = site_local_steps(cfg.train, 0, cfg.federation.clients)
     assert int(site_metrics[R.LOCAL_STEPS]) == expected_steps
     if name == "scaffold":  # the client control variate stays at the site, LoRA-shaped
-        state = R.from_record(context.state[R.CLIENT_STATE])
+        store = SiteStore(site_state_dir(cfg, context), 0)
+        state = store.before(2)
         assert {k.partition("/")[2] for k in state} == lora_names
+        assert store.before(1) == {}  # round 1 started from no state
 
 
 def test_plain_text_task_reports_perplexity(tmp_path, tiny_cfg):

@@ -7,6 +7,7 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +15,10 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.apps import records as R
+from fedlora.apps.site_state import SiteStore
+from fedlora.checkpoint import run_state_dir
 from fedlora.config import Config, TrainConfig
+from fedlora.errors import FedloraError
 from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.runtime import get_runtime
 from fedlora.strategies import strategy_for
@@ -36,8 +40,22 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+#: node_config key naming a site daemon's state folder
+STATE_DIR = "state-dir"
+
+
 def site_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
+
+
+def site_state_dir(cfg: Config, context: Context) -> Path:
+    """A site daemon names its state folder in its node config; simulated sites keep theirs in
+    the server's state folder of the run (so `simulate --resume` finds them)."""
+    if STATE_DIR in context.node_config:
+        return Path(str(context.node_config[STATE_DIR]))
+    if not cfg.run.out:
+        raise FedloraError("run.out must be set before sites train (simulate resolves it).")
+    return run_state_dir(Path(cfg.run.out)) / "sites"
 
 
 def query_reply(msg: Message, context: Context) -> Message:
@@ -57,9 +75,8 @@ def train_contribution(
     round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
     global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
     broadcast = R.from_record(msg.content[R.BROADCAST])
-    client_state = (
-        R.from_record(context.state[R.CLIENT_STATE]) if R.CLIENT_STATE in context.state else {}
-    )
+    store = SiteStore(site_state_dir(cfg, context), site)
+    client_state = store.before(round_)
     strategy = strategy_for(cfg)
     load_adapter_arrays(rt.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
@@ -83,8 +100,7 @@ def train_contribution(
         num_examples=len(rows), steps=result.steps, lr=cfg.train.lr, momentum=cfg.train.momentum
     )
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
-    if new_state:
-        context.state[R.CLIENT_STATE] = R.to_record(new_state)
+    store.save(round_, new_state)
     metrics = MetricRecord(
         {
             R.SITE_ID: site,
@@ -151,5 +167,16 @@ def make_client_app(cfg: Config) -> ClientApp:
     @app.evaluate()
     def personalize(msg: Message, context: Context) -> Message:
         return personalize_reply(cfg, msg, context)
+
+    # secure aggregation: "query.secagg" (key and unmasking stages), "train.secagg" (masked input)
+    from fedlora.apps.secure import secure_stage_reply  # it imports this module
+
+    @app.query(R.SECAGG_ACTION)
+    def secagg_query(msg: Message, context: Context) -> Message:
+        return secure_stage_reply(cfg, msg, context)
+
+    @app.train(R.SECAGG_ACTION)
+    def secagg_train(msg: Message, context: Context) -> Message:
+        return secure_stage_reply(cfg, msg, context)
 
     return app

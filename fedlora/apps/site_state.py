@@ -1,0 +1,62 @@
+"""What a site keeps between rounds, on its own disk: the strategy's client state (SCAFFOLD's
+c_i) and its privacy ledger.
+
+Flower's ``context.state`` lives as long as one run; a federation that is resumed after a server
+restart is a new run, and a site daemon can restart too. So the state is a file per site, and it
+is kept per round: training in round r starts from the state saved after the latest round before
+r. A round that is repeated after a server restart therefore starts from exactly the same state
+(and, with the same seeds, sends exactly the same update: nothing new is revealed).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+#: rounds of history kept: the last finished round is enough to repeat one; one more is slack
+KEEP_ROUNDS = 2
+_MARK = "__round__"
+
+
+class SiteStore:
+    """Per-round site state in ``<folder>/site-<id>.npz`` (keys ``r<round>/<name>``)."""
+
+    def __init__(self, folder: Path, site: int) -> None:
+        self.path = folder / f"site-{site}.npz"
+
+    def _read(self) -> dict[int, Arrays]:
+        if not self.path.exists():
+            return {}
+        by_round: dict[int, Arrays] = {}
+        with np.load(self.path) as data:
+            for key in data.files:
+                tag, name = key.split("/", 1)
+                state = by_round.setdefault(int(tag[1:]), {})
+                if name != _MARK:
+                    state[name] = data[key]
+        return by_round
+
+    def before(self, round_: int) -> Arrays:
+        """The state saved after the latest round before `round_` ({} at the start)."""
+        by_round = self._read()
+        earlier = [r for r in by_round if r < round_]
+        return by_round[max(earlier)] if earlier else {}
+
+    def save(self, round_: int, state: Arrays) -> None:
+        """Record the state after `round_`; later rounds (from an abandoned run) are dropped."""
+        by_round = {r: s for r, s in self._read().items() if r < round_}
+        by_round[round_] = state
+        kept = sorted(by_round)[-KEEP_ROUNDS:]
+        flat = {f"r{r}/{k}": v for r in kept for k, v in by_round[r].items()}
+        flat |= {f"r{r}/{_MARK}": np.array([r]) for r in kept}  # an empty state still counts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, self.path)
