@@ -331,16 +331,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedlora.config import parse_override
     from fedlora.sweep import parse_grid, plan_sweep, run_sweep
 
-    shortcuts = {}
-    for flag, (section, key, _) in SIMULATE_FLAGS.items():
-        shortcuts[flag] = shortcuts[flag.replace("_", "-")] = f"{section}.{key}"
     fixed = [
         {section: {key: getattr(args, flag)}}
         for flag, (section, key, _) in SIMULATE_FLAGS.items()
         if flag != "out" and getattr(args, flag) is not None
     ]
     fixed += [parse_override(text) for text in args.set]
-    axes = parse_grid(args.grid, shortcuts)
+    axes = parse_grid(args.grid, SIMULATE_FLAGS)
     plan = plan_sweep(Path(args.out).expanduser(), axes, args.repeats, args.config, fixed)
     return run_sweep(plan)
 
