@@ -199,7 +199,10 @@ def add_sweep_command(sub) -> None:
     for flag, (section, key, kind) in SIMULATE_FLAGS.items():
         if flag != "out":
             name = "--" + flag.replace("_", "-")
-            sw.add_argument(name, type=kind, help=f"fixed for every point ({section}.{key})")
+            what = "fixed for every point"
+            if flag == "seed":
+                what = "the first seed; repeat k uses seed + k"
+            sw.add_argument(name, type=kind, help=f"{what} ({section}.{key})")
     sw.add_argument(
         "--set",
         action="append",
