@@ -118,15 +118,15 @@ class _Exchange:
                 msg_id = reply.metadata.reply_to_message_id
                 pending.discard(msg_id)
                 site = by_id[msg_id]
+                self.on_progress(
+                    f"secure aggregation, {stage}: {len(msgs) - len(pending)}/{len(msgs)} sites"
+                )
                 if reply.has_error():
                     reason = reply.error.reason.strip().splitlines() or ["(no reason given)"]
                     self.failures.append(f"site {site}, {stage}: {reason[-1]}")
                     continue
                 replies[site] = reply.content
                 self.bytes_up[stage] += record_bytes(reply.content)
-                self.on_progress(
-                    f"secure aggregation, {stage}: {len(msgs) - len(pending)}/{len(msgs)} sites"
-                )
             if pending:
                 time.sleep(0.2)
         for msg_id in sorted(pending, key=by_id.get):

@@ -65,6 +65,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -388,9 +389,11 @@ class SecAggClient:
         for j, ciphertext in ciphertexts.items():
             if j == self.site or j not in self.peers:
                 raise SecAggError(f"site {self.site}: shares from unknown site {j}")
-            src, dst, b_share, s_share = share_keys_plaintext_separate(
-                decrypt(channel_key(self.c_sk, self.peers[j][0]), ciphertext)
-            )
+            try:
+                plain = decrypt(channel_key(self.c_sk, self.peers[j][0]), ciphertext)
+            except InvalidToken:
+                raise SecAggError(f"site {self.site}: the shares from {j} do not decrypt") from None
+            src, dst, b_share, s_share = share_keys_plaintext_separate(plain)
             if (src, dst) != (j, self.site):
                 raise SecAggError(f"site {self.site}: a share from {j} claims {src} -> {dst}")
             shares[j] = (b_share, s_share)

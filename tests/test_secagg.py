@@ -1,0 +1,408 @@
+"""Secure aggregation: the fixed-point code, the SecAgg protocol with dropouts (pure, in
+process), and the Flower stages in a real simulation against the plaintext contributions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.apps import records as R
+from fedlora.apps.client import make_client_app, site_id, train_contribution
+from fedlora.apps.secure import UNMASK, secure_sum
+from fedlora.apps.server import discover_sites
+from fedlora.errors import FedloraError
+from fedlora.secure.secagg import (
+    DEFAULT_VALUE_BOUND,
+    FixedPoint,
+    Layout,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+    ValueOutOfRange,
+    encode_contribution,
+)
+from fedlora.strategies.base import sum_contributions
+
+# --- fixed point ---------------------------------------------------------------------------
+
+
+def test_scale_from_sites_and_bound_by_hand():
+    # f = 62 - ceil(log2(N * B)): 10 * 2^30 -> 34 bits -> f = 28; 100 * 2^30 -> 37 -> 25
+    assert FixedPoint.for_sites(10).frac_bits == 28
+    assert FixedPoint.for_sites(100).frac_bits == 25
+    assert FixedPoint.for_sites(1, 1.0).frac_bits == 62
+    fixed = FixedPoint.for_sites(10)
+    assert fixed.step == 2.0**-28
+    encoded = fixed.encode(np.array([1.5, -1.0, 0.0]))
+    assert encoded.dtype == np.uint64
+    assert encoded.tolist() == [3 * 2**27, 2**64 - 2**28, 0]
+    with pytest.raises(SecAggError, match="lower the value bound"):
+        FixedPoint.for_sites(10**6, 2.0**45)
+
+
+def fsum_columns(vectors: list[np.ndarray]) -> np.ndarray:
+    """The correctly rounded sum per element (math.fsum): the reference."""
+    return np.array([math.fsum(col) for col in np.stack(vectors).T])
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_decoded_sum_within_stated_bound(n):
+    rng = np.random.default_rng(n)
+    fixed = FixedPoint.for_sites(n)
+    xs = [rng.uniform(-1, 1, 20_000) * 10.0 ** rng.integers(-3, 4, 20_000) for _ in range(n)]
+    total = np.zeros(20_000, dtype=np.uint64)
+    for x in xs:
+        total += fixed.encode(x)  # uint64 arithmetic wraps modulo 2^64
+    error = np.abs(fixed.decode(total) - fsum_columns(xs))
+    bound = fixed.error_bound(n, np.sum(np.abs(xs), axis=0))
+    assert np.all(error <= bound)
+    # the bound is not vacuous: rounding errors of n values come close to it somewhere
+    assert error.max() > 0.25 * n * fixed.step / 2
+
+
+def test_extreme_values_do_not_wrap():
+    n = 7
+    fixed = FixedPoint.for_sites(n)
+    for sign in (1.0, -1.0):
+        total = np.zeros(1, dtype=np.uint64)
+        for _ in range(n):
+            total += fixed.encode(np.array([sign * DEFAULT_VALUE_BOUND]))
+        assert fixed.decode(total)[0] == sign * n * DEFAULT_VALUE_BOUND
+
+
+def test_out_of_range_and_non_finite_values_are_refused():
+    fixed = FixedPoint.for_sites(3, value_bound=100.0)
+    fixed.encode(np.array([100.0, -100.0]))  # the bound itself is fine
+    for bad in (100.5, -1e9, np.inf, np.nan):
+        with pytest.raises(ValueOutOfRange, match="raise the value bound"):
+            fixed.encode(np.array([0.0, bad]))
+    contribution = {"delta/b": np.zeros((2, 2)), "weight": np.array([1200.0])}
+    with pytest.raises(ValueOutOfRange, match="'weight'"):
+        encode_contribution(fixed, contribution)
+
+
+def test_layout_packs_in_key_order_and_round_trips():
+    arrays = {
+        "weight": np.array([3.0]),
+        "delta/a": np.arange(6.0).reshape(2, 3),
+        "z": np.array(7.0),
+    }
+    layout = Layout.of(arrays)
+    assert layout.keys == ("delta/a", "weight", "z")
+    assert layout.pack(arrays).tolist() == [0, 1, 2, 3, 4, 5, 3, 7]
+    assert [layout.key_at(i) for i in (0, 5, 6, 7)] == ["delta/a", "delta/a", "weight", "z"]
+    again = Layout.from_config(ConfigRecord(layout.to_config()))
+    assert again == layout
+    back = again.unpack(layout.pack(arrays))
+    assert all(np.array_equal(back[k], v) and back[k].shape == v.shape for k, v in arrays.items())
+    with pytest.raises(SecAggError, match="missing"):
+        layout.pack({"weight": np.array([3.0])})
+    with pytest.raises(SecAggError, match="shape"):
+        layout.pack(arrays | {"weight": np.array([3.0, 4.0])})
+
+
+# --- the protocol, in process -------------------------------------------------------------
+
+
+def contributions(n: int, rng: np.random.Generator) -> dict[int, dict[str, np.ndarray]]:
+    """FedAvg-like contributions: n_i * delta_i (n_i in the thousands) and n_i."""
+    out = {}
+    for i in range(n):
+        n_i = float(rng.integers(100, 5000))
+        out[i] = {
+            "delta/a": n_i * rng.normal(0, 1e-2, (8, 16)),
+            "delta/b": n_i * rng.normal(0, 1e-2, (16, 8)),
+            "weight": np.array([n_i]),
+        }
+    return out
+
+
+def run_protocol(
+    n: int,
+    t: int,
+    *,
+    silent_at_keys: tuple[int, ...] = (),
+    silent_at_share: tuple[int, ...] = (),
+    silent_at_mask: tuple[int, ...] = (),
+    silent_at_unmask: tuple[int, ...] = (),
+    seed: int = 0,
+):
+    """All four stages; a site listed for a stage sends nothing from that stage on. Client state
+    goes through to_state / ConfigRecord / from_state between stages, as in Flower."""
+    rng = np.random.default_rng(seed)
+    xs = contributions(n, rng)
+    server = SecAggServer(threshold=t)
+    clients = {i: SecAggClient.create(session=1, site=i, threshold=t) for i in range(n)}
+
+    def reload(i: int) -> SecAggClient:
+        clients[i] = SecAggClient.from_state(ConfigRecord(clients[i].to_state()))
+        return clients[i]
+
+    keys = {i: reload(i).public_keys() for i in clients if i not in silent_at_keys}
+    peers = server.receive_keys(keys)
+    sent = {i: reload(i).share_keys(peers) for i in peers if i not in silent_at_share}
+    routed = server.route_shares(sent)
+    masked, layouts = {}, set()
+    for i in routed:
+        if i not in silent_at_mask:
+            layout, masked[i] = reload(i).mask_input(xs[i], routed[i])
+            layouts.add(layout)
+    survivors, dropped = server.receive_masked(masked)
+    responses = {
+        i: reload(i).unmask(survivors, dropped) for i in survivors if i not in silent_at_unmask
+    }
+    total = server.unmask(responses)
+    (layout,) = layouts
+    expected = fsum_columns([layout.pack(xs[i]) for i in survivors])
+    abs_sum = np.sum([np.abs(layout.pack(xs[i])) for i in survivors], axis=0)
+    return total, expected, server.fixed_point.error_bound(len(survivors), abs_sum), survivors
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_unmasked_sum_equals_plain_sum(n):
+    total, expected, bound, survivors = run_protocol(n, n // 2 + 1)
+    assert survivors == list(range(n))
+    assert np.all(np.abs(total - expected) <= bound)
+
+
+@pytest.mark.parametrize(
+    "drops, in_sum",
+    [
+        ({"silent_at_keys": (2,)}, [0, 1, 3, 4, 5, 6, 7, 8, 9]),
+        ({"silent_at_share": (4,), "silent_at_mask": (7,)}, [0, 1, 2, 3, 5, 6, 8, 9]),
+        ({"silent_at_mask": (1, 8)}, [0, 2, 3, 4, 5, 6, 7, 9]),  # pairwise masks to remove
+        ({"silent_at_unmask": (0, 5)}, list(range(10))),  # masked, then gone: still summed
+        ({"silent_at_mask": (3,), "silent_at_unmask": (6, 9)}, [0, 1, 2, 4, 5, 6, 7, 8, 9]),
+    ],
+)
+def test_dropouts_down_to_threshold(drops, in_sum):
+    total, expected, bound, survivors = run_protocol(10, 6, **drops)
+    assert survivors == in_sum
+    assert np.all(np.abs(total - expected) <= bound)
+
+
+@pytest.mark.parametrize(
+    "drops, stage",
+    [
+        ({"silent_at_keys": (0, 1, 2)}, "advertised keys"),
+        ({"silent_at_share": (0, 1, 2)}, "shared keys"),
+        ({"silent_at_mask": (2, 3, 4)}, "sent masked inputs"),
+        ({"silent_at_mask": (3,), "silent_at_unmask": (0, 1)}, "sent unmasking shares"),
+    ],
+)
+def test_below_threshold_is_an_error(drops, stage):
+    with pytest.raises(SecAggError, match=f"only 2 sites {stage}.*threshold of 3"):
+        run_protocol(5, 3, **drops)
+
+
+def test_masked_input_reveals_nothing_of_the_update():
+    n, size = 3, 100_000
+    fixed = FixedPoint.for_sites(n)
+    server = SecAggServer(threshold=2)
+    clients = {i: SecAggClient.create(session=1, site=i, threshold=2) for i in range(n)}
+    peers = server.receive_keys({i: c.public_keys() for i, c in clients.items()})
+    routed = server.route_shares({i: c.share_keys(peers) for i, c in clients.items()})
+    x = {"v": np.linspace(-5, 5, size)}  # a very structured update
+    _, y = clients[0].mask_input(x, routed[0])
+    seen = fixed.decode(y)  # what the server would read as site 0's values
+    assert abs(np.corrcoef(seen, x["v"])[0, 1]) < 0.02
+    # uniform over the ring: only about 2^(f+1) B / 2^64 of them fall in the value range
+    in_range = np.mean(np.abs(seen) <= fixed.value_bound)
+    assert in_range < 4 * 2.0 ** (fixed.frac_bits + 1) * fixed.value_bound / 2.0**64
+    top_byte = np.bincount((y >> np.uint64(56)).astype(np.int64), minlength=256)
+    chi2 = np.sum((top_byte - size / 256) ** 2 / (size / 256))
+    assert chi2 < 400  # 255 degrees of freedom: about 255 +- 23 for uniform bytes
+
+
+def test_sites_refuse_what_would_expose_them():
+    server = SecAggServer(threshold=2)
+    clients = {i: SecAggClient.create(session=1, site=i, threshold=2) for i in range(4)}
+    peers = server.receive_keys({i: c.public_keys() for i, c in clients.items() if i < 3})
+    # threshold 2 of 4 sites would let a lying server rebuild both secrets of one site
+    with pytest.raises(SecAggError, match="must exceed half"):
+        clients[3].share_keys(peers | {3: clients[3].public_keys()})
+    with pytest.raises(SecAggError, match="own keys"):
+        clients[3].share_keys(peers)
+    routed = server.route_shares({i: clients[i].share_keys(peers) for i in range(3)})
+    _, y = clients[0].mask_input({"v": np.zeros(4)}, routed[0])
+    with pytest.raises(SecAggError, match="do not split"):
+        clients[0].unmask([0, 1], [1, 2])  # site 1 both alive and dropped
+    with pytest.raises(SecAggError, match="out of order"):
+        clients[1].unmask([0, 1, 2], [])  # never sent a masked input
+    clients[0].unmask([0, 1, 2], [])
+    with pytest.raises(SecAggError, match="out of order"):
+        clients[0].unmask([0, 1], [2])  # a second request for the other kind of share
+
+
+def test_wrong_session_shares_are_rejected():
+    server = SecAggServer(threshold=2)
+    clients = {i: SecAggClient.create(session=1, site=i, threshold=2) for i in range(3)}
+    peers = server.receive_keys({i: c.public_keys() for i, c in clients.items()})
+    routed = server.route_shares({i: c.share_keys(peers) for i, c in clients.items()})
+    swapped = {1: routed[2][1]}  # site 1's ciphertext for site 2, handed to site 0
+    with pytest.raises(SecAggError, match="do not decrypt"):
+        clients[0].mask_input({"v": np.zeros(4)}, swapped)
+
+
+# --- the Flower stages in a real simulation -------------------------------------------------
+
+SITES, THRESHOLD = 5, 3
+FAIL_TRAIN, FAIL_UNMASK = 4, 1  # site 4 fails while training, site 1 after sending its input
+PLAIN = "plain64"  # a test-only handler: the float64 contribution in the clear, for reference
+
+
+def failing_client_app(cfg) -> ClientApp:
+    """fedlora's ClientApp (make_client_app routes the secagg messages), with site 4 failing in
+    training and site 1 at unmasking, plus a plaintext handler for the reference sums."""
+    inner = make_client_app(cfg)
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    @app.query(R.SECAGG_ACTION)
+    def secagg_query(msg: Message, context: Context) -> Message:
+        if msg.content[R.SECAGG][R.SECAGG_STAGE] == UNMASK and site_id(context) == FAIL_UNMASK:
+            raise RuntimeError("site lost its connection")
+        return inner(msg, context)
+
+    @app.train(R.SECAGG_ACTION)
+    def secagg_train(msg: Message, context: Context) -> Message:
+        if site_id(context) == FAIL_TRAIN:
+            raise RuntimeError("site ran out of memory")
+        return inner(msg, context)
+
+    @app.train(PLAIN)
+    def plain(msg: Message, context: Context) -> Message:
+        contribution, _ = train_contribution(cfg, msg, context)
+        return Message(RecordDict({R.CONTRIBUTION: R.to_record(contribution)}), reply_to=msg)
+
+    return app
+
+
+class RecordingGrid:
+    """The server's view: every reply it pulls, kept for the test."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid, self.replies = grid, []
+
+    def push_messages(self, msgs):
+        return self.grid.push_messages(msgs)
+
+    def pull_messages(self, ids):
+        replies = list(self.grid.pull_messages(ids))
+        self.replies.extend(replies)
+        return replies
+
+
+def train_content(global_arrays, round_: int) -> RecordDict:
+    return RecordDict(
+        {
+            R.GLOBAL_ADAPTER: R.to_record(global_arrays),
+            R.BROADCAST: ArrayRecord(),
+            R.ROUND_CONFIG: ConfigRecord({R.ROUND: round_}),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, tiny_cfg_at):
+    from flwr.simulation import run_simulation
+
+    from fedlora.model import adapter_arrays
+    from fedlora.runtime import build_runtime
+    from fedlora.simulate import backend_config, quiet_engines
+
+    quiet_engines()
+    cfg = tiny_cfg_at(
+        tmp_path_factory.mktemp("secagg"),
+        strategy={"name": "fednova"},
+        federation={"clients": SITES},
+        train={"optimizer": "sgd", "lr": 0.5, "local_steps_spread": 0.5, "momentum": 0.9},
+    )
+    global_arrays = adapter_arrays(build_runtime(cfg, log=lambda _: None).model)
+    out: dict = {"progress": []}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        nodes = discover_sites(grid, SITES)
+        plain = [
+            Message(
+                train_content(global_arrays, 1), dst_node_id=nodes[s], message_type=f"train.{PLAIN}"
+            )
+            for s in sorted(nodes)
+        ]
+        out["plain"] = {
+            int(r.metadata.src_node_id): R.from_record(r.content[R.CONTRIBUTION])
+            for r in grid.send_and_receive(plain)
+        }
+        out["node_site"] = {n: s for s, n in nodes.items()}
+        recording = RecordingGrid(grid)
+        content = train_content(global_arrays, 1)
+        out["result"] = secure_sum(recording, nodes, content, THRESHOLD, out["progress"].append)
+        out["replies"] = recording.replies
+        try:  # sites 0, 1, 4 with t = 2: 4 fails training, 1 unmasking -> 1 share per secret
+            subset = {s: nodes[s] for s in (0, 1, FAIL_TRAIN)}
+            secure_sum(grid, subset, train_content(global_arrays, 2), 2, lambda _: None)
+        except FedloraError as err:
+            out["error"] = str(err)
+
+    run_simulation(
+        server_app=app,
+        client_app=failing_client_app(cfg),
+        num_supernodes=SITES,
+        backend_config=backend_config(cfg),
+    )
+    out["plain"] = {out["node_site"][n]: c for n, c in out["plain"].items()}
+    return out
+
+
+def test_secure_sum_matches_plaintext_sum_with_dropouts(simulated):
+    result = simulated["result"]
+    in_sum = [s for s in range(SITES) if s != FAIL_TRAIN]
+    assert result.sites == in_sum  # site 1 dropped after masking: its input still counts
+    assert sorted(result.metrics) == in_sum
+    assert all(int(result.metrics[s][R.SITE_ID]) == s for s in in_sum)
+    expected = sum_contributions([simulated["plain"][s] for s in in_sum])
+    assert set(result.sums) == set(expected) >= {"weight", "nova_a"}
+    fixed = FixedPoint.for_sites(SITES)
+    for key, value in expected.items():
+        abs_sum = sum(np.abs(simulated["plain"][s][key]) for s in in_sum)
+        assert result.sums[key].dtype == np.float64 and result.sums[key].shape == value.shape
+        assert np.all(np.abs(result.sums[key] - value) <= fixed.error_bound(len(in_sum), abs_sum))
+    assert result.sums["weight"][0] == sum(simulated["plain"][s]["weight"][0] for s in in_sum)
+    assert len(result.failures) == 2
+    assert any(f.startswith("site 4, mask:") and "out of memory" in f for f in result.failures)
+    assert any(f.startswith("site 1, unmask:") and "connection" in f for f in result.failures)
+    assert set(result.bytes_up) == set(result.bytes_down) == {"keys", "share", "mask", "unmask"}
+    adapter_bytes = sum(v.nbytes for v in simulated["plain"][0].values() if v.ndim > 1) // 2
+    assert result.bytes_down["mask"] > len(in_sum) * adapter_bytes  # the global adapter went down
+    assert any("mask: 5/5 sites" in p for p in simulated["progress"])
+
+
+def test_server_sees_masked_inputs_only(simulated):
+    fixed = FixedPoint.for_sites(SITES)
+    masked = [r for r in simulated["replies"] if r.has_content() and R.SECAGG_MASKED in r.content]
+    assert len(masked) == SITES - 1
+    for reply in masked:
+        site = simulated["node_site"][reply.metadata.src_node_id]
+        layout = Layout.from_config(reply.content[R.SECAGG_LAYOUT])
+        x = layout.pack(simulated["plain"][site])
+        seen = fixed.decode(reply.content[R.SECAGG_MASKED][R.SECAGG_MASKED].numpy())
+        assert seen.shape == x.shape
+        # the plaintext is small numbers; what the server holds spans the whole ring
+        assert np.abs(x).max() < 1e4 and np.mean(np.abs(seen) > 1e6) > 0.99
+
+
+def test_too_few_survivors_is_a_clear_error(simulated):
+    message = simulated["error"]
+    assert message.startswith("Round 2: secure aggregation failed at the 'unmask' stage")
+    assert "only 1 sites sent unmasking shares" in message
+    assert "site 4, mask" in message and "site 1, unmask" in message
