@@ -24,7 +24,9 @@ from fedlora.secure.secagg import (
     SecAggError,
     SecAggServer,
     ValueOutOfRange,
+    combine_secret,
     encode_contribution,
+    split_secret,
 )
 from fedlora.strategies.base import sum_contributions
 
@@ -104,6 +106,31 @@ def test_layout_packs_in_key_order_and_round_trips():
         layout.pack({"weight": np.array([3.0])})
     with pytest.raises(SecAggError, match="shape"):
         layout.pack(arrays | {"weight": np.array([3.0, 4.0])})
+
+
+# --- Shamir sharing ----------------------------------------------------------------------
+
+
+def share(x: int, y: int) -> bytes:
+    return x.to_bytes(4, "big") + y.to_bytes(66, "big")
+
+
+def test_shamir_by_hand_and_at_random():
+    # f(x) = 7 + 3x: shares (1, 10), (2, 13), (3, 16); any two give f(0) = 7
+    for pair in ([share(1, 10), share(2, 13)], [share(3, 16), share(1, 10)]):
+        assert combine_secret(pair, size=1) == bytes([7])
+    secret = bytes(range(32))
+    shares = split_secret(secret, 4, 7)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pick = [shares[i] for i in rng.choice(7, size=4, replace=False)]
+        assert combine_secret(pick) == secret
+    with pytest.raises(SecAggError, match="do not combine"):
+        combine_secret(shares[:3])  # t - 1 shares: a random field element, not a 32-byte key
+    with pytest.raises(SecAggError, match="same index"):
+        combine_secret([shares[0], shares[0], shares[1], shares[2]])
+    with pytest.raises(SecAggError, match="cannot split"):
+        split_secret(secret, 8, 7)
 
 
 # --- the protocol, in process -------------------------------------------------------------
