@@ -10,13 +10,15 @@ One session per round, four stages, each one message to every site still in it a
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
-(keys and shapes) and the sites' metrics; of the contributions only their sum.
+(keys and shapes) and the sites' metrics (train loss, local steps, rows); of the contributions
+only their sum.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +45,7 @@ from fedlora.secure.secagg import (
     SecAggClient,
     SecAggError,
     SecAggServer,
+    check_threshold,
 )
 from fedlora.strategies.base import Arrays
 
@@ -88,7 +91,6 @@ class _Exchange:
 
     grid: Grid
     site_nodes: Mapping[int, int]
-    round_: int
     on_progress: Callable[[str], None]
     timeout: float | None
     failures: list[str] = field(default_factory=list)
@@ -169,10 +171,11 @@ def secure_sum(
     Raises FedloraError when fewer than t sites remain at any stage.
     """
     round_ = int(train_content[R.ROUND_CONFIG][R.ROUND])
-    ask = _Exchange(grid, site_nodes, round_, on_progress, timeout)
+    ask = _Exchange(grid, site_nodes, on_progress, timeout)
     server = SecAggServer(threshold, value_bound)
     stage = KEYS
     try:
+        check_threshold(threshold, len(site_nodes))
         request = _fields(KEYS, round_, **{R.THRESHOLD: threshold, R.VALUE_BOUND: value_bound})
         replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
         keys = {}
@@ -211,9 +214,11 @@ def secure_sum(
             contents[s] = content
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
-        layouts = {layout for _, layout, _ in inputs.values()}
-        if len(layouts) > 1:
-            raise SecAggError("the sites' contributions have different keys or shapes")
+        if inputs:  # a site whose keys or shapes differ from the others' counts as dropped
+            layout = Counter(lay for _, lay, _ in inputs.values()).most_common(1)[0][0]
+            for s in [s for s, (_, lay, _) in inputs.items() if lay != layout]:
+                ask.failures.append(f"site {s}, {MASK}: its contribution's keys or shapes differ")
+                del inputs[s]
         survivors, dropped = server.receive_masked({s: m for s, (m, _, _) in inputs.items()})
 
         stage = UNMASK
@@ -228,7 +233,7 @@ def secure_sum(
             + (f" Site failures: {detail}" if detail else "")
         ) from None
     return SecureSum(
-        sums=layouts.pop().unpack(total),
+        sums=layout.unpack(total),
         sites=survivors,
         metrics={s: inputs[s][2] for s in survivors},
         failures=ask.failures,
@@ -245,7 +250,10 @@ def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
 
 def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
     masked = content[R.SECAGG_MASKED][R.SECAGG_MASKED].numpy()
-    return masked, Layout.from_config(content[R.SECAGG_LAYOUT]), content[R.SITE_METRICS]
+    layout = Layout.from_config(content[R.SECAGG_LAYOUT])
+    if masked.dtype != np.uint64 or masked.shape != (layout.size,):
+        raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.size}")
+    return masked, layout, content[R.SITE_METRICS]
 
 
 def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes]]:
