@@ -50,9 +50,15 @@ class Runtime:
         return rows, [site_of.get(i, -1) for i in idx]
 
 
-def load_data(cfg: Config, log: Callable[[str], None] = print):
-    """The data set and its partition: cheap, so it runs before any model is loaded."""
+def load_data(cfg: Config, log: Callable[[str], None] = print, own_site: int | None = None):
+    """The data set and its partition: cheap, so it runs before any model is loaded. A site
+    daemon (`own_site`) reads only its own file, so every row of it is that site's."""
     dataset = load_dataset(cfg.data, cfg.run.seed, log=log)
+    if own_site is not None:
+        n = cfg.federation.clients
+        train_parts = [list(range(len(dataset.train))) if s == own_site else [] for s in range(n)]
+        test_parts = [list(range(len(dataset.test))) if s == own_site else [] for s in range(n)]
+        return dataset, train_parts, test_parts
     train_parts, test_parts = partition(
         dataset, cfg.federation.clients, cfg.data.partition, cfg.run.seed, cfg.data.dirichlet_alpha
     )
@@ -60,12 +66,15 @@ def load_data(cfg: Config, log: Callable[[str], None] = print):
 
 
 def build_runtime(
-    cfg: Config, log: Callable[[str], None] = print, threads: int | None = None
+    cfg: Config,
+    log: Callable[[str], None] = print,
+    threads: int | None = None,
+    own_site: int | None = None,
 ) -> Runtime:
     """`threads` defaults to train.threads (a site worker); the simulation's server process
     evaluates while the workers wait, so it takes every core."""
     set_threads(threads or cfg.train.threads)
-    dataset, train_parts, test_parts = load_data(cfg, log)
+    dataset, train_parts, test_parts = load_data(cfg, log, own_site)
     base, tokenizer = load_base(cfg.model.name, log=log, quantization=cfg.model.quantization)
     model = add_lora(base, cfg.lora, cfg.run.seed)
     encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
@@ -76,14 +85,17 @@ def build_runtime(
 _CACHE: dict[str, Runtime] = {}
 
 
-def get_runtime(cfg: Config, log: Callable[[str], None] = print) -> Runtime:
-    """One runtime per process and config: the base model is loaded once per worker."""
+def get_runtime(
+    cfg: Config, log: Callable[[str], None] = print, own_site: int | None = None
+) -> Runtime:
+    """One runtime per process and config: the base model is loaded once per worker (and once
+    per site daemon, for as long as the federation's model settings stay the same)."""
     key = json.dumps(
         {k: v for k, v in cfg.to_dict().items() if k in ("model", "lora", "data", "federation")}
-        | {"seed": cfg.run.seed, "threads": cfg.train.threads},
+        | {"seed": cfg.run.seed, "threads": cfg.train.threads, "own_site": own_site},
         sort_keys=True,
     )
     if key not in _CACHE:
         _CACHE.clear()  # a worker serves one federation at a time: free the previous model
-        _CACHE[key] = build_runtime(cfg, log)
+        _CACHE[key] = build_runtime(cfg, log, own_site=own_site)
     return _CACHE[key]

@@ -1,0 +1,40 @@
+"""What a deployed federation tells its sites, and what a site tells the federation.
+
+The server puts the federation's settings into the Flower run config (every site of the run
+receives it with the app bundle): the effective fedlora config as TOML, the site names in
+index order and a federation id that stays the same when the server resumes. A site daemon puts
+its own name and its own config file into its SuperNode's node config. Nothing else crosses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from fedlora.errors import FedloraError
+
+# run config (server -> every site)
+CONFIG = "fedlora-config"  # the federation's fedlora config, TOML text (no server paths)
+SITES = "fedlora-sites"  # JSON list of the registered site names; a site's index = position
+FEDERATION = "fedlora-federation"  # id of this federation: a resumed run keeps it
+
+# node config (a site daemon -> its own ClientApp)
+SITE_NAME = "site-name"
+SITE_CONFIG = "site-config"  # path of the site's site.toml
+
+
+def is_site_daemon(node_config: Mapping[str, object]) -> bool:
+    return SITE_NAME in node_config
+
+
+def site_index(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> int:
+    """A site daemon's index in the federation: the position of its name in the server's list
+    of registered sites (sorted, so the order of the server's config file does not matter)."""
+    name = str(node_config[SITE_NAME])
+    sites = json.loads(str(run_config[SITES]))
+    if name not in sites:
+        raise FedloraError(
+            f"This site is {name!r}, but the federation's server lists only {', '.join(sites)}; "
+            "check [site] name in site.toml against [sites] in the server's config."
+        )
+    return sites.index(name)
