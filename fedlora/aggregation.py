@@ -35,8 +35,19 @@ def aggregate_factors(
     contributions: list[Arrays],
 ) -> Arrays:
     """`factors` and `freeze-a`: the strategy's server half on the SUM, then the server step."""
-    update = strategy.aggregate(sum_contributions(contributions), len(contributions))
-    return server_opt.step(global_arrays, update)
+    sums = sum_contributions(contributions)
+    return aggregate_sums(strategy, server_opt, global_arrays, sums, len(contributions))
+
+
+def aggregate_sums(
+    strategy: Strategy,
+    server_opt: ServerOptimizer,
+    global_arrays: Arrays,
+    sums: Arrays,
+    count: int,
+) -> Arrays:
+    """The server half on sums however they were made (in the clear, masked, noised)."""
+    return server_opt.step(global_arrays, strategy.aggregate(sums, count))
 
 
 def aggregate_svd(

@@ -21,6 +21,7 @@ SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
     "seed": ("run", "seed", int),
     "out": ("run", "out", str),
     "personalize_steps": ("federation", "personalize_steps", int),
+    "privacy": ("privacy", "level", str),
 }
 
 
@@ -60,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="after the last round, each site fine-tunes the global adapter this many steps and "
         "reports global vs personalised accuracy (federation.personalize_steps)",
+    )
+    sim.add_argument(
+        "--privacy",
+        help="differential privacy: none, sample (DP-SGD at each site) or client (clipped, "
+        "noised site updates); tune with --set privacy.noise_multiplier=... (privacy.level)",
+    )
+    sim.add_argument(
+        "--secure-agg",
+        action="store_const",
+        const=True,
+        help="secure aggregation: the server learns only the sum of the sites' updates "
+        "(secure.enabled)",
     )
     sim.add_argument(
         "--resume",
@@ -220,6 +233,8 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append({section: {key: value}})
+    if getattr(args, "secure_agg", None):
+        overrides.append({"secure": {"enabled": True}})
     overrides += [parse_override(text) for text in args.set]
     return load_config(args.config, overrides)
 

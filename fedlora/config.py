@@ -7,6 +7,7 @@ loaded, so that an impossible combination is refused before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ OptimizerName = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
 AggregationMode = Literal["factors", "freeze-a", "svd"]
 Quantization = Literal["none", "4bit", "8bit"]
+PrivacyLevel = Literal["none", "sample", "client"]
+ClientNoise = Literal["central", "distributed"]
+AccountantName = Literal["rdp", "prv"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -133,6 +137,38 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    #: "sample": DP-SGD at every site (opacus) protects each record; "client": every site's
+    #: update is clipped and the sum of updates noised, protecting a site's whole contribution.
+    level: PrivacyLevel = "none"
+    #: sigma: noise std / max_grad_norm (per DP-SGD step, or per round on the sum of updates).
+    noise_multiplier: float = 1.0
+    #: > 0: each site (sample level) or the server (client level) derives noise_multiplier so
+    #: that federation.rounds rounds spend exactly this epsilon; noise_multiplier is then unused.
+    target_epsilon: float = 0.0
+    #: sample level: bound on each example's gradient norm; client level: on a site's update.
+    max_grad_norm: float = 1.0
+    #: 0 = 1 / (10 n): n = a site's training rows (sample) or the number of sites (client).
+    delta: float = 0.0
+    #: client level: "central" = the server adds the noise to the sum; "distributed" = every site
+    #: adds its share before secure aggregation, so the server never sees less noise.
+    client_noise: ClientNoise = "central"
+    accountant: AccountantName = "rdp"
+    #: a site's budget: it stops training when its next round would spend more (0 = none).
+    #: At client level the federation's epsilon is the one every site spends.
+    max_epsilon: float = 0.0
+
+
+@dataclass
+class SecureConfig:
+    #: secure aggregation: the server learns only the sum of the sites' contributions.
+    enabled: bool = False
+    #: fewest sites whose inputs a round may sum; more dropouts fail the round
+    #: (0 = max(federation.min_clients, 2/3 of the sampled sites, rounded up)).
+    threshold: int = 0
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     #: results folder; "" = runs/<timestamp>-<strategy>.
@@ -147,6 +183,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,10 +354,65 @@ def validate(cfg: Config) -> None:
             'longer describe the same parameters; use lora.aggregation = "freeze-a" (exact, '
             'and SCAFFOLD-compatible) or "factors".',
         )
+    _validate_privacy(cfg)
     if st.name == "fedprox" and st.mu == 0:
         import warnings
 
         warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    pr, se, fe = cfg.privacy, cfg.secure, cfg.federation
+    _require(pr.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0.")
+    _require(pr.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 = use noise).")
+    _require(pr.max_grad_norm > 0, "privacy.max_grad_norm must be positive.")
+    _require(0 <= pr.delta < 1, "privacy.delta must be in [0, 1) (0 = 1/(10 n)).")
+    _require(pr.max_epsilon >= 0, "privacy.max_epsilon must be >= 0 (0 = no budget).")
+    _require(se.threshold >= 0, "secure.threshold must be >= 0 (0 = automatic).")
+    _require(
+        se.threshold <= fe.clients,
+        f"secure.threshold ({se.threshold}) exceeds federation.clients ({fe.clients}).",
+    )
+    if se.enabled and se.threshold:
+        sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
+        _require(
+            2 * se.threshold > sampled,
+            f"secure.threshold = {se.threshold} is not a majority of the {sampled} sites sampled "
+            "per round: with 2t <= n a server could unmask a site by claiming the others "
+            f"dropped. Use at least {sampled // 2 + 1}, or 0 (automatic).",
+        )
+    if cfg.lora.aggregation == "svd":
+        _require(
+            pr.level != "client" and not se.enabled,
+            'lora.aggregation = "svd" needs every site\'s A and B in the clear (it multiplies '
+            "them before averaging), which secure aggregation and client-level privacy forbid; "
+            'use "freeze-a" (exact averaging as a plain sum) or "factors".',
+        )
+    if pr.level == "none":
+        _require(
+            pr.max_epsilon == 0 and pr.target_epsilon == 0,
+            "privacy.max_epsilon / privacy.target_epsilon need privacy.level = "
+            '"sample" or "client".',
+        )
+        return
+    _require(
+        pr.noise_multiplier > 0 or pr.target_epsilon > 0 or pr.max_epsilon == 0,
+        "privacy.max_epsilon with noise_multiplier = 0 can never be met (epsilon is infinite "
+        "without noise); set privacy.noise_multiplier or privacy.target_epsilon.",
+    )
+    _require(
+        fe.personalize_steps == 0,
+        "federation.personalize_steps trains without privacy and reports scores that depend on "
+        "the site's data; turn it off (0) under privacy.level = "
+        f'"{pr.level}".',
+    )
+    if pr.level == "client" and pr.client_noise == "distributed":
+        _require(
+            se.enabled,
+            'privacy.client_noise = "distributed" splits the noise across sites, so one site\'s '
+            "update alone carries too little: it needs secure.enabled = true (the server then "
+            'sees only the sum). Use client_noise = "central" without secure aggregation.',
+        )
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -17,6 +17,7 @@ COLUMNS = (
     ("eval_macro_f1", "macro-F1", 8, "{:.3f}"),
     ("eval_perplexity", "ppl", 8, "{:.2f}"),
     ("agg_error_mean", "agg err", 8, "{:.2e}"),
+    ("epsilon_max", "epsilon", 7, "{:.2f}"),
     ("clients", "sites", 5, "{}"),
     ("bytes_up", "up", 9, "{}"),
     ("bytes_down", "down", 9, "{}"),
@@ -36,6 +37,8 @@ def _columns(row: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     """Classification shows accuracy and macro-F1; plain text shows perplexity."""
     text = row.get("eval_accuracy") is None and row.get("eval_perplexity") is not None
     hidden = {"eval_accuracy", "eval_macro_f1"} if text else {"eval_perplexity"}
+    if "epsilon_max" not in row:  # a run without differential privacy
+        hidden.add("epsilon_max")
     return [c for c in COLUMNS if c[0] not in hidden]
 
 

@@ -189,6 +189,24 @@ def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
     return federation
 
 
+def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
+    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon."""
+    if cfg.privacy.level == "none":
+        return {"level": "none", "max_epsilon": None}
+    sites: dict[str, dict] = {}
+    for row in rows:
+        sites.update(row.get("privacy", {}))
+    return {
+        "level": cfg.privacy.level,
+        "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,
+        "accountant": cfg.privacy.accountant,
+        "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
+        "budget": cfg.privacy.max_epsilon or None,
+        "exhausted": sorted(federation.exhausted),
+        "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
 def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
     from fedlora.model import save_adapter
 
@@ -222,5 +240,9 @@ def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
     }
     if federation.personalization:
         summary["personalization"] = federation.personalization
+    summary["privacy"] = privacy_summary(cfg, federation, rows)
+    summary["secure_aggregation"] = cfg.secure.enabled
+    if federation.stopped:
+        summary["stopped"] = federation.stopped
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(rows, work / "metrics.png", f"{cfg.strategy.name}, {cfg.federation.clients} sites")

@@ -20,6 +20,7 @@ from fedlora.config import TrainConfig
 from fedlora.data import Dataset, Example
 from fedlora.metrics import macro_f1
 from fedlora.model import adapter_parameters
+from fedlora.privacy.dpsgd import DPSGD, PrivateSteps, poisson_batch
 from fedlora.strategies.base import TrainingTerms
 
 
@@ -145,12 +146,14 @@ def local_train(
     pad_id: int,
     bf16: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
+    dp: DPSGD | None = None,
 ) -> LocalResult:
     """Run `steps` optimiser steps from the adapter currently in `model` (a fresh optimiser
     unless one is passed in, as centralised training across checkpoints does).
 
     FedProx's proximal term and SCAFFOLD's control-variate correction are added to the gradient
-    here, after clipping the data gradient, so that neither is clipped away.
+    here, after clipping the data gradient, so that neither is clipped away. With `dp`, batches
+    are Poisson samples and the data gradient is opacus's clipped, noised per-example mean.
     """
     params = adapter_parameters(model)
     start = {n: p.detach().clone() for n, p in params.items()} if terms.prox_mu else {}
@@ -163,25 +166,59 @@ def local_train(
         else {}
     )
     optimizer = optimizer or make_optimizer(list(params.values()), cfg)
+    private = PrivateSteps(model, optimizer, dp, len(rows)) if dp else None
     model.train()
-    total = 0.0
+    total, batches_seen = 0.0, 0
     stream = batches(rows, cfg.batch_size, rng)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for _ in range(steps):
+            loss = _gradient(model, params, rows, stream, cfg, private, rng, pad_id, bf16)
+            if loss is not None:
+                total += loss
+                batches_seen += 1
+            with torch.no_grad():
+                for name, p in params.items():
+                    if terms.prox_mu:
+                        p.grad.add_(p - start[name], alpha=terms.prox_mu)
+                    if name in correction:
+                        p.grad.add_(correction[name])
+            optimizer.step()
+    finally:
+        if private:
+            private.close()
+    model.eval()
+    return LocalResult(total / max(1, batches_seen), steps)
+
+
+def _gradient(
+    model,
+    params: dict[str, torch.nn.Parameter],
+    rows: Sequence[Encoded],
+    stream: Iterator[list[Encoded]],
+    cfg: TrainConfig,
+    private: PrivateSteps | None,
+    rng: np.random.Generator,
+    pad_id: int,
+    bf16: bool,
+) -> float | None:
+    """Set p.grad to this step's data gradient; return the batch loss (None: empty batch)."""
+    if private is None:
+        for p in params.values():
+            p.grad = None
         loss = batch_loss(model, next(stream), pad_id, bf16)
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        with torch.no_grad():
-            for name, p in params.items():
-                if terms.prox_mu:
-                    p.grad.add_(p - start[name], alpha=terms.prox_mu)
-                if name in correction:
-                    p.grad.add_(correction[name])
-        optimizer.step()
-        total += float(loss.detach())
-    model.eval()
-    return LocalResult(total / steps, steps)
+        return float(loss.detach())
+    private.zero_grad()
+    batch = poisson_batch(rows, private.dp.sample_rate, rng)
+    value = None
+    if batch:
+        loss = batch_loss(model, batch, pad_id, bf16)
+        loss.backward()
+        value = float(loss.detach())
+    private.privatize(batch_was_empty=not batch)
+    return value
 
 
 @dataclass(frozen=True)

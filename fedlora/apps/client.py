@@ -7,6 +7,8 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,20 @@ from fedlora.apps import records as R
 from fedlora.apps.site_state import SiteStore
 from fedlora.checkpoint import run_state_dir
 from fedlora.config import Config, TrainConfig
+from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
 from fedlora.model import adapter_arrays, load_adapter_arrays
-from fedlora.runtime import get_runtime
+from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
+from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.policy import (
+    BudgetExhausted,
+    Mechanism,
+    check_budget,
+    client_mechanism,
+    sample_mechanism,
+    spend,
+)
+from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, TrainingTerms
 from fedlora.train import evaluate, local_train
@@ -42,10 +55,22 @@ def derive_seed(*parts: int) -> int:
 
 #: node_config key naming a site daemon's state folder
 STATE_DIR = "state-dir"
+#: site state key of the privacy ledger: rows (noise multiplier, sample rate, steps)
+LEDGER = "privacy/ledger"
 
 
 def site_id(context: Context) -> int:
+    """A simulated site is its partition id; a site daemon is the position of its name in the
+    server's list of sites (fedlora.deploy.runconfig)."""
+    if runconfig.is_site_daemon(context.node_config):
+        return runconfig.site_index(context.node_config, context.run_config)
     return int(context.node_config["partition-id"])
+
+
+def site_runtime(cfg: Config, context: Context) -> Runtime:
+    """A site daemon's cfg names its own data file, all of whose rows are its own."""
+    own = site_id(context) if runconfig.is_site_daemon(context.node_config) else None
+    return get_runtime(cfg, own_site=own)
 
 
 def site_state_dir(cfg: Config, context: Context) -> Path:
@@ -71,19 +96,33 @@ def train_contribution(
     """Train on this site's rows from the global adapter in `msg`; return the strategy's
     contribution (the vectors the server sums) and the site's metrics."""
     site = site_id(context)
-    rt = get_runtime(cfg)
+    rt = site_runtime(cfg, context)
     round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
     global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
     broadcast = R.from_record(msg.content[R.BROADCAST])
-    store = SiteStore(site_state_dir(cfg, context), site)
-    client_state = store.before(round_)
+    folder = site_state_dir(cfg, context)
+    store = SiteStore(folder, site)
+    saved = store.before(round_)
+    ledger = [tuple(e) for e in saved.pop(LEDGER, np.zeros((0, 3))).tolist()]
+    client_state = saved
     strategy = strategy_for(cfg)
     load_adapter_arrays(rt.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     seed = derive_seed(cfg.run.seed, round_, site)
+    noise = derive_seed(site_secret(cfg, context, folder), round_, site)
     torch.manual_seed(seed)  # LoRA dropout
     rows = rt.site_rows(site)
+    level = cfg.privacy.level
+    mech, dp = None, None
+    if level == "sample":
+        mech = sample_mechanism(cfg, len(rows), steps)
+        check_budget(cfg, mech, ledger, site)
+        dp = DPSGD(mech.noise_multiplier, mech.max_grad_norm, mech.sample_rate, noise)
+    elif level == "client":  # one release per round, spent by every site (sampling amplifies)
+        mech = client_mechanism(cfg)
+        ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]
+        check_budget(cfg, mech, ledger, site)
     result = local_train(
         rt.model,
         rows,
@@ -93,28 +132,77 @@ def train_contribution(
         np.random.default_rng(seed),
         rt.pad_id,
         bf16=rt.bf16,
+        dp=dp,
     )
     local = adapter_arrays(rt.model)
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}
     work = LocalWork(
-        num_examples=len(rows), steps=result.steps, lr=cfg.train.lr, momentum=cfg.train.momentum
+        # client level: uniform weights, or a site's row count would change the sensitivity
+        num_examples=1 if level == "client" else len(rows),
+        steps=result.steps,
+        lr=cfg.train.lr,
+        momentum=cfg.train.momentum,
     )
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
+    values: dict[str, float | int] = {
+        R.SITE_ID: site,
+        R.TRAIN_LOSS: result.mean_loss,
+        R.LOCAL_STEPS: result.steps,
+        R.NUM_EXAMPLES: len(rows),
+    }
+    if mech is not None:
+        if level == "client":
+            keys = private_keys(contribution, strategy.private_prefixes)
+            scale = clip_scale(contribution, keys, mech.max_grad_norm)
+            contribution, new_state = strategy.scale_private(
+                contribution, new_state, client_state, scale
+            )
+            values[R.CLIP_SCALE] = scale
+            if cfg.privacy.client_noise == "distributed":
+                t = int(msg.content[R.ROUND_CONFIG][R.NOISE_SHARES])
+                std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, t)
+                contribution = add_gaussian(contribution, keys, std, np.random.default_rng(noise))
+        ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
+        values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
+        new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
     store.save(round_, new_state)
-    metrics = MetricRecord(
-        {
-            R.SITE_ID: site,
-            R.TRAIN_LOSS: result.mean_loss,
-            R.LOCAL_STEPS: result.steps,
-            R.NUM_EXAMPLES: len(rows),
-        }
-    )
-    return contribution, metrics
+    return contribution, MetricRecord(values)
+
+
+def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float | int]:
+    """The numeric fields of this site's privacy spend (level and accountant are in the config)."""
+    return {
+        k: v
+        for k, v in spend(cfg, mech, ledger).as_dict().items()
+        if k not in ("level", "accountant")
+    }
+
+
+def site_secret(cfg: Config, context: Context, folder: Path) -> int:
+    """The seed of a site's DP noise. A site daemon draws a secret once and keeps it in its
+    state folder (noise the server could regenerate would protect nothing); simulated sites use
+    the run seed, so that simulations are reproducible."""
+    if STATE_DIR not in context.node_config:
+        return cfg.run.seed
+    path = folder / "noise.secret"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(16))
+    return int.from_bytes(path.read_bytes(), "little")
 
 
 def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
-    """Plain aggregation: the contribution travels in the clear (inside TLS)."""
-    contribution, metrics = train_contribution(cfg, msg, context)
+    """Plain aggregation: the contribution travels in the clear (inside TLS). A site whose
+    privacy budget is spent says so instead (the server then leaves it out)."""
+    try:
+        contribution, metrics = train_contribution(cfg, msg, context)
+    except BudgetExhausted as exc:
+        status = MetricRecord(
+            {R.SITE_ID: exc.site, R.EXHAUSTED: 1, R.PRIVACY + "epsilon": exc.spent}
+        )
+        return Message(RecordDict({R.SITE_METRICS: status}), reply_to=msg)
     # vectors travel as float32 (the adapter's own precision); the server sums in float64
     sent = {k: v if v.shape == (1,) else v.astype(np.float32) for k, v in contribution.items()}
     content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
@@ -125,7 +213,7 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     """Fine-tune the final global adapter on this site's rows only and compare both on the
     site's own held-out share. Nothing but these metrics leaves the site."""
     site = site_id(context)
-    rt = get_runtime(cfg)
+    rt = site_runtime(cfg, context)
     steps = int(msg.content[R.ROUND_CONFIG][R.PERSONALIZE_STEPS])
     global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
     held_out = rt.encoder.encode_all([rt.dataset.test[i] for i in rt.test_parts[site]])

@@ -20,6 +20,10 @@ SITE_ID = "site"
 TRAIN_LOSS = "train_loss"
 LOCAL_STEPS = "local_steps"
 NUM_EXAMPLES = "num_examples"
+PRIVACY = "privacy."  # prefix of a site's privacy spend: epsilon, delta, noise_multiplier, ...
+CLIP_SCALE = "clip_scale"  # client-level DP: the factor the site's update was scaled by (<= 1)
+EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)
+NOISE_SHARES = "noise_shares"  # server -> site (distributed DP): sites the noise is split over
 
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"

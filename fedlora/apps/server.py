@@ -8,6 +8,7 @@ step, evaluate the global adapter on the held-out rows, and report the round.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,15 +20,17 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import checkpoint
-from fedlora.aggregation import aggregate_factors, aggregate_svd, factor_error
+from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
+from fedlora.privacy.client_level import add_gaussian, private_keys
+from fedlora.privacy.policy import BudgetExhausted, client_mechanism
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
-from fedlora.strategies.base import Arrays, LocalWork, Strategy
+from fedlora.strategies.base import Arrays, LocalWork, Strategy, sum_contributions
 from fedlora.train import evaluate
 
 
@@ -37,6 +40,19 @@ def sample_sites(
     """max(minimum, ceil(fraction * n)) sites, without replacement, seeded."""
     k = min(len(sites), max(minimum, math.ceil(fraction * len(sites))))
     return sorted(int(s) for s in rng.choice(sorted(sites), size=k, replace=False))
+
+
+@dataclass
+class RoundInputs:
+    """What a round collected from the sites, however it was collected."""
+
+    sums: Arrays = field(default_factory=dict)  # per-key sums of the contributions
+    metrics: list = field(default_factory=list)  # MetricRecord of each contributing site
+    contributions: list[Arrays] = field(default_factory=list)  # individual: plaintext only
+    failures: list[str] = field(default_factory=list)
+    exhausted: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 @dataclass
@@ -53,8 +69,18 @@ class Federation:
     #: from it when it holds a checkpoint of the same configuration
     state_dir: Path | None = None
     personalization: list[dict[str, float]] = field(default_factory=list)
+    nodes: dict[int, int] = field(default_factory=dict)  # site id -> Flower node id
+    exhausted: set[int] = field(default_factory=set)  # sites whose privacy budget is spent
+    epsilon_spent: dict[str, float] = field(default_factory=dict)  # site -> latest epsilon
+    #: why the run ended before federation.rounds ("" = it did not)
+    stopped: str = ""
+    #: seed of the server's noise (client-level DP, central). A deployed server passes a
+    #: secret one (it is saved with the state); a simulation uses run.seed, to be reproducible.
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.noise_seed is None:
+            self.noise_seed = self.cfg.run.seed
         self.strategy = strategy_for(self.cfg)
         self.server_opt = ServerOptimizer(
             lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
@@ -86,107 +112,201 @@ class Federation:
         return row
 
     # --- one round -----------------------------------------------------------------------
+    def round_content(self, round_: int) -> RecordDict:
+        """What every sampled site receives: the global adapter, the strategy's broadcast
+        state and the round config."""
+        config: dict[str, int] = {R.ROUND: round_}
+        if self.cfg.privacy.level == "client" and self.cfg.privacy.client_noise == "distributed":
+            config[R.NOISE_SHARES] = self.threshold(len(self.available_sites()))
+        return RecordDict(
+            {
+                R.GLOBAL_ADAPTER: R.to_record(self.global_arrays),
+                R.BROADCAST: R.to_record(self.strategy.broadcast()),
+                R.ROUND_CONFIG: ConfigRecord(config),
+            }
+        )
+
     def train_messages(
         self, grid: Grid, nodes: dict[int, int], sites: list[int], round_: int
     ) -> tuple[list[Message], int]:
-        """One TRAIN message per sampled site (global adapter + broadcast state), and the bytes
-        of tensor data they carry in total."""
-        broadcast = self.strategy.broadcast()
-
-        def content() -> RecordDict:
-            return RecordDict(
-                {
-                    R.GLOBAL_ADAPTER: R.to_record(self.global_arrays),
-                    R.BROADCAST: R.to_record(broadcast),
-                    R.ROUND_CONFIG: ConfigRecord({R.ROUND: round_}),
-                }
-            )
-
+        """One TRAIN message per sampled site, and the bytes of tensor data they carry."""
         msgs = [
-            Message(content(), dst_node_id=nodes[s], message_type=MessageType.TRAIN) for s in sites
+            Message(
+                self.round_content(round_), dst_node_id=nodes[s], message_type=MessageType.TRAIN
+            )
+            for s in sites
         ]
-        per_site = R.payload_bytes(self.global_arrays) + R.payload_bytes(broadcast)
+        per_site = R.payload_bytes(self.global_arrays) + R.payload_bytes(self.strategy.broadcast())
         return msgs, per_site * len(sites)
 
-    def run_round(self, grid: Grid, nodes: dict[int, int], round_: int) -> dict[str, object]:
-        started = time.perf_counter()
-        rng = np.random.default_rng([self.cfg.run.seed, round_])
-        fed = self.cfg.federation
-        chosen = sample_sites(sorted(nodes), fed.fraction, fed.min_clients, rng)
-        msgs, bytes_down = self.train_messages(grid, nodes, chosen, round_)
-        replies = exchange(
-            grid,
-            msgs,
-            lambda done: self.reporter.progress(
-                f"round {round_}/{fed.rounds}: {done}/{len(chosen)} sites done"
-            ),
-        )
-        contributions, works, losses, weights, failures = [], [], [], [], []
-        bytes_up = 0
+    def available_sites(self) -> list[int]:
+        return [s for s in sorted(self.nodes) if s not in self.exhausted]
+
+    def threshold(self, sampled: int) -> int:
+        """The fewest contributions a round may sum: secure.threshold, else the larger of
+        federation.min_clients and two thirds of the sampled sites (SecAgg needs a majority)."""
+        if self.cfg.secure.threshold:
+            return min(self.cfg.secure.threshold, sampled)
+        return min(sampled, max(self.cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
+
+    def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
+        msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)
+        replies = exchange(grid, msgs, progress)
+        inputs = RoundInputs(bytes_down=bytes_down)
         # site order, not arrival order: float sums must not depend on which site finished first
         replies.sort(
             key=lambda m: -1 if m.has_error() else int(m.content[R.SITE_METRICS][R.SITE_ID])
         )
         for reply in replies:
             if reply.has_error():
-                failures.append(reply.error.reason)
+                inputs.failures.append(reply.error.reason)
+                continue
+            metrics = reply.content[R.SITE_METRICS]
+            if int(metrics.get(R.EXHAUSTED, 0)):
+                inputs.exhausted.append(int(metrics[R.SITE_ID]))
                 continue
             arrays = R.from_record(reply.content[R.CONTRIBUTION])
             check_contribution(arrays, self.global_arrays)
-            metrics = reply.content[R.SITE_METRICS]
-            contributions.append(arrays)
-            works.append(
-                LocalWork(
-                    num_examples=int(metrics[R.NUM_EXAMPLES]),
-                    steps=int(metrics[R.LOCAL_STEPS]),
-                    lr=self.cfg.train.lr,
-                    momentum=self.cfg.train.momentum,
-                )
-            )
-            losses.append(float(metrics[R.TRAIN_LOSS]))
-            weights.append(float(metrics[R.NUM_EXAMPLES]))
-            bytes_up += R.payload_bytes(arrays)
-        for reason in failures:
+            inputs.contributions.append(arrays)
+            inputs.metrics.append(metrics)
+            inputs.bytes_up += R.payload_bytes(arrays)
+        if inputs.contributions:
+            inputs.sums = sum_contributions(inputs.contributions)
+        return inputs
+
+    def collect_secure(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
+        from fedlora.apps.secure import secure_sum
+
+        result = secure_sum(
+            grid,
+            {s: self.nodes[s] for s in chosen},
+            self.round_content(round_),
+            self.threshold(len(chosen)),
+            progress,
+        )
+        inputs = RoundInputs(
+            sums=result.sums,
+            metrics=[result.metrics[s] for s in sorted(result.sites)],
+            bytes_up=sum(result.bytes_up.values()),
+            bytes_down=sum(result.bytes_down.values()),
+        )
+        for failure in result.failures:
+            found = re.search(r"site (\d+)", failure)
+            if BudgetExhausted.MARK in failure and found:
+                inputs.exhausted.append(int(found.group(1)))
+            else:
+                inputs.failures.append(failure)
+        return inputs
+
+    def run_round(self, grid: Grid, nodes: dict[int, int], round_: int) -> dict[str, object] | None:
+        """One round; None when too few sites with privacy budget are left to hold it."""
+        started = time.perf_counter()
+        self.nodes = nodes
+        rng = np.random.default_rng([self.cfg.run.seed, round_])
+        fed = self.cfg.federation
+        chosen = sample_sites(self.available_sites(), fed.fraction, fed.min_clients, rng)
+
+        def progress(done: object) -> None:
+            what = done if isinstance(done, str) else f"{done}/{len(chosen)} sites done"
+            self.reporter.progress(f"round {round_}/{fed.rounds}: {what}")
+
+        collect = self.collect_secure if self.cfg.secure.enabled else self.collect_plain
+        inputs = collect(grid, chosen, round_, progress)
+        for reason in inputs.failures:
             self.reporter.note(f"round {round_}: a site failed: {reason.strip().splitlines()[-1]}")
-        if len(contributions) < fed.min_clients:
-            detail = f" First error: {failures[0].strip()}" if failures else ""
-            raise FedloraError(
-                f"Round {round_}: only {len(contributions)} of {len(chosen)} sites replied, "
-                f"fewer than federation.min_clients = {fed.min_clients}.{detail}"
+        for site in inputs.exhausted:
+            self.reporter.note(
+                f"round {round_}: site {site} has spent its privacy budget "
+                f"(privacy.max_epsilon = {self.cfg.privacy.max_epsilon:g}) and no longer trains."
             )
-        if self.cfg.lora.aggregation == "svd":
+        self.exhausted.update(inputs.exhausted)
+        count = len(inputs.metrics)
+        if count < fed.min_clients and len(self.available_sites()) < fed.min_clients:
+            return None  # budgets, not faults, ended the federation: `run` says so
+        if count < fed.min_clients:
+            detail = f" First error: {inputs.failures[0].strip()}" if inputs.failures else ""
+            raise FedloraError(
+                f"Round {round_}: only {count} of {len(chosen)} sites contributed, fewer than "
+                f"federation.min_clients = {fed.min_clients}.{detail}"
+            )
+        works = [
+            LocalWork(
+                num_examples=int(m[R.NUM_EXAMPLES]),
+                steps=int(m[R.LOCAL_STEPS]),
+                lr=self.cfg.train.lr,
+                momentum=self.cfg.train.momentum,
+            )
+            for m in inputs.metrics
+        ]
+        sums = self.add_central_noise(inputs.sums, round_)
+        error_mean = error_max = None
+        if self.cfg.lora.aggregation == "svd":  # plaintext only (refused at config load)
             self.global_arrays, error_mean, error_max = aggregate_svd(
                 self.strategy,
                 self.product_opt,
                 self.global_arrays,
-                contributions,
+                inputs.contributions,
                 works,
                 self.cfg.lora.r,
             )
         else:
-            frozen = lora_arrays(self.runtime.model)  # A under freeze-a: never changes
-            error_mean, error_max = factor_error(
-                self.strategy, self.global_arrays, frozen, contributions
-            )
-            self.global_arrays = aggregate_factors(
-                self.strategy, self.server_opt, self.global_arrays, contributions
+            if inputs.contributions:  # the diagnostic needs each site's factors: plaintext only
+                frozen = lora_arrays(self.runtime.model)  # A under freeze-a: never changes
+                error_mean, error_max = factor_error(
+                    self.strategy, self.global_arrays, frozen, inputs.contributions
+                )
+            self.global_arrays = aggregate_sums(
+                self.strategy, self.server_opt, self.global_arrays, sums, count
             )
         row: dict[str, object] = {
             "round": round_,
-            "train_loss": float(np.average(losses, weights=weights)),
-            "clients": len(contributions),
+            "train_loss": float(
+                np.average(
+                    [float(m[R.TRAIN_LOSS]) for m in inputs.metrics],
+                    weights=[w.num_examples for w in works],
+                )
+            ),
+            "clients": count,
             "sites": chosen,
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
         }
+        row |= self.privacy_row(inputs.metrics)
         self.reporter.progress(f"round {round_}/{fed.rounds}: evaluating the global adapter")
         row |= self.evaluate_global()
         row |= {
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": inputs.bytes_up,
+            "bytes_down": inputs.bytes_down,
             "seconds": time.perf_counter() - started,
         }
         return row
+
+    # --- differential privacy ------------------------------------------------------------
+    def add_central_noise(self, sums: Arrays, round_: int) -> Arrays:
+        """Client level, central: N(0, (sigma C)^2) on every data-carrying sum."""
+        pr = self.cfg.privacy
+        if pr.level != "client" or pr.client_noise != "central":
+            return sums
+        mech = client_mechanism(self.cfg)
+        keys = private_keys(sums, self.strategy.private_prefixes)
+        rng = np.random.default_rng([self.noise_seed, round_])
+        return add_gaussian(sums, keys, mech.noise_multiplier * mech.max_grad_norm, rng)
+
+    def privacy_row(self, metrics: list) -> dict[str, object]:
+        """Per-site spend as reported (enough to recompute each epsilon) and the largest so far."""
+        if self.cfg.privacy.level == "none":
+            return {}
+        per_site = {}
+        for m in metrics:
+            spend = {k[len(R.PRIVACY) :]: m[k] for k in m if k.startswith(R.PRIVACY)}
+            spend |= {"level": self.cfg.privacy.level, "accountant": self.cfg.privacy.accountant}
+            per_site[str(int(m[R.SITE_ID]))] = spend
+            self.epsilon_spent[str(int(m[R.SITE_ID]))] = float(spend["epsilon"])
+        return {
+            "privacy": per_site,
+            "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
+            "exhausted": sorted(self.exhausted),
+        }
 
     # --- server state that survives a restart ----------------------------------------------
     def save_state(self, round_: int) -> None:
@@ -200,7 +320,18 @@ class Federation:
         }
         fingerprint = checkpoint.config_fingerprint(self.cfg.to_dict())
         checkpoint.save(
-            self.state_dir, checkpoint.Checkpoint(round_, arrays, self.reporter.rows, fingerprint)
+            self.state_dir,
+            checkpoint.Checkpoint(
+                round_,
+                arrays,
+                self.reporter.rows,
+                fingerprint,
+                {
+                    "exhausted": sorted(self.exhausted),
+                    "epsilon_spent": self.epsilon_spent,
+                    "noise_seed": self.noise_seed,
+                },
+            ),
         )
 
     def restore_state(self) -> int:
@@ -214,6 +345,9 @@ class Federation:
         self.strategy.load_state_dict(saved.arrays["strategy"])
         self.server_opt.load_state_dict(saved.arrays["server_opt"])
         self.product_opt.load_state_dict(saved.arrays["product_opt"])
+        self.exhausted = set(saved.extra.get("exhausted", []))
+        self.epsilon_spent = dict(saved.extra.get("epsilon_spent", {}))
+        self.noise_seed = saved.extra.get("noise_seed", self.noise_seed)
         self.reporter.restore(saved.rows)
         self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
         return saved.round
@@ -224,14 +358,27 @@ class Federation:
         if done < 0:
             started = time.perf_counter()
             self.reporter.progress("round 0: evaluating the initial adapter")
-            row0 = {"round": 0, "train_loss": None, "clients": 0} | self.evaluate_global()
+            row0 = {"round": 0, "train_loss": None, "clients": 0} | self.privacy_row([])
+            row0 |= self.evaluate_global()
             self.reporter.round(
                 row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
             )
             self.save_state(0)
             done = 0
+        self.nodes = nodes
         for round_ in range(done + 1, self.cfg.federation.rounds + 1):
-            row = self.run_round(grid, nodes, round_)
+            row = None
+            if len(self.available_sites()) >= self.cfg.federation.min_clients:
+                row = self.run_round(grid, nodes, round_)
+            if row is None:
+                self.stopped = (
+                    f"Stopped after round {round_ - 1} of {self.cfg.federation.rounds}: "
+                    f"{len(self.exhausted)} of {len(nodes)} sites have spent their privacy "
+                    "budget (privacy.max_epsilon), fewer than federation.min_clients = "
+                    f"{self.cfg.federation.min_clients} can still train."
+                )
+                self.reporter.note(self.stopped)
+                break
             self.reporter.round(row)
             self.save_state(round_)
         if self.cfg.federation.personalize_steps:

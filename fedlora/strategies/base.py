@@ -155,6 +155,9 @@ class Strategy(ABC):
     """A federated strategy split into a pure client half and a server half over sums."""
 
     name: ClassVar[str]
+    #: the contribution vectors that carry data: clipped (jointly) and noised under client-level
+    #: differential privacy; everything else is a public count or step number
+    private_prefixes: ClassVar[tuple[str, ...]] = (DELTA,)
 
     def __init__(self, *, total_clients: int) -> None:
         if total_clients < 1:
@@ -177,6 +180,17 @@ class Strategy(ABC):
         Returns (contribution, new_client_state). contribution maps keys to arrays that the
         server will SUM elementwise over clients; scalars are shape-(1,) float64 arrays.
         """
+
+    def scale_private(
+        self, contribution: Arrays, new_state: Arrays, client_state: Arrays, scale: float
+    ) -> tuple[Arrays, Arrays]:
+        """Multiply the data-carrying vectors by `scale` (client-level clipping); a strategy
+        whose client state follows from what it sent keeps the two consistent."""
+        scaled = {
+            k: v * scale if k.startswith(self.private_prefixes) else v
+            for k, v in contribution.items()
+        }
+        return scaled, new_state
 
     # server half ------------------------------------------------------------------------------
     def site_delta(self, contribution: Arrays) -> Arrays:

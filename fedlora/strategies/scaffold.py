@@ -75,6 +75,7 @@ class Scaffold(Strategy):
     """Corrects client drift with control variates: clients follow g_i - c_i + c."""
 
     name = "scaffold"
+    private_prefixes = (DELTA, DC)
 
     def __init__(self, *, total_clients: int) -> None:
         super().__init__(total_clients=total_clients)
@@ -105,6 +106,16 @@ class Scaffold(Strategy):
         contribution.update(with_prefix(DC, {k: c_i_new[k] - c_i[k] for k in delta}))
         contribution[COUNT] = scalar(1.0)
         return contribution, with_prefix(C_I, c_i_new, dtype=np.float32)
+
+    def scale_private(
+        self, contribution: Arrays, new_state: Arrays, client_state: Arrays, scale: float
+    ) -> tuple[Arrays, Arrays]:
+        """Clipping scales Delta c_i too, so c_i+ = c_i + scale * Delta c_i: the site's variate
+        stays the one the server's c accounts for."""
+        scaled, _ = super().scale_private(contribution, new_state, client_state, scale)
+        dc = strip_prefix(DC, scaled)
+        c_i = _read_variate(C_I, "client_state c_i vs dc", client_state, dc)
+        return scaled, with_prefix(C_I, {k: c_i[k] + dc[k] for k in dc}, dtype=np.float32)
 
     # server half ------------------------------------------------------------------------------
     def broadcast(self) -> Arrays:

@@ -1,0 +1,86 @@
+"""From the config to the mechanism a party runs: noise multiplier, sampling rate, delta, and
+the budget check. One place, used by the sites and the server alike."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedlora.config import Config
+from fedlora.privacy.accounting import Entry, Spend, default_delta, epsilon, noise_for_epsilon
+
+
+class BudgetExhausted(Exception):
+    """A site refuses a round that would take it past privacy.max_epsilon."""
+
+    MARK = "[privacy budget exhausted]"
+
+    def __init__(self, site: int, spent: float, next_epsilon: float, budget: float) -> None:
+        self.site, self.spent = site, spent
+        super().__init__(
+            f"{self.MARK} site {site}: epsilon spent {spent:.3g}; the next round would reach "
+            f"{next_epsilon:.3g} > privacy.max_epsilon = {budget:g}"
+        )
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    max_grad_norm: float
+    steps_per_round: int  # DP-SGD steps (sample level) or 1 (client level: one release a round)
+
+
+def sites_per_round(cfg: Config) -> int:
+    fe = cfg.federation
+    return min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
+
+
+def sample_mechanism(cfg: Config, n_rows: int, steps_per_round: int) -> Mechanism:
+    """DP-SGD at one site: Poisson rate batch_size / n, delta from its row count."""
+    pr = cfg.privacy
+    q = min(1.0, cfg.train.batch_size / n_rows)
+    delta = pr.delta or default_delta(n_rows)
+    sigma = pr.noise_multiplier
+    if pr.target_epsilon:
+        total = steps_per_round * cfg.federation.rounds
+        sigma = noise_for_epsilon(pr.target_epsilon, delta, q, total, pr.accountant)
+    return Mechanism(sigma, q, delta, pr.max_grad_norm, steps_per_round)
+
+
+def client_mechanism(cfg: Config) -> Mechanism:
+    """Client level: one Gaussian release of the clipped sum per round; a site takes part with
+    probability (sites per round) / (sites)."""
+    pr = cfg.privacy
+    q = sites_per_round(cfg) / cfg.federation.clients
+    delta = pr.delta or default_delta(cfg.federation.clients)
+    sigma = pr.noise_multiplier
+    if pr.target_epsilon:
+        sigma = noise_for_epsilon(pr.target_epsilon, delta, q, cfg.federation.rounds, pr.accountant)
+    return Mechanism(sigma, q, delta, pr.max_grad_norm, 1)
+
+
+def spend(cfg: Config, mech: Mechanism, ledger: list[Entry]) -> Spend:
+    return Spend(
+        level=cfg.privacy.level,
+        epsilon=epsilon(ledger, mech.delta, cfg.privacy.accountant),
+        delta=mech.delta,
+        noise_multiplier=mech.noise_multiplier,
+        sample_rate=mech.sample_rate,
+        steps=sum(n for _, _, n in ledger),
+        max_grad_norm=mech.max_grad_norm,
+        accountant=cfg.privacy.accountant,
+    )
+
+
+def check_budget(cfg: Config, mech: Mechanism, ledger: list[Entry], site: int) -> None:
+    """Raise BudgetExhausted if one more round of `mech` would exceed privacy.max_epsilon."""
+    budget = cfg.privacy.max_epsilon
+    if not budget:
+        return
+    entry = (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)
+    following = epsilon([*ledger, entry], mech.delta, cfg.privacy.accountant)
+    if following > budget:
+        spent = epsilon(ledger, mech.delta, cfg.privacy.accountant)
+        raise BudgetExhausted(site, spent, following, budget)

@@ -1,0 +1,223 @@
+"""Differential privacy: accounting against opacus and published values, DP-SGD against plain
+training, the noise really there at the stated scale, client-level clipping and noise, budgets,
+and what a private run reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedlora.config import TrainConfig, load_config
+from fedlora.errors import FedloraError
+from fedlora.model import adapter_arrays, load_adapter_arrays
+from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
+from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
+from fedlora.privacy.dpsgd import DPSGD
+from fedlora.runtime import build_runtime
+from fedlora.simulate import simulate
+from fedlora.strategies import make_strategy
+from fedlora.strategies.base import C_I, DC, DELTA, LocalWork, TrainingTerms
+from fedlora.train import local_train
+
+
+def quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+# --- accounting ---------------------------------------------------------------------------------
+
+
+def test_epsilon_matches_opacus_accountant_stepped_one_step_at_a_time():
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    ledger = [(1.1, 0.02, 30), (1.1, 0.02, 30), (0.9, 0.05, 12)]
+    for name, cls in (("rdp", RDPAccountant), ("prv", PRVAccountant)):
+        reference = cls()
+        for sigma, q, steps in ledger:
+            for _ in range(steps):
+                reference.step(noise_multiplier=sigma, sample_rate=q)
+        assert epsilon(ledger, 1e-5, name) == pytest.approx(
+            reference.get_epsilon(delta=1e-5), rel=1e-6 if name == "rdp" else 2e-2
+        )
+
+
+def test_epsilon_against_published_values():
+    # opacus's own published accountant test: sigma 1.5, q 0.04, 90 epochs, delta 1e-5
+    assert epsilon([(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911117143, rel=1e-9)
+    # Abadi et al. 2016, Sec. 3.1: sigma 4, q 0.01, T 10000, delta 1e-5 -> (1.26, 1e-5) with the
+    # moments accountant; RDP is the same analysis with all orders, so at most that (and not far)
+    value = epsilon([(4.0, 0.01, 10_000)], 1e-5)
+    assert 0.9 < value <= 1.26
+
+
+def test_edge_cases_and_noise_for_a_target():
+    assert epsilon([], 1e-5) == 0.0
+    assert math.isinf(epsilon([(0.0, 0.1, 5)], 1e-5))
+    sigma = noise_for_epsilon(8.0, 1e-5, 0.04, 2250)
+    assert epsilon([(sigma, 0.04, 2250)], 1e-5) == pytest.approx(8.0, abs=0.05)
+    assert default_delta(500) == pytest.approx(1 / 5000) and default_delta(500) < 1 / 500
+
+
+# --- DP-SGD at a site ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tiny_cfg_at):
+    cfg = tiny_cfg_at(tmp_path_factory.mktemp("dp"), lora={"dropout": 0.0})
+    rt = build_runtime(cfg, log=quiet)
+    return rt, rt.site_rows(0)[:12], adapter_arrays(rt.model)
+
+
+def train_once(site, steps, cfg, dp, seed=0):
+    rt, rows, start = site
+    load_adapter_arrays(rt.model, start)
+    local_train(
+        rt.model, rows, steps, cfg, TrainingTerms(), np.random.default_rng(seed), rt.pad_id, dp=dp
+    )
+    after = adapter_arrays(rt.model)
+    return {k: after[k] - start[k] for k in start}
+
+
+SGD = TrainConfig(optimizer="sgd", lr=0.5, batch_size=12, max_grad_norm=0.0)
+
+
+def test_dpsgd_without_noise_or_clipping_equals_plain_training(site):
+    """Guards against silently corrupted LoRA updates under DP (a known opacus+peft failure):
+    sigma 0, no effective clipping, every row in every batch (q = 1) must be plain SGD."""
+    plain = train_once(site, 3, SGD, None)
+    private = train_once(site, 3, SGD, DPSGD(0.0, 1e9, 1.0, noise_seed=1))
+    assert any(np.abs(v).max() > 1e-4 for v in plain.values())
+    for k in plain:
+        np.testing.assert_allclose(private[k], plain[k], rtol=1e-4, atol=1e-7)
+
+
+def test_dpsgd_noise_is_there_at_the_stated_scale(site):
+    """One step, q = 1, clip C: the noisy update minus the noiseless one is
+    -lr * N(0, (sigma C)^2) / B per coordinate."""
+    sigma, clip, batch = 2.0, 0.05, 12
+    quiet_step = train_once(site, 1, SGD, DPSGD(0.0, clip, 1.0, noise_seed=1))
+    noisy_step = train_once(site, 1, SGD, DPSGD(sigma, clip, 1.0, noise_seed=1))
+    diff = np.concatenate([(noisy_step[k] - quiet_step[k]).ravel() for k in quiet_step])
+    expected = SGD.lr * sigma * clip / batch
+    assert diff.size > 3000
+    assert diff.std() == pytest.approx(expected, rel=0.05)
+    assert abs(diff.mean()) < 4 * expected / math.sqrt(diff.size)
+    # and clipping really bounds the data term: every example's gradient norm is at most C
+    data_norm = math.sqrt(sum(float((v**2).sum()) for v in quiet_step.values()))
+    assert data_norm <= SGD.lr * clip * (1 + 1e-5)
+
+
+def test_dpsgd_leaves_the_model_clean_for_plain_use(site):
+    rt, rows, _ = site
+    train_once(site, 1, SGD, DPSGD(1.0, 1.0, 0.5, noise_seed=3))
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in rt.model.parameters()
+    )
+    assert not rt.model._forward_hooks  # opacus's hooks are gone
+    train_once(site, 1, SGD, None)  # and plain training still works
+
+
+# --- client level -------------------------------------------------------------------------------
+
+
+def test_clip_scale_by_hand():
+    c = {"delta/a": np.array([3.0, 0.0]), "delta/b": np.array([4.0]), "weight": np.array([1.0])}
+    keys = private_keys(c, (DELTA,))
+    assert keys == ["delta/a", "delta/b"]  # the public weight is not clipped
+    assert clip_scale(c, keys, 10.0) == 1.0
+    assert clip_scale(c, keys, 1.0) == pytest.approx(1 / 5)
+
+
+def test_central_and_distributed_noise_have_the_stated_variance():
+    rng = np.random.default_rng(0)
+    zeros = {"delta/a": np.zeros(200_000), "weight": np.array([1.0])}
+    central = add_gaussian(zeros, ["delta/a"], 0.5 * 2.0, rng)
+    assert central["delta/a"].std() == pytest.approx(1.0, rel=0.01)
+    assert central["weight"][0] == 1.0
+    # distributed: m = 5 surviving sites of threshold t = 3 each add sigma C / sqrt(t)
+    std = site_noise_std(0.5, 2.0, 3)
+    total = sum(add_gaussian(zeros, ["delta/a"], std, rng)["delta/a"] for _ in range(5))
+    assert total.var() == pytest.approx((0.5 * 2.0) ** 2 * 5 / 3, rel=0.02)  # >= (sigma C)^2
+
+
+def test_scaffold_clipping_keeps_the_client_variate_consistent():
+    strategy = make_strategy("scaffold", total_clients=3)
+    delta = {"w": np.array([1.0, -2.0])}
+    old = {C_I + "w": np.array([0.5, 0.5])}
+    work = LocalWork(num_examples=1, steps=2, lr=0.1)
+    contribution, state = strategy.client_contribution(delta, work, {}, old)
+    scaled, new_state = strategy.scale_private(contribution, state, old, 0.25)
+    assert set(strategy.private_prefixes) == {DELTA, DC}
+    np.testing.assert_allclose(scaled[DELTA + "w"], 0.25 * contribution[DELTA + "w"])
+    np.testing.assert_allclose(scaled[DC + "w"], 0.25 * contribution[DC + "w"])
+    # c_i+ = c_i + (what was sent): the server's c accounts for exactly this
+    np.testing.assert_allclose(new_state[C_I + "w"], old[C_I + "w"] + scaled[DC + "w"], rtol=1e-6)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"privacy": {"level": "client", "client_noise": "distributed"}}, "secure.enabled"),
+        ({"privacy": {"level": "client"}, "lora": {"aggregation": "svd"}}, "svd"),
+        ({"secure": {"enabled": True}, "lora": {"aggregation": "svd"}}, "svd"),
+        ({"privacy": {"max_epsilon": 4.0}}, "privacy.level"),
+        ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
+        ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
+    ],
+)
+def test_meaningless_combinations_are_refused(overrides, message):
+    with pytest.raises(FedloraError, match=message):
+        load_config(None, [overrides])
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+
+
+def test_report_lets_anyone_recompute_each_sites_epsilon(tmp_path, tiny_cfg):
+    from opacus.accountants import RDPAccountant
+
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.2})
+    out = simulate(cfg, log=quiet)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["privacy"]["level"] == "sample"
+    for site, spend in summary["privacy"]["sites"].items():
+        assert set(spend) >= {
+            "epsilon",
+            "delta",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "max_grad_norm",
+            "level",
+        }
+        assert spend["delta"] < 1 / len(cfg.federation.clients * [0]) or spend["delta"] < 1
+        accountant = RDPAccountant()
+        for _ in range(int(spend["steps"])):
+            accountant.step(
+                noise_multiplier=spend["noise_multiplier"], sample_rate=spend["sample_rate"]
+            )
+        assert accountant.get_epsilon(delta=spend["delta"]) == pytest.approx(spend["epsilon"])
+        assert int(spend["steps"]) == cfg.federation.rounds * cfg.train.local_steps, site
+    assert rows[-1]["epsilon_max"] == pytest.approx(summary["privacy"]["max_epsilon"])
+    assert rows[1]["epsilon_max"] < rows[2]["epsilon_max"]  # spending accumulates
+
+
+def test_sites_stop_at_their_budget_and_the_run_says_so(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(
+        privacy={"level": "sample", "noise_multiplier": 1.0, "max_epsilon": 0.95},
+        federation={"rounds": 4},
+    )
+    out = simulate(cfg, log=quiet)  # round 1 spends ~0.91 per site; round 2 would pass 0.95
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert "Stopped after round 1 of 4" in summary["stopped"]
+    assert summary["privacy"]["exhausted"] == [0, 1, 2]
+    assert summary["privacy"]["max_epsilon"] <= 0.95
