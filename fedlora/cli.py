@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from fedlora.deploy.cli import DEPLOY_COMMANDS, add_deploy_commands
 from fedlora.errors import FedloraError
 
 #: flags that are shortcuts for config keys
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_lifecycle_commands(sub)
     add_sweep_command(sub)
+    add_deploy_commands(sub)
     return parser
 
 
@@ -209,6 +211,11 @@ def add_sweep_command(sub) -> None:
     sw.add_argument("--repeats", type=_positive, default=1, help="seeds per point (default 1)")
     sw.add_argument("--out", required=True, help="the sweep folder (the same one to resume)")
     sw.add_argument("--config", help="TOML config file every point starts from")
+    sw.add_argument(
+        "--baseline",
+        help="a finished results folder without privacy, drawn as the reference line in "
+        "utility_vs_epsilon.png and quoted in results.md",
+    )
     for flag, (section, key, kind) in SIMULATE_FLAGS.items():
         if flag != "out":
             name = "--" + flag.replace("_", "-")
@@ -357,6 +364,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fixed += [parse_override(text) for text in args.set]
     axes = parse_grid(args.grid, SIMULATE_FLAGS)
     plan = plan_sweep(Path(args.out).expanduser(), axes, args.repeats, args.config, fixed)
+    if args.baseline:
+        plan.baseline = Path(args.baseline).expanduser()
+        if not (plan.baseline / "summary.json").is_file():
+            raise FedloraError(
+                f"--baseline {args.baseline} is not a finished results folder (no summary.json)."
+            )
     return run_sweep(plan)
 
 
@@ -367,6 +380,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "generate": cmd_generate,
     "sweep": cmd_sweep,
+    **DEPLOY_COMMANDS,
 }
 
 

@@ -205,6 +205,8 @@ class Plan:
     repeats: int
     runs: list[PlannedRun]
     definition: str  # the text of sweep.toml
+    #: a finished run without privacy, drawn as the reference line (presentation only)
+    baseline: Path | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -514,7 +516,10 @@ def epsilon_series(
 
 
 def plot_utility_vs_epsilon(
-    points: Sequence[Mapping[str, Any]], keys: Sequence[str], path: Path
+    points: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    path: Path,
+    baseline: tuple[str, float] | None = None,
 ) -> None:
     """Accuracy (mean ± std over repeats) against the epsilon spent, log axis, one curve per
     strategy (and non-privacy grid values); runs without DP are horizontal dashed lines."""
@@ -528,6 +533,9 @@ def plot_utility_vs_epsilon(
             ax.errorbar(eps, acc, yerr=std, fmt="o-", color=color, capsize=3, label=label)
         for acc in curve.baselines:
             ax.axhline(acc, color=color, ls="--", label=f"{label}, no DP ({acc:.3f})")
+    if baseline is not None:
+        name, acc = baseline
+        ax.axhline(acc, color="black", ls="--", label=f"no DP: {name} ({acc:.3f})")
     finite = [eps for curve in series.values() for eps, _, _ in curve.private]
     ax.set_xscale("log")
     if finite:
@@ -539,7 +547,7 @@ def plot_utility_vs_epsilon(
     ax.set_ylabel("final accuracy")
     ax.set_title("Utility vs privacy")
     ax.grid(alpha=0.3, which="both")
-    if series:
+    if series or baseline is not None:
         ax.legend(fontsize="small")
     _save(plt, fig, path)
 
@@ -612,9 +620,18 @@ def write_outputs(plan: Plan, results: Sequence[RunResult], plots: bool) -> None
     rows = [r.row for r in results]
     write_csv(rows, plan.keys, plan.folder / CSV_FILE)
     points = aggregate(rows, plan.keys)
-    (plan.folder / MD_FILE).write_text(results_markdown(points, plan))
+    markdown = results_markdown(points, plan)
+    reference = None
+    if plan.baseline is not None:
+        fields, _ = read_run(plan.baseline)
+        reference = (plan.baseline.name, float(fields["eval_accuracy"]))
+        markdown += (
+            f"\nBaseline without privacy ({plan.baseline}): accuracy "
+            f"{fields['eval_accuracy']:.3f}, macro-F1 {fields['eval_macro_f1']:.3f}.\n"
+        )
+    (plan.folder / MD_FILE).write_text(markdown)
     if plots:
-        plot_utility_vs_epsilon(points, plan.keys, plan.folder / EPSILON_PLOT)
+        plot_utility_vs_epsilon(points, plan.keys, plan.folder / EPSILON_PLOT, reference)
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for r in results:
             label = " ".join(f"{k}={r.row[k]}" for k in plan.keys)

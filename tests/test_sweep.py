@@ -360,3 +360,19 @@ def test_bad_point_is_refused_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "sweep point lora.r=0: lora.r must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "sw").exists()
+
+
+def test_baseline_run_is_quoted_and_checked(sweep_dir):
+    """--baseline: a finished run without privacy becomes the reference line and is quoted in
+    results.md (the same sweep again: nothing reruns); a folder that is not a result is refused."""
+    cwd, _ = sweep_dir
+    folder = cwd / "sw"
+    baseline = folder / "runs" / "r-2-seed0"
+    proc = run_cli(*SWEEP_ARGS, "--baseline", str(baseline), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = json.loads((baseline / "summary.json").read_text())["final"]["eval_accuracy"]
+    assert f"Baseline without privacy ({baseline}): accuracy {acc:.3f}" in (
+        folder / "results.md"
+    ).read_text()
+    bad = run_cli(*SWEEP_ARGS, "--baseline", str(cwd / "nowhere"), cwd=cwd)
+    assert bad.returncode == 2 and "not a finished results folder" in bad.stderr
