@@ -1,0 +1,126 @@
+"""The Flower apps a deployed federation's bundle names, and the site's audit log.
+
+`client_app` is what a site runs for every message: it rebuilds the site's config from the
+federation's run config (sent by the server) and the site's own `site.toml` (named in its node
+config), hands the message to the same ClientApp `fedlora simulate` uses, and appends one audit
+line for every reply that carries tensors. `server_app` exists because Flower's bundle format
+requires one; fedlora's server half runs inside `fedlora server` (fedlora.deploy.link says why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.apps import records as R
+from fedlora.apps.client import STATE_DIR, make_client_app
+from fedlora.config import Config, load_config
+from fedlora.deploy import runconfig
+from fedlora.deploy.settings import SiteSettings, load_site
+from fedlora.errors import FedloraError
+
+
+def site_config(federation: dict, site: SiteSettings) -> Config:
+    """The federation's config with this site's own data file, thread count and privacy budget
+    (a site may only be stricter than the federation: the smaller budget wins)."""
+    values = {section: dict(entries) for section, entries in federation.items()}
+    values.setdefault("data", {}).update(site.data)
+    values.setdefault("train", {})["threads"] = site.threads
+    if site.max_epsilon is not None:
+        privacy = values.setdefault("privacy", {})
+        shared = float(privacy.get("max_epsilon", 0.0))
+        privacy["max_epsilon"] = min(shared, site.max_epsilon) if shared else site.max_epsilon
+    return load_config(None, [values])
+
+
+def payload_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every tensor in name order: name, dtype, shape, then the raw bytes (C
+    order). Anyone holding the same tensors gets the same digest."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
+    """The audit line of a reply that carries tensor data (an update), else None."""
+    if reply.has_error():
+        return None
+    arrays = {
+        f"{record}/{key}": array.numpy()
+        for record, arrays in reply.content.array_records.items()
+        for key, array in arrays.items()
+    }
+    if not arrays:
+        return None
+    metrics = {k: v for m in reply.content.metric_records.values() for k, v in m.items()}
+    config = msg.content.config_records.get(R.ROUND_CONFIG, {})
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "federation": federation,
+        "run": msg.metadata.run_id,
+        "round": config.get(R.ROUND),
+        "message": msg.metadata.message_type,
+        "records": sorted(reply.content.array_records),
+        "bytes": R.payload_bytes(arrays),
+        "sha256": payload_digest(arrays),
+        "epsilon": metrics.get(R.PRIVACY + "epsilon"),
+    }
+
+
+def append_audit(path: Path, entry: dict) -> None:
+    """One JSON line, appended and flushed to disk before the reply leaves the site."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+
+
+class SiteApp(ClientApp):
+    """A ClientApp built per federation from the run config (the model stays loaded in the
+    process across messages and federations while the model settings do not change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._apps: dict[str, ClientApp] = {}
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        site = load_site(Path(str(context.node_config[runconfig.SITE_CONFIG])))
+        if str(context.node_config[runconfig.SITE_NAME]) != site.name:
+            raise FedloraError("The site's node config and its site.toml name different sites.")
+        federation = str(context.run_config[runconfig.FEDERATION])
+        cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in self._apps:
+            self._apps = {key: make_client_app(cfg)}
+        # the strategy's site state and DP noise secret are kept per federation
+        own = dict(context.node_config)
+        own[STATE_DIR] = str(site.state_dir / "federations" / federation)
+        reply = self._apps[key](message, dataclasses.replace(context, node_config=own))
+        if (entry := audit_entry(message, reply, federation)) is not None:
+            append_audit(site.audit_log, entry)
+        return reply
+
+
+client_app = SiteApp()
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    raise FedloraError(
+        "A fedlora federation's server half runs inside `fedlora server --config server.toml`, "
+        "not under `flwr run`."
+    )

@@ -1,0 +1,127 @@
+"""`fedlora certs`, `fedlora server` and `fedlora client`: the deployment commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_deploy_commands(sub) -> None:
+    certs = sub.add_parser(
+        "certs",
+        help="make a federation's CA, the server's TLS certificate and site keys",
+        description="Create (in DIR) the federation CA if there is none, the server's TLS "
+        "certificate for the names and IPs the sites dial, and a node-authentication key pair "
+        "per site. Private keys are written 0600; existing files are never overwritten "
+        "without --force. The layout is described in server/README.md.",
+    )
+    certs.add_argument("dir", metavar="DIR", help="folder of the federation's key material")
+    certs.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name the sites use for the server (repeatable)",
+    )
+    certs.add_argument(
+        "--server-ip",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an IP address the sites use for the server (repeatable)",
+    )
+    certs.add_argument(
+        "--site", action="append", default=[], metavar="NAME", help="a site (repeatable)"
+    )
+    certs.add_argument(
+        "--days", type=int, default=825, help="validity of the server certificate (825)"
+    )
+    certs.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the server certificate / the named sites' keys (key rotation)",
+    )
+
+    server = sub.add_parser(
+        "server",
+        help="run a federation's aggregation server (Flower SuperLink) for the listed sites",
+        description="Serve the federation in server.toml to its registered sites over TLS with "
+        "node authentication, and write the same results folder as `fedlora simulate`.",
+    )
+    server.add_argument("--config", required=True, help="server.toml (see server/)")
+    server.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted federation whose state is in <run.out>.partial",
+    )
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no node authentication (closed-network rehearsals only)",
+    )
+    server.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a federation config key, e.g. --set federation.rounds=10 (repeatable)",
+    )
+
+    client = sub.add_parser(
+        "client",
+        help="run one site's daemon (Flower SuperNode) that trains on the site's own data",
+        description="Connect this site to its federation's server and train on the site's own "
+        "data file whenever the server asks; every update sent is recorded in the audit log. "
+        "Stops cleanly on SIGTERM.",
+    )
+    client.add_argument("--config", required=True, help="site.toml (see clients/)")
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedlora.secure.certs import make_certs
+
+    issued = make_certs(
+        Path(args.dir).expanduser(),
+        server_names=args.server_name,
+        server_ips=args.server_ip,
+        sites=args.site,
+        days=args.days,
+        force=args.force,
+    )
+    for path in issued.written:
+        print(f"wrote  {path}")
+    for path in issued.reused:
+        print(f"kept   {path}")
+    return 0
+
+
+def _line_buffered() -> None:
+    """Daemons write to a journal or a file: every line should be there when it is printed."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedlora.deploy.settings import load_server
+
+    _line_buffered()
+
+    settings, cfg = load_server(Path(args.config).expanduser(), args.set, args.insecure)
+    from fedlora.deploy.server import serve
+
+    out = serve(settings, cfg, insecure=args.insecure, resume=args.resume)
+    print(f"\nResults: {out}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedlora.deploy.settings import load_site
+    from fedlora.deploy.site import run_site
+
+    _line_buffered()
+    return run_site(load_site(Path(args.config).expanduser()))
+
+
+DEPLOY_COMMANDS = {"certs": cmd_certs, "server": cmd_server, "client": cmd_client}

@@ -1,0 +1,99 @@
+"""Run the SuperNode's queued messages in this (long-lived) process.
+
+What `flwr-clientapp` does once per process, done here once per message: claim a ClientApp
+task from the SuperNode's Runtime API (`AcquireTask`), pull the message and the context, call
+the app, push the reply and the updated context (Flower keeps `context.state` across a run's
+messages that way), with task heartbeats meanwhile. Flower's own functions do the exchange
+(`flwr.supernode.runtime.run_clientapp`); what differs is that nothing here exits the process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+App = Callable[[Message, object], Message]
+
+
+def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(address, True, None, interceptors=interceptors)
+
+
+def _heartbeat(client: RuntimeHttpClient) -> bool:
+    try:
+        return client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+    except httpx.HTTPError:
+        return False
+
+
+class TaskRunner:
+    """Claims and runs one task at a time; `poll` returns whether it ran one."""
+
+    def __init__(self, log: Callable[[str], None], app: App | None = None) -> None:
+        self.log = log
+        self.app = app
+        self.handled = 0
+
+    def poll(self, address: str) -> bool:
+        client = _client(address)
+        try:
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except httpx.HTTPError:
+            return False  # the SuperNode is starting or stopping
+        finally:
+            client.close()
+        if not res.HasField("task"):
+            return False
+        self.run(address, res.token)
+        return True
+
+    def run(self, address: str, token: str) -> None:
+        if self.app is None:
+            from fedlora.deploy.apps import client_app  # imports torch: only when work arrives
+
+            self.app = client_app
+        started = time.perf_counter()
+        client = _client(address, token)
+        heartbeat = HeartbeatSender(lambda: _heartbeat(client))
+        heartbeat.start()
+        try:
+            message, context, _, _ = pull_task_input(client)
+            try:
+                reply = self.app(message, context)
+                status, details = SubStatus.COMPLETED, ""
+            except Exception as exc:  # the server learns why; the daemon carries on
+                details = f"{type(exc).__name__}: {exc}"
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+                status = SubStatus.FAILED
+                self.log(f"{message.metadata.message_type} failed: {details}")
+            push_message(client, reply, context)
+            push_task_output(client, context, status, details)
+            self.handled += 1
+            self.log(
+                f"{message.metadata.message_type} handled in "
+                f"{time.perf_counter() - started:.1f} s (message {self.handled} of this process)"
+            )
+        except (httpx.HTTPError, RuntimeError) as exc:
+            self.log(f"a message could not be exchanged with the SuperNode: {exc}")
+        finally:
+            heartbeat.stop()
+            client.close()

@@ -1,0 +1,228 @@
+"""`fedlora server`: run one federation on Flower's deployment engine.
+
+The SuperLink is served from this process (fedlora.deploy.link explains how and why), the
+registered site keys are made to match `[sites]`, the federation is started as a Flower run
+whose bundle carries the federation's config to the sites, and the same `Federation` round
+loop as `fedlora simulate` drives it, writing the same results folder. The server state is saved
+after every round in `<out>.partial/state`; `--resume` continues from it after a crash (even
+SIGKILL), and without `--resume` an interrupted federation's state is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from fedlora import checkpoint
+from fedlora.apps import records as R
+from fedlora.config import Config
+from fedlora.deploy import runconfig
+from fedlora.deploy.settings import ServerSettings
+from fedlora.errors import FedloraError
+from fedlora.report import Reporter, human_bytes
+from fedlora.simulate import (
+    check_out,
+    close_results,
+    finish,
+    open_results,
+    precision_name,
+    results_dir,
+    resume_dir,
+)
+
+#: inside the run's state folder: the id the sites keep this federation's state under
+FEDERATION_ID = "federation.id"
+
+
+def quiet() -> None:
+    """No telemetry, no update checks, no progress bars or per-request logs (set before the
+    libraries load): the server's round table and the site's one line per message are the
+    output."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("flwr", "uvicorn", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def shared_config(cfg: Config) -> str:
+    """The federation's config as the sites receive it: without the server's own paths (its
+    evaluation data and results folder are none of the sites' business)."""
+    values = cfg.to_dict()
+    values["data"] = {k: v for k, v in values["data"].items() if k not in ("path", "test_path")}
+    values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
+    return "".join(f"[{section}]\n{_toml_lines(entries)}\n" for section, entries in values.items())
+
+
+def _toml_lines(entries: dict) -> str:
+    return "".join(
+        f"{key} = {json.dumps(value, ensure_ascii=False)}\n" for key, value in entries.items()
+    )
+
+
+def federation_id(state_dir: Path) -> str:
+    """A new federation gets a fresh id; a resumed one keeps it."""
+    path = state_dir / FEDERATION_ID
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
+
+
+class VerifiedGrid(Grid):
+    """The run's Grid, with one check: a site that names itself in a query reply must be the
+    site whose key the SuperLink authenticated (no site can take another's place)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        names: dict[int, str],
+        sites: list[str],
+        note: Callable[[str], None],
+    ) -> None:
+        self.grid, self.names, self.sites, self.note = grid, names, sites, note
+        self.warned: set[int] = set()
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return [r for r in self.grid.send_and_receive(messages, timeout=timeout) if self.ok(r)]
+
+    def ok(self, reply: Message) -> bool:
+        if reply.has_error() or reply.metadata.message_type != MessageType.QUERY:
+            return True
+        node = reply.metadata.src_node_id
+        claimed = self.sites[int(reply.content[R.SITE_METRICS][R.SITE_ID])]
+        if self.names.get(node) == claimed:
+            return True
+        if node not in self.warned:
+            self.warned.add(node)
+            self.note(
+                f"node {node} (key of {self.names.get(node, 'an unknown site')}) claims to be "
+                f"site {claimed}; ignored: check [site] name in that site's site.toml."
+            )
+        return False
+
+
+def serve(
+    settings: ServerSettings,
+    cfg: Config,
+    *,
+    insecure: bool,
+    resume: bool,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run the federation; return its finished results folder."""
+    quiet()
+    out = results_dir(cfg)
+    state = checkpoint.run_state_dir(out)
+    if resume:
+        resume_dir(cfg)
+    else:
+        check_out(out)
+        if (state / checkpoint.FILE).exists():
+            raise FedloraError(
+                f"{out.name}.partial holds the saved state of an interrupted federation; "
+                "continue it with --resume, or remove that folder to start afresh."
+            )
+    cfg.run.out = str(out)
+    from fedlora.apps.server import Federation
+    from fedlora.deploy.link import (
+        Link,
+        node_names,
+        serverapp_task,
+        start_run,
+        stop_unfinished_runs,
+        sync_sites,
+    )
+    from fedlora.runtime import build_runtime, load_data
+
+    dataset, _, _ = load_data(cfg, log)  # fail fast on the evaluation data
+    log(f"Evaluation data: {dataset.name}, {len(dataset.test)} held-out rows.")
+    started = time.perf_counter()
+    log(f"Loading base model {cfg.model.name} ...")
+    runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)
+    n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
+    log(
+        f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, LoRA r={cfg.lora.r} on "
+        f"{', '.join(cfg.lora.target_modules())} ({human_bytes(4 * n_lora)} per adapter), "
+        f"{precision_name(runtime.bf16)} on the server."
+    )
+    work = open_results(cfg, out, resume)
+    names = sorted(settings.sites)
+    run_config = {
+        runconfig.CONFIG: shared_config(cfg),
+        runconfig.SITES: json.dumps(names),
+        runconfig.FEDERATION: federation_id(state),
+    }
+    link = Link(settings, insecure)
+    try:
+        link.start()
+        if insecure:
+            log(
+                "WARNING: --insecure: no TLS and no node authentication. Site updates cross the "
+                "network in the clear and any machine that reaches this port can join as a "
+                "site. Use it for rehearsals on a closed network only."
+            )
+        else:
+            for change in sync_sites(link, settings.sites):
+                log(f"Site keys: {change}.")
+        if stale := stop_unfinished_runs(link):
+            log(f"Stopped {stale} run(s) left by a previous server process.")
+        run_id = start_run(link, run_config)
+        mode = "plaintext" if insecure else "TLS, node authentication"
+        log(
+            f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
+            f"{len(names)} sites: {', '.join(names)}."
+        )
+        reporter = Reporter(work)
+        with serverapp_task(link, run_id) as grid:
+            federation = Federation(cfg, runtime, reporter, state, noise_seed=secrets.randbits(63))
+            verified = (
+                grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
+            )
+            federation.run(verified)
+        finish(cfg, runtime, federation, work, time.perf_counter() - started)
+    except BaseException:
+        log(
+            f"The federation did not finish; partial output kept in {work} (continue it with "
+            "the same command and --resume)."
+        )
+        raise
+    finally:
+        link.stop()
+    return close_results(out, work)

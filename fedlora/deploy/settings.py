@@ -1,0 +1,207 @@
+"""The two deployment config files: `server.toml` (the aggregation server) and `site.toml`
+(one hospital site). Relative paths in them are relative to the file's own folder, so a kit
+folder can be moved as a whole.
+
+server.toml = a normal fedlora config (the federation: strategy, rounds, secure aggregation,
+privacy, ...; see configs/default.toml) plus `[server]` (address, TLS files, state folder) and
+`[sites]` (site name = its node-authentication public key). federation.clients is the number
+of sites listed. site.toml = `[site]` (name, server address, CA, key, state, audit log) plus the
+site's own `[data]` and `[privacy] max_epsilon`; everything else comes from the server.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import Config, _apply, parse_override, validate
+from fedlora.errors import FedloraError
+from fedlora.secure.certs import check_site_name, load_site_public_key
+
+SERVER_KEYS = {"address", "state_dir", "ca_cert", "cert", "key"}
+SITE_KEYS = {
+    "name",
+    "server",
+    "ca_cert",
+    "auth_key",
+    "state_dir",
+    "audit_log",
+    "insecure",
+    "threads",
+}
+SITE_DATA_KEYS = {"path", "test_path", "test_fraction"}
+SITE_PRIVACY_KEYS = {"max_epsilon"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    state_dir: Path  # the SuperLink's database (registered site keys) lives here
+    ca_cert: Path | None  # None: --insecure (no TLS)
+    cert: Path | None
+    key: Path | None
+    sites: dict[str, Path]  # name -> OpenSSH public key, sorted by name
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    server: str  # host:port
+    ca_cert: Path | None  # None: insecure (no TLS, no node authentication)
+    auth_key: Path | None
+    state_dir: Path
+    audit_log: Path
+    insecure: bool
+    threads: int
+    data: dict[str, Any]  # the site's own [data] keys
+    max_epsilon: float | None  # the site's own privacy budget (None: the federation's)
+    path: Path  # the site.toml itself
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedloraError(f"Config file {path} does not exist.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FedloraError(f"Config file {path} is not valid TOML: {exc}.") from None
+
+
+def _table(values: dict[str, Any], name: str, path: Path, known: set[str]) -> dict[str, Any]:
+    table = values.get(name)
+    if not isinstance(table, dict):
+        raise FedloraError(f"{path} needs a [{name}] table.")
+    unknown = set(table) - known
+    if unknown:
+        raise FedloraError(
+            f"Unknown key {name}.{sorted(unknown)[0]} in {path}; known: {', '.join(sorted(known))}."
+        )
+    return table
+
+
+def _str(table: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise FedloraError(f"{where}.{key} must be a non-empty string (got {value!r}).")
+    return value
+
+
+def _file(base: Path, value: str, what: str) -> Path:
+    path = (base / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise FedloraError(f"{what} {path} does not exist.")
+    return path
+
+
+def _folder(base: Path, value: str) -> Path:
+    return (base / Path(value).expanduser()).resolve()
+
+
+def split_address(address: str, where: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedloraError(f"{where} = {address!r}: expected host:port, e.g. 0.0.0.0:9092.")
+    return host.strip("[]"), int(port)
+
+
+def load_server(path: Path, overrides: list[str], insecure: bool) -> tuple[ServerSettings, Config]:
+    """The server's deployment settings and the federation's effective config."""
+    values = read_toml(path)
+    base = path.resolve().parent
+    server = _table(values, "server", path, SERVER_KEYS)
+    sites_table = values.get("sites")
+    if not isinstance(sites_table, dict) or not sites_table:
+        raise FedloraError(
+            f'{path} lists no sites: add a [sites] table of name = "public key file" '
+            "(make the keys with `fedlora certs DIR --site NAME`)."
+        )
+    sites: dict[str, Path] = {}
+    for name in sorted(sites_table):
+        check_site_name(name)
+        key_path = _file(base, _str(sites_table, name, "sites"), f"Public key of site {name!r}:")
+        if not insecure:
+            load_site_public_key(key_path)  # a bad key fails here, not at the first round
+        sites[name] = key_path
+    host, port = split_address(_str(server, "address", "server", "0.0.0.0:9092"), "server.address")
+    tls: dict[str, Path | None] = {
+        k: None if insecure else _file(base, _str(server, k, "server"), f"server.{k}:")
+        for k in ("ca_cert", "cert", "key")
+    }
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        state_dir=_folder(base, _str(server, "state_dir", "server", "server-state")),
+        sites=sites,
+        **tls,
+    )
+    federation = {k: v for k, v in values.items() if k not in ("server", "sites")}
+    clients = federation.get("federation", {}).get("clients")
+    if clients is not None and clients != len(sites):
+        raise FedloraError(
+            f"federation.clients = {clients} in {path}, but [sites] lists {len(sites)} sites; "
+            "leave federation.clients out (it is the number of sites)."
+        )
+    _resolve_paths(federation, base)
+    cfg = Config()
+    _apply(cfg, federation, str(path))
+    _apply(cfg, {"federation": {"clients": len(sites)}}, str(path))
+    for text in overrides:
+        _apply(cfg, parse_override(text), "the command line")
+    validate(cfg)
+    return settings, cfg
+
+
+def _resolve_paths(values: dict[str, Any], base: Path) -> None:
+    """Relative data files and results folder in a deployment config are relative to it."""
+    for section, key in (("data", "path"), ("data", "test_path"), ("run", "out")):
+        value = values.get(section, {}).get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            values[section][key] = str(base / value)
+
+
+def load_site(path: Path) -> SiteSettings:
+    values = read_toml(path)
+    base = path.resolve().parent
+    unknown = set(values) - {"site", "data", "privacy"}
+    if unknown:
+        raise FedloraError(
+            f"Unknown section [{sorted(unknown)[0]}] in {path}: a site sets only [site], its own "
+            "[data] and [privacy] max_epsilon; the federation's settings come from the server."
+        )
+    site = _table(values, "site", path, SITE_KEYS)
+    data = _table(values, "data", path, SITE_DATA_KEYS) if "data" in values else {}
+    privacy = _table(values, "privacy", path, SITE_PRIVACY_KEYS) if "privacy" in values else {}
+    if "path" not in data:
+        raise FedloraError(f"{path}: [data] path must name this site's training file.")
+    _resolve_paths({"data": data}, base)
+    insecure = site.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise FedloraError(f"site.insecure in {path} must be true or false.")
+    threads = site.get("threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise FedloraError(f"site.threads in {path} must be 0 (every core) or more.")
+    max_eps = privacy.get("max_epsilon")
+    if max_eps is not None and (isinstance(max_eps, bool) or not isinstance(max_eps, int | float)):
+        raise FedloraError(f"privacy.max_epsilon in {path} must be a number.")
+    name = check_site_name(_str(site, "name", "site"))
+    split_address(_str(site, "server", "site"), "site.server")
+    state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))
+    return SiteSettings(
+        name=name,
+        server=site["server"],
+        ca_cert=None if insecure else _file(base, _str(site, "ca_cert", "site"), "site.ca_cert:"),
+        auth_key=None
+        if insecure
+        else _file(base, _str(site, "auth_key", "site"), "site.auth_key:"),
+        state_dir=state_dir,
+        audit_log=_folder(base, _str(site, "audit_log", "site", str(state_dir / "audit.jsonl"))),
+        insecure=insecure,
+        threads=threads or os.cpu_count() or 1,
+        data=data,
+        max_epsilon=None if max_eps is None else float(max_eps),
+        path=path.resolve(),
+    )

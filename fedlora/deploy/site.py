@@ -1,0 +1,316 @@
+"""`fedlora client`: one hospital site, as a long-running daemon.
+
+Two processes: Flower's SuperNode (`flower-supernode`, started by this one, dies with it) keeps
+the authenticated TLS connection to the server and queues the server's messages; this process
+runs the ClientApp for every queued message. The SuperNode runs with `--isolation process`:
+by default (`subprocess`) it would start a fresh `flwr-clientapp` process per message, which
+imports torch and loads the base model again every time; here the model stays loaded across
+messages (and across federations with the same model settings). This process claims each
+message's task from the SuperNode's local Runtime API (127.0.0.1) the way `flwr-clientapp`
+does, using Flower's own functions for the exchange.
+
+Before (re)starting the SuperNode the daemon probes the server, so that a configuration that
+can never work (an untrusted certificate, TLS on one side only, an unknown site key) stops it
+with one clear message, while a server that is merely away is waited for with backoff. SIGTERM
+(or SIGINT) finishes the update in progress, if any, disconnects and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import httpx
+
+from fedlora.deploy import runconfig
+from fedlora.deploy.settings import SiteSettings
+from fedlora.errors import FedloraError
+
+BACKOFF_MAX = 60.0
+PROBE_TIMEOUT = 10.0
+SUPERNODE = (
+    "import sys; from flwr.supernode.cli import flower_supernode; "
+    "sys.argv[0] = 'flower-supernode'; flower_supernode()"
+)
+
+
+class ServerAway(Exception):
+    """The server cannot be reached now (not running, network down): wait and try again."""
+
+
+def probe(settings: SiteSettings, timeout: float = PROBE_TIMEOUT) -> None:
+    """One health request to the server with this site's TLS settings. Returns when the server
+    answers; raises ServerAway when it is unreachable and FedloraError when the two sides can
+    never talk (what to change is in the message)."""
+    scheme = "http" if settings.insecure else "https"
+    verify: ssl.SSLContext | bool = False
+    if not settings.insecure:
+        verify = ssl.create_default_context(cafile=str(settings.ca_cert))
+    url = f"{scheme}://{settings.server}/health"
+    try:
+        with httpx.Client(verify=verify, timeout=timeout) as client:
+            client.get(url)
+        return
+    except httpx.ConnectError as exc:
+        reason = _root_cause(exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise FedloraError(
+                f"The server at {settings.server} presented a certificate this site does not "
+                f"trust ({reason.verify_message}): it is not signed by the CA in site.ca_cert = "
+                f"{settings.ca_cert}, or it is not issued for the name '{_host(settings)}'. Get "
+                "the federation's ca.pem from the server operator."
+            ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise FedloraError(
+                f"The TLS handshake with {settings.server} failed ({reason.reason}): the server "
+                "is not speaking TLS (was it started with --insecure?). Both sides must use TLS; "
+                "`--insecure` is for rehearsals only and must then be set on both."
+            ) from None
+        raise ServerAway(str(reason)) from None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        if settings.insecure and _speaks_tls(settings):
+            raise FedloraError(
+                f"The server at {settings.server} requires TLS, but this site has insecure = "
+                "true in site.toml; remove it and set site.ca_cert and site.auth_key."
+            ) from None
+        raise ServerAway(str(exc)) from None
+    except httpx.TimeoutException as exc:
+        raise ServerAway(f"no answer within {timeout:.0f} s") from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def _host(settings: SiteSettings) -> str:
+    return settings.server.rpartition(":")[0].strip("[]")
+
+
+def _speaks_tls(settings: SiteSettings) -> bool:
+    """Whether the server completes a TLS handshake (certificate not checked: diagnosis only)."""
+    host, _, port = settings.server.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT) as raw:
+            with context.wrap_socket(raw):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: the SuperNode gets SIGTERM when this process dies, even by SIGKILL, so it
+    disconnects (the server then knows the site is gone) instead of lingering."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SuperNode:
+    """The site's `flower-supernode` process; its output goes to <state>/supernode.log."""
+
+    def __init__(self, settings: SiteSettings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path = settings.state_dir / "supernode.log"
+        self._log_offset = 0
+
+    def start(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        node_config = s.state_dir / "node-config.toml"  # Flower reads a .toml node config file
+        node_config.write_text(
+            f"{runconfig.SITE_NAME} = {_toml_str(s.name)}\n"
+            f"{runconfig.SITE_CONFIG} = {_toml_str(str(s.path))}\n"
+        )
+        self.port = free_port()
+        args = ["--superlink", s.server, "--isolation", "process"]
+        args += ["--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--node-config", str(node_config)]
+        if s.insecure:
+            args += ["--insecure"]
+        else:
+            args += ["--root-certificates", str(s.ca_cert)]
+            args += ["--auth-supernode-private-key", str(s.auth_key)]
+        env = dict(
+            os.environ,
+            FLWR_HOME=str(s.state_dir / "flwr"),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+        )
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SUPERNODE, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+
+    @property
+    def runtime_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def new_output(self) -> list[str]:
+        """Lines the SuperNode logged since the last call."""
+        if not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as fh:
+            fh.seek(self._log_offset)
+            data = fh.read()
+        self._log_offset += len(data)
+        return data.decode(errors="replace").splitlines()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (the SuperNode deactivates itself at the server), then SIGKILL if needed."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+
+
+def _toml_str(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+#: Flower's answer when a key cannot be activated: not registered, or still connected
+NOT_ACTIVATED = "[code: 2004]"
+#: how long a refused key is retried: a site whose previous connection died without saying
+#: goodbye stays "online" at the server for up to 2 heartbeats of 30 s
+REFUSAL_WINDOW = 75.0
+
+
+def connection_failure(lines: list[str], settings: SiteSettings) -> tuple[bool, str] | None:
+    """(refused, what to tell the operator) when the SuperNode gave up on connecting, else
+    None. `refused`: the server would not activate this site's key."""
+    text = "\n".join(lines)
+    if "Failed to initialize the connection" not in text:
+        return None
+    if NOT_ACTIVATED in text:
+        return True, (
+            f"The server refused this site's key (site.auth_key = {settings.auth_key}): it is not "
+            "registered there (the server operator must list this site's auth.pub under [sites] "
+            "in server.toml and restart the server), or another daemon with this key is connected."
+        )
+    detail = next((ln.strip() for ln in lines if "[code:" in ln), lines[-1] if lines else "")
+    return False, f"The site could not join the federation at {settings.server}: {detail}"
+
+
+class Stop:
+    """SIGTERM/SIGINT: finish the update in progress, then leave. (The handler only sets a
+    flag: taking a lock in a signal handler can deadlock the thread it interrupts.)"""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, waking early when a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def wait_for_server(
+    settings: SiteSettings, stop: Stop, log: Callable[[str], None], start_delay: float = 1.0
+) -> bool:
+    """Probe until the server answers (True) or the daemon is told to stop (False)."""
+    delay = start_delay
+    while not stop.requested:
+        try:
+            probe(settings)
+            return True
+        except ServerAway as exc:
+            log(f"server {settings.server} unreachable ({exc}); retrying in {delay:.0f} s")
+        stop.wait(delay)
+        delay = min(2 * delay, BACKOFF_MAX)
+    return False
+
+
+def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
+    """The daemon's life: probe, start the SuperNode, run messages until told to stop."""
+    from fedlora.deploy.executor import TaskRunner
+    from fedlora.deploy.server import quiet
+
+    quiet()
+    stop = Stop()
+    stop.install()
+    if settings.insecure:
+        log(
+            "WARNING: insecure = true: no TLS and no node authentication; anyone on the network "
+            "can read this site's updates. Use it for rehearsals only."
+        )
+    runner = TaskRunner(log)
+    node = SuperNode(settings)
+    delay = 1.0
+    refused_since: float | None = None
+    try:
+        while not stop.requested:
+            if not wait_for_server(settings, stop, log):
+                break
+            node.start()
+            log(f"site {settings.name}: connecting to {settings.server}")
+            lines: list[str] = []
+            while not stop.requested and node.exited() is None:
+                for line in node.new_output():
+                    lines.append(line)
+                    if "SuperNode ID:" in line:
+                        node_id = line.split("SuperNode ID:")[1].strip()
+                        log(f"site {settings.name}: connected (node {node_id})")
+                        delay, refused_since = 1.0, None
+                if not runner.poll(node.runtime_address):
+                    stop.wait(0.5)
+            if stop.requested:
+                break
+            failure = connection_failure(lines + node.new_output(), settings)
+            if failure is None:
+                log(f"the SuperNode stopped (exit {node.exited()}); restarting in {delay:.0f} s")
+            elif not failure[0]:
+                raise FedloraError(failure[1])
+            else:
+                refused_since = refused_since or time.monotonic()
+                left = REFUSAL_WINDOW - (time.monotonic() - refused_since)
+                if left <= 0:
+                    raise FedloraError(failure[1])
+                log(f"{failure[1]} Retrying for {left:.0f} s.")
+            stop.wait(delay)
+            delay = min(2 * delay, BACKOFF_MAX)
+    finally:
+        with contextlib.suppress(Exception):
+            node.stop()
+    log(f"site {settings.name}: stopped")
+    return 0

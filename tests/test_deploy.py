@@ -1,0 +1,309 @@
+"""Real deployment on 127.0.0.1: `fedlora server` and three `fedlora client` site daemons as
+separate processes, over TLS with node authentication, on the tiny-random model.
+
+One set of site daemons serves every federation of this module (they are long-running: a server
+that finishes or dies is waited for), in this order: a full federation (while it runs, a site
+with an unregistered key, a site that does not trust the server's CA and a site configured
+without TLS all fail with their reason); a TLS site against an --insecure server; a server
+killed with SIGKILL after round 1 and resumed (same adapter as the uninterrupted run); a site
+killed in the middle of a round (the round completes with the other two).
+
+Run alone with `pytest -m deploy`. Every process is killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.deploy
+
+SITES = ("alpha", "beta", "gamma")
+FEDERATION_TIMEOUT = 150.0
+ALPHA_KEY = '"certs/sites/alpha/auth.key"'
+WORDS = {
+    "positive": ["great", "helped", "better", "relief", "calm"],
+    "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
+    "neutral": ["okay", "mixed", "average", "fine", "unsure"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_rows(path: Path, seed: int, n: int = 40) -> None:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(WORDS))
+        rows.append({"text": " ".join(rng.choice(WORDS[label]) for _ in range(6)), "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Processes:
+    """Every process the module starts; all are killed at the end, whatever happened."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+
+    def fedlora(self, name: str, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+        with (self.root / f"{name}.log").open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedlora.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env=env,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    """Key material, data, configs, and the three site daemons (started before any server:
+    they wait for it)."""
+    from fedlora.model import resolve_model
+    from fedlora.secure.certs import make_certs
+
+    resolve_model("tiny-random", log=lambda _: None)  # built once, before processes race
+    root = tmp_path_factory.mktemp("deploy")
+    make_certs(
+        root / "certs",
+        server_names=["localhost"],
+        server_ips=["127.0.0.1"],
+        sites=[*SITES, "rogue"],
+    )
+    make_certs(root / "other-ca", server_names=["localhost"], server_ips=[], sites=[])
+    for i, site in enumerate(SITES):
+        write_rows(root / f"{site}.jsonl", seed=i)
+    write_rows(root / "eval.jsonl", seed=99)
+    port = free_port()
+    procs = Processes(root)
+    for site in SITES:
+        site_toml(root, site, port)
+        procs.fedlora(f"site-{site}", "client", "--config", f"site-{site}.toml")
+    yield root, port, procs
+    procs.kill_all()
+
+
+def site_toml(root: Path, stem: str, port: int, **overrides: str | None) -> Path:
+    """site-<stem>.toml for site <stem> (or `name=`); an override of None leaves the key out."""
+    values = {
+        "name": f'"{stem}"',
+        "server": f'"localhost:{port}"',
+        "ca_cert": '"certs/ca.pem"',
+        "auth_key": f'"certs/sites/{stem}/auth.key"',
+        "state_dir": f'"state-{stem}"',
+        "threads": "1",
+    } | overrides
+    path = root / f"site-{stem}.toml"
+    site = "".join(f"{k} = {v}\n" for k, v in values.items() if v is not None)
+    data = stem if stem in SITES else "alpha"
+    path.write_text(f'[site]\n{site}\n[data]\npath = "{data}.jsonl"\n')
+    return path
+
+
+def server_toml(root: Path, name: str, port: int, out: str, **federation: int) -> Path:
+    path = root / f"{name}.toml"
+    sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in SITES)
+    fed = "".join(f"{k} = {v}\n" for k, v in ({"rounds": 2} | federation).items())
+    path.write_text(
+        "[server]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        'state_dir = "server-state"\n'
+        'ca_cert = "certs/ca.pem"\ncert = "certs/server.pem"\nkey = "certs/server.key"\n\n'
+        f"[sites]\n{sites}\n"
+        '[model]\nname = "tiny-random"\nprecision = "fp32"\n\n'
+        '[data]\npath = "eval.jsonl"\neval_rows = 20\n\n'
+        "[train]\nlocal_steps = 2\n\n"
+        f"[federation]\n{fed}\n"
+        f'[run]\nout = "{out}"\n'
+    )
+    return path
+
+
+def metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def adapter(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def audit(root: Path, site: str) -> list[dict]:
+    path = root / f"state-{site}" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished(proc: subprocess.Popen, procs: Processes, name: str, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{name} did not finish:\n{procs.log(name)[-3000:]}") from None
+
+
+def test_federation_over_tls_with_node_authentication(kit):
+    root, port, procs = kit
+    server = procs.fedlora(
+        "server-a", "server", "--config", str(server_toml(root, "server-a", port, "runs/a"))
+    )
+    wait_for(lambda: "Listening on" in procs.log("server-a"), 60, "the server to listen")
+
+    # what the sites' port serves: the Fleet API only (Flower's unauthenticated Control API,
+    # which registers keys and starts runs, is not reachable from the network)
+    trust = ssl.create_default_context(cafile=root / "certs" / "ca.pem")
+    with httpx.Client(verify=trust) as client:
+        assert client.get(f"https://localhost:{port}/health").status_code == 200
+        assert client.post(f"https://localhost:{port}/v1/control/list-nodes").status_code == 404
+
+    # a site whose key the server does not know
+    site_toml(root, "rogue", port)
+    rogue = procs.fedlora("site-rogue", "client", "--config", "site-rogue.toml")
+    # a site that trusts another CA
+    site_toml(root, "untrusting", port, ca_cert='"other-ca/ca.pem"', auth_key=ALPHA_KEY)
+    untrusting = procs.fedlora("site-untrusting", "client", "--config", "site-untrusting.toml")
+    # a site without TLS against a TLS server
+    site_toml(root, "plain", port, insecure="true", ca_cert=None, auth_key=None)
+    plain = procs.fedlora("site-plain", "client", "--config", "site-plain.toml")
+
+    assert finished(untrusting, procs, "site-untrusting", 60) == 2
+    assert "does not trust" in procs.log("site-untrusting")
+    assert "other-ca/ca.pem" in procs.log("site-untrusting")
+    assert finished(plain, procs, "site-plain", 60) == 2
+    assert "requires TLS" in procs.log("site-plain")
+    wait_for(lambda: "refused this site's key" in procs.log("site-rogue"), 60, "the refusal")
+    assert rogue.poll() is None or rogue.returncode == 2  # retried for a while, then exits
+    rogue.terminate()
+
+    assert finished(server, procs, "server-a", FEDERATION_TIMEOUT) == 0, procs.log("server-a")
+    out = root / "runs" / "a"
+    assert not (root / "runs" / "a.partial").exists()
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "metrics.png"):
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows[1:]] == [3, 3]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    for site in SITES:
+        lines = audit(root, site)
+        assert [e["round"] for e in lines] == [1, 2], lines
+        for entry in lines:
+            assert entry["bytes"] > 0 and len(entry["sha256"]) == 64
+            assert entry["records"] == ["contribution"]
+        assert lines[0]["sha256"] != lines[1]["sha256"]
+    assert not audit(root, "rogue")
+
+
+def test_tls_site_refuses_an_insecure_server(kit):
+    root, _, procs = kit
+    port = free_port()
+    config = server_toml(root, "server-plain", port, "runs/plain")
+    server = procs.fedlora("server-plain", "server", "--config", str(config), "--insecure")
+    site_toml(root, "alpha-tls", port, auth_key=ALPHA_KEY, name='"alpha"')
+    site = procs.fedlora("site-alpha-tls", "client", "--config", "site-alpha-tls.toml")
+    wait_for(lambda: "WARNING: --insecure" in procs.log("server-plain"), 60, "the warning")
+    assert finished(site, procs, "site-alpha-tls", 90) == 2
+    assert "not speaking TLS" in procs.log("site-alpha-tls")
+    server.terminate()
+    server.wait(timeout=20)
+
+
+def test_server_killed_after_round_1_resumes_to_the_same_adapter(kit):
+    root, port, procs = kit
+    config = server_toml(root, "server-c", port, "runs/c")
+    work = root / "runs" / "c.partial"
+    server = procs.fedlora("server-c1", "server", "--config", str(config))
+    wait_for(lambda: len(metrics(work)) >= 2, FEDERATION_TIMEOUT, "round 1")
+    server.kill()
+    server.wait(timeout=10)
+    from fedlora import checkpoint
+    from fedlora.config import load_config
+
+    fingerprint = checkpoint.config_fingerprint(load_config(work / "config.toml").to_dict())
+    saved = checkpoint.load(work / "state", fingerprint)
+    assert saved is not None and saved.round == 1
+
+    again = procs.fedlora("server-c2", "server", "--config", str(config))
+    assert finished(again, procs, "server-c2", 60) == 2
+    assert "--resume" in procs.log("server-c2")  # an interrupted federation is not overwritten
+
+    resumed = procs.fedlora("server-c3", "server", "--config", str(config), "--resume")
+    assert finished(resumed, procs, "server-c3", FEDERATION_TIMEOUT) == 0, procs.log("server-c3")
+    assert "Resumed from the saved state after round 1" in procs.log("server-c3")
+    rows = metrics(root / "runs" / "c")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    uninterrupted, interrupted = adapter(root / "runs" / "a"), adapter(root / "runs" / "c")
+    assert uninterrupted.keys() == interrupted.keys()
+    for key in uninterrupted:
+        np.testing.assert_array_equal(uninterrupted[key], interrupted[key], err_msg=key)
+
+
+def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
+    root, port, procs = kit
+    victim = next(p for p in procs.procs if p.args[-1] == "site-gamma.toml")
+    queries = procs.log("site-gamma").count("query handled")
+    before = {s: len(audit(root, s)) for s in ("alpha", "beta")}
+    config = server_toml(root, "server-b", port, "runs/b", min_clients=2)
+    server = procs.fedlora("server-b", "server", "--config", str(config))
+    # gamma told the server who it is; freeze it before it can train
+    wait_for(lambda: procs.log("site-gamma").count("query handled") > queries, 90, "gamma's query")
+    victim.send_signal(signal.SIGSTOP)
+    # round 1 is under way: the others have sent their update, gamma holds its message
+    wait_for(
+        lambda: all(len(audit(root, s)) > before[s] for s in before), 90, "the others' updates"
+    )
+    victim.kill()  # its SuperNode is told to leave and disconnects from the server
+    victim.wait(timeout=10)
+    assert finished(server, procs, "server-b", FEDERATION_TIMEOUT) == 0, procs.log("server-b")
+    rows = metrics(root / "runs" / "b")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows[1:]] == [2, 2]
+    assert "a site failed" in procs.log("server-b")
