@@ -143,11 +143,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested})."
     )
-    if resume:
-        work = resume_dir(cfg)
-    else:
-        work = prepare_out(out)
-        write_config(cfg, work / "config.toml")
+    work = open_results(cfg, out, resume)
     try:
         federation = run_engine(cfg, runtime, Reporter(work), checkpoint.run_state_dir(out))
         finish(cfg, runtime, federation, work, time.perf_counter() - started)
@@ -157,6 +153,21 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
             "command and --resume)."
         )
         raise
+    return close_results(out, work)
+
+
+def open_results(cfg: Config, out: Path, resume: bool) -> Path:
+    """The `.partial` working folder: the interrupted run's (resume), or a fresh one holding
+    the effective config. Shared with `fedlora server`."""
+    if resume:
+        return resume_dir(cfg)
+    work = prepare_out(out)
+    write_config(cfg, work / "config.toml")
+    return work
+
+
+def close_results(out: Path, work: Path) -> Path:
+    """A finished run: drop its saved state and give the folder its final name."""
     shutil.rmtree(checkpoint.run_state_dir(out))  # a finished result needs no saved state
     if out.exists():
         out.rmdir()
