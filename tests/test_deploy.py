@@ -147,10 +147,28 @@ def site_toml(root: Path, stem: str, port: int, **overrides: str | None) -> Path
     return path
 
 
-def server_toml(root: Path, name: str, port: int, out: str, **federation: int) -> Path:
+#: the federation of the main tests: SCAFFOLD (site state across rounds) under secure
+#: aggregation (four message stages per round), the hardest combination to resume exactly
+SECURE_SCAFFOLD = {
+    "strategy": {"name": '"scaffold"'},
+    "train": {"optimizer": '"sgd"', "lr": "0.5", "local_steps": "2"},
+    "secure": {"enabled": "true"},
+}
+PLAIN_FEDAVG = {"train": {"local_steps": "2"}}
+
+
+def server_toml(
+    root: Path, name: str, port: int, out: str, sections: dict, **federation: int
+) -> Path:
     path = root / f"{name}.toml"
     sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in SITES)
-    fed = "".join(f"{k} = {v}\n" for k, v in ({"rounds": 2} | federation).items())
+    sections = sections | {
+        "federation": {"rounds": "2"} | {k: str(v) for k, v in federation.items()}
+    }
+    body = "".join(
+        f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()) + "\n"
+        for section, entries in sections.items()
+    )
     path.write_text(
         "[server]\n"
         f'address = "127.0.0.1:{port}"\n'
@@ -159,8 +177,7 @@ def server_toml(root: Path, name: str, port: int, out: str, **federation: int) -
         f"[sites]\n{sites}\n"
         '[model]\nname = "tiny-random"\nprecision = "fp32"\n\n'
         '[data]\npath = "eval.jsonl"\neval_rows = 20\n\n'
-        "[train]\nlocal_steps = 2\n\n"
-        f"[federation]\n{fed}\n"
+        f"{body}"
         f'[run]\nout = "{out}"\n'
     )
     return path
@@ -192,7 +209,10 @@ def finished(proc: subprocess.Popen, procs: Processes, name: str, timeout: float
 def test_federation_over_tls_with_node_authentication(kit):
     root, port, procs = kit
     server = procs.fedlora(
-        "server-a", "server", "--config", str(server_toml(root, "server-a", port, "runs/a"))
+        "server-a",
+        "server",
+        "--config",
+        str(server_toml(root, "server-a", port, "runs/a", SECURE_SCAFFOLD)),
     )
     wait_for(lambda: "Listening on" in procs.log("server-a"), 60, "the server to listen")
 
@@ -232,20 +252,36 @@ def test_federation_over_tls_with_node_authentication(kit):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["clients"] for r in rows[1:]] == [3, 3]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    assert json.loads((out / "summary.json").read_text())["secure_aggregation"] is True
     for site in SITES:
         lines = audit(root, site)
         assert [e["round"] for e in lines] == [1, 2], lines
-        for entry in lines:
+        for entry in lines:  # what left the site: its masked input, never the update itself
+            assert entry["message"] == "train.secagg"
+            assert entry["records"] == ["secagg_masked"]
             assert entry["bytes"] > 0 and len(entry["sha256"]) == 64
-            assert entry["records"] == ["contribution"]
         assert lines[0]["sha256"] != lines[1]["sha256"]
     assert not audit(root, "rogue")
+
+
+def test_secure_aggregation_matches_the_plaintext_federation(kit):
+    root, port, procs = kit
+    plain = SECURE_SCAFFOLD | {"secure": {"enabled": "false"}}
+    config = server_toml(root, "server-p", port, "runs/p", plain)
+    server = procs.fedlora("server-p", "server", "--config", str(config))
+    assert finished(server, procs, "server-p", FEDERATION_TIMEOUT) == 0, procs.log("server-p")
+    for site in SITES:
+        assert audit(root, site)[-1]["records"] == ["contribution"]
+    # plaintext sites send float32, secure ones fixed point with 2^-30 steps
+    secure, clear = adapter(root / "runs" / "a"), adapter(root / "runs" / "p")
+    for key in clear:
+        np.testing.assert_allclose(secure[key], clear[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_tls_site_refuses_an_insecure_server(kit):
     root, _, procs = kit
     port = free_port()
-    config = server_toml(root, "server-plain", port, "runs/plain")
+    config = server_toml(root, "server-plain", port, "runs/plain", PLAIN_FEDAVG)
     server = procs.fedlora("server-plain", "server", "--config", str(config), "--insecure")
     site_toml(root, "alpha-tls", port, auth_key=ALPHA_KEY, name='"alpha"')
     site = procs.fedlora("site-alpha-tls", "client", "--config", "site-alpha-tls.toml")
@@ -258,7 +294,7 @@ def test_tls_site_refuses_an_insecure_server(kit):
 
 def test_server_killed_after_round_1_resumes_to_the_same_adapter(kit):
     root, port, procs = kit
-    config = server_toml(root, "server-c", port, "runs/c")
+    config = server_toml(root, "server-c", port, "runs/c", SECURE_SCAFFOLD)
     work = root / "runs" / "c.partial"
     server = procs.fedlora("server-c1", "server", "--config", str(config))
     wait_for(lambda: len(metrics(work)) >= 2, FEDERATION_TIMEOUT, "round 1")
@@ -291,7 +327,7 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     victim = next(p for p in procs.procs if p.args[-1] == "site-gamma.toml")
     queries = procs.log("site-gamma").count("query handled")
     before = {s: len(audit(root, s)) for s in ("alpha", "beta")}
-    config = server_toml(root, "server-b", port, "runs/b", min_clients=2)
+    config = server_toml(root, "server-b", port, "runs/b", PLAIN_FEDAVG, min_clients=2)
     server = procs.fedlora("server-b", "server", "--config", str(config))
     # gamma told the server who it is; freeze it before it can train
     wait_for(lambda: procs.log("site-gamma").count("query handled") > queries, 90, "gamma's query")
