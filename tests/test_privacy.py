@@ -221,3 +221,29 @@ def test_sites_stop_at_their_budget_and_the_run_says_so(tmp_path, tiny_cfg):
     assert "Stopped after round 1 of 4" in summary["stopped"]
     assert summary["privacy"]["exhausted"] == [0, 1, 2]
     assert summary["privacy"]["max_epsilon"] <= 0.95
+
+
+STRATEGY_SECTIONS = {
+    "fedavg": {},
+    "fedprox": {},
+    "scaffold": {"train": {"optimizer": "sgd", "lr": 0.5}},
+    "fednova": {"train": {"optimizer": "sgd", "lr": 0.5, "local_steps_spread": 0.5}},
+}
+
+
+@pytest.mark.parametrize("level", ["sample", "client"])
+@pytest.mark.parametrize("name", list(STRATEGY_SECTIONS))
+def test_every_strategy_runs_under_both_privacy_levels(name, level, tmp_path, tiny_cfg):
+    cfg = tiny_cfg(
+        {"strategy": {"name": name}, "federation": {"rounds": 1}},
+        STRATEGY_SECTIONS[name],
+        privacy={"level": level, "noise_multiplier": 0.8},
+    )
+    out = simulate(cfg, log=quiet)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["level"] == level
+    assert len(summary["privacy"]["sites"]) == cfg.federation.clients
+    assert 0 < summary["privacy"]["max_epsilon"] < math.inf
+    if level == "client":  # one release of the sum; every site reports the same federation spend
+        spends = {json.dumps(s, sort_keys=True) for s in summary["privacy"]["sites"].values()}
+        assert len(spends) == 1
