@@ -102,6 +102,107 @@ class Processes:
                 proc.wait(timeout=10)
 
 
+def test_certs_in_the_formats_flower_loads(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    from fedlora.errors import FedloraError
+    from fedlora.secure.certs import Layout, make_certs
+
+    layout = Layout(tmp_path / "certs")
+    make_certs(layout.root, server_names=["fl.example.org"], server_ips=["10.1.2.3"], sites=["a"])
+    for private in (layout.ca_key, layout.server_key, layout.site_key("a")):
+        assert private.stat().st_mode & 0o777 == 0o600, private
+    assert layout.site_public_key("a").stat().st_mode & 0o777 == 0o644
+    ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    # what `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read
+    load_ssh_private_key(layout.site_key("a").read_bytes(), None)
+    assert b"BEGIN PUBLIC KEY" in try_load_public_key(layout.site_public_key("a"))
+
+    before = layout.site_key("a").read_bytes()
+    with pytest.raises(FedloraError, match="--force"):
+        make_certs(layout.root, server_names=[], server_ips=[], sites=["b", "a"])
+    assert layout.site_key("a").read_bytes() == before
+    assert not layout.site_key("b").exists()  # nothing is written when anything is refused
+    ca_before = layout.ca_cert.read_bytes()
+    make_certs(layout.root, server_names=[], server_ips=[], sites=["a"], force=True)
+    assert layout.site_key("a").read_bytes() != before  # rotated
+    assert layout.ca_cert.read_bytes() == ca_before  # the CA is never replaced
+
+
+def test_registered_site_keys_follow_the_server_config(tmp_path):
+    """The SuperLink's key registry is made to match [sites] at every start: an unchanged key
+    keeps its node, a rotated key replaces the old one, a removed site loses its key."""
+    from fedlora.deploy.link import Link, node_names, sync_sites
+    from fedlora.deploy.settings import ServerSettings
+    from fedlora.errors import FedloraError
+    from fedlora.secure.certs import Layout, make_certs
+
+    layout = Layout(tmp_path / "certs")
+    make_certs(layout.root, server_names=["localhost"], server_ips=[], sites=["a", "b"])
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=free_port(),
+        state_dir=tmp_path / "state",
+        ca_cert=layout.ca_cert,
+        cert=layout.server_cert,
+        key=layout.server_key,
+        sites={},
+    )
+    keys = {"a": layout.site_public_key("a"), "b": layout.site_public_key("b")}
+    link = Link(settings, insecure=False)
+    link.start()
+    try:
+        assert sync_sites(link, keys) == ["registered the key of a", "registered the key of b"]
+        first = {name: node for node, name in node_names(link).items()}
+        assert sync_sites(link, keys) == []
+        make_certs(layout.root, server_names=[], server_ips=[], sites=["a"], force=True)
+        assert sync_sites(link, keys) == ["removed the key of a", "registered the key of a"]
+        second = {name: node for node, name in node_names(link).items()}
+        assert second["b"] == first["b"] and second["a"] != first["a"]
+        assert sync_sites(link, {"a": keys["a"]}) == ["removed the key of b"]
+        assert sorted(node_names(link).values()) == ["a"]
+        with pytest.raises(FedloraError, match="stays revoked"):  # b's old key is revoked
+            sync_sites(link, keys)
+        make_certs(layout.root, server_names=[], server_ips=[], sites=["b"], force=True)
+        assert sync_sites(link, keys) == ["registered the key of b"]  # b is back, new key
+    finally:
+        link.stop()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from fedlora.deploy.settings import load_server, load_site
+    from fedlora.errors import FedloraError
+    from fedlora.secure.certs import make_certs
+
+    make_certs(tmp_path / "certs", server_names=["localhost"], server_ips=[], sites=["a", "b"])
+    server = tmp_path / "server.toml"
+    head = (
+        '[server]\nca_cert = "certs/ca.pem"\ncert = "certs/server.pem"\nkey = "certs/server.key"\n'
+        '[sites]\na = "certs/sites/a/auth.pub"\nb = "certs/sites/b/auth.pub"\n'
+    )
+    server.write_text(head + "[federation]\nclients = 3\n")
+    with pytest.raises(FedloraError, match="lists 2 sites"):
+        load_server(server, [], insecure=False)
+    server.write_text(head + "[federation]\nmin_clients = 2\n")
+    settings, cfg = load_server(server, ["federation.rounds=7"], insecure=False)
+    assert cfg.federation.clients == 2 and cfg.federation.rounds == 7
+    assert list(settings.sites) == ["a", "b"] and settings.port == 9092
+    server.write_text(head.replace("auth.pub", "auth.key") + "[federation]\nmin_clients = 2\n")
+    with pytest.raises(FedloraError, match="OpenSSH public key"):
+        load_server(server, [], insecure=False)
+    site = tmp_path / "site.toml"
+    site.write_text('[site]\nname = "a"\nserver = "localhost:9092"\n[train]\nlr = 1.0\n')
+    with pytest.raises(FedloraError, match=r"\[train\]"):
+        load_site(site)
+
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Key material, data, configs, and the three site daemons (started before any server:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     _line_buffered()
 
     settings, cfg = load_server(Path(args.config).expanduser(), args.set, args.insecure)
+    # SIGTERM (systemctl stop) ends the server like Ctrl-C: the partial results and the saved
+    # state are kept for --resume
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from fedlora.deploy.server import serve
 
     out = serve(settings, cfg, insecure=args.insecure, resume=args.resume)

@@ -56,7 +56,7 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     PushTaskOutputRequest,
     SendTaskHeartbeatRequest,
 )
-from flwr.supercore.constant import TaskType
+from flwr.supercore.constant import NodeStatus, TaskType
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
@@ -210,9 +210,17 @@ def sync_sites(link: Link, sites: dict[str, Path]) -> list[str]:
     wanted = {public_key_bytes(path): name for name, path in sites.items()}
     changes: list[str] = []
     with link.control() as ctl:
-        registered = ctl.ListNodes(ListNodesRequest()).nodes_info
-        for node in registered:
-            key = node.public_key.encode() if isinstance(node.public_key, str) else node.public_key
+        nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
+        for node in nodes:
+            if node.status == NodeStatus.UNREGISTERED and _key(node) in wanted:
+                name = wanted[_key(node)]
+                raise FedloraError(
+                    f"The key of site {name} ({sites[name]}) was removed from this server "
+                    "before, and a removed key stays revoked: make the site a new key pair "
+                    f"(`fedlora certs DIR --site {name} --force`) and list its auth.pub."
+                )
+        for node in registered_nodes(ctl):
+            key = _key(node)
             if wanted.get(key) == node.name:
                 del wanted[key]
                 continue
@@ -224,10 +232,20 @@ def sync_sites(link: Link, sites: dict[str, Path]) -> list[str]:
     return changes
 
 
+def _key(node) -> bytes:
+    return node.public_key.encode() if isinstance(node.public_key, str) else node.public_key
+
+
+def registered_nodes(ctl: ControlHttpClient) -> list:
+    """The SuperLink's nodes whose key is registered (it keeps unregistered ones as history)."""
+    nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
+    return [n for n in nodes if n.status != NodeStatus.UNREGISTERED]
+
+
 def node_names(link: Link) -> dict[int, str]:
     """node id -> registered site name (empty without node authentication)."""
     with link.control() as ctl:
-        return {n.node_id: n.name for n in ctl.ListNodes(ListNodesRequest()).nodes_info}
+        return {n.node_id: n.name for n in registered_nodes(ctl)}
 
 
 def app_bundle(run_config: dict[str, str]) -> bytes:

@@ -126,7 +126,11 @@ class VerifiedGrid(Grid):
         if reply.has_error() or reply.metadata.message_type != MessageType.QUERY:
             return True
         node = reply.metadata.src_node_id
-        claimed = self.sites[int(reply.content[R.SITE_METRICS][R.SITE_ID])]
+        try:
+            index = int(reply.content[R.SITE_METRICS][R.SITE_ID])
+            claimed = self.sites[index] if 0 <= index < len(self.sites) else f"number {index}"
+        except (KeyError, TypeError, ValueError):
+            claimed = "nobody"
         if self.names.get(node) == claimed:
             return True
         if node not in self.warned:

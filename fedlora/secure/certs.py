@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -240,7 +241,7 @@ def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         raise FedloraError(f"Site public key {path} does not exist.")
     try:
         key = serialization.load_ssh_public_key(path.read_bytes())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise FedloraError(f"{path} is not an OpenSSH public key ({exc}).") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
         "secp256r1",
