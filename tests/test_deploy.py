@@ -203,6 +203,57 @@ def test_config_errors_name_the_key(tmp_path):
         load_site(site)
 
 
+def test_what_a_site_trains_with(tmp_path):
+    """The federation's config reaches a site without the server's paths; the site adds its own
+    data file, threads and budget, and a site with a budget refuses to train without DP."""
+    import tomllib
+
+    from fedlora.config import load_config
+    from fedlora.deploy.apps import check_privacy_promise, site_config
+    from fedlora.deploy.server import shared_config
+    from fedlora.deploy.settings import SiteSettings
+    from fedlora.errors import FedloraError
+
+    server = load_config(
+        None,
+        [
+            {
+                "data": {"path": "/srv/eval.jsonl", "max_text_tokens": 40},
+                "lora": {"targets": ["q_proj", "o_proj"]},
+                "privacy": {"level": "sample", "max_epsilon": 8.0},
+                "run": {"out": "/srv/runs/x", "seed": 3},
+            }
+        ],
+    )
+    shared = tomllib.loads(shared_config(server))
+    assert "path" not in shared["data"] and "out" not in shared["run"]
+    write_rows(tmp_path / "own.jsonl", seed=0)
+    site = SiteSettings(
+        name="a",
+        server="localhost:9092",
+        ca_cert=None,
+        auth_key=None,
+        state_dir=tmp_path / "state",
+        audit_log=tmp_path / "audit.jsonl",
+        insecure=True,
+        threads=3,
+        data={"path": str(tmp_path / "own.jsonl")},
+        max_epsilon=4.0,
+        path=tmp_path / "site.toml",
+    )
+    cfg = site_config(shared, site)
+    assert cfg.data.path == str(tmp_path / "own.jsonl") and cfg.data.max_text_tokens == 40
+    assert cfg.lora.targets == ["q_proj", "o_proj"] and cfg.run.seed == 3
+    assert cfg.train.threads == 3 and cfg.privacy.max_epsilon == 4.0  # the stricter budget
+    check_privacy_promise(cfg, site, "train")
+
+    without_dp = dict(shared, privacy={"level": "none"})
+    cfg = site_config(without_dp, site)
+    check_privacy_promise(cfg, site, "query")  # a site still says who it is
+    with pytest.raises(FedloraError, match="only under differential privacy"):
+        check_privacy_promise(cfg, site, "train.secagg")
+
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Key material, data, configs, and the three site daemons (started before any server:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,16 +30,28 @@ from fedlora.errors import FedloraError
 
 
 def site_config(federation: dict, site: SiteSettings) -> Config:
-    """The federation's config with this site's own data file, thread count and privacy budget
-    (a site may only be stricter than the federation: the smaller budget wins)."""
+    """The federation's config with this site's own data file and thread count, and its privacy
+    budget when the federation uses differential privacy (the smaller budget wins: a site can
+    only be stricter than the federation)."""
     values = {section: dict(entries) for section, entries in federation.items()}
     values.setdefault("data", {}).update(site.data)
     values.setdefault("train", {})["threads"] = site.threads
-    if site.max_epsilon is not None:
-        privacy = values.setdefault("privacy", {})
+    privacy = values.setdefault("privacy", {})
+    if site.max_epsilon is not None and privacy.get("level", "none") != "none":
         shared = float(privacy.get("max_epsilon", 0.0))
         privacy["max_epsilon"] = min(shared, site.max_epsilon) if shared else site.max_epsilon
     return load_config(None, [values])
+
+
+def check_privacy_promise(cfg: Config, site: SiteSettings, message_type: str) -> None:
+    """A site with a privacy budget sends updates only under differential privacy."""
+    sends_update = message_type.startswith(MessageType.TRAIN)
+    if sends_update and site.max_epsilon is not None and cfg.privacy.level == "none":
+        raise FedloraError(
+            f"Site {site.name} sends updates only under differential privacy (privacy."
+            f"max_epsilon = {site.max_epsilon} in its site.toml), but this federation runs "
+            'with privacy.level = "none".'
+        )
 
 
 def payload_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -101,6 +113,7 @@ class SiteApp(ClientApp):
             raise FedloraError("The site's node config and its site.toml name different sites.")
         federation = str(context.run_config[runconfig.FEDERATION])
         cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
+        check_privacy_promise(cfg, site, message.metadata.message_type)
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key not in self._apps:
             self._apps = {key: make_client_app(cfg)}

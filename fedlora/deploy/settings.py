@@ -185,8 +185,10 @@ def load_site(path: Path) -> SiteSettings:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise FedloraError(f"site.threads in {path} must be 0 (every core) or more.")
     max_eps = privacy.get("max_epsilon")
-    if max_eps is not None and (isinstance(max_eps, bool) or not isinstance(max_eps, int | float)):
-        raise FedloraError(f"privacy.max_epsilon in {path} must be a number.")
+    if max_eps is not None and (
+        isinstance(max_eps, bool) or not isinstance(max_eps, int | float) or max_eps <= 0
+    ):
+        raise FedloraError(f"privacy.max_epsilon in {path} must be a positive number.")
     name = check_site_name(_str(site, "name", "site"))
     split_address(_str(site, "server", "site"), "site.server")
     state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))

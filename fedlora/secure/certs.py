@@ -18,6 +18,8 @@ Layout under the output folder (documented in server/README.md)::
 
 Private keys are written 0600 (created with that mode, never widened); nothing that exists is
 overwritten unless `force` is given, and the CA is never replaced (a new CA is a new federation).
+A site can make its own key pair (`fedlora certs DIR --site NAME` on the site's machine), so its
+private key never travels; only auth.pub goes to the server operator.
 """
 
 from __future__ import annotations
@@ -264,9 +266,10 @@ def make_certs(
     days: int = 825,
     force: bool = False,
 ) -> Issued:
-    """Create what is asked (server certificate when names/IPs are given, one key pair per
-    site) under `out`, creating the CA first if there is none. Checks every target before
-    writing anything, so a refusal leaves the folder as it was."""
+    """Create what is asked under `out`: the server certificate when names/IPs are given
+    (signed by the folder's CA, which is created first if there is none) and one key pair per
+    site (no CA involved: a site can make its own and hand over only auth.pub). Checks every
+    target before writing anything, so a refusal leaves the folder as it was."""
     layout = Layout(out)
     ips = parse_ips(server_ips)
     for name in sites:
@@ -290,21 +293,21 @@ def make_certs(
             f"{existing[0]} already exists; refusing to overwrite key material (pass --force to "
             "replace it, e.g. to rotate a site's key)."
         )
-    if layout.ca_cert.exists() != layout.ca_key.exists():
+    if want_server and layout.ca_cert.exists() != layout.ca_key.exists():
         raise FedloraError(
             f"{out} holds only half of the CA ({layout.ca_cert.name} / {layout.ca_key.name}); "
-            "restore the missing file or start a new folder."
+            "restore the missing file (the server certificate is signed with ca.key)."
         )
     issued = Issued()
-    if layout.ca_cert.exists():
-        ca_key, ca_cert = load_ca(layout)
-        issued.reused.append(layout.ca_cert)
-    else:
-        ca_key, ca_cert = make_ca()
-        write_private(layout.ca_key, _pem_key(ca_key))
-        write_public(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        issued.written += [layout.ca_cert, layout.ca_key]
     if want_server:
+        if layout.ca_cert.exists():
+            ca_key, ca_cert = load_ca(layout)
+            issued.reused.append(layout.ca_cert)
+        else:
+            ca_key, ca_cert = make_ca()
+            write_private(layout.ca_key, _pem_key(ca_key))
+            write_public(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+            issued.written += [layout.ca_cert, layout.ca_key]
         key, cert = make_server_cert(ca_key, ca_cert, server_names, ips, days)
         write_private(layout.server_key, _pem_key(key))
         write_public(layout.server_cert, cert.public_bytes(serialization.Encoding.PEM))
