@@ -254,6 +254,35 @@ def test_what_a_site_trains_with(tmp_path):
         check_privacy_promise(cfg, site, "train.secagg")
 
 
+def test_the_kits_example_configs_load(tmp_path):
+    """server/ and clients/ example configs, with the files their READMEs make, are valid."""
+    import shutil
+
+    from fedlora.deploy.settings import load_server, load_site
+    from fedlora.secure.certs import Layout, make_certs
+
+    repo = Path(__file__).resolve().parents[1]
+    server, site = tmp_path / "server", tmp_path / "site"
+    server.mkdir()
+    site.mkdir()
+    shutil.copy(repo / "server" / "server.example.toml", server / "server.toml")
+    shutil.copy(repo / "clients" / "site.example.toml", site / "site.toml")
+    make_certs(server / "certs", server_names=["fl.example.org"], server_ips=[], sites=[])
+    names = ["general-hospital", "st-marys", "university-clinic"]
+    make_certs(site / "keys", server_names=[], server_ips=[], sites=names)
+    (server / "site-keys").mkdir()
+    for name in names:
+        shutil.copy(
+            Layout(site / "keys").site_public_key(name), server / "site-keys" / f"{name}.pub"
+        )
+    settings, cfg = load_server(server / "server.toml", [], insecure=False)
+    assert list(settings.sites) == names and cfg.federation.clients == 3
+    shutil.copy(server / "certs" / "ca.pem", site / "ca.pem")
+    loaded = load_site(site / "site.toml")
+    assert loaded.name == "st-marys" and loaded.max_epsilon == 8.0
+    assert loaded.auth_key == Layout(site / "keys").site_key("st-marys")
+
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Key material, data, configs, and the three site daemons (started before any server:
