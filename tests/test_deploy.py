@@ -227,6 +227,7 @@ def test_what_a_site_trains_with(tmp_path):
     )
     shared = tomllib.loads(shared_config(server))
     assert "path" not in shared["data"] and "out" not in shared["run"]
+    shared["data"]["test_path"] = "/etc/passwd"  # a server cannot choose a site's files
     write_rows(tmp_path / "own.jsonl", seed=0)
     site = SiteSettings(
         name="a",
@@ -243,6 +244,7 @@ def test_what_a_site_trains_with(tmp_path):
     )
     cfg = site_config(shared, site)
     assert cfg.data.path == str(tmp_path / "own.jsonl") and cfg.data.max_text_tokens == 40
+    assert cfg.data.test_path == ""
     assert cfg.lora.targets == ["q_proj", "o_proj"] and cfg.run.seed == 3
     assert cfg.train.threads == 3 and cfg.privacy.max_epsilon == 4.0  # the stricter budget
     check_privacy_promise(cfg, site, "train")

@@ -23,10 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records as R
 from fedlora.apps.client import STATE_DIR, make_client_app
-from fedlora.config import Config, load_config
+from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings, load_site
 from fedlora.errors import FedloraError
+
+#: the data keys a site sets for itself (defaults when its site.toml leaves them out)
+OWN_DATA = {"path": "", "test_path": "", "test_fraction": DataConfig.test_fraction}
 
 
 def site_config(federation: dict, site: SiteSettings) -> Config:
@@ -34,7 +37,8 @@ def site_config(federation: dict, site: SiteSettings) -> Config:
     budget when the federation uses differential privacy (the smaller budget wins: a site can
     only be stricter than the federation)."""
     values = {section: dict(entries) for section, entries in federation.items()}
-    values.setdefault("data", {}).update(site.data)
+    # which files the site reads is the site's decision alone, never the server's
+    values.setdefault("data", {}).update(OWN_DATA | site.data)
     values.setdefault("train", {})["threads"] = site.threads
     privacy = values.setdefault("privacy", {})
     if site.max_epsilon is not None and privacy.get("level", "none") != "none":
