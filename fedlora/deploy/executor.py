@@ -45,9 +45,9 @@ def _heartbeat(client: RuntimeHttpClient) -> bool:
 class TaskRunner:
     """Claims and runs one task at a time; `poll` returns whether it ran one."""
 
-    def __init__(self, log: Callable[[str], None], app: App | None = None) -> None:
+    def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
-        self.app = app
+        self.app: App | None = None  # imported when the first message arrives (torch)
         self.handled = 0
 
     def poll(self, address: str) -> bool:
@@ -65,7 +65,7 @@ class TaskRunner:
 
     def run(self, address: str, token: str) -> None:
         if self.app is None:
-            from fedlora.deploy.apps import client_app  # imports torch: only when work arrives
+            from fedlora.deploy.apps import client_app
 
             self.app = client_app
         started = time.perf_counter()
