@@ -371,8 +371,9 @@ def test_baseline_run_is_quoted_and_checked(sweep_dir):
     proc = run_cli(*SWEEP_ARGS, "--baseline", str(baseline), cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = json.loads((baseline / "summary.json").read_text())["final"]["eval_accuracy"]
-    assert f"Baseline without privacy ({baseline}): accuracy {acc:.3f}" in (
-        folder / "results.md"
-    ).read_text()
+    assert (
+        f"Baseline without privacy ({baseline}): accuracy {acc:.3f}"
+        in (folder / "results.md").read_text()
+    )
     bad = run_cli(*SWEEP_ARGS, "--baseline", str(cwd / "nowhere"), cwd=cwd)
     assert bad.returncode == 2 and "not a finished results folder" in bad.stderr
