@@ -1,0 +1,311 @@
+"""Secure-aggregation overhead per round in a real deployment: `fedlora server` and three
+`fedlora client` site daemons as separate processes on 127.0.0.1, over TLS with node
+authentication (certificates and site keys from `fedlora certs`).
+
+The same federation runs twice, plaintext (`secure.enabled = false`) then secure (`true`), with
+the same seed, model, data and settings: FedAvg, `--rounds` rounds, `--local-steps` local
+steps of batch 8 per site, one torch thread per site, evaluation of the global adapter on
+`--eval-rows` held-out rows after every round. Each mode gets a fresh server and fresh site
+daemons (each on a free port, with its own state), so both start equally cold. Every process
+runs on this machine: the network is loopback, so the seconds are compute (training, masking,
+secret sharing, unmasking, evaluation) and the protocol's message round trips, not bandwidth.
+
+From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 only evaluates
+the initial adapter): the mean of "seconds" (one round at the server, from sending the train
+messages to the end of the evaluation), and the mean "bytes_up" / "bytes_down" (tensor payload
+of the round, all sites together; under secure aggregation the four SecAgg stages: keys,
+shares, masked inputs, unmasking shares). Then secure / plaintext ratios, as a markdown table.
+
+Everything is written to a temporary folder that is deleted at the end (`--keep` keeps it and
+prints where); every process started is stopped at the end, whatever happened. The base model
+comes from the fedlora cache (`$FEDLORA_CACHE`), as for any fedlora command.
+
+    python bench/deploy_secagg.py --rounds 3
+    python bench/deploy_secagg.py --model SmolLM2-135M-Instruct --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+SITES = ("alpha", "beta", "gamma")
+MODES = (("plaintext", False), ("secure", True))
+WORDS = {
+    "positive": ["great", "helped", "better", "relief", "calm"],
+    "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
+    "neutral": ["okay", "mixed", "average", "fine", "unsure"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_rows(path: Path, seed: int, n: int) -> None:
+    """n classification rows (`text`, `label`) of six words each, deterministic in seed."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(WORDS))
+        rows.append({"text": " ".join(rng.choice(WORDS[label]) for _ in range(6)), "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Processes:
+    """Every process this script starts, each in its own process group (a daemon's SuperNode
+    and message handler are its children); `stop_all` ends them all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+
+    def fedlora(self, name: str, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+        with (self.root / f"{name}.log").open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedlora.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+        """SIGTERM (a daemon stops cleanly), then SIGKILL; then whatever is left of its
+        process group."""
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group's id is the leader's pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            self.stop(proc)
+
+
+def make_certs(root: Path, timeout: float) -> None:
+    """The federation CA, the server certificate for localhost / 127.0.0.1 and the three
+    sites' node-authentication key pairs, with `fedlora certs`."""
+    args = ["certs", "certs", "--server-name", "localhost", "--server-ip", "127.0.0.1"]
+    for site in SITES:
+        args += ["--site", site]
+    subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args],
+        cwd=root,
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def site_toml(root: Path, mode: str, site: str, port: int) -> Path:
+    path = root / f"site-{mode}-{site}.toml"
+    path.write_text(
+        "[site]\n"
+        f'name = "{site}"\n'
+        f'server = "localhost:{port}"\n'
+        'ca_cert = "certs/ca.pem"\n'
+        f'auth_key = "certs/sites/{site}/auth.key"\n'
+        f'state_dir = "state-{mode}-{site}"\n'
+        "threads = 1\n\n"
+        f'[data]\npath = "{site}.jsonl"\n'
+    )
+    return path
+
+
+def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.Namespace) -> Path:
+    path = root / f"server-{mode}.toml"
+    sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in SITES)
+    path.write_text(
+        "[server]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        f'state_dir = "server-state-{mode}"\n'
+        'ca_cert = "certs/ca.pem"\ncert = "certs/server.pem"\nkey = "certs/server.key"\n\n'
+        f"[sites]\n{sites}\n"
+        f"[model]\nname = {json.dumps(args.model)}\nprecision = {json.dumps(args.precision)}\n\n"
+        f'[data]\npath = "eval.jsonl"\ntest_path = "eval.jsonl"\neval_rows = {args.eval_rows}\n\n'
+        f"[train]\nlocal_steps = {args.local_steps}\n\n"
+        '[strategy]\nname = "fedavg"\n\n'
+        f"[federation]\nrounds = {args.rounds}\nmin_clients = {len(SITES)}\n\n"
+        f"[secure]\nenabled = {'true' if secure else 'false'}\n\n"
+        f'[run]\nseed = {args.seed}\nout = "runs/{mode}"\n'
+    )
+    return path
+
+
+def federation(
+    root: Path, procs: Processes, mode: str, secure: bool, args: argparse.Namespace
+) -> list[dict]:
+    """One federation with a fresh server and fresh site daemons; its metrics.jsonl rows."""
+    port = free_port()
+    config = server_toml(root, mode, secure, port, args)
+    name = f"server-{mode}"
+    server = procs.fedlora(name, "server", "--config", config.name)
+    sites = []
+    try:
+        wait_for(
+            lambda: "Listening on" in procs.log(name) or server.poll() is not None,
+            args.start_timeout,
+            f"the {mode} server to listen",
+        )
+        if server.poll() is not None:
+            raise RuntimeError(f"the {mode} server exited:\n{procs.log(name)[-3000:]}")
+        for site in SITES:
+            site_config = site_toml(root, mode, site, port)
+            sites.append(
+                procs.fedlora(f"site-{mode}-{site}", "client", "--config", site_config.name)
+            )
+        started = time.monotonic()
+        try:
+            code = server.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"the {mode} federation did not finish in {args.timeout:.0f} s:\n"
+                f"{procs.log(name)[-3000:]}"
+            ) from None
+        if code != 0:
+            raise RuntimeError(f"the {mode} server exited {code}:\n{procs.log(name)[-3000:]}")
+        print(f"{mode}: {time.monotonic() - started:.0f} s wall", file=sys.stderr)
+    finally:
+        for proc in [server, *sites]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [server, *sites]:
+            Processes.stop(proc)
+    lines = (root / "runs" / mode / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@dataclass
+class PerRound:
+    """Means over the rounds after round 0, and each round's seconds."""
+
+    seconds: float
+    bytes_up: float
+    bytes_down: float
+    each: list[float]
+
+
+def per_round(rows: list[dict], rounds: int) -> PerRound:
+    later = [r for r in rows if r["round"] > 0]
+    if [r["round"] for r in later] != list(range(1, rounds + 1)):
+        raise RuntimeError(f"expected rounds 1..{rounds}, got {[r['round'] for r in rows]}")
+    return PerRound(
+        seconds=statistics.mean(r["seconds"] for r in later),
+        bytes_up=statistics.mean(r["bytes_up"] for r in later),
+        bytes_down=statistics.mean(r["bytes_down"] for r in later),
+        each=[r["seconds"] for r in later],
+    )
+
+
+def table(results: dict[str, PerRound]) -> str:
+    plain, secure = results["plaintext"], results["secure"]
+    lines = [
+        "| mode | s / round (mean, rounds 1..) | per round | bytes up / round | "
+        "bytes down / round |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in results.items():
+        each = ", ".join(f"{s:.2f}" for s in r.each)
+        lines.append(
+            f"| {mode} | {r.seconds:.2f} | {each} | {r.bytes_up:,.0f} | {r.bytes_down:,.0f} |"
+        )
+    lines.append(
+        f"| secure / plaintext | {secure.seconds / plain.seconds:.2f}x | "
+        f"| {secure.bytes_up / plain.bytes_up:.2f}x | {secure.bytes_down / plain.bytes_down:.2f}x |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per federation (3)")
+    parser.add_argument("--model", default="tiny-random", help="base model (tiny-random)")
+    parser.add_argument("--precision", default="fp32", help="model.precision (fp32)")
+    parser.add_argument("--local-steps", type=int, default=2, help="local steps per round (2)")
+    parser.add_argument("--rows", type=int, default=40, help="training rows per site (40)")
+    parser.add_argument("--eval-rows", type=int, default=20, help="server eval rows (20)")
+    parser.add_argument("--seed", type=int, default=0, help="run.seed, both modes (0)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per federation (900)")
+    parser.add_argument(
+        "--start-timeout", type=float, default=300.0, help="seconds for a server to listen (300)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+
+    from fedlora.model import resolve_model
+
+    resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))  # fetched/built once
+
+    root = Path(tempfile.mkdtemp(prefix="fedlora-deploy-secagg-"))
+    procs = Processes(root)
+    try:
+        make_certs(root, timeout=120)
+        for i, site in enumerate(SITES):
+            write_rows(root / f"{site}.jsonl", seed=i, n=args.rows)
+        write_rows(root / "eval.jsonl", seed=99, n=max(args.eval_rows, 1))
+        results: dict[str, PerRound] = {}
+        for mode, secure in MODES:
+            rows = federation(root, procs, mode, secure, args)
+            results[mode] = per_round(rows, args.rounds)
+        print(
+            f"{args.model}, {len(SITES)} site daemons + server on 127.0.0.1 (TLS, node auth), "
+            f"fedavg, {args.rounds} rounds x {args.local_steps} local steps, "
+            f"precision {args.precision}, seed {args.seed}\n"
+        )
+        print(table(results))
+    finally:
+        procs.stop_all()
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
