@@ -69,3 +69,17 @@ def test_distributed_client_noise_under_secure_aggregation(tmp_path, tiny_cfg):
     noiseless = simulate(quiet_cfg, log=quiet)
     a, b = adapter(noisy), adapter(noiseless)
     assert any(not np.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("privacy", ["none", "client"])
+def test_freeze_a_composes_with_secure_aggregation(privacy, tmp_path, tiny_cfg):
+    """freeze-a sends only B: still a plain sum, so it runs under secure aggregation (and with
+    client-level DP on top)."""
+    cfg = tiny_cfg(
+        {"lora": {"aggregation": "freeze-a"}, "federation": {"rounds": 1}},
+        secure={"enabled": True},
+        privacy={"level": privacy},
+    )
+    out = simulate(cfg, log=quiet)
+    last = rows(out)[-1]
+    assert last["clients"] == cfg.federation.clients and last["agg_error_mean"] is None
