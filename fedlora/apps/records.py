@@ -12,6 +12,7 @@ GLOBAL_ADAPTER = "global_adapter"  # ArrayRecord: the LoRA A/B tensors of the gl
 BROADCAST = "broadcast"  # ArrayRecord: strategy server state (SCAFFOLD's c), may be empty
 ROUND_CONFIG = "round_config"  # ConfigRecord: round number
 ROUND = "round"
+NOISE_SHARES = "noise_shares"  # in ROUND_CONFIG (distributed DP): sites the noise is split over
 
 # site -> server
 CONTRIBUTION = "contribution"  # ArrayRecord: the strategy's already-weighted vectors, to be summed
@@ -23,7 +24,6 @@ NUM_EXAMPLES = "num_examples"
 PRIVACY = "privacy."  # prefix of a site's privacy spend: epsilon, delta, noise_multiplier, ...
 CLIP_SCALE = "clip_scale"  # client-level DP: the factor the site's update was scaled by (<= 1)
 EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)
-NOISE_SHARES = "noise_shares"  # server -> site (distributed DP): sites the noise is split over
 
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"
