@@ -158,6 +158,20 @@ def add_lifecycle_commands(sub) -> None:
     )
     ev.add_argument("adapter", metavar="ADAPTER", help=what)
     _add_eval_flags(ev)
+    ev.add_argument(
+        "--per-site",
+        action="store_true",
+        help="each site's own held-out rows with the global adapter and with the site's "
+        "personalised one (from `simulate --personalize-steps`), switching on one base model",
+    )
+    ev.add_argument(
+        "--site-adapter",
+        action="append",
+        default=[],
+        metavar="SITE=DIR",
+        help="with --per-site: site SITE's personalised adapter (repeatable; default: every "
+        "sites/site-<k>/adapter of the results folder)",
+    )
 
     cmp_ = sub.add_parser(
         "compare",
@@ -296,15 +310,33 @@ def _scoring_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fedlora.lifecycle import resolve_source
+    from fedlora.lifecycle import parse_site_specs, resolve_source
 
+    if args.site_adapter and not args.per_site:
+        raise FedloraError("--site-adapter goes with --per-site.")
+    if args.per_site and args.rows:
+        raise FedloraError("--rows does not apply to --per-site: each site's held-out rows count.")
     source = resolve_source(args.adapter)
+    sites = [(k, resolve_source(d)) for k, d in parse_site_specs(args.site_adapter)]
     _check_json_target(args.json)
-    from fedlora.evaluation import format_eval, run_eval, write_json
+    from fedlora.evaluation import (
+        format_eval,
+        format_per_site,
+        run_eval,
+        run_eval_per_site,
+        write_json,
+    )
 
-    report = run_eval(source, **_scoring_options(args))
+    if args.per_site:
+        options = _scoring_options(args)
+        del options["rows"]
+        report = run_eval_per_site(source, sites or None, **options)
+        text = format_per_site(report)
+    else:
+        report = run_eval(source, **_scoring_options(args))
+        text = format_eval(report)
     print()
-    print(format_eval(report))
+    print(text)
     if args.json:
         write_json(report, Path(args.json).expanduser())
     return 0

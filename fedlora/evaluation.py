@@ -400,6 +400,129 @@ def run_compare(
     }
 
 
+def site_sources(
+    source: Source, given: list[tuple[int, Source]] | None = None
+) -> list[tuple[int, Source]]:
+    """The personalised adapters to evaluate: those given (--site-adapter), else every
+    sites/site-<k>/adapter of the run's results folder."""
+    from fedlora.lifecycle import SITES_DIR, find_site_adapters, resolve_source
+
+    if source.is_base or source.cfg is None:
+        raise FedloraError(
+            f"--per-site needs a results folder (or an adapter with the run's config.toml): the "
+            f"run's config says which held-out rows belong to which site; {source.label} has none."
+        )
+    if given:
+        return sorted(given, key=lambda kv: kv[0])
+    run = source.cfg_path.parent
+    found = find_site_adapters(run)
+    if not found:
+        raise FedloraError(
+            f"{run} has no per-site adapters ({SITES_DIR}/site-<k>/adapter): run `fedlora "
+            "simulate` with --personalize-steps N, or name them with --site-adapter K=DIR."
+        )
+    return [(k, resolve_source(str(path))) for k, path in found.items()]
+
+
+def run_eval_per_site(
+    source: Source,
+    sites: list[tuple[int, Source]] | None = None,
+    base: str | None = None,
+    data: str | None = None,
+    task: str | None = None,
+    draws: int = DRAWS,
+    seed: int = 0,
+    allow_other_base: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Each site's own held-out rows, scored with the global adapter and with the site's
+    personalised adapter. One base model carries all of them as named peft adapters and
+    switches between them, so N sites cost one model load, not N + 1."""
+    from fedlora.runtime import load_data
+
+    sites = site_sources(source, sites)
+    cfg, notes = data_config([source], data, task, None)
+    for s in [source, *(s for _, s in sites)]:
+        notes += s.notes
+    n_sites = cfg.federation.clients
+    beyond = [k for k, _ in sites if k >= n_sites]
+    if beyond:
+        raise FedloraError(
+            f"Site(s) {beyond} do not exist: the run has {n_sites} sites (0 to {n_sites - 1})."
+        )
+    name = choose_base([source, *(s for _, s in sites)], base)
+    for s in [source, *(s for _, s in sites)]:
+        check_base_name(s, name, allow_other_base)
+    dataset, _, test_parts = load_data(cfg, log=log)  # data errors before any model
+    if cfg.data.task == "classify" and not dataset.labels:
+        raise FedloraError("Classification needs labels; the data set has none.")
+    missing = sorted(set(range(n_sites)) - {k for k, _ in sites})
+    if missing:
+        notes.append(f"no personalised adapter for site(s) {missing}; they are left out.")
+    for note in notes:
+        log(f"note: {note}")
+
+    from fedlora.model import use_bf16
+    from fedlora.train import Encoder
+
+    log(f"Loading base model {name} ...")
+    bank = AdapterBank(name, log)
+    bank.add("global", source, allow_other_base)
+    for k, s in sites:
+        bank.add(f"site-{k}", s, allow_other_base)
+    encoder = Encoder(bank.tokenizer, dataset, cfg.data.max_text_tokens)
+    pad, bf16 = int(bank.tokenizer.pad_token_id), use_bf16(cfg.model.precision)
+    per_site: list[dict[str, Any]] = []
+    pooled: dict[str, list[RowScores]] = {"global": [], "personal": []}
+    for k, s in sites:
+        rows = encoder.encode_all([dataset.test[i] for i in test_parts[k]])
+        entry: dict[str, Any] = {"site": k, "adapter": s.label, "rows": len(rows)}
+        if rows:
+            log(f"Evaluating site {k}: {len(rows)} held-out rows, global and personalised ...")
+            scored = {}
+            for side, adapter in (("global", "global"), ("personal", f"site-{k}")):
+                with bank.using(adapter) as model:
+                    scored[side] = score_rows(model, encoder, rows, pad, bf16=bf16)
+                pooled[side].append(scored[side])
+                entry[side] = summarize(scored[side], draws, seed)
+            entry["paired"] = paired(scored["global"], scored["personal"], draws, seed)
+        per_site.append(entry)
+    report: dict[str, Any] = {
+        "adapter": source.label,
+        "base_model": name,
+        **_describe(cfg, dataset, sum(e["rows"] for e in per_site)),
+        "partition": cfg.data.partition,
+        "sites": per_site,
+    }
+    if pooled["global"]:
+        g, p = (_concat(pooled[side]) for side in ("global", "personal"))
+        report["all_sites"] = {
+            "rows": g.n,
+            "global": summarize(g, draws, seed),
+            "personal": summarize(p, draws, seed),
+            "paired": paired(g, p, draws, seed),
+        }
+    return report
+
+
+def _concat(parts: list[RowScores]) -> RowScores:
+    """Rows of several sites as one set (each row scored by its own site's adapter)."""
+    first = parts[0]
+    classify = first.gold is not None
+
+    def joined(attr: str) -> np.ndarray | None:
+        return np.concatenate([getattr(x, attr) for x in parts]) if classify else None
+
+    return RowScores(
+        first.task,
+        first.labels,
+        np.concatenate([x.loss_sum for x in parts]),
+        np.concatenate([x.tokens for x in parts]),
+        joined("gold"),
+        joined("pred"),
+    )
+
+
 _NAMES = {
     "eval_loss": "eval loss",
     "accuracy": "accuracy",
@@ -479,6 +602,46 @@ def format_compare(report: dict[str, Any]) -> str:
             f"{format_p(mc['p_value'])}"
         )
     lines.append(f"Verdict: {report['verdict']}")
+    return "\n".join(lines)
+
+
+def format_per_site(report: dict[str, Any]) -> str:
+    """One line per site: rows, the global and the personalised adapter (95% CIs) and the
+    change with its paired interval; accuracy for classification, eval loss for text."""
+    key = "accuracy" if report["task"] == "classify" else "eval_loss"
+    what = _NAMES[key]
+    lines = [
+        f"Global adapter: {report['adapter']} on {report['base_model']}",
+        _data_line(report) + f"; each site's own held-out rows (partition {report['partition']})",
+        "",
+    ]
+    head = (
+        f"{'site':>4}  {'rows':>5}  {'global ' + what + ' (95% CI)':<28}"
+        f"{'personal ' + what + ' (95% CI)':<30}change (95% CI, paired bootstrap)"
+    )
+    lines += [head, "-" * len(head)]
+    entries = [(str(e["site"]), e) for e in report["sites"]]
+    if "all_sites" in report:
+        entries.append(("all", report["all_sites"]))
+    for label, e in entries:
+        if not e["rows"]:
+            lines.append(f"{label:>4}  {0:>5}  (no held-out rows)")
+            continue
+        d = e["paired"][f"{key}_diff"]
+        lo, hi = d["ci95"]
+        if key == "accuracy":
+            change = f"{_points(d['value'])} points ({_points(lo)} to {_points(hi)})"
+        else:
+            change = f"{d['value']:+.4f} ({lo:+.4f} to {hi:+.4f})"
+        lines.append(
+            f"{label:>4}  {e['rows']:>5}  {_with_ci(key, e['global'][key]):<28}"
+            f"{_with_ci(key, e['personal'][key]):<30}{change}"
+        )
+    lines.append("")
+    lines.append(
+        "Personalised adapters: "
+        + ", ".join(f"site {e['site']}: {e['adapter']}" for e in report["sites"])
+    )
     return "\n".join(lines)
 
 

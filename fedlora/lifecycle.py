@@ -1,5 +1,6 @@
 """What happens to an adapter after training: find it, check that it fits a base model, export it
-(as a peft adapter or merged into a standalone model) and run several adapters on one base.
+(as a peft adapter or merged into a standalone model), run several adapters on one base, and
+keep each site's personalised adapter where that site is.
 
 An *adapter source* is what a user names on the command line: a `fedlora simulate` results
 folder (config.toml + adapter/), a peft adapter folder (adapter_config.json; an exported adapter
@@ -363,6 +364,77 @@ class AdapterBank:
             raise FedloraError(f"No adapter named {name!r} is loaded.")
         self.peft.set_adapter(name, inference_mode=True)
         yield self.peft
+
+
+# --- Per-site (personalised) adapters --------------------------------------------------------
+
+#: a results folder keeps each simulated site's personalised adapter in sites/site-<k>/adapter
+SITES_DIR = "sites"
+#: a site daemon keeps its personalised adapter in its own state folder under this name
+PERSONAL_ADAPTER = "personal-adapter"
+_SITE_FOLDER = re.compile(r"^site-(\d+)$")
+
+
+def site_adapter_dir(results: Path, site: int) -> Path:
+    """Where a simulated site's personalised adapter lies in a results folder."""
+    return results / SITES_DIR / f"site-{site}" / "adapter"
+
+
+def personal_adapter_dir(site: int, run_out: str, site_state: str | None = None) -> Path:
+    """Where a site keeps its personalised adapter. It never travels: a site daemon keeps it in
+    its own state folder (`site_state`); a simulated site stands for a machine of its own, and
+    its adapter goes into the run's results folder (the `.partial` folder until the run ends)."""
+    if site_state is not None:
+        return Path(site_state) / PERSONAL_ADAPTER
+    if not run_out:
+        raise FedloraError("run.out must be set before sites personalise (simulate resolves it).")
+    out = Path(run_out).expanduser()
+    return site_adapter_dir(out.with_name(out.name + ".partial"), site)
+
+
+def save_site_adapter(model, folder: Path) -> Path:
+    """Write `model`'s (a PeftModel) adapter as a standard peft adapter into `folder`. It is
+    written beside and renamed into place, so a kill never leaves a half-written adapter, and a
+    resumed run replaces the older one."""
+    work = folder.with_name(folder.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    model.save_pretrained(str(work))
+    if folder.exists():
+        shutil.rmtree(folder)
+    work.rename(folder)
+    return folder
+
+
+def find_site_adapters(results: Path) -> dict[int, Path]:
+    """Site index -> personalised adapter folder, for every sites/site-<k>/adapter of a
+    results folder that has an adapter config."""
+    found: dict[int, Path] = {}
+    root = results / SITES_DIR
+    if root.is_dir():
+        for sub in root.iterdir():
+            m = _SITE_FOLDER.match(sub.name)
+            if m and (sub / "adapter" / ADAPTER_CONFIG).is_file():
+                found[int(m[1])] = sub / "adapter"
+    return dict(sorted(found.items()))
+
+
+def parse_site_specs(specs: list[str]) -> list[tuple[int, str]]:
+    """`K=DIR` or `site-K=DIR` pairs, checked: whole site numbers, each named once."""
+    out: list[tuple[int, str]] = []
+    for spec in specs:
+        key, sep, folder = spec.partition("=")
+        key = key.strip().removeprefix("site-")
+        if not sep or not folder.strip() or not key.isdigit():
+            raise FedloraError(
+                f"--site-adapter {spec!r}: expected SITE=DIR with a site number, e.g. "
+                "--site-adapter 0=runs/x/sites/site-0/adapter."
+            )
+        if int(key) in (k for k, _ in out):
+            raise FedloraError(f"--site-adapter: site {int(key)} is given twice.")
+        out.append((int(key), folder.strip()))
+    return out
 
 
 # --- Export -----------------------------------------------------------------------------------

@@ -211,7 +211,8 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
 
 def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     """Fine-tune the final global adapter on this site's rows only and compare both on the
-    site's own held-out share. Nothing but these metrics leaves the site."""
+    site's own held-out share. The personalised adapter is kept at the site (a standard peft
+    adapter, see fedlora.lifecycle.personal_adapter_dir); nothing but these metrics leaves it."""
     site = site_id(context)
     rt = site_runtime(cfg, context)
     steps = int(msg.content[R.ROUND_CONFIG][R.PERSONALIZE_STEPS])
@@ -237,6 +238,13 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     if held_out:
         after = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
         metrics |= {R.PERSONAL_LOSS: after.loss, R.PERSONAL_ACCURACY: after.accuracy or 0.0}
+    from fedlora.lifecycle import personal_adapter_dir, save_site_adapter
+
+    own_state = context.node_config.get(STATE_DIR)
+    save_site_adapter(
+        rt.model,
+        personal_adapter_dir(site, cfg.run.out, None if own_state is None else str(own_state)),
+    )
     return Message(RecordDict({R.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
