@@ -265,7 +265,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedlora.simulate import simulate
 
     out = simulate(cfg, resume=args.resume)
-    print(f"\nResults: {out}/ (config.toml, metrics.jsonl, summary.json, metrics.png, adapter/)")
+    sites = ", sites/site-<k>/adapter/" if cfg.federation.personalize_steps else ""
+    print(
+        f"\nResults: {out}/ (config.toml, metrics.jsonl, summary.json, metrics.png, "
+        f"adapter/{sites})"
+    )
     return 0
 
 

@@ -24,7 +24,14 @@ import numpy as np
 
 from fedlora.config import Config, load_config
 from fedlora.errors import FedloraError
-from fedlora.lifecycle import BASE_WORD, AdapterBank, Source, check_base_name, choose_base
+from fedlora.lifecycle import (
+    BASE_WORD,
+    SITES_DIR,
+    AdapterBank,
+    Source,
+    check_base_name,
+    choose_base,
+)
 from fedlora.metrics import macro_f1
 
 Log = Callable[[str], None]
@@ -405,7 +412,7 @@ def site_sources(
 ) -> list[tuple[int, Source]]:
     """The personalised adapters to evaluate: those given (--site-adapter), else every
     sites/site-<k>/adapter of the run's results folder."""
-    from fedlora.lifecycle import SITES_DIR, find_site_adapters, resolve_source
+    from fedlora.lifecycle import find_site_adapters, resolve_source
 
     if source.is_base or source.cfg is None:
         raise FedloraError(
@@ -638,10 +645,14 @@ def format_per_site(report: dict[str, Any]) -> str:
             f"{_with_ci(key, e['personal'][key]):<30}{change}"
         )
     lines.append("")
-    lines.append(
-        "Personalised adapters: "
-        + ", ".join(f"site {e['site']}: {e['adapter']}" for e in report["sites"])
+    standard = all(
+        Path(e["adapter"]).parts[-3:] == (SITES_DIR, f"site-{e['site']}", "adapter")
+        for e in report["sites"]
     )
+    if standard:
+        lines.append(f"Personalised adapters: {SITES_DIR}/site-<k>/adapter of the results folder")
+    else:
+        lines += [f"Site {e['site']}'s adapter: {e['adapter']}" for e in report["sites"]]
     return "\n".join(lines)
 
 

@@ -512,6 +512,14 @@ def test_personalised_adapters_stay_at_the_sites_as_peft_adapters(personalised):
     assert all(isinstance(v, int | float) for r in summary["personalization"] for v in r.values())
 
 
+def test_a_site_daemon_keeps_its_adapter_in_its_own_state_folder(tmp_path):
+    state = tmp_path / "site-state" / "federations" / "f1"
+    assert lifecycle.personal_adapter_dir(4, "runs/x", str(state)) == state / "personal-adapter"
+    assert lifecycle.personal_adapter_dir(4, "runs/x") == Path(
+        "runs/x.partial/sites/site-4/adapter"
+    )
+
+
 def test_eval_per_site_switches_adapters_on_one_base(personalised, capsys, monkeypatch, tmp_path):
     from fedlora import model as fm
     from fedlora.runtime import load_data
