@@ -21,6 +21,8 @@ TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
 AggregationMode = Literal["factors", "freeze-a", "svd"]
+RankRule = Literal["zero-pad", "partitioned"]
+RankList = str | list[int]
 Quantization = Literal["none", "4bit", "8bit"]
 PrivacyLevel = Literal["none", "sample", "client"]
 ClientNoise = Literal["central", "distributed"]
@@ -63,6 +65,27 @@ class LoraSettings:
     #: server averages the sites' products B_i·A_i exactly and re-factorises to rank r by
     #: truncated SVD (needs each site's factors in the clear; the truncation error is reported).
     aggregation: AggregationMode = "factors"
+    #: heterogeneous ranks: site ranks cycled over the sites ("4,8,16": site 0 has rank 4, site
+    #: 1 rank 8, site 2 rank 16, site 3 rank 4, ...; a deployment's sites in the order of their
+    #: sorted names); "" = every site at lora.r. lora.r is the global adapter's rank and must be
+    #: the largest of them. A site of rank r_i trains the leading slice A[:r_i], B[:, :r_i].
+    site_ranks: RankList = ""
+    #: how slices that not every site holds are averaged (fedlora/strategies/slots.py):
+    #: "zero-pad" = over every site (one lacking a slot counts with no change: the exact mean
+    #: of the sites' updates, but high slices move by only their holders' share of the weight);
+    #: "partitioned" = slot by slot over the sites that hold it. Both are sums (secure
+    #: aggregation composes); with equal ranks they are the same.
+    rank_rule: RankRule = "zero-pad"
+
+    def all_site_ranks(self, clients: int) -> list[int]:
+        """Every site's rank, site 0 first (lora.site_ranks cycled; lora.r when empty)."""
+        ranks = parse_ranks(self.site_ranks) or [self.r]
+        return [ranks[s % len(ranks)] for s in range(clients)]
+
+    def site_rank(self, site: int) -> int:
+        """The rank site `site` trains at."""
+        ranks = parse_ranks(self.site_ranks) or [self.r]
+        return ranks[site % len(ranks)]
 
     def target_modules(self) -> list[str]:
         if isinstance(self.targets, list):
@@ -70,6 +93,17 @@ class LoraSettings:
         if self.targets in TARGET_PRESETS:
             return list(TARGET_PRESETS[self.targets])
         return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+def parse_ranks(text: str | list[int]) -> list[int]:
+    """ "4,8,16" (or [4, 8, 16]) -> [4, 8, 16]; "" -> []."""
+    items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
+    try:
+        return [int(str(t).strip()) for t in items]
+    except ValueError:
+        raise FedloraError(
+            f'lora.site_ranks = {text!r} is not a list of ranks; write e.g. "4,8,16".'
+        ) from None
 
 
 @dataclass
@@ -217,6 +251,16 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise FedloraError(f"{where} must be a string, got {value!r}.")
         return value
+    if hint == RankList:  # lora.site_ranks: kept as the text "4,8,16"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return ",".join(map(str, value))
+        if isinstance(value, str):
+            return value
+        raise FedloraError(f'{where} must be ranks such as "4,8,16", got {value!r}.')
     # str | list[str] (lora.targets)
     if isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(v, str) for v in value)
@@ -346,6 +390,7 @@ def validate(cfg: Config) -> None:
             f"strategy {st.name} is defined for local SGD (its correction assumes SGD steps); "
             f'set train.optimizer = "sgd" (got {tr.optimizer!r}).',
         )
+    _validate_ranks(cfg)
     if lo.aggregation == "svd":
         _require(
             st.name != "scaffold",
@@ -359,6 +404,43 @@ def validate(cfg: Config) -> None:
         import warnings
 
         warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
+
+
+def _validate_ranks(cfg: Config) -> None:
+    """Mixed site ranks: every rank within the global one, the largest equal to it."""
+    lo, clients = cfg.lora, cfg.federation.clients
+    listed = parse_ranks(lo.site_ranks)
+    if not listed:
+        return
+    _require(
+        all(r >= 1 for r in listed), f"lora.site_ranks must be ranks >= 1 (got {lo.site_ranks!r})."
+    )
+    _require(
+        len(listed) <= clients,
+        f"lora.site_ranks lists {len(listed)} ranks for {clients} sites: the ranks after the "
+        f"first {clients} would belong to no site; list at most {clients}.",
+    )
+    used = lo.all_site_ranks(clients)
+    _require(
+        max(used) <= lo.r,
+        f"lora.site_ranks has rank {max(used)} above lora.r = {lo.r}: lora.r is the global "
+        f"adapter's rank, the largest any site trains; set lora.r = {max(used)}.",
+    )
+    _require(
+        max(used) == lo.r,
+        f"lora.r = {lo.r} but no site trains above rank {max(used)} (lora.site_ranks = "
+        f"{lo.site_ranks!r}): slots no site holds would never train; set lora.r = {max(used)}.",
+    )
+    mixed = min(used) < lo.r
+    if mixed and lo.aggregation == "svd":
+        _require(
+            lo.rank_rule == "zero-pad",
+            'lora.rank_rule = "partitioned" averages rank slots, but lora.aggregation = "svd" '
+            "averages the sites' products B_i·A_i, which have no slots: svd's own answer to "
+            "mixed ranks is to re-factorise the mean product to lora.r, each site taking the "
+            'leading slice; use rank_rule = "zero-pad" with svd, or "partitioned" with '
+            '"factors" or "freeze-a".',
+        )
 
 
 def _validate_privacy(cfg: Config) -> None:

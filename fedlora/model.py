@@ -155,6 +155,61 @@ def load_adapter_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
             param.copy_(value)
 
 
+def _slots_beyond(name: str, rank: int) -> tuple[slice, ...] | None:
+    """Index of the slots at or beyond `rank` in a LoRA tensor: rows of A, columns of B."""
+    if "lora_A" in name:
+        return (slice(rank, None), slice(None))
+    if "lora_B" in name:
+        return (slice(None), slice(rank, None))
+    return None
+
+
+def truncate_lora(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Make the model a rank-`rank` site's: zero every LoRA slot beyond its leading `rank`
+    (A rows and B columns), so its forward is W + (alpha/R)·B[:, :rank]·A[:rank] and the loss
+    has gradient exactly 0 on the other slots. The scale stays the global alpha/R: the site's
+    model is then exactly the truncation of the global adapter and its delta means the same
+    in the global adapter (with alpha/rank its first forward would already differ from the
+    global one by R/rank). Returns the frozen LoRA tensors it changed (A under freeze-a: not
+    reloaded each round), for `restore_lora`."""
+    saved = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            index = _slots_beyond(name, rank) if any(m in name for m in LORA_MARKERS) else None
+            if index is None:
+                continue
+            if not param.requires_grad:
+                saved[name] = param.detach().clone()
+            param[index] = 0.0
+    return saved
+
+
+def restore_lora(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the frozen tensors `truncate_lora` zeroed."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
+def mask_slot_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module, rank: int):
+    """Zero the gradient of every slot beyond `rank` right before each optimiser step: the loss
+    gives them none, but SCAFFOLD's correction and DP-SGD's noise would. Returns the hook
+    handle (`.remove()` it when the optimiser is reused)."""
+    slots = {
+        param: index
+        for name, param in adapter_parameters(model).items()
+        if (index := _slots_beyond(name, rank)) is not None
+    }
+
+    def zero_beyond(_optimizer, _args, _kwargs) -> None:
+        for param, index in slots.items():
+            if param.grad is not None:
+                param.grad[index] = 0.0
+
+    return optimizer.register_step_pre_hook(zero_beyond)
+
+
 def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path) -> None:
     """Write `arrays` as a standard peft adapter (loads with PeftModel.from_pretrained)."""
     load_adapter_arrays(model, arrays)

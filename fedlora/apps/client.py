@@ -22,7 +22,14 @@ from fedlora.checkpoint import run_state_dir
 from fedlora.config import Config, TrainConfig
 from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays, load_adapter_arrays
+from fedlora.model import (
+    adapter_arrays,
+    adapter_parameters,
+    load_adapter_arrays,
+    mask_slot_gradients,
+    restore_lora,
+    truncate_lora,
+)
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.policy import (
@@ -36,7 +43,7 @@ from fedlora.privacy.policy import (
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, TrainingTerms
-from fedlora.train import evaluate, local_train
+from fedlora.train import evaluate, local_train, make_optimizer
 
 
 def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
@@ -123,18 +130,29 @@ def train_contribution(
         mech = client_mechanism(cfg)
         ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]
         check_budget(cfg, mech, ledger, site)
-    result = local_train(
-        rt.model,
-        rows,
-        steps,
-        cfg.train,
-        terms,
-        np.random.default_rng(seed),
-        rt.pad_id,
-        bf16=rt.bf16,
-        dp=dp,
-    )
-    local = adapter_arrays(rt.model)
+    rank = cfg.lora.site_rank(site)
+    truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
+    optimizer, frozen = None, {}
+    if truncated:
+        frozen = truncate_lora(rt.model, rank)
+        optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
+        mask_slot_gradients(optimizer, rt.model, rank)
+    try:
+        result = local_train(
+            rt.model,
+            rows,
+            steps,
+            cfg.train,
+            terms,
+            np.random.default_rng(seed),
+            rt.pad_id,
+            bf16=rt.bf16,
+            optimizer=optimizer,
+            dp=dp,
+        )
+        local = adapter_arrays(rt.model)
+    finally:
+        restore_lora(rt.model, frozen)  # the worker's next site needs the shared A intact
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}
     work = LocalWork(
         # client level: uniform weights, or a site's row count would change the sensitivity
@@ -142,6 +160,7 @@ def train_contribution(
         steps=result.steps,
         lr=cfg.train.lr,
         momentum=cfg.train.momentum,
+        rank=rank if truncated else None,
     )
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
     values: dict[str, float | int] = {
@@ -149,6 +168,7 @@ def train_contribution(
         R.TRAIN_LOSS: result.mean_loss,
         R.LOCAL_STEPS: result.steps,
         R.NUM_EXAMPLES: len(rows),
+        R.RANK: rank,
     }
     if mech is not None:
         if level == "client":

@@ -21,6 +21,7 @@ SITE_ID = "site"
 TRAIN_LOSS = "train_loss"
 LOCAL_STEPS = "local_steps"
 NUM_EXAMPLES = "num_examples"
+RANK = "rank"  # the LoRA rank the site trained at (its leading slice of the global adapter)
 PRIVACY = "privacy."  # prefix of a site's privacy spend: epsilon, delta, noise_multiplier, ...
 CLIP_SCALE = "clip_scale"  # client-level DP: the factor the site's update was scaled by (<= 1)
 EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)

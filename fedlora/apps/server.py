@@ -235,6 +235,7 @@ class Federation:
                 steps=int(m[R.LOCAL_STEPS]),
                 lr=self.cfg.train.lr,
                 momentum=self.cfg.train.momentum,
+                rank=site_rank(m, self.cfg.lora.r),
             )
             for m in inputs.metrics
         ]
@@ -428,6 +429,14 @@ def personalization_table(rows: list[dict[str, float]], steps: int) -> str:
             f"{p - g:>+7.3f}"
         )
     return "\n".join(lines)
+
+
+def site_rank(metrics, global_rank: int) -> int | None:
+    """The rank a site reports it trained at; None when it is the global rank (all slots)."""
+    rank = int(metrics.get(R.RANK, global_rank))
+    if not 1 <= rank <= global_rank:
+        raise FedloraError(f"A site reported rank {rank}, outside 1..{global_rank} (lora.r).")
+    return None if rank == global_rank else rank
 
 
 def check_contribution(arrays: Arrays, global_arrays: Arrays) -> None:

@@ -18,6 +18,7 @@ from fedlora.strategies.fednova import FedNova, nova_a
 from fedlora.strategies.fedprox import FedProx
 from fedlora.strategies.scaffold import Scaffold
 from fedlora.strategies.server_opt import ServerOptimizer
+from fedlora.strategies.slots import RankSlots
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -31,6 +32,7 @@ __all__ = [
     "FedNova",
     "FedProx",
     "LocalWork",
+    "RankSlots",
     "Scaffold",
     "ServerOptimizer",
     "Strategy",
@@ -42,10 +44,13 @@ __all__ = [
 ]
 
 
-def make_strategy(name: str, *, total_clients: int, mu: float = 0.0) -> Strategy:
-    """Build a strategy by its config name; ``mu`` is FedProx's proximal weight."""
+def make_strategy(
+    name: str, *, total_clients: int, mu: float = 0.0, slots: RankSlots | None = None
+) -> Strategy:
+    """Build a strategy by its config name; ``mu`` is FedProx's proximal weight, ``slots``
+    switches on rank-partitioned averaging."""
     if name == "fedprox":
-        return FedProx(total_clients=total_clients, mu=mu)
+        return FedProx(total_clients=total_clients, mu=mu, slots=slots)
     classes: dict[str, type[Strategy]] = {
         "fedavg": FedAvg,
         "scaffold": Scaffold,
@@ -57,10 +62,18 @@ def make_strategy(name: str, *, total_clients: int, mu: float = 0.0) -> Strategy
         warnings.warn(
             f"mu={mu} is ignored by strategy {name!r} (only fedprox uses it)", stacklevel=2
         )
-    return classes[name](total_clients=total_clients)
+    return classes[name](total_clients=total_clients, slots=slots)
 
 
 def strategy_for(cfg: Config) -> Strategy:
-    """The strategy a run's config names (mu only where FedProx uses it)."""
+    """The strategy a run's config names (mu only where FedProx uses it; rank slots under
+    `lora.rank_rule = "partitioned"` when the site ranks differ: with equal ranks both rules
+    are the same, so the contribution stays one weight per site)."""
     mu = cfg.strategy.mu if cfg.strategy.name == "fedprox" else 0.0
-    return make_strategy(cfg.strategy.name, total_clients=cfg.federation.clients, mu=mu)
+    slots = None
+    ranks = cfg.lora.all_site_ranks(cfg.federation.clients)
+    if cfg.lora.rank_rule == "partitioned" and min(ranks) < cfg.lora.r:
+        slots = RankSlots.of(ranks, cfg.lora.r)
+    return make_strategy(
+        cfg.strategy.name, total_clients=cfg.federation.clients, mu=mu, slots=slots
+    )

@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedlora.strategies.slots import RankSlots, restrict_to_rank
+
 Arrays = dict[str, np.ndarray]
 """Adapter tensor name -> array."""
 
@@ -31,6 +33,8 @@ NOVA_A = "nova_a"  # contribution (FedNova): n_i * a_i, shape (1,)
 C = "c/"  # broadcast and server state (SCAFFOLD): server control variate c
 C_I = "c_i/"  # client state (SCAFFOLD): client control variate c_i
 MOMENTUM = "m/"  # server optimiser state: momentum buffer
+SLOT_WEIGHT = "slot_weight"  # contribution (rank-partitioned): n_i on the slots site i holds
+SLOT_NOVA_A = "slot_nova_a"  # contribution (rank-partitioned FedNova): n_i * a_i per held slot
 
 OUT_DTYPE = np.float32
 """dtype of updates, broadcasts and client state (what adapters use); sums stay float64."""
@@ -44,6 +48,8 @@ class LocalWork:
     steps: int  # tau_i: local optimiser steps actually taken
     lr: float  # local learning rate eta_l
     momentum: float = 0.0  # local SGD momentum rho
+    #: the leading rank slots the site trained (heterogeneous ranks); None = all of them
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_examples < 1:
@@ -54,6 +60,8 @@ class LocalWork:
             raise ValueError(f"LocalWork.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"LocalWork.momentum must be in [0, 1), got {self.momentum}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"LocalWork.rank must be >= 1, got {self.rank}")
 
 
 @dataclass(frozen=True)
@@ -159,10 +167,25 @@ class Strategy(ABC):
     #: differential privacy; everything else is a public count or step number
     private_prefixes: ClassVar[tuple[str, ...]] = (DELTA,)
 
-    def __init__(self, *, total_clients: int) -> None:
+    def __init__(self, *, total_clients: int, slots: RankSlots | None = None) -> None:
         if total_clients < 1:
             raise ValueError(f"total_clients must be >= 1, got {total_clients}")
         self.total_clients = total_clients
+        #: rank-partitioned averaging (fedlora.strategies.slots); None: one weight per site
+        self.slots = slots
+
+    def own_slots(self, delta: Arrays, work: LocalWork) -> Arrays:
+        """A site of rank r_i changes only its leading r_i slots: anything else is zeroed
+        (zero-padded to the global rank)."""
+        check_delta(delta)
+        return delta if work.rank is None else restrict_to_rank(delta, work.rank)
+
+    def slot_terms(self, work: LocalWork, **per_site: float) -> Arrays:
+        """Rank-partitioned: each scalar `name=value` also as a per-slot vector, value on the
+        slots the site holds and 0 elsewhere (empty without `slots`)."""
+        if self.slots is None:
+            return {}
+        return {k: self.slots.weights(v, work.rank) for k, v in per_site.items()}
 
     # client half ------------------------------------------------------------------------------
     def training_terms(
@@ -225,11 +248,13 @@ class Strategy(ABC):
         num_contributors: int,
         scalars: tuple[str, ...],
         vectors: tuple[str, ...] = (DELTA,),
+        slot_keys: tuple[str, ...] = (),
     ) -> dict[str, Arrays]:
         """Validate the sums; return ``{prefix: arrays}`` for each vector prefix, prefix stripped.
 
         Every vector prefix must cover the same adapter tensors with the same shapes as
         ``delta/``, and no other keys may be present (a typo would silently drop a term).
+        With rank slots, `slot_keys` must be present as vectors of one value per slot.
         """
         if num_contributors < 1:
             raise ValueError(f"num_contributors must be >= 1, got {num_contributors}")
@@ -245,10 +270,18 @@ class Strategy(ABC):
             raise ValueError(f"sums hold no {vectors[0]!r} keys; got keys {sorted(sums)}")
         for prefix in vectors[1:]:
             check_same_shapes(f"sums {prefix!r} vs {vectors[0]!r}", deltas, parts[prefix])
-        known = set(scalars) | {p + k for p in vectors for k in deltas}
+        slot_keys = slot_keys if self.slots is not None else ()
+        known = set(scalars) | set(slot_keys) | {p + k for p in vectors for k in deltas}
         unexpected = sorted(set(sums) - known)
         if unexpected:
             raise ValueError(f"{self.name}: unexpected keys in sums: {unexpected}")
         for key in scalars:
             read_scalar(sums, key)
+        for key in slot_keys:
+            shape = np.shape(sums[key]) if key in sums else None
+            if shape != (self.slots.global_rank,):  # type: ignore[union-attr]
+                raise ValueError(
+                    f"{self.name}: rank-partitioned sums need {key!r} with one value per slot "
+                    f"({self.slots.global_rank}), got {shape}"  # type: ignore[union-attr]
+                )
         return parts

@@ -18,11 +18,12 @@ import numpy as np
 from fedlora.strategies.base import (
     DELTA,
     NOVA_A,
+    SLOT_NOVA_A,
+    SLOT_WEIGHT,
     WEIGHT,
     Arrays,
     LocalWork,
     Strategy,
-    check_delta,
     read_scalar,
     scalar,
     strip_prefix,
@@ -30,6 +31,7 @@ from fedlora.strategies.base import (
     weighted_mean,
     with_prefix,
 )
+from fedlora.strategies.slots import along_slots, slot_weighted_mean
 
 
 def nova_a(steps: int, momentum: float = 0.0) -> float:
@@ -50,6 +52,16 @@ def fednova_update(sum_normalised: Arrays, sum_n_a: float, sum_n: float) -> Arra
     return {k: tau_eff * v for k, v in weighted_mean(sum_normalised, sum_n).items()}
 
 
+def fednova_slot_update(sum_normalised: Arrays, slot_n_a: np.ndarray, slot_n: np.ndarray) -> Arrays:
+    """Rank-partitioned FedNova: the formula above per slot j over the sites holding it,
+    tau_eff_j = sum_h n_h a_h / sum_h n_h and Delta_j = tau_eff_j sum_h (n_h delta_hj / a_h) /
+    sum_h n_h (a slot no site holds gets no update)."""
+    slot_n = np.asarray(slot_n, dtype=np.float64)
+    tau = np.divide(slot_n_a, slot_n, out=np.zeros_like(slot_n), where=slot_n > 0)
+    mean = slot_weighted_mean(sum_normalised, slot_n)
+    return {k: v * along_slots(k, tau, v.shape) for k, v in mean.items()}
+
+
 class FedNova(Strategy):
     """Normalised averaging: removes the bias towards clients that take more local steps."""
 
@@ -58,8 +70,9 @@ class FedNova(Strategy):
     def client_contribution(
         self, delta: Arrays, work: LocalWork, broadcast: Arrays, client_state: Arrays
     ) -> tuple[Arrays, Arrays]:
-        """Send n_i delta_i / a_i, n_i a_i and n_i; FedNova keeps no client state."""
-        check_delta(delta)
+        """Send n_i delta_i / a_i, n_i a_i and n_i (rank-partitioned: the last two also per held
+        slot); FedNova keeps no client state."""
+        delta = self.own_slots(delta, work)
         a_i = nova_a(work.steps, work.momentum)
         n_i = float(work.num_examples)
         contribution = with_prefix(
@@ -67,7 +80,8 @@ class FedNova(Strategy):
         )
         contribution[NOVA_A] = scalar(n_i * a_i)
         contribution[WEIGHT] = scalar(n_i)
-        return contribution, {}
+        slots = self.slot_terms(work, **{SLOT_NOVA_A: n_i * a_i, SLOT_WEIGHT: n_i})
+        return contribution | slots, {}
 
     def site_delta(self, contribution: Arrays) -> Arrays:
         """delta_i = (n_i delta_i / a_i) * a_i / n_i, with a_i = (n_i a_i) / n_i."""
@@ -77,7 +91,11 @@ class FedNova(Strategy):
 
     def aggregate(self, sums: Arrays, num_contributors: int) -> Arrays:
         """Delta = tau_eff * sum(n_i delta_i / a_i) / sum(n_i) (Section 5, eta cancelled)."""
-        parts = self._check_sums(sums, num_contributors, scalars=(NOVA_A, WEIGHT))
+        parts = self._check_sums(
+            sums, num_contributors, (NOVA_A, WEIGHT), slot_keys=(SLOT_NOVA_A, SLOT_WEIGHT)
+        )
+        if self.slots is not None:
+            return to_out(fednova_slot_update(parts[DELTA], sums[SLOT_NOVA_A], sums[SLOT_WEIGHT]))
         sum_n = read_scalar(sums, WEIGHT)
         if not sum_n > 0:
             raise ValueError(f"total aggregation weight must be > 0, got {sum_n}")

@@ -8,6 +8,7 @@ import warnings
 
 from fedlora.strategies.base import Arrays, TrainingTerms
 from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.slots import RankSlots
 
 
 class FedProx(FedAvg):
@@ -15,8 +16,8 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, *, total_clients: int, mu: float) -> None:
-        super().__init__(total_clients=total_clients)
+    def __init__(self, *, total_clients: int, mu: float, slots: RankSlots | None = None) -> None:
+        super().__init__(total_clients=total_clients, slots=slots)
         if mu < 0:
             raise ValueError(f"FedProx mu must be >= 0, got {mu}")
         if mu == 0:

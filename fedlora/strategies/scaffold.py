@@ -21,13 +21,13 @@ from fedlora.strategies.base import (
     COUNT,
     DC,
     DELTA,
+    SLOT_WEIGHT,
     WEIGHT,
     Arrays,
     C,
     LocalWork,
     Strategy,
     TrainingTerms,
-    check_delta,
     check_same_shapes,
     read_scalar,
     scalar,
@@ -35,8 +35,9 @@ from fedlora.strategies.base import (
     to_out,
     with_prefix,
 )
-from fedlora.strategies.fedavg import fedavg_update, weighted_delta_terms
+from fedlora.strategies.fedavg import weighted_delta_terms, weighted_update
 from fedlora.strategies.fednova import nova_a
+from fedlora.strategies.slots import RankSlots, along_slots, restrict_to_rank
 
 
 def updated_client_control(
@@ -58,6 +59,16 @@ def updated_server_control(c: Arrays, sum_dc: Arrays, total_clients: int) -> Arr
     return {k: c[k] + sum_dc[k] / total_clients for k in sum_dc}
 
 
+def updated_server_control_slots(c: Arrays, sum_dc: Arrays, holders: np.ndarray) -> Arrays:
+    """Line 17 with rank-partitioned slots: slot j's c is the mean over the N_j sites of the
+    federation that hold it, c_j <- c_j + (1/N_j) sum_{i in S} Delta c_ij (Delta c_ij = 0 for a
+    site without slot j). With c_j diluted by 1/N instead, the holders' corrected steps would
+    move slot j by only N_j/N of their gradient, undoing what partitioned averaging is for."""
+    h = np.asarray(holders, dtype=np.float64)
+    inverse = np.divide(1.0, h, out=np.zeros_like(h), where=h > 0)
+    return {k: c[k] + sum_dc[k] * along_slots(k, inverse, sum_dc[k].shape) for k in sum_dc}
+
+
 def _zeros_like(shapes: Arrays) -> Arrays:
     return {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in shapes.items()}
 
@@ -77,8 +88,8 @@ class Scaffold(Strategy):
     name = "scaffold"
     private_prefixes = (DELTA, DC)
 
-    def __init__(self, *, total_clients: int) -> None:
-        super().__init__(total_clients=total_clients)
+    def __init__(self, *, total_clients: int, slots: RankSlots | None = None) -> None:
+        super().__init__(total_clients=total_clients, slots=slots)
         self._c: Arrays | None = None  # server control variate, created lazily (shapes unknown)
 
     # client half ------------------------------------------------------------------------------
@@ -95,14 +106,23 @@ class Scaffold(Strategy):
     def client_contribution(
         self, delta: Arrays, work: LocalWork, broadcast: Arrays, client_state: Arrays
     ) -> tuple[Arrays, Arrays]:
-        """Send n_i delta_i, n_i, Delta c_i = c_i+ - c_i (unweighted) and a count of 1."""
-        check_delta(delta)
+        """Send n_i delta_i, n_i, Delta c_i = c_i+ - c_i (unweighted) and a count of 1
+        (rank-partitioned: also n_i per held slot).
+
+        A site of rank r_i has gradient exactly 0 on the slots it lacks (they are not in its
+        model), so its c_i+ is 0 there, not option II's c_i - c (which assumes the site took
+        the corrected steps on them)."""
+        delta = self.own_slots(delta, work)
         if work.steps < 1:
             raise ValueError(f"SCAFFOLD needs steps >= 1 to form c_i+, got {work.steps}")
         c = _read_variate(C, "broadcast c vs delta", broadcast, delta)
         c_i = _read_variate(C_I, "client_state c_i vs delta", client_state, delta)
         c_i_new = updated_client_control(c_i, c, delta, work.steps, work.lr, work.momentum)
-        contribution = weighted_delta_terms(delta, float(work.num_examples))
+        if work.rank is not None:
+            c_i_new = restrict_to_rank(c_i_new, work.rank)
+        n_i = float(work.num_examples)
+        contribution = weighted_delta_terms(delta, n_i)
+        contribution |= self.slot_terms(work, **{SLOT_WEIGHT: n_i})
         contribution.update(with_prefix(DC, {k: c_i_new[k] - c_i[k] for k in delta}))
         contribution[COUNT] = scalar(1.0)
         return contribution, with_prefix(C_I, c_i_new, dtype=np.float32)
@@ -123,15 +143,21 @@ class Scaffold(Strategy):
         return {} if self._c is None else with_prefix(C, self._c, dtype=np.float32)
 
     def aggregate(self, sums: Arrays, num_contributors: int) -> Arrays:
-        """Delta x = sum(n_i delta_i)/sum(n_i); c <- c + sum(Delta c_i)/N (lines 16-17)."""
-        parts = self._check_sums(sums, num_contributors, (WEIGHT, COUNT), (DELTA, DC))
+        """Delta x = sum(n_i delta_i)/sum(n_i); c <- c + sum(Delta c_i)/N (lines 16-17); with
+        rank-partitioned slots both per slot, over the sites that hold it."""
+        parts = self._check_sums(
+            sums, num_contributors, (WEIGHT, COUNT), (DELTA, DC), slot_keys=(SLOT_WEIGHT,)
+        )
         count = read_scalar(sums, COUNT)
         if count != num_contributors:
             raise ValueError(f"sums count {count:g} != num_contributors {num_contributors}")
         c = self._c if self._c is not None else _zeros_like(parts[DC])
         check_same_shapes("server c vs sums", c, parts[DC])
-        update = fedavg_update(parts[DELTA], read_scalar(sums, WEIGHT))
-        self._c = updated_server_control(c, parts[DC], self.total_clients)
+        update = weighted_update(parts[DELTA], sums, self.slots is not None)
+        if self.slots is not None:
+            self._c = updated_server_control_slots(c, parts[DC], np.array(self.slots.holders))
+        else:
+            self._c = updated_server_control(c, parts[DC], self.total_clients)
         return to_out(update)
 
     def state_dict(self) -> Arrays:
