@@ -3,9 +3,13 @@
 For each preset: one `fedlora simulate` run with the default config and `lora.targets` set,
 then the trainable parameters, bytes per round, and the median time of a local training step
 (measured in this process, the variants one after another). Writes results.md, results.json
-and targets.png into --out.
+and targets.png into --out, keeping the rows of presets measured there earlier.
 
     python simulations/target_modules.py --out simulations/results/targets
+
+With --step-times no federation runs: every preset's step time is measured here, one after
+another, into step_times.md / step_times.json, so that presets whose federations ran on
+different machines (or at another precision) can still be compared for cost.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from fedlora.train import local_train
 PRESETS = ("qv", "qkv", "o_proj", "o_proj+down_proj", "all-linear")
 
 
-def step_seconds_and_size(cfg, repeats: int = 3) -> tuple[float, int]:
-    """Median seconds of one local step (2 threads) and the adapter's trainable parameters."""
+def step_seconds_and_size(cfg, repeats: int = 3) -> tuple[float, int, str]:
+    """Median seconds of one local step (2 threads), the adapter's trainable parameters and the
+    precision the step ran at."""
     rt = build_runtime(cfg, log=lambda _: None, threads=2)
     size = sum(p.numel() for p in rt.model.parameters() if p.requires_grad)
     rows = rt.site_rows(0)
@@ -46,7 +51,7 @@ def step_seconds_and_size(cfg, repeats: int = 3) -> tuple[float, int]:
             bf16=rt.bf16,
         )
         times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]), size
+    return statistics.median(times[1:]), size, "bf16" if rt.bf16 else "fp32"
 
 
 def main() -> None:
@@ -54,12 +59,28 @@ def main() -> None:
     parser.add_argument("--out", default="simulations/results/targets")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--set", action="append", default=[], help="applied to every run")
+    parser.add_argument(
+        "--step-times",
+        action="store_true",
+        help="no federations: each preset's step time and size, all measured on this machine",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [parse_override(s) for s in args.set]
-    results = []
-    for preset in args.presets.split(","):
+    presets = args.presets.split(",")
+    if args.step_times:
+        step_times(presets, common, out)
+        return
+    # Rows of presets measured earlier into the same --out stay in the table, so a study that
+    # was stopped can be finished one preset at a time; a preset run again replaces its row.
+    earlier = out / "results.json"
+    results = [
+        r
+        for r in (json.loads(earlier.read_text()) if earlier.exists() else [])
+        if r["targets"] not in presets
+    ]
+    for preset in presets:
         cfg = load_config(
             None,
             [
@@ -71,7 +92,7 @@ def main() -> None:
         run = simulate(cfg)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run / "summary.json").read_text())
-        step, size = step_seconds_and_size(cfg)
+        step, size, _ = step_seconds_and_size(cfg)
         results.append(
             {
                 "targets": preset,
@@ -84,29 +105,71 @@ def main() -> None:
                 "bytes_up_per_round": rows[-1]["bytes_up"],
                 "wall_seconds": summary["wall_seconds"],
                 "step_seconds": step,
+                "precision": summary.get("precision", ""),
             }
         )
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    """results.md and targets.png from the rows of results.json."""
     lines = [
         "| targets | final acc | final macro-F1 | final eval loss | trainable params | "
-        "bytes up / round | step s | run wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "bytes up / round | step s | run wall s | precision |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['targets']} | {r['final_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
             f"{r['final_eval_loss']:.3f} | {r['trainable_parameters']:,} | "
             f"{r['bytes_up_per_round'] / 1e6:.1f} MB | {r['step_seconds']:.2f} | "
-            f"{r['wall_seconds']:.0f} |"
+            f"{r['wall_seconds']:.0f} | {r.get('precision', '')} |"
         )
-    r0 = results[0]
+    # round 0 is the base model (B = 0): it differs only with the precision the run used
+    round0 = {r.get("precision", ""): r for r in results}
     lines.append(
-        f"\nRound 0 (no adapter training): accuracy {r0['round0_accuracy']:.3f}, "
-        f"macro-F1 {r0['round0_macro_f1']:.3f}."
+        "\nRound 0 (no adapter training): "
+        + "; ".join(
+            f"accuracy {r['round0_accuracy']:.3f}, macro-F1 {r['round0_macro_f1']:.3f}"
+            + (f" ({precision})" if precision else "")
+            for precision, r in round0.items()
+        )
+        + "."
     )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "targets.png")
     print((out / "results.md").read_text())
+
+
+def step_times(presets: list[str], common: list[dict], out: Path) -> None:
+    """Every preset's local step time, measured here one after another (same machine, same
+    load), with the ratio to the first preset."""
+    rows = []
+    for preset in presets:
+        cfg = load_config(None, [*common, {"lora": {"targets": preset}}])
+        step, size, precision = step_seconds_and_size(cfg)
+        rows.append(
+            {
+                "targets": preset,
+                "trainable_parameters": size,
+                "step_seconds": step,
+                "precision": precision,
+            }
+        )
+        (out / "step_times.json").write_text(json.dumps(rows, indent=1))
+    first = rows[0]
+    lines = [
+        f"| targets | trainable params | step s | step / {first['targets']} | precision |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['targets']} | {r['trainable_parameters']:,} | {r['step_seconds']:.2f} | "
+            f"{r['step_seconds'] / first['step_seconds']:.2f} | {r['precision']} |"
+        )
+    (out / "step_times.md").write_text("\n".join(lines) + "\n")
+    print((out / "step_times.md").read_text())
 
 
 def plot(results: list[dict], path: Path) -> None:
