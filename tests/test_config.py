@@ -194,3 +194,16 @@ def test_quantised_base_is_refused_up_front_without_a_backend():
     with pytest.raises(FedloraError, match="bitsandbytes") as err:
         load_config(None, [{"model": {"quantization": "4bit"}}])
     assert 'model.quantization = "none"' in str(err.value)
+
+
+def test_default_toml_lists_every_key_with_its_default():
+    """configs/default.toml is the reference of every key: it must name each one, and loading
+    it must give the defaults."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "default.toml"
+    listed = tomllib.loads(path.read_text())
+    defaults = Config().to_dict()
+    assert {s: set(v) for s, v in listed.items()} == {s: set(v) for s, v in defaults.items()}
+    assert load_config(path).to_dict() == defaults
