@@ -254,16 +254,17 @@ def score_rows(
         loss_sum[ids] = (
             torch.zeros(len(batch), dtype=torch.float64)
             .index_add(0, row_of, losses.double())
+            .cpu()
             .numpy()
         )
-        tokens[ids] = torch.bincount(row_of, minlength=len(batch)).numpy()
+        tokens[ids] = torch.bincount(row_of, minlength=len(batch)).cpu().numpy()
         if pred is None:
             continue
         if encoder.first_token_decides:
             # the first loss position of each row predicts the first answer token
             first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
             firsts = torch.tensor([c[0] for c in encoder.candidates])
-            pred[ids] = logits[first][:, firsts].argmax(dim=1).numpy()
+            pred[ids] = logits[first][:, firsts.to(logits.device)].argmax(dim=1).cpu().numpy()
         else:
             pred[ids] = score_candidates(model, encoder, batch, pad_id, bf16)
     return loss_sum, tokens, pred
