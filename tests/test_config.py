@@ -207,3 +207,15 @@ def test_default_toml_lists_every_key_with_its_default():
     defaults = Config().to_dict()
     assert {s: set(v) for s, v in listed.items()} == {s: set(v) for s, v in defaults.items()}
     assert load_config(path).to_dict() == defaults
+
+
+def test_every_shipped_config_loads():
+    """The configs/ a README points to are valid with today's keys and rules."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert len(paths) >= 5
+    for path in paths:
+        load_config(path)
+    dp = load_config(Path(__file__).parent.parent / "configs" / "dp.toml")
+    assert (dp.privacy.level, dp.privacy.target_epsilon, dp.train.optimizer) == ("sample", 8, "sgd")
