@@ -7,9 +7,9 @@ and targets.png into --out, keeping the rows of presets measured there earlier.
 
     python simulations/target_modules.py --out simulations/results/targets
 
-With --step-times no federation runs: every preset's step time is measured here, one after
-another, into step_times.md / step_times.json, so that presets whose federations ran on
-different machines (or at another precision) can still be compared for cost.
+With --step-times no federation runs: the presets' step times are measured here, taking turns,
+into step_times.md / step_times.json, so that presets whose federations ran on different
+machines (or at another precision, or under another load) can still be compared for cost.
 """
 
 from __future__ import annotations
@@ -31,27 +31,32 @@ from fedlora.train import local_train
 PRESETS = ("qv", "qkv", "o_proj", "o_proj+down_proj", "all-linear")
 
 
+def timed_step(rt, cfg, seed: int) -> float:
+    """Seconds of one local training step on site 0's rows."""
+    t = time.perf_counter()
+    local_train(
+        rt.model,
+        rt.site_rows(0),
+        1,
+        cfg.train,
+        TrainingTerms(),
+        np.random.default_rng(seed),
+        rt.pad_id,
+        bf16=rt.bf16,
+    )
+    return time.perf_counter() - t
+
+
+def trainable(rt) -> int:
+    return sum(p.numel() for p in rt.model.parameters() if p.requires_grad)
+
+
 def step_seconds_and_size(cfg, repeats: int = 3) -> tuple[float, int, str]:
     """Median seconds of one local step (2 threads), the adapter's trainable parameters and the
     precision the step ran at."""
     rt = build_runtime(cfg, log=lambda _: None, threads=2)
-    size = sum(p.numel() for p in rt.model.parameters() if p.requires_grad)
-    rows = rt.site_rows(0)
-    times = []
-    for i in range(repeats + 1):  # the first step warms up
-        t = time.perf_counter()
-        local_train(
-            rt.model,
-            rows,
-            1,
-            cfg.train,
-            TrainingTerms(),
-            np.random.default_rng(i),
-            rt.pad_id,
-            bf16=rt.bf16,
-        )
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]), size, "bf16" if rt.bf16 else "fp32"
+    times = [timed_step(rt, cfg, i) for i in range(repeats + 1)]  # the first step warms up
+    return statistics.median(times[1:]), trainable(rt), "bf16" if rt.bf16 else "fp32"
 
 
 def main() -> None:
@@ -142,25 +147,35 @@ def write_report(results: list[dict], out: Path) -> None:
     print((out / "results.md").read_text())
 
 
-def step_times(presets: list[str], common: list[dict], out: Path) -> None:
-    """Every preset's local step time, measured here one after another (same machine, same
-    load), with the ratio to the first preset."""
-    rows = []
+def step_times(presets: list[str], common: list[dict], out: Path, repeats: int = 5) -> None:
+    """Every preset's local step time on this machine, with the ratio to the first preset. The
+    presets take turns (one step each, `repeats` times, after a warm-up pass), so a load that
+    changes while they are measured falls on all of them alike."""
+    runtimes = {}
     for preset in presets:
         cfg = load_config(None, [*common, {"lora": {"targets": preset}}])
-        step, size, precision = step_seconds_and_size(cfg)
-        rows.append(
-            {
-                "targets": preset,
-                "trainable_parameters": size,
-                "step_seconds": step,
-                "precision": precision,
-            }
-        )
-        (out / "step_times.json").write_text(json.dumps(rows, indent=1))
+        runtimes[preset] = (cfg, build_runtime(cfg, log=lambda _: None, threads=2))
+    times: dict[str, list[float]] = {preset: [] for preset in presets}
+    for i in range(repeats + 1):
+        for preset, (cfg, rt) in runtimes.items():
+            seconds = timed_step(rt, cfg, i)
+            if i:  # pass 0 warms up
+                times[preset].append(seconds)
+    rows = [
+        {
+            "targets": preset,
+            "trainable_parameters": trainable(rt),
+            "step_seconds": statistics.median(times[preset]),
+            "step_seconds_all": times[preset],
+            "precision": "bf16" if rt.bf16 else "fp32",
+        }
+        for preset, (_, rt) in runtimes.items()
+    ]
+    (out / "step_times.json").write_text(json.dumps(rows, indent=1))
     first = rows[0]
     lines = [
-        f"| targets | trainable params | step s | step / {first['targets']} | precision |",
+        f"| targets | trainable params | step s (median of {repeats}) | step / "
+        f"{first['targets']} | precision |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
