@@ -3,7 +3,9 @@
 Synthetic contributions with the default adapter's shapes (SmolLM2-135M: 30 layers, LoRA r=8 on
 q_proj 576->576 and v_proj 576->192), FedAvg weights. Times the server's own functions
 (fedlora.aggregation), including the factor-averaging error it reports each round. Medians of
---repeats, the modes alternating.
+--repeats, the modes alternating. "svd" is the path the server takes (a QR of the stacked
+factors), "svd-dense" the dense d x k products and full SVDs it replaced (still used with
+server momentum), side by side on the same contributions.
 
     python bench/aggregation.py --sites 10,100
 """
@@ -17,7 +19,13 @@ import time
 
 import numpy as np
 
-from fedlora.aggregation import aggregate_factors, aggregate_svd, factor_error
+from fedlora.aggregation import (
+    _svd_dense,
+    aggregate_factors,
+    aggregate_svd,
+    factor_error,
+    site_adapters,
+)
 from fedlora.strategies import LocalWork, ServerOptimizer, make_strategy
 
 R, LAYERS, SHAPES = 8, 30, {"q_proj": (576, 576), "v_proj": (192, 576)}
@@ -55,19 +63,23 @@ def main() -> None:
                 for _ in range(n)
             ],
         }
-        contrib["svd"] = contrib["factors"]
+        contrib["svd"] = contrib["svd-dense"] = contrib["factors"]
         times: dict[str, list[float]] = {m: [] for m in contrib}
         for _ in range(args.repeats):
             for mode, cs in contrib.items():
                 t = time.perf_counter()
                 if mode == "svd":
                     aggregate_svd(strategy, ServerOptimizer(), full_global, cs, [work] * n, R)
+                elif mode == "svd-dense":
+                    locals_ = list(site_adapters(strategy, full_global, cs))
+                    _svd_dense(strategy, ServerOptimizer(), full_global, locals_, [work] * n, R)
                 else:
                     x = b_global if mode == "freeze-a" else full_global
                     factor_error(strategy, x, frozen if mode == "freeze-a" else {}, cs)
                     aggregate_factors(strategy, ServerOptimizer(), x, cs)
                 times[mode].append(time.perf_counter() - t)
         results[f"{n} sites"] = {m: round(statistics.median(v), 3) for m, v in times.items()}
+        print(json.dumps({f"{n} sites": results[f"{n} sites"]}), flush=True)
     print(json.dumps(results, indent=1))
 
 
