@@ -8,7 +8,7 @@ and targets.png into --out, keeping the rows of presets measured there earlier.
     python simulations/target_modules.py --out simulations/results/targets
 
 With --step-times no federation runs: the presets' step times are measured here, taking turns,
-into step_times.md / step_times.json, so that presets whose federations ran on different
+into step_times_<threads>threads.md / .json, so that presets whose federations ran on different
 machines (or at another precision, or under another load) can still be compared for cost.
 """
 
@@ -69,13 +69,19 @@ def main() -> None:
         action="store_true",
         help="no federations: each preset's step time and size, all measured on this machine",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads for --step-times (1 resists a machine that is busy with other work)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [parse_override(s) for s in args.set]
     presets = args.presets.split(",")
     if args.step_times:
-        step_times(presets, common, out)
+        step_times(presets, common, out, args.threads)
         return
     # Rows of presets measured earlier into the same --out stay in the table, so a study that
     # was stopped can be finished one preset at a time; a preset run again replaces its row.
@@ -147,14 +153,16 @@ def write_report(results: list[dict], out: Path) -> None:
     print((out / "results.md").read_text())
 
 
-def step_times(presets: list[str], common: list[dict], out: Path, repeats: int = 5) -> None:
+def step_times(
+    presets: list[str], common: list[dict], out: Path, threads: int = 2, repeats: int = 5
+) -> None:
     """Every preset's local step time on this machine, with the ratio to the first preset. The
     presets take turns (one step each, `repeats` times, after a warm-up pass), so a load that
     changes while they are measured falls on all of them alike."""
     runtimes = {}
     for preset in presets:
         cfg = load_config(None, [*common, {"lora": {"targets": preset}}])
-        runtimes[preset] = (cfg, build_runtime(cfg, log=lambda _: None, threads=2))
+        runtimes[preset] = (cfg, build_runtime(cfg, log=lambda _: None, threads=threads))
     times: dict[str, list[float]] = {preset: [] for preset in presets}
     for i in range(repeats + 1):
         for preset, (cfg, rt) in runtimes.items():
@@ -171,7 +179,8 @@ def step_times(presets: list[str], common: list[dict], out: Path, repeats: int =
         }
         for preset, (_, rt) in runtimes.items()
     ]
-    (out / "step_times.json").write_text(json.dumps(rows, indent=1))
+    name = f"step_times_{threads}threads"
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     first = rows[0]
     lines = [
         f"| targets | trainable params | step s (median of {repeats}) | step / "
@@ -183,8 +192,8 @@ def step_times(presets: list[str], common: list[dict], out: Path, repeats: int =
             f"| {r['targets']} | {r['trainable_parameters']:,} | {r['step_seconds']:.2f} | "
             f"{r['step_seconds'] / first['step_seconds']:.2f} | {r['precision']} |"
         )
-    (out / "step_times.md").write_text("\n".join(lines) + "\n")
-    print((out / "step_times.md").read_text())
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print((out / f"{name}.md").read_text())
 
 
 def plot(results: list[dict], path: Path) -> None:
