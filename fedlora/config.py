@@ -47,8 +47,8 @@ class ModelConfig:
     #: "bf16" autocast is faster on CPUs with bfloat16 matrix units and slower on others
     #: (BENCHMARKS.md); "auto" measures a matmul once per process and picks the faster.
     precision: Precision = "auto"
-    #: QLoRA: a frozen 4-bit (NF4) or 8-bit base under fp32 LoRA, through bitsandbytes; refused
-    #: when the config is loaded where no bitsandbytes backend is installed.
+    #: QLoRA: a frozen 8-bit (LLM.int8) base under fp32 LoRA, through bitsandbytes; refused when
+    #: the config is loaded where bitsandbytes is missing, and "4bit" refused on the CPU.
     quantization: Quantization = "none"
 
 
@@ -337,6 +337,14 @@ def validate(cfg: Config) -> None:
             "with a backend for this machine (a CUDA GPU, or its CPU backend where supported), "
             'and it is not installed here; use model.quantization = "none" (the full-precision '
             "base) or install bitsandbytes on a machine it supports.",
+        )
+        _require(
+            cfg.model.quantization != "4bit",
+            'model.quantization = "4bit" is refused: fedlora trains on the CPU, where bitsandbytes '
+            "4-bit (NF4) layers stop passing gradients to the adapter once the model has run an "
+            "evaluation pass (measured with bitsandbytes 0.50.2), so training would silently do "
+            'nothing. Use model.quantization = "8bit" (LLM.int8, which trains on the CPU) '
+            'or "none".',
         )
     lo, tr, fe, st, da = cfg.lora, cfg.train, cfg.federation, cfg.strategy, cfg.data
     _require(lo.r >= 1, f"lora.r must be at least 1 (got {lo.r}).")

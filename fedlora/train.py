@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedlora.config import TrainConfig
 from fedlora.data import Dataset, Example
+from fedlora.errors import FedloraError
 from fedlora.metrics import macro_f1
 from fedlora.model import adapter_parameters
 from fedlora.privacy.dpsgd import DPSGD, PrivateSteps, poisson_batch
@@ -156,7 +157,8 @@ def local_train(
     are Poisson samples and the data gradient is opacus's clipped, noised per-example mean.
     """
     params = adapter_parameters(model)
-    start = {n: p.detach().clone() for n, p in params.items()} if terms.prox_mu else {}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    start = before if terms.prox_mu else {}
     correction = (
         {
             n: torch.from_numpy(np.asarray(v, dtype=np.float32))
@@ -187,6 +189,12 @@ def local_train(
         if private:
             private.close()
     model.eval()
+    if steps and all(torch.equal(p, before[n]) for n, p in params.items()):
+        raise FedloraError(
+            f"{steps} local steps left the adapter exactly unchanged: the model passed no "
+            "gradient to the LoRA parameters (a quantised base whose backend cannot train, or a "
+            "learning rate of 0). Check model.quantization and train.lr."
+        )
     return LocalResult(total / max(1, batches_seen), steps)
 
 

@@ -186,16 +186,6 @@ def test_svd_with_scaffold_is_refused_with_the_reason_and_the_alternative():
     assert "control variates" in str(err.value) and "freeze-a" in str(err.value)
 
 
-def test_quantised_base_is_refused_up_front_without_a_backend():
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed here")
-    with pytest.raises(FedloraError, match="bitsandbytes") as err:
-        load_config(None, [{"model": {"quantization": "4bit"}}])
-    assert 'model.quantization = "none"' in str(err.value)
-
-
 def test_default_toml_lists_every_key_with_its_default():
     """configs/default.toml is the reference of every key: it must name each one, and loading
     it must give the defaults."""
