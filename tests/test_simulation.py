@@ -327,13 +327,22 @@ def test_svd_aggregation_runs_and_reports_truncation_error(tmp_path, tiny_cfg, s
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-MATRIX_REFUSED = {("scaffold", "svd"): "control variates"}
+def matrix_refusal(strategy: str, mode: str, rule: str) -> str | None:
+    """The reason a cell of the README's matrix is refused at config load (None: it runs)."""
+    if mode == "svd" and rule == "partitioned":
+        return "no slots"
+    if (strategy, mode) == ("scaffold", "svd"):
+        return "control variates"
+    return None
 
 
+@pytest.mark.parametrize("rule", ["zero-pad", "partitioned"])
 @pytest.mark.parametrize("mode", ["factors", "freeze-a", "svd"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "scaffold", "fednova"])
-def test_compatibility_matrix_cell(tmp_path, strategy, mode):
-    """The README's strategy x aggregation matrix: each cell runs, or is refused with a reason."""
+def test_compatibility_matrix_cell(tmp_path, strategy, mode, rule):
+    """The README's strategy x aggregation x rank-rule matrix: each cell runs, or is refused
+    with a reason. Every cell has mixed ranks (sites of rank 1 and 2, global rank 2), which
+    exercises the equal-rank path too (the rank-2 site)."""
     from fedlora.errors import FedloraError
 
     train = {"local_steps": 1} | ({} if strategy in ("fedavg", "fedprox") else SGD)
@@ -346,11 +355,11 @@ def test_compatibility_matrix_cell(tmp_path, strategy, mode):
         },
         {
             "strategy": {"name": strategy},
-            "lora": {"aggregation": mode},
+            "lora": {"aggregation": mode, "r": 2, "site_ranks": "1,2", "rank_rule": rule},
             "run": {"out": str(tmp_path / "run")},
         },
     ]
-    reason = MATRIX_REFUSED.get((strategy, mode))
+    reason = matrix_refusal(strategy, mode, rule)
     if reason:
         with pytest.raises(FedloraError, match=reason):
             load_config(None, overrides)
@@ -358,6 +367,10 @@ def test_compatibility_matrix_cell(tmp_path, strategy, mode):
     out = simulate(load_config(None, overrides), log=quiet)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["round"] == 1 and rows[-1]["agg_error_max"] is not None
+    if mode == "freeze-a":  # exact per slot under either rule
+        assert rows[-1]["agg_error_max"] < 1e-6
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(v.shape[0 if "lora_A" in k else 1] == 2 for k, v in adapter.items())  # global r
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_cfg, monkeypatch):
