@@ -299,3 +299,22 @@ def test_a_lower_rank_site_trains_and_sends_its_leading_slice(
     for k, v in before.items():
         if k not in global_arrays:
             np.testing.assert_array_equal(after[k], v)
+
+
+@pytest.mark.parametrize(("level", "rule"), [("sample", "zero-pad"), ("client", "partitioned")])
+def test_mixed_ranks_under_differential_privacy(level, rule, tiny_cfg):
+    """Sites of ranks 1 and 2 under DP-SGD (noise beyond a site's rank is dropped with the
+    rest of those slots) and under client-level DP (the per-slot weights are public counts)."""
+    import json
+
+    from fedlora.simulate import simulate
+
+    cfg = tiny_cfg(
+        lora={"r": 2, "site_ranks": "1,2", "rank_rule": rule},
+        privacy={"level": level},
+        federation={"rounds": 1},
+    )
+    out = simulate(cfg, log=lambda *_a, **_k: None)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["clients"] == 3 and 0 < last["epsilon_max"] < float("inf")
+    assert last["agg_error_max"] is not None
