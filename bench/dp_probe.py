@@ -78,7 +78,8 @@ def on_device(device: str) -> None:
     train_module.PrivateSteps = DevicePrivateSteps
 
 
-def probe(name: str, sets: list[str], base_sets: list[str], device: str, log) -> list[dict]:
+def probe(name: str, sets: list[str], base_sets: list[str], device: str, emit) -> None:
+    """Run one point's federation; `emit` gets one row per round (round 0 = no training)."""
     loss_kind = "answer"
     overrides = []
     for s in [*base_sets, *sets]:
@@ -97,7 +98,7 @@ def probe(name: str, sets: list[str], base_sets: list[str], device: str, log) ->
     eval_rows, _ = rt.eval_set()
     global_arrays = adapter_arrays(rt.model)
     steps = cfg.train.local_steps
-    rows_out, started = [], time.perf_counter()
+    started = time.perf_counter()
 
     def record(round_: int, epsilon: float) -> None:
         load_adapter_arrays(rt.model, global_arrays)
@@ -112,8 +113,7 @@ def probe(name: str, sets: list[str], base_sets: list[str], device: str, log) ->
             "epsilon": epsilon,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        rows_out.append(row)
-        log(row)
+        emit(row)
 
     record(0, 0.0)
     for round_ in range(1, cfg.federation.rounds + 1):
@@ -147,7 +147,6 @@ def probe(name: str, sets: list[str], base_sets: list[str], device: str, log) ->
             contributions.append(strategy.client_contribution(delta, work, {}, {})[0])
         global_arrays = aggregate_factors(strategy, server_opt, global_arrays, contributions)
         record(round_, epsilon_now)
-    return rows_out
 
 
 def write(out, row: dict) -> None:
