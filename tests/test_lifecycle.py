@@ -307,10 +307,12 @@ def test_compare_prints_table_test_and_verdict(runs, capsys, tmp_path):
 # --- generate -----------------------------------------------------------------------------------
 
 
-def test_generate_loads_the_base_once_and_switches_adapters(runs, capsys, monkeypatch):
+@pytest.fixture
+def base_loads(monkeypatch) -> list[str]:
+    """The names every base-model load is asked for, in order (loads still happen)."""
     from fedlora import model as fm
 
-    calls = []
+    calls: list[str] = []
     real = fm.load_base
 
     def counting(name, log=print):
@@ -318,6 +320,11 @@ def test_generate_loads_the_base_once_and_switches_adapters(runs, capsys, monkey
         return real(name, log=log)
 
     monkeypatch.setattr(fm, "load_base", counting)
+    return calls
+
+
+def test_generate_loads_the_base_once_and_switches_adapters(runs, capsys, base_loads):
+    calls = base_loads
     code, out, err = cli(
         capsys, "generate", "--adapter", f"a={runs['a']}", "--adapter",
         f"b={runs['b'] / 'adapter'}", "--max-new-tokens", "5", "--show-base", "Review: good",
@@ -520,19 +527,12 @@ def test_a_site_daemon_keeps_its_adapter_in_its_own_state_folder(tmp_path):
     )
 
 
-def test_eval_per_site_switches_adapters_on_one_base(personalised, capsys, monkeypatch, tmp_path):
+def test_eval_per_site_switches_adapters_on_one_base(personalised, capsys, base_loads, tmp_path):
     from fedlora import model as fm
     from fedlora.runtime import load_data
     from fedlora.train import Encoder
 
-    calls = []
-    real = fm.load_base
-
-    def counting(name, log=print):
-        calls.append(name)
-        return real(name, log=log)
-
-    monkeypatch.setattr(fm, "load_base", counting)
+    calls = base_loads
     path = tmp_path / "sites.json"
     code, out, err = cli(
         capsys, "eval", personalised, "--per-site", "--json", path, "--bootstrap", "100"
@@ -543,12 +543,11 @@ def test_eval_per_site_switches_adapters_on_one_base(personalised, capsys, monke
     assert [e["site"] for e in report["sites"]] == [0, 1, 2]
     table = out.split("change (95% CI, paired bootstrap)")[1].splitlines()
     assert [line.split()[0] for line in table[2:6]] == ["0", "1", "2", "all"]
-    monkeypatch.setattr(fm, "load_base", real)
 
     # each number equals the adapter loaded alone on a fresh base model
     source = lifecycle.resolve_source(str(personalised))
     dataset, _, test_parts = load_data(source.cfg, log=lambda _: None)
-    _, tok = real("tiny-random", log=lambda _: None)
+    _, tok = fm.load_base("tiny-random", log=lambda _: None)
     encoder = Encoder(tok, dataset, source.cfg.data.max_text_tokens)
     summary = json.loads((personalised / "summary.json").read_text())["personalization"]
     moved = False

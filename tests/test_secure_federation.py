@@ -32,6 +32,18 @@ def rows(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_secure_equals_plain(plain, secure) -> None:
+    """Plaintext sites send float32, secure ones fixed point with 2^-30 steps: both round at
+    ~1e-7 relative, far below anything training could amplify in two rounds. The secure run
+    reports no aggregation error: per-site factors are not visible."""
+    a, b = adapter(plain), adapter(secure)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
+    for x, y in zip(rows(plain), rows(secure), strict=True):
+        assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+    assert rows(secure)[-1]["agg_error_mean"] is None
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_secure_aggregation_matches_the_plaintext_federation(name, tmp_path, tiny_cfg):
     sections = {"strategy": {"name": name}} | STRATEGIES[name]
@@ -40,14 +52,7 @@ def test_secure_aggregation_matches_the_plaintext_federation(name, tmp_path, tin
         tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
         log=quiet,
     )
-    # plaintext sites send float32, secure ones fixed point with 2^-30 steps: both round at
-    # ~1e-7 relative, far below anything training could amplify in two rounds
-    a, b = adapter(plain), adapter(secure)
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
-    for x, y in zip(rows(plain), rows(secure), strict=True):
-        assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
-    assert rows(secure)[-1]["agg_error_mean"] is None  # per-site factors are not visible
+    assert_secure_equals_plain(plain, secure)
     assert json.loads((secure / "summary.json").read_text())["secure_aggregation"] is True
 
 
@@ -99,10 +104,5 @@ def test_rank_rules_under_secure_aggregation_match_the_plaintext_federation(
         tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
         log=quiet,
     )
-    a, b = adapter(plain), adapter(secure)
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
-    for x, y in zip(rows(plain), rows(secure), strict=True):
-        assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+    assert_secure_equals_plain(plain, secure)
     assert rows(plain)[-1]["agg_error_max"] is not None
-    assert rows(secure)[-1]["agg_error_mean"] is None  # per-site factors are not visible
