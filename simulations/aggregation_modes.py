@@ -164,14 +164,17 @@ def plot(found: dict[str, list[dict]], path: Path) -> None:
     names = list(found)
     x = np.arange(len(names))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(3, 2))
-    for offset, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "macro_f1", "macro-F1")):
+    for i, (offset, key, label) in enumerate(
+        ((-0.1, "accuracy", "accuracy"), (0.1, "macro_f1", "macro-F1"))
+    ):
         stats = [mean_std([r[key] for r in found[n]]) for n in names]
-        left.bar(
+        left.errorbar(
             x + offset,
             [m for m, _ in stats],
-            0.4,
             yerr=[s or 0.0 for _, s in stats],
+            fmt="o",
             capsize=3,
+            color=f"C{i}",
             label=label,
         )
     if names:
@@ -180,6 +183,7 @@ def plot(found: dict[str, list[dict]], path: Path) -> None:
         left.axhline(r0["round0_macro_f1"], color="C1", ls=":", label="round-0 macro-F1")
     left.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     left.set_ylabel("final score (mean ± std over seeds)")
+    left.grid(axis="y", alpha=0.3)
     left.legend(fontsize=7)
     for i, name in enumerate(names):
         curves = [r["agg_error_by_round"] for r in found[name]]
@@ -190,7 +194,8 @@ def plot(found: dict[str, list[dict]], path: Path) -> None:
         right.plot(rounds, np.maximum(mean, 1e-12), marker="o", color=f"C{i}", label=name)
     right.set_yscale("log")
     right.set_xlabel("round")
-    right.set_ylabel("relative aggregation error (mean over modules; floor 1e-12)")
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_ylabel("aggregation error (0 drawn at 1e-12)")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
