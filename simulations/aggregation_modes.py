@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,24 @@ def run_cell(name: str, seed: int, runs: Path) -> None:
     simulate(cfg)
 
 
+def slot_band_norms(adapter: Path, ranks: list[int]) -> list[float]:
+    """Mean over modules of ||B[:, band] A[band, :]||_F for the bands of slots between the site
+    ranks (4, 8, 16 -> slots 0-3, 4-7, 8-15): what the federation learned in each band. B starts
+    at 0, so this is the band's whole update; zero-padding should leave the high bands smaller."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    edges = [0, *sorted(set(ranks))]
+    norms: list[list[float]] = [[] for _ in edges[1:]]
+    for name, a in tensors.items():
+        if "lora_A" not in name:
+            continue
+        b = tensors[name.replace("lora_A", "lora_B")]
+        for i, (lo, hi) in enumerate(pairwise(edges)):
+            norms[i].append(float(np.linalg.norm(b[:, lo:hi] @ a[lo:hi, :])))
+    return [float(np.mean(n)) for n in norms]
+
+
 def read_run(folder: Path) -> dict:
     """The numbers of one finished run that the table and the plot need."""
     summary = json.loads((folder / "summary.json").read_text())
@@ -85,6 +104,10 @@ def read_run(folder: Path) -> dict:
     trained = [r for r in rows if r["round"] > 0]
     errors = [r["agg_error_mean"] for r in trained if r.get("agg_error_mean") is not None]
     maxima = [r["agg_error_max"] for r in trained if r.get("agg_error_max") is not None]
+    site_ranks = load_config(str(folder / "config.toml")).lora.site_ranks
+    bands = None
+    if site_ranks and (folder / "adapter").is_dir():
+        bands = slot_band_norms(folder / "adapter", [int(r) for r in site_ranks.split(",")])
     return {
         "run": folder.name,
         "accuracy": summary["final"]["eval_accuracy"],
@@ -99,6 +122,7 @@ def read_run(folder: Path) -> dict:
         "epsilon": (summary.get("privacy") or {}).get("max_epsilon"),
         "precision": summary.get("precision", ""),
         "wall_seconds": summary["wall_seconds"],
+        "slot_band_norms": bands,
     }
 
 
@@ -143,6 +167,22 @@ def write_report(found: dict[str, list[dict]], out: Path) -> None:
             _stat([r[key] for r in runs if r[key] is not None], fmt) for key, _, fmt in COLUMNS
         ]
         lines.append(f"| {CELLS[name].group} | {name} | {seeds} | " + " | ".join(cells) + " |")
+    banded = {name: runs for name, runs in found.items() if runs[0]["slot_band_norms"]}
+    if banded:
+        edges = [0, *sorted({int(r) for r in MIXED["lora"]["site_ranks"].split(",")})]
+        bands = [f"slots {lo}-{hi - 1}" for lo, hi in pairwise(edges)]
+        lines += [
+            "\nWhat the global adapter learned per band of rank slots, ||B[:, band] A[band, :]||_F"
+            " (mean over modules; B starts at 0):\n",
+            "| cell | seeds | " + " | ".join(bands) + " |",
+            "|---|---|" + "---|" * len(bands),
+        ]
+        for name, runs in banded.items():
+            cells = [
+                _stat([r["slot_band_norms"][i] for r in runs], "{:.3f}") for i in range(len(bands))
+            ]
+            seeds = ",".join(r["run"].rsplit("seed", 1)[1] for r in runs)
+            lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     first = next(iter(found.values()))[0] if found else None
     if first:
         lines.append(
