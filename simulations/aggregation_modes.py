@@ -105,9 +105,13 @@ def read_run(folder: Path) -> dict:
     errors = [r["agg_error_mean"] for r in trained if r.get("agg_error_mean") is not None]
     maxima = [r["agg_error_max"] for r in trained if r.get("agg_error_max") is not None]
     site_ranks = load_config(str(folder / "config.toml")).lora.site_ranks
-    bands = None
+    # kept beside the run: the adapters themselves are not committed
+    saved, bands = folder / "slot_bands.json", None
     if site_ranks and (folder / "adapter").is_dir():
         bands = slot_band_norms(folder / "adapter", [int(r) for r in site_ranks.split(",")])
+        saved.write_text(json.dumps(bands))
+    elif saved.is_file():
+        bands = json.loads(saved.read_text())
     return {
         "run": folder.name,
         "accuracy": summary["final"]["eval_accuracy"],
