@@ -142,6 +142,10 @@ def collect(runs: Path) -> dict[str, list[dict]]:
     return found
 
 
+def seeds_of(runs: list[dict]) -> str:
+    return ",".join(r["run"].rsplit("seed", 1)[1] for r in runs)
+
+
 def _stat(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
@@ -166,11 +170,12 @@ def write_report(found: dict[str, list[dict]], out: Path) -> None:
         "|---|---|---|" + "---|" * len(COLUMNS),
     ]
     for name, runs in found.items():
-        seeds = ",".join(r["run"].rsplit("seed", 1)[1] for r in runs)
         cells = [
             _stat([r[key] for r in runs if r[key] is not None], fmt) for key, _, fmt in COLUMNS
         ]
-        lines.append(f"| {CELLS[name].group} | {name} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {CELLS[name].group} | {name} | {seeds_of(runs)} | " + " | ".join(cells) + " |"
+        )
     banded = {name: runs for name, runs in found.items() if runs[0]["slot_band_norms"]}
     if banded:
         edges = [0, *sorted({int(r) for r in MIXED["lora"]["site_ranks"].split(",")})]
@@ -185,8 +190,7 @@ def write_report(found: dict[str, list[dict]], out: Path) -> None:
             cells = [
                 _stat([r["slot_band_norms"][i] for r in runs], "{:.3f}") for i in range(len(bands))
             ]
-            seeds = ",".join(r["run"].rsplit("seed", 1)[1] for r in runs)
-            lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {seeds_of(runs)} | " + " | ".join(cells) + " |")
     first = next(iter(found.values()))[0] if found else None
     if first:
         lines.append(
