@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -27,6 +28,14 @@ Quantization = Literal["none", "4bit", "8bit"]
 PrivacyLevel = Literal["none", "sample", "client"]
 ClientNoise = Literal["central", "distributed"]
 AccountantName = Literal["rdp", "prv"]
+
+#: The measured local-training recipe of the strategies that are defined for local SGD (the
+#: same values as configs/scaffold.toml and configs/fednova.toml; a test keeps them equal). A user
+#: who names the strategy gets it unless they choose train.optimizer themselves.
+STRATEGY_RECIPES: dict[str, dict[str, Any]] = {
+    "scaffold": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+    "fednova": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+}
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -220,9 +229,11 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    #: what load_config chose on the user's behalf, and why (printed first; not a setting)
+    notes: list[str] = field(default_factory=list, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
@@ -269,10 +280,15 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
     raise FedloraError(f"{where} must be a string or a list of strings, got {value!r}.")
 
 
-def _apply(cfg: Config, values: dict[str, Any], origin: str) -> None:
+#: the config's sections, in the order the effective config is written
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "notes")
+
+
+def _apply(cfg: Config, values: dict[str, Any], origin: str, chosen: set[str]) -> None:
+    """Apply one layer of values; `chosen` collects the `section.key` names the user set."""
     for section, entries in values.items():
-        if section not in {f.name for f in dataclasses.fields(Config)}:
-            known = ", ".join(f.name for f in dataclasses.fields(Config))
+        if section not in SECTIONS:
+            known = ", ".join(SECTIONS)
             raise FedloraError(f"Unknown config section [{section}] in {origin}; known: {known}.")
         if not isinstance(entries, dict):
             raise FedloraError(f"[{section}] in {origin} must be a table of key = value.")
@@ -284,6 +300,7 @@ def _apply(cfg: Config, values: dict[str, Any], origin: str) -> None:
                     f"Unknown key {section}.{name} in {origin}; known: {', '.join(sorted(hints))}."
                 )
             setattr(target, name, _coerce(section, name, hints[name], value))
+            chosen.add(f"{section}.{name}")
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -305,7 +322,7 @@ def load_config(
     overrides: list[dict[str, Any]] | None = None,
 ) -> Config:
     """Build the effective config: defaults, then the TOML file, then each override in order."""
-    cfg = Config()
+    cfg, chosen = Config(), set[str]()
     if path:
         p = Path(path)
         if not p.is_file():
@@ -314,11 +331,59 @@ def load_config(
             values = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise FedloraError(f"Config file {p} is not valid TOML: {exc}.") from exc
-        _apply(cfg, values, str(p))
+        _apply(cfg, values, str(p), chosen)
     for item in overrides or []:
-        _apply(cfg, item, "the command line")
+        _apply(cfg, item, "the command line", chosen)
+    apply_strategy_recipe(cfg, chosen)
+    refuse_unused_keys(cfg, chosen)
     validate(cfg)
     return cfg
+
+
+def apply_strategy_recipe(cfg: Config, chosen: set[str]) -> None:
+    """A strategy defined for local SGD brings its measured recipe unless the user chose the
+    optimizer: naming the strategy is enough to run it. The keys the user did set are kept."""
+    recipe = STRATEGY_RECIPES.get(cfg.strategy.name)
+    if recipe is None or "train.optimizer" in chosen:
+        return
+    taken = {k: v for k, v in recipe.items() if f"train.{k}" not in chosen}
+    for key, value in taken.items():
+        setattr(cfg.train, key, value)
+    t = cfg.train
+    cfg.notes.append(
+        f"Local training: {t.optimizer}, lr {t.lr:g}, momentum {t.momentum:g}: strategy "
+        f"{cfg.strategy.name}'s recipe (it is defined for local SGD; measured in "
+        f"configs/{cfg.strategy.name}.toml); set train.optimizer to choose your own."
+    )
+
+
+#: keys that do nothing unless a mode is on: (key, is the mode on?, what to add to turn it on)
+_MODE_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    ("privacy.", lambda c: c.privacy.level != "none", "--privacy sample or --privacy client"),
+    (
+        "privacy.client_noise",
+        lambda c: c.privacy.level in ("none", "client"),
+        "--privacy client",
+    ),
+    ("secure.threshold", lambda c: c.secure.enabled, "--secure-agg"),
+    ("train.momentum", lambda c: c.train.optimizer == "sgd", '--set train.optimizer="sgd"'),
+)
+
+
+def refuse_unused_keys(cfg: Config, chosen: set[str]) -> None:
+    """A key set to a non-default value in a mode that ignores it is refused: a run that looks
+    private (or momentum-driven, or thresholded) and is not would be silently wrong."""
+    defaults = Config()
+    for key in sorted(chosen):
+        section, _, name = key.partition(".")
+        if getattr(getattr(cfg, section), name) == getattr(getattr(defaults, section), name):
+            continue
+        for prefix, mode_on, fix in _MODE_KEYS:
+            if key.startswith(prefix) and key != "privacy.level" and not mode_on(cfg):
+                raise FedloraError(
+                    f"{key} is set but does nothing in this run (it needs {fix}); add that, "
+                    "or remove the setting."
+                )
 
 
 def _require(ok: bool, message: str) -> None:

@@ -117,6 +117,8 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
     from fedlora.runtime import build_runtime, load_data
 
+    for note in cfg.notes:  # what the config chose on the user's behalf, first
+        log(note)
     dataset, train_parts, test_parts = load_data(cfg, log)  # fail fast on data errors
     log(
         f"Data: {dataset.name}, {len(dataset.train)} training rows, {len(dataset.test)} held out; "

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from fedlora.config import (
+    STRATEGY_RECIPES,
     Config,
     FederationConfig,
     LoraSettings,
@@ -16,6 +19,8 @@ from fedlora.config import (
     write_config,
 )
 from fedlora.errors import FedloraError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_defaults_load_and_equal_the_dataclass_defaults():
@@ -141,6 +146,56 @@ def test_scaffold_fednova_refuse_adamw(strategy):
 def test_scaffold_fednova_accept_sgd(strategy):
     cfg = load_config(None, [{"strategy": {"name": strategy}, "train": {"optimizer": "sgd"}}])
     assert cfg.strategy.name == strategy and cfg.train.optimizer == "sgd"
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fednova"])
+def test_naming_scaffold_or_fednova_brings_its_recipe(strategy):
+    """The strategy alone runs: its measured local-SGD recipe, said in the config's notes."""
+    cfg = load_config(None, [{"strategy": {"name": strategy}}])
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.momentum) == ("sgd", 0.05, 0.9)
+    assert len(cfg.notes) == 1 and "recipe" in cfg.notes[0] and "train.optimizer" in cfg.notes[0]
+    # a key the user did set is kept; the rest of the recipe still applies
+    cfg = load_config(None, [{"strategy": {"name": strategy}, "train": {"lr": 0.01}}])
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.momentum) == ("sgd", 0.01, 0.9)
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fednova"])
+def test_strategy_recipes_equal_the_shipped_configs(strategy):
+    shipped = tomllib.loads((CONFIGS / f"{strategy}.toml").read_text())["train"]
+    recipe = STRATEGY_RECIPES[strategy]
+    assert {k: shipped[k] for k in recipe} == recipe
+
+
+def test_explicit_sgd_takes_no_recipe():
+    cfg = load_config(None, [{"strategy": {"name": "scaffold"}, "train": {"optimizer": "sgd"}}])
+    assert (cfg.train.lr, cfg.train.momentum) == (Config().train.lr, 0.0) and not cfg.notes
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fix"),
+    [
+        ({"privacy": {"noise_multiplier": 2.0}}, "privacy.noise_multiplier", "--privacy"),
+        ({"privacy": {"max_grad_norm": 5.0}}, "privacy.max_grad_norm", "--privacy"),
+        ({"privacy": {"max_epsilon": 4.0}}, "privacy.max_epsilon", "--privacy"),
+        (
+            {"privacy": {"level": "sample", "client_noise": "distributed"}},
+            "privacy.client_noise",
+            "--privacy client",
+        ),
+        ({"secure": {"threshold": 2}}, "secure.threshold", "--secure-agg"),
+        ({"train": {"momentum": 0.9}}, "train.momentum", "train.optimizer"),
+    ],
+)
+def test_a_key_the_mode_ignores_is_refused(overrides, key, fix):
+    with pytest.raises(FedloraError) as info:
+        load_config(None, [overrides])
+    assert key in str(info.value) and fix in str(info.value)
+
+
+def test_a_key_at_its_default_is_not_refused():
+    """The effective config lists every key: reloading one must not trip the rule above."""
+    cfg = load_config(None, [{"privacy": {"noise_multiplier": 1.0}, "secure": {"threshold": 0}}])
+    assert cfg.privacy.level == "none"
 
 
 def test_write_config_round_trips(tmp_path):

@@ -166,7 +166,7 @@ def test_scaffold_clipping_keeps_the_client_variate_consistent():
         ({"privacy": {"level": "client", "client_noise": "distributed"}}, "secure.enabled"),
         ({"privacy": {"level": "client"}, "lora": {"aggregation": "svd"}}, "svd"),
         ({"secure": {"enabled": True}, "lora": {"aggregation": "svd"}}, "svd"),
-        ({"privacy": {"max_epsilon": 4.0}}, "privacy.level"),
+        ({"privacy": {"max_epsilon": 4.0}}, "--privacy"),
         ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
         ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
     ],
