@@ -1,0 +1,156 @@
+"""`fedlora audit`: the attack statistics on hand-computed and constructed cases, then one
+tiny-random federation (3 sites, 2 rounds) audited through the CLI, which the sweep's audit
+column and leakage plot reuse."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tiny_cfg
+
+from fedlora.audit import (
+    FPRS,
+    attack_metrics,
+    auc,
+    average_ranks,
+    balanced,
+    fpr_key,
+    tpr_at_fpr,
+)
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_average_ranks_share_ties():
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_auc_hand_computed_with_ties():
+    # pairs (member, non-member): (3,2) 1, (3,1) 1, (2,2) 1/2, (2,1) 1, twice for the two 2s
+    assert auc([3, 2, 2], [2, 1]) == pytest.approx(5 / 6)
+    assert auc([1, 1], [1, 1, 1]) == 0.5  # all tied: no information
+    assert auc([0.0], [1.0]) == 0.0
+
+
+def test_auc_perfect_when_member_losses_are_far_below():
+    rng = np.random.default_rng(0)
+    member_loss, nonmember_loss = rng.normal(1.0, 0.1, 300), rng.normal(5.0, 0.1, 300)
+    assert auc(-member_loss, -nonmember_loss) == 1.0
+    m = attack_metrics(-member_loss, -nonmember_loss, draws=200, seed=1)
+    assert m["auc"]["value"] == 1.0 and m["auc"]["ci95"] == [1.0, 1.0]
+    assert all(m[fpr_key(f)]["value"] == 1.0 for f in FPRS)
+
+
+def test_auc_about_half_on_shuffled_labels_and_random_scores():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 1, 2000), rng.normal(3, 1, 2000)])
+    is_member = rng.permutation(np.repeat([True, False], 2000))  # labels unrelated to scores
+    assert abs(auc(scores[is_member], scores[~is_member]) - 0.5) < 0.03
+    noise = attack_metrics(rng.random(1000), rng.random(1000), draws=200, seed=2)
+    lo, hi = noise["auc"]["ci95"]
+    assert lo < 0.5 < hi and hi - lo < 0.1
+    assert noise[fpr_key(0.01)]["value"] < 0.05
+
+
+def test_tpr_at_fpr_hand_case():
+    non = [0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2, -0.3]
+    mem = [1.0, 0.8, 0.6, 0.45, 0.0]
+    assert tpr_at_fpr(mem, non, 0.1) == pytest.approx(3 / 5)  # t = 0.5: one false positive
+    assert tpr_at_fpr(mem, non, 0.2) == pytest.approx(4 / 5)  # t = 0.4: two
+    assert tpr_at_fpr(mem, non, 0.05) == pytest.approx(1 / 5)  # below 1/10: no false positive
+    # a tie at the threshold: letting one of the two 0.5s in would let both in (FPR 1/2)
+    assert tpr_at_fpr([0.5, 0.6], [0.5, 0.5, 0.1, 0.0], 0.25) == 0.5
+    assert tpr_at_fpr([0.0], [1.0], 1.0) == 1.0
+
+
+def test_bootstrap_is_seeded_and_brackets_the_value():
+    rng = np.random.default_rng(3)
+    mem, non = rng.normal(0.5, 1, 200), rng.normal(0, 1, 200)
+    a, b = attack_metrics(mem, non, 300, seed=7), attack_metrics(mem, non, 300, seed=7)
+    assert a == b
+    for key in ("auc", *(fpr_key(f) for f in FPRS)):
+        lo, hi = a[key]["ci95"]
+        assert 0.0 <= lo <= a[key]["value"] <= hi <= 1.0, key
+    assert a["auc"]["ci95"] != attack_metrics(mem, non, 300, seed=8)["auc"]["ci95"]
+
+
+def test_balanced_subsamples_the_larger_side():
+    mem, non = balanced(10, 4, 100, seed=0)
+    assert len(mem) == len(non) == 4 and non == [0, 1, 2, 3]
+    assert set(mem) <= set(range(10)) and mem == sorted(mem)
+    assert balanced(10, 4, 100, seed=0) == (mem, non)
+    assert [len(x) for x in balanced(10, 40, 3, seed=1)] == [3, 3]
+
+
+# ---------------------------------------------------------------- a real run, audited
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from fedlora.simulate import simulate
+
+    cfg = make_tiny_cfg(tmp_path_factory.mktemp("audit"))  # 3 sites, 2 rounds
+    return simulate(cfg, log=lambda _msg: None)
+
+
+def in_unit(metric: dict) -> bool:
+    lo, hi = metric["ci95"]
+    return 0.0 <= lo <= metric["value"] <= hi <= 1.0
+
+
+def test_audit_command_reports_every_site(run_dir, tmp_path, capsys):
+    from fedlora.cli import main
+
+    out = tmp_path / "audit.json"
+    args = ["audit", str(run_dir), "--rows", "30", "--bootstrap", "50", "--json", str(out)]
+    assert main([*args, "--site-update", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "TPR@1%FPR" in printed and "plaintext update" in printed
+    report = json.loads(out.read_text())
+    assert [s["site"] for s in report["sites"]] == [0, 1, 2]
+    for entry in [*report["sites"], report["all_sites"], report["site_update"]]:
+        assert entry["members"] == entry["nonmembers"] > 0
+        for attack in ("loss", "reference"):
+            for key in ("auc", *(fpr_key(f) for f in FPRS)):
+                assert in_unit(entry[attack][key]), (entry.get("site"), attack, key)
+    assert report["all_sites"]["members"] == sum(s["members"] for s in report["sites"])
+    upd = report["site_update"]
+    assert upd["site"] == 1 and 0 < upd["trained_rows"] <= upd["site_rows"]
+    assert upd["members"] <= upd["trained_rows"]
+
+
+def test_audit_refuses_bad_input(run_dir, tmp_path, capsys):
+    from fedlora.cli import main
+
+    assert main(["audit", str(run_dir), "--site-update", "7"]) == 2
+    assert "the run has 3 sites (0 to 2)" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path)]) == 2
+    assert "neither a fedlora results folder" in capsys.readouterr().err
+
+
+def test_sweep_audit_column_and_leakage_plot(run_dir, tmp_path):
+    """The sweep's audit of a finished run lands in its folder, its AUC in the row, and the
+    leakage plot is drawn from the rows (the sweep loop itself only calls these)."""
+    import shutil
+
+    from fedlora import sweep
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    sweep.audit_run(folder, log=lambda _msg: None)
+    report = json.loads((folder / sweep.AUDIT_FILE).read_text())
+    fields, _ = sweep.read_run(folder)
+    assert fields["attack_auc"] == report["all_sites"]["reference"]["auc"]["value"]
+    assert 0.0 <= fields["attack_auc"] <= 1.0
+    row = {"lora.r": "4", "strategy.name": "fedavg", "seed": 0, "status": "ok", **fields}
+    sweep.write_csv([row], ["lora.r"], tmp_path / "results.csv")
+    with (tmp_path / "results.csv").open() as fh:
+        assert float(next(csv.DictReader(fh))["attack_auc"]) == fields["attack_auc"]
+    points = sweep.leakage_points([row, row | {"status": "failed"}], ["lora.r"])
+    assert points == [("lora.r=4", fields["attack_auc"], fields["eval_accuracy"])]
+    sweep.plot_utility_vs_leakage(points, tmp_path / sweep.LEAKAGE_PLOT)
+    assert (tmp_path / sweep.LEAKAGE_PLOT).read_bytes().startswith(b"\x89PNG")
