@@ -336,8 +336,8 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     reference = (scorer.losses(members), scorer.losses(nonmembers))
     return {
         "site": site,
-        "target": "the site's plaintext update (global + delta), recomputed: "
-        f"{steps} local steps from the final global adapter with the run's settings",
+        "target": f"recomputed: {steps} local steps from the final global adapter with the "
+        "run's settings",
         "reference_model": "the global adapter",
         "members": "the rows of the site that the update was trained on (its batches)",
         "trained_rows": len(seen),
@@ -400,11 +400,8 @@ def format_audit(report: dict[str, Any]) -> str:
         f"Membership inference against the {report['target']} of {report['run']} "
         f"({report['base_model']}, {report['data']})",
         f"Members: {report['members']}; non-members: {report['nonmembers']}.",
-        "Scores: loss = "
-        + ATTACKS["loss"]
-        + "; reference = "
-        + ATTACKS["reference"]
-        + f" ({report['reference_model']}).",
+        f"Scores: loss = {ATTACKS['loss']}; reference = {ATTACKS['reference']} "
+        f"({report['reference_model']}).",
         "",
         *_table(
             [(f"site {e['site']}", e) for e in report["sites"]] + [("all", report["all_sites"])]
@@ -414,8 +411,9 @@ def format_audit(report: dict[str, Any]) -> str:
     if upd is not None:
         lines += [
             "",
-            f"Site {upd['site']}'s plaintext update, as the server would see it without secure "
-            f"aggregation ({upd['target']}; reference: {upd['reference_model']}; members: "
+            f"Site {upd['site']}'s plaintext update (global + delta), as the server would see it "
+            f"without secure aggregation ({upd['target']}; reference: {upd['reference_model']}; "
+            "members: "
             f"{upd['trained_rows']} of the site's {upd['site_rows']} rows were trained on):",
             *_table([(f"site {upd['site']}", upd)]),
         ]

@@ -91,9 +91,19 @@ def test_balanced_subsamples_the_larger_side():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
+    """3 sites, 2 rounds on 120 rows of a small data file (32 training, 8 held-out per site),
+    so that the audits below score few rows."""
     from fedlora.simulate import simulate
 
-    cfg = make_tiny_cfg(tmp_path_factory.mktemp("audit"))  # 3 sites, 2 rounds
+    folder = tmp_path_factory.mktemp("audit")
+    words = ["fever", "rash", "cough", "pain", "nausea", "fatigue"]
+    rows = [
+        {"text": f"note {i}: {words[i % 6]} for {i % 7} days", "label": ["mild", "severe"][i % 2]}
+        for i in range(120)
+    ]
+    data = folder / "notes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_tiny_cfg(folder, data={"path": str(data), "eval_rows": 0})
     return simulate(cfg, log=lambda _msg: None)
 
 
@@ -133,24 +143,33 @@ def test_audit_refuses_bad_input(run_dir, tmp_path, capsys):
 
 
 def test_sweep_audit_column_and_leakage_plot(run_dir, tmp_path):
-    """The sweep's audit of a finished run lands in its folder, its AUC in the row, and the
-    leakage plot is drawn from the rows (the sweep loop itself only calls these)."""
+    """`sweep --audit` on a sweep whose one run is finished (the fixture's run, put in its
+    place): the run is skipped, audited into its folder, its AUC is the attack_auc column, and
+    the leakage plot is drawn."""
     import shutil
 
-    from fedlora import sweep
+    from conftest import TINY_BASE
 
-    folder = tmp_path / "run"
-    shutil.copytree(run_dir, folder)
-    sweep.audit_run(folder, log=lambda _msg: None)
-    report = json.loads((folder / sweep.AUDIT_FILE).read_text())
-    fields, _ = sweep.read_run(folder)
-    assert fields["attack_auc"] == report["all_sites"]["reference"]["auc"]["value"]
-    assert 0.0 <= fields["attack_auc"] <= 1.0
-    row = {"lora.r": "4", "strategy.name": "fedavg", "seed": 0, "status": "ok", **fields}
-    sweep.write_csv([row], ["lora.r"], tmp_path / "results.csv")
-    with (tmp_path / "results.csv").open() as fh:
-        assert float(next(csv.DictReader(fh))["attack_auc"]) == fields["attack_auc"]
+    from fedlora import sweep
+    from fedlora.cli import SIMULATE_FLAGS
+
+    folder = tmp_path / "sw"
+    plan = sweep.plan_sweep(
+        folder, sweep.parse_grid(["lora.r=8"], SIMULATE_FLAGS), 1, None, [TINY_BASE]
+    )
+    folder.mkdir()
+    (folder / sweep.DEFINITION).write_text(plan.definition)
+    run = plan.runs[0].folder
+    shutil.copytree(run_dir, run)
+    plan.audit = True
+    lines: list[str] = []
+    assert sweep.run_sweep(plan, lines.append) == 0
+    assert any("finished before, skipped" in line for line in lines)
+    report = json.loads((run / sweep.AUDIT_FILE).read_text())
+    with (folder / sweep.CSV_FILE).open() as fh:
+        row = next(csv.DictReader(fh))
+    auc_value = report["all_sites"]["reference"]["auc"]["value"]
+    assert float(row["attack_auc"]) == pytest.approx(auc_value) and 0.0 <= auc_value <= 1.0
     points = sweep.leakage_points([row, row | {"status": "failed"}], ["lora.r"])
-    assert points == [("lora.r=4", fields["attack_auc"], fields["eval_accuracy"])]
-    sweep.plot_utility_vs_leakage(points, tmp_path / sweep.LEAKAGE_PLOT)
-    assert (tmp_path / sweep.LEAKAGE_PLOT).read_bytes().startswith(b"\x89PNG")
+    assert points == [("lora.r=8", float(row["attack_auc"]), float(row["eval_accuracy"]))]
+    assert (folder / sweep.LEAKAGE_PLOT).read_bytes().startswith(b"\x89PNG")
