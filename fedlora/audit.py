@@ -16,9 +16,9 @@ Targets: the global adapter of a results folder (what anyone who receives the mo
 with `--site-update K` the plaintext update of site K as the server would see it without secure
 aggregation. A finished run keeps neither the global adapter before its last round nor the
 sites' updates, so the update is recomputed: site K trains `train.local_steps` steps on its own
-rows from the final global adapter with the run's settings (the update it would send in one more
-round). Its members are the rows that update was trained on (its batches), since an update
-depends on no other row; non-members are site K's held-out rows.
+rows from the final global adapter with the run's settings, DP-SGD included (the update it would
+send in one more round). Its members are the rows that update was trained on (its batches),
+since an update depends on no other row; non-members are site K's held-out rows.
 
 The statistics are pure functions (`auc`, `tpr_at_fpr`, `attack_metrics`); `run_audit` is the
 glue that scores a run's rows.
@@ -207,10 +207,10 @@ def check_site_update(cfg, site: int | None) -> None:
     n = cfg.federation.clients
     if not 0 <= site < n:
         raise FedloraError(f"--site-update {site}: the run has {n} sites (0 to {n - 1}).")
-    if cfg.privacy.level != "none":
+    if cfg.privacy.level == "client":
         raise FedloraError(
-            f"--site-update is not implemented for privacy.level = {cfg.privacy.level!r} yet "
-            "(the site's clipping and noise would have to be replayed); audit the global adapter "
+            "--site-update is not implemented for privacy.level = 'client' yet (the site's "
+            "clipping and its noise share would have to be replayed); audit the global adapter "
             "alone (drop --site-update)."
         )
     if cfg.strategy.name == "scaffold":
@@ -300,6 +300,8 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
 
     from fedlora.apps.client import site_local_steps
     from fedlora.model import load_adapter_arrays
+    from fedlora.privacy.dpsgd import DPSGD
+    from fedlora.privacy.policy import sample_mechanism
     from fedlora.strategies import strategy_for
     from fedlora.train import local_train
 
@@ -315,6 +317,15 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     torch.manual_seed(update_seed)
     # a fresh site's terms (no saved client state); SCAFFOLD, which needs both, is refused
     terms = strategy_for(cfg).training_terms({}, {}, global_arrays)
+    dp = None
+    if cfg.privacy.level == "sample":  # the site's DP-SGD, with noise of its own seed
+        mech = sample_mechanism(cfg, len(site_rows), steps)
+        dp = DPSGD(
+            noise_multiplier=mech.noise_multiplier,
+            max_grad_norm=mech.max_grad_norm,
+            sample_rate=mech.sample_rate,
+            noise_seed=update_seed,
+        )
     log(f"Site {site}: recomputing its update ({steps} local steps from the global adapter) ...")
     local_train(
         rt.model,
@@ -325,6 +336,7 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
         np.random.default_rng(update_seed),
         rt.pad_id,
         bf16=rt.bf16,
+        dp=dp,
     )
     seen = sorted(site_rows.seen)
     mi, ni = balanced(len(seen), len(test_idx), rows, seed + site)
@@ -337,7 +349,7 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     return {
         "site": site,
         "target": f"recomputed: {steps} local steps from the final global adapter with the "
-        "run's settings",
+        "run's settings" + (" (DP-SGD)" if dp else ""),
         "reference_model": "the global adapter",
         "members": "the rows of the site that the update was trained on (its batches)",
         "trained_rows": len(seen),

@@ -133,11 +133,43 @@ def test_audit_command_reports_every_site(run_dir, tmp_path, capsys):
     assert upd["members"] <= upd["trained_rows"]
 
 
+def test_site_update_under_dp_sgd(run_dir, tmp_path):
+    """With privacy.level = "sample" the recomputed update is a DP-SGD one (Poisson batches:
+    its members are the rows those batches drew). The run's config is switched to sample level
+    in a copy: the global adapter does not matter for this path."""
+    import shutil
+
+    from fedlora.audit import run_audit
+    from fedlora.config import write_config
+    from fedlora.lifecycle import read_run_config
+
+    folder = tmp_path / "dp-run"
+    shutil.copytree(run_dir, folder)
+    cfg, _ = read_run_config(folder / "config.toml")
+    cfg.privacy.level, cfg.privacy.noise_multiplier = "sample", 1.0
+    write_config(cfg, folder / "config.toml")
+    report = run_audit(str(folder), draws=20, site_update=2, log=lambda _msg: None)
+    upd = report["site_update"]
+    assert "DP-SGD" in upd["target"] and 0 < upd["trained_rows"] <= upd["site_rows"]
+    assert in_unit(upd["reference"]["auc"])
+
+
 def test_audit_refuses_bad_input(run_dir, tmp_path, capsys):
+    import shutil
+
     from fedlora.cli import main
 
     assert main(["audit", str(run_dir), "--site-update", "7"]) == 2
     assert "the run has 3 sites (0 to 2)" in capsys.readouterr().err
+    scaffold = tmp_path / "scaffold-run"
+    shutil.copytree(run_dir, scaffold)
+    text = (scaffold / "config.toml").read_text()
+    text = text.replace('name = "fedavg"', 'name = "scaffold"')
+    (scaffold / "config.toml").write_text(text.replace('"adamw"', '"sgd"'))  # as SCAFFOLD needs
+    assert main(["audit", str(scaffold), "--site-update", "0"]) == 2
+    assert "no control variates" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     assert main(["audit", str(tmp_path)]) == 2
     assert "neither a fedlora results folder" in capsys.readouterr().err
 
