@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_lifecycle_commands(sub)
     add_sweep_command(sub)
+    add_audit_command(sub)
     add_deploy_commands(sub)
     return parser
 
@@ -230,6 +231,12 @@ def add_sweep_command(sub) -> None:
         help="a finished results folder without privacy, drawn as the reference line in "
         "utility_vs_epsilon.png and quoted in results.md",
     )
+    sw.add_argument(
+        "--audit",
+        action="store_true",
+        help="run `fedlora audit` on every finished run (an eval pass each): the attack's AUC "
+        "becomes the attack_auc column and utility_vs_leakage.png is drawn",
+    )
     for flag, (section, key, kind) in SIMULATE_FLAGS.items():
         if flag != "out":
             name = "--" + flag.replace("_", "-")
@@ -244,6 +251,51 @@ def add_sweep_command(sub) -> None:
         metavar="KEY=VALUE",
         help="any config key, fixed for every point (repeatable)",
     )
+
+
+def add_audit_command(sub) -> None:
+    au = sub.add_parser(
+        "audit",
+        help="measured leakage: a membership-inference attack on a run's global adapter",
+        description="Attack a run's global adapter with a loss threshold and a likelihood "
+        "ratio against the base model: each site's training rows (members) against as many of "
+        "its held-out rows (non-members). Reports AUC and the true-positive rate at 1% and 0.1% "
+        "false-positive rate with bootstrap 95% intervals, per site and overall.",
+    )
+    au.add_argument("run_dir", metavar="RUN_DIR", help="results folder (or adapter + config.toml)")
+    au.add_argument(
+        "--rows",
+        type=_positive,
+        default=500,
+        help="at most N member and N non-member rows per site, a seeded subset (default 500)",
+    )
+    au.add_argument(
+        "--site-update",
+        type=int,
+        metavar="SITE",
+        help="also attack site SITE's plaintext update as the server would see it without "
+        "secure aggregation (recomputed from the final global adapter; see the README)",
+    )
+    au.add_argument(
+        "--bootstrap", type=_positive, default=1000, help="bootstrap draws (default 1000)"
+    )
+    au.add_argument("--seed", type=int, default=0, help="subsampling and bootstrap seed")
+    au.add_argument("--json", help="also write the numbers to this JSON file")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.audit import check_site_update, format_audit, load_run, run_audit, write_json
+
+    _check_json_target(args.json)
+    check_site_update(load_run(args.run_dir).cfg, args.site_update)  # before loading a model
+    report = run_audit(args.run_dir, args.rows, args.bootstrap, args.seed, args.site_update)
+    print()
+    print(format_audit(report))
+    if args.json:
+        write_json(report, Path(args.json).expanduser())
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):
@@ -400,6 +452,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     fixed += [parse_override(text) for text in args.set]
     axes = parse_grid(args.grid, SIMULATE_FLAGS)
     plan = plan_sweep(Path(args.out).expanduser(), axes, args.repeats, args.config, fixed)
+    plan.audit = args.audit
     if args.baseline:
         plan.baseline = Path(args.baseline).expanduser()
         if not (plan.baseline / "summary.json").is_file():
@@ -416,6 +469,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "generate": cmd_generate,
     "sweep": cmd_sweep,
+    "audit": cmd_audit,
     **DEPLOY_COMMANDS,
 }
 

@@ -42,6 +42,7 @@ RESULT_COLUMNS = (
     "status",
     *METRICS,
     "epsilon",
+    "attack_auc",
     "bytes",
     "wall_seconds",
     "run",
@@ -50,6 +51,8 @@ RESULT_COLUMNS = (
 DEFINITION = "sweep.toml"
 CSV_FILE, MD_FILE = "results.csv", "results.md"
 EPSILON_PLOT, ROUNDS_PLOT = "utility_vs_epsilon.png", "utility_vs_rounds.png"
+#: with --audit: each run's `fedlora audit` report (in its folder) and the plot of its AUCs
+AUDIT_FILE, LEAKAGE_PLOT = "audit.json", "utility_vs_leakage.png"
 
 
 # ---------------------------------------------------------------- grid: parsing and expansion
@@ -207,6 +210,8 @@ class Plan:
     definition: str  # the text of sweep.toml
     #: a finished run without privacy, drawn as the reference line (presentation only)
     baseline: Path | None = None
+    #: run `fedlora audit` on every finished run (attack_auc column, utility_vs_leakage.png)
+    audit: bool = False
 
     @property
     def keys(self) -> list[str]:
@@ -342,13 +347,21 @@ def epsilon_of(summary: Mapping[str, Any]) -> float:
     return math.inf if spent is None else float(spent)
 
 
+def attack_auc_of(report: Mapping[str, Any]) -> float:
+    """The figure a sweep quotes from an audit: the likelihood-ratio (reference) attack's AUC
+    against the global adapter over all sites, the stronger of its two attacks."""
+    return float(report["all_sites"]["reference"]["auc"]["value"])
+
+
 def read_run(folder: Path) -> tuple[dict[str, Any], list[tuple[int, float]]]:
     """(the CSV fields of a finished run folder, its accuracy per round)."""
     summary = json.loads((folder / "summary.json").read_text())
     final = summary.get("final") or {}
     fields = {name: final.get(name) for name in METRICS}
+    audit = folder / AUDIT_FILE
     fields |= {
         "epsilon": epsilon_of(summary),
+        "attack_auc": attack_auc_of(json.loads(audit.read_text())) if audit.is_file() else None,
         "bytes": summary.get("bytes_up", 0) + summary.get("bytes_down", 0),
         "wall_seconds": summary.get("wall_seconds"),
     }
@@ -552,6 +565,41 @@ def plot_utility_vs_epsilon(
     _save(plt, fig, path)
 
 
+def leakage_points(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> list[tuple[str, float, float]]:
+    """(point label, mean attack AUC, mean accuracy) over each point's audited finished runs."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row.get("attack_auc") is not None:
+            label = " ".join(f"{k}={row[k]}" for k in keys)
+            pair = (float(row["attack_auc"]), float(row["eval_accuracy"]))
+            groups.setdefault(label, []).append(pair)
+    return [
+        (label, sum(a for a, _ in v) / len(v), sum(u for _, u in v) / len(v))
+        for label, v in groups.items()
+    ]
+
+
+def plot_utility_vs_leakage(points: Sequence[tuple[str, float, float]], path: Path) -> None:
+    """Accuracy against the measured membership-inference AUC, one marker per point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, auc, acc) in enumerate(points):
+        ax.plot([auc], [acc], "o", color=f"C{i % 10}", label=label)
+    ax.axvline(0.5, color="gray", ls="--", label="AUC 0.5: no measurable leakage")
+    aucs = [auc for _, auc, _ in points]
+    ax.set_xlim(min([0.45, *aucs]) - 0.01, max([0.6, *aucs]) + 0.02)
+    ax.set_xlabel("membership-inference AUC (likelihood-ratio attack, all sites)")
+    ax.set_ylabel("final accuracy")
+    ax.set_title("Utility vs measured leakage (fedlora audit)")
+    ax.grid(alpha=0.3)
+    if not points:
+        ax.text(0.5, 0.5, "no audited runs", transform=ax.transAxes, ha="center", color="gray")
+    ax.legend(fontsize="small")
+    _save(plt, fig, path)
+
+
 def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
     """Mean accuracy per round over the runs that reached that round."""
     by_round: dict[int, list[float]] = {}
@@ -637,6 +685,20 @@ def write_outputs(plan: Plan, results: Sequence[RunResult], plots: bool) -> None
             label = " ".join(f"{k}={r.row[k]}" for k in plan.keys)
             curves.setdefault(label, []).append(r.curve)
         plot_utility_vs_rounds(curves, plan.folder / ROUNDS_PLOT)
+        if plan.audit:
+            plot_utility_vs_leakage(leakage_points(rows, plan.keys), plan.folder / LEAKAGE_PLOT)
+
+
+def audit_run(folder: Path, log: Callable[[str], None] = print) -> None:
+    """`fedlora audit` of one finished run into its folder (once: a resumed sweep keeps it)."""
+    if (folder / AUDIT_FILE).is_file():
+        return
+    from fedlora.audit import run_audit, write_json
+
+    try:
+        write_json(run_audit(str(folder), log=log), folder / AUDIT_FILE)
+    except FedloraError as exc:
+        log(f"audit of {folder.name} failed: {exc}")
 
 
 def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
@@ -659,6 +721,8 @@ def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
         head = f"run {i}/{n} (point {run.number}/{points}): {run.point.label} seed {run.seed}"
         if run.folder not in pending:
             log(f"{head}: finished before, skipped")
+            if plan.audit:
+                audit_run(run.folder, log)
             results.append(result_row(plan, run, "ok"))
             continue
         left = len(pending) - len(durations)
@@ -671,6 +735,8 @@ def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
         t0 = time.monotonic()
         try:
             simulate(run.cfg, log)
+            if plan.audit:
+                audit_run(run.folder, log)
             results.append(result_row(plan, run, "ok"))
         except FedloraError as exc:
             log(f"{head}: failed: {exc}")
@@ -686,5 +752,6 @@ def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
     for run, error in failed:
         log(f"  failed: {run.point.label} seed {run.seed}: {error}")
     names = ", ".join((CSV_FILE, MD_FILE, EPSILON_PLOT, ROUNDS_PLOT))
+    names += f", {LEAKAGE_PLOT}" if plan.audit else ""
     log(f"Results: {plan.folder}/ ({names}, runs/)")
     return 1 if failed else 0
