@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from fedlora.errors import FedloraError
 
 StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
+ServerOptimizerName = Literal["sgd", "adam", "yogi", "adagrad"]
 PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -151,9 +152,16 @@ class StrategyConfig:
     #: FedProx proximal weight.
     mu: float = 0.01
     #: server-side step applied to the aggregated update (acts after the sum, so it composes
-    #: with secure aggregation): x <- x + server_lr * m, m <- server_momentum * m + update.
+    #: with every strategy, secure aggregation and client-level DP). "sgd":
+    #: x <- x + server_lr * m, m <- server_momentum * m + update. "adam" / "yogi" / "adagrad":
+    #: FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021), which want a small server_lr (~1e-2).
+    server_optimizer: ServerOptimizerName = "sgd"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    #: adaptive optimisers only: first- and second-moment decay, and the adaptivity tau.
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
 
 @dataclass
@@ -380,6 +388,15 @@ def validate(cfg: Config) -> None:
         0 <= st.server_momentum < 1,
         f"strategy.server_momentum must be in [0, 1) (got {st.server_momentum}).",
     )
+    _require(
+        st.server_optimizer == "sgd" or st.server_momentum == 0,
+        f'strategy.server_momentum is for server_optimizer = "sgd"; '
+        f'"{st.server_optimizer}" uses strategy.server_beta1 instead (set server_momentum = 0).',
+    )
+    for key in ("server_beta1", "server_beta2"):
+        beta = getattr(st, key)
+        _require(0 <= beta < 1, f"strategy.{key} must be in [0, 1) (got {beta}).")
+    _require(st.server_tau > 0, f"strategy.server_tau must be positive (got {st.server_tau}).")
     _require(
         da.dirichlet_alpha > 0,
         f"data.dirichlet_alpha must be positive (got {da.dirichlet_alpha}).",

@@ -31,6 +31,7 @@ from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
 from fedlora.strategies.base import Arrays, LocalWork, Strategy, sum_contributions
+from fedlora.strategies.server_opt import server_optimizer_for
 from fedlora.train import evaluate
 
 
@@ -82,13 +83,9 @@ class Federation:
         if self.noise_seed is None:
             self.noise_seed = self.cfg.run.seed
         self.strategy = strategy_for(self.cfg)
-        self.server_opt = ServerOptimizer(
-            lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
-        )
+        self.server_opt = server_optimizer_for(self.cfg.strategy)
         #: the server step in product space, for lora.aggregation = "svd"
-        self.product_opt = ServerOptimizer(
-            lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
-        )
+        self.product_opt = server_optimizer_for(self.cfg.strategy)
         self.global_arrays = adapter_arrays(self.runtime.model)
         self.eval_rows, self.eval_sites = self.runtime.eval_set()
 
