@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedlora.errors import FedloraError
+from fedlora.transport import WireDtype
 
 StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
 ServerOptimizerName = Literal["sgd", "adam", "yogi", "adagrad"]
@@ -211,6 +212,14 @@ class SecureConfig:
 
 
 @dataclass
+class TransportConfig:
+    #: number format of the adapter tensors sent down and up in plaintext rounds: "bfloat16"
+    #: and "float16" halve the bytes (the round-trip error is in metrics.jsonl); secure
+    #: aggregation sends its own fixed-point integers and needs "float32".
+    dtype: WireDtype = "float32"
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     #: results folder; "" = runs/<timestamp>-<strategy>.
@@ -227,6 +236,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -425,10 +435,30 @@ def validate(cfg: Config) -> None:
             'and SCAFFOLD-compatible) or "factors".',
         )
     _validate_privacy(cfg)
+    _validate_transport(cfg)
     if st.name == "fedprox" and st.mu == 0:
         import warnings
 
         warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
+
+
+def _validate_transport(cfg: Config) -> None:
+    """A narrower wire format applies to plaintext rounds only, and not after a DP clip."""
+    dtype = cfg.transport.dtype
+    if dtype == "float32":
+        return
+    _require(
+        not cfg.secure.enabled,
+        f'transport.dtype = "{dtype}" applies to plaintext rounds; secure aggregation sends '
+        'masked fixed-point integers of its own width. Set transport.dtype = "float32" or '
+        "secure.enabled = false.",
+    )
+    _require(
+        cfg.privacy.level != "client",
+        f'transport.dtype = "{dtype}" rounds each site\'s update after its client-level clip, '
+        "which can push its norm past privacy.max_grad_norm and void the noise calibration. "
+        'Set transport.dtype = "float32" with privacy.level = "client".',
+    )
 
 
 def _validate_ranks(cfg: Config) -> None:
