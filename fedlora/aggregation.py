@@ -84,9 +84,10 @@ def aggregate_svd(
     from an SVD) is the best rank-r_i approximation of the global product; its update is
     B_i[:, :r_i]·A_i[:r_i] - B[:, :r_i]·A[:r_i]. Without server momentum the new product is a
     weighted sum of low-rank terms and is re-factorised through a QR of the stacked factors
-    (`refactorize_stacked`); with momentum the buffer is a dense matrix per module."""
+    (`refactorize_stacked`); with momentum or an adaptive server optimiser the state is a dense
+    matrix per module."""
     locals_ = list(site_adapters(strategy, global_arrays, contributions))
-    if product_opt.momentum == 0:
+    if product_opt.is_plain:
         new_global, errors = _svd_stacked(
             strategy, product_opt.lr, global_arrays, locals_, works, rank
         )

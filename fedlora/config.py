@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedlora.errors import FedloraError
+from fedlora.transport import WireDtype
 
 StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
+ServerOptimizerName = Literal["sgd", "adam", "yogi", "adagrad"]
 PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -160,9 +162,16 @@ class StrategyConfig:
     #: FedProx proximal weight.
     mu: float = 0.01
     #: server-side step applied to the aggregated update (acts after the sum, so it composes
-    #: with secure aggregation): x <- x + server_lr * m, m <- server_momentum * m + update.
+    #: with every strategy, secure aggregation and client-level DP). "sgd":
+    #: x <- x + server_lr * m, m <- server_momentum * m + update. "adam" / "yogi" / "adagrad":
+    #: FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021), which want a small server_lr (~1e-2).
+    server_optimizer: ServerOptimizerName = "sgd"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    #: adaptive optimisers only: first- and second-moment decay, and the adaptivity tau.
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
 
 @dataclass
@@ -212,6 +221,14 @@ class SecureConfig:
 
 
 @dataclass
+class TransportConfig:
+    #: number format of the adapter tensors sent down and up in plaintext rounds: "bfloat16"
+    #: and "float16" halve the bytes (the round-trip error is in metrics.jsonl); secure
+    #: aggregation sends its own fixed-point integers and needs "float32".
+    dtype: WireDtype = "float32"
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     #: results folder; "" = runs/<timestamp>-<strategy>.
@@ -228,6 +245,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     run: RunConfig = field(default_factory=RunConfig)
     #: what load_config chose on the user's behalf, and why (printed first; not a setting)
     notes: list[str] = field(default_factory=list, compare=False)
@@ -446,6 +464,15 @@ def validate(cfg: Config) -> None:
         f"strategy.server_momentum must be in [0, 1) (got {st.server_momentum}).",
     )
     _require(
+        st.server_optimizer == "sgd" or st.server_momentum == 0,
+        f'strategy.server_momentum is for server_optimizer = "sgd"; '
+        f'"{st.server_optimizer}" uses strategy.server_beta1 instead (set server_momentum = 0).',
+    )
+    for key in ("server_beta1", "server_beta2"):
+        beta = getattr(st, key)
+        _require(0 <= beta < 1, f"strategy.{key} must be in [0, 1) (got {beta}).")
+    _require(st.server_tau > 0, f"strategy.server_tau must be positive (got {st.server_tau}).")
+    _require(
         da.dirichlet_alpha > 0,
         f"data.dirichlet_alpha must be positive (got {da.dirichlet_alpha}).",
     )
@@ -473,10 +500,30 @@ def validate(cfg: Config) -> None:
             'and SCAFFOLD-compatible) or "factors".',
         )
     _validate_privacy(cfg)
+    _validate_transport(cfg)
     if st.name == "fedprox" and st.mu == 0:
         import warnings
 
         warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
+
+
+def _validate_transport(cfg: Config) -> None:
+    """A narrower wire format applies to plaintext rounds only, and not after a DP clip."""
+    dtype = cfg.transport.dtype
+    if dtype == "float32":
+        return
+    _require(
+        not cfg.secure.enabled,
+        f'transport.dtype = "{dtype}" applies to plaintext rounds; secure aggregation sends '
+        'masked fixed-point integers of its own width. Set transport.dtype = "float32" or '
+        "secure.enabled = false.",
+    )
+    _require(
+        cfg.privacy.level != "client",
+        f'transport.dtype = "{dtype}" rounds each site\'s update after its client-level clip, '
+        "which can push its norm past privacy.max_grad_norm and void the noise calibration. "
+        'Set transport.dtype = "float32" with privacy.level = "client".',
+    )
 
 
 def _validate_ranks(cfg: Config) -> None:

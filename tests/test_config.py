@@ -107,6 +107,15 @@ def test_wrong_type_and_choice_are_refused():
         load_config(None, [{"strategy": {"name": "fedsgd"}}])
 
 
+def test_server_momentum_is_refused_with_an_adaptive_server_optimizer():
+    with pytest.raises(FedloraError, match=r"server_momentum.*server_beta1"):
+        load_config(None, [{"strategy": {"server_optimizer": "adam", "server_momentum": 0.9}}])
+    with pytest.raises(FedloraError, match="adagrad"):  # lists the valid choices
+        load_config(None, [{"strategy": {"server_optimizer": "rmsprop"}}])
+    cfg = load_config(None, [{"strategy": {"server_optimizer": "yogi", "server_lr": 0.01}}])
+    assert cfg.strategy.server_optimizer == "yogi"
+
+
 def test_missing_and_invalid_config_file(tmp_path):
     with pytest.raises(FedloraError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
@@ -126,6 +135,9 @@ def test_missing_and_invalid_config_file(tmp_path):
         ("train", "lr", 0),
         ("train", "local_steps", 0),
         ("lora", "dropout", 1.0),
+        ("strategy", "server_beta1", 1.0),
+        ("strategy", "server_beta2", -0.1),
+        ("strategy", "server_tau", 0),
     ],
 )
 def test_impossible_numbers_name_the_key(section, key, value):

@@ -110,6 +110,38 @@ def test_dpsgd_noise_is_there_at_the_stated_scale(site):
     assert data_norm <= SGD.lr * clip * (1 + 1e-5)
 
 
+def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
+    """opacus's per-example gradients flow through the sliced output layer (logits at the loss
+    positions only): one noiseless step with a binding clip C equals -lr/B times the sum of each
+    example's gradient, clipped to C, each taken here from a full Hugging Face forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedlora.model import adapter_parameters
+
+    rt, rows, start = site
+    clip = 0.02
+    step = train_once(site, 1, SGD, DPSGD(0.0, clip, 1.0, noise_seed=1))
+    load_adapter_arrays(rt.model, start)
+    params = adapter_parameters(rt.model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms = []
+    for row in rows:
+        logits = rt.model(input_ids=torch.tensor([row.input_ids])).logits[0].float()
+        n = len(row.input_ids)
+        target = torch.tensor(row.input_ids[row.n_prompt : n])
+        loss = F.cross_entropy(logits[row.n_prompt - 1 : n - 1], target)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+        norms.append(norm)
+        for (name, _), g in zip(params.items(), grads, strict=True):
+            total[name] += g * min(1.0, clip / (norm + 1e-6))
+    assert min(norms) > clip  # the clip binds for every example
+    for name, value in total.items():
+        expected = -SGD.lr * value.numpy() / len(rows)
+        np.testing.assert_allclose(step[name], expected, rtol=1e-3, atol=1e-8)
+
+
 def test_dpsgd_leaves_the_model_clean_for_plain_use(site):
     rt, rows, _ = site
     train_once(site, 1, SGD, DPSGD(1.0, 1.0, 0.5, noise_seed=3))

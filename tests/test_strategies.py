@@ -380,6 +380,113 @@ def test_server_optimizer_momentum_two_steps_and_state() -> None:
     assert_arrays(restored.step(x1, {"w": vec(2, 2)}), {"w": [8, -1]})
 
 
+# Adaptive server optimisers (Reddi et al. 2021, Algorithm 2), lr 0.1, beta1 0.9, beta2 0.99,
+# tau 0.05, from x = (1, 2) and m = v = 0.
+# Round 1, Delta = (0.5, 1): m1 = 0.1 Delta = (0.05, 0.1), Delta^2 = (0.25, 1)
+#   adam: v1 = 0.01 Delta^2 = (0.0025, 0.01); yogi: v1 = 0 - 0.01 Delta^2 sign(0 - Delta^2)
+#   = (0.0025, 0.01); adagrad: v1 = Delta^2 = (0.25, 1).
+#   x1 = x + 0.1 m1 / (sqrt(v1) + 0.05): adam/yogi (1 + 0.005/0.1, 2 + 0.01/0.15);
+#   adagrad (1 + 0.005/0.55, 2 + 0.01/1.05).
+# Round 2, Delta = (-1, 0.01): m2 = 0.9 m1 + 0.1 Delta = (-0.055, 0.091), Delta^2 = (1, 1e-4)
+#   adam: v2 = 0.99 v1 + 0.01 Delta^2 = (0.012475, 0.009901)
+#   yogi: v1 - Delta^2 = (-0.9975, 0.0099): signs (-1, +1), v2 = v1 -/+ 0.01 Delta^2
+#   = (0.0125, 0.009999)
+#   adagrad: v2 = v1 + Delta^2 = (1.25, 1.0001)
+ADAPTIVE_X1 = {
+    "adam": [1.05, 2 + 0.01 / 0.15],
+    "yogi": [1.05, 2 + 0.01 / 0.15],
+    "adagrad": [1 + 0.005 / 0.55, 2 + 0.01 / 1.05],
+}
+ADAPTIVE_V2 = {
+    "adam": [0.012475, 0.009901],
+    "yogi": [0.0125, 0.009999],
+    "adagrad": [1.25, 1.0001],
+}
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
+def test_adaptive_server_optimizer_two_steps_by_hand(kind: str) -> None:
+    opt = ServerOptimizer(kind=kind, lr=0.1, beta1=0.9, beta2=0.99, tau=0.05)
+    x1 = opt.step({"w": vec(1, 2)}, {"w": vec(0.5, 1)})
+    assert_arrays(x1, {"w": ADAPTIVE_X1[kind]})
+    x2 = opt.step(x1, {"w": vec(-1, 0.01)})
+    v2 = ADAPTIVE_V2[kind]
+    expected = [
+        ADAPTIVE_X1[kind][i] + 0.1 * m / (v2[i] ** 0.5 + 0.05)
+        for i, m in enumerate([-0.055, 0.091])
+    ]
+    assert_arrays(x2, {"w": expected})
+    assert_arrays(opt.state_dict(), {"m/w": [-0.055, 0.091], "v/w": v2})
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "yogi"])
+def test_server_optimizer_state_survives_a_checkpoint(tmp_path, kind: str) -> None:
+    """Two rounds, a save and a fresh optimiser from the file, a third round: the same as three
+    uninterrupted rounds."""
+    from fedlora import checkpoint
+
+    settings = {"kind": kind, "lr": 0.1} | ({"momentum": 0.5} if kind == "sgd" else {})
+    updates = [{"w": vec(0.5, 1)}, {"w": vec(-1, 0.01)}, {"w": vec(0.2, -0.3)}]
+    straight, x = ServerOptimizer(**settings), {"w": vec(1, 2)}
+    for u in updates:
+        x = straight.step(x, u)
+    first, y = ServerOptimizer(**settings), {"w": vec(1, 2)}
+    for u in updates[:2]:
+        y = first.step(y, u)
+    ckpt = checkpoint.Checkpoint(2, {"global": y, "server_opt": first.state_dict()}, [], "f")
+    checkpoint.save(tmp_path, ckpt)
+    saved = checkpoint.load(tmp_path, "f")
+    resumed = ServerOptimizer(**settings)
+    resumed.load_state_dict(saved.arrays["server_opt"])
+    assert set(saved.arrays["server_opt"]) == set(first.state_dict())
+    np.testing.assert_array_equal(resumed.step(saved.arrays["global"], updates[2])["w"], x["w"])
+
+
+def flower_replies(x: Arrays, deltas: list[Arrays], weights: list[int]) -> list:
+    """What Flower's strategies aggregate: each site's new model x + Delta_i and its weight."""
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    replies = []
+    for i, (delta, n) in enumerate(zip(deltas, weights, strict=True)):
+        arrays = ArrayRecord({k: Array(np.asarray(x[k] + delta[k])) for k in x})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
+        meta = Metadata(1, str(i), i + 1, 0, "m", "1", 0.0, 1e9, "train", 0, 0)
+        replies.append(Message(content, metadata=meta))
+    return replies
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
+def test_adaptive_server_optimizer_equals_flowers_fedopt(kind: str) -> None:
+    """Flower's FedAdam / FedYogi / FedAdagrad on the same replies, three rounds. Flower's
+    FedAdagrad fixes beta1 = 0; its FedAdam scales eta by sqrt(1 - beta2^(t+1)) /
+    (1 - beta1^(t+1)) in round t, which we pass as that round's lr."""
+    import flwr.serverapp.strategy as fl
+
+    beta1 = 0.0 if kind == "adagrad" else 0.9
+    hyper = {"eta": 0.1, "tau": 0.01} | ({} if kind == "adagrad" else {"beta_1": 0.9})
+    hyper |= {} if kind == "adagrad" else {"beta_2": 0.99}
+    flower = {"adam": fl.FedAdam, "yogi": fl.FedYogi, "adagrad": fl.FedAdagrad}[kind](**hyper)
+    ours = ServerOptimizer(kind=kind, lr=0.1, beta1=beta1, beta2=0.99, tau=0.01)
+    rng = np.random.default_rng(0)
+    x_ours = x_flower = {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": vec(0.5, -0.5)}
+    weights = [1, 2, 3]
+    for t in (1, 2, 3):
+        deltas = [
+            {k: rng.normal(scale=0.1, size=v.shape) for k, v in x_ours.items()} for _ in weights
+        ]
+        works = [LocalWork(n, 1, 0.1) for n in weights]
+        update, _, _ = run_round(FedAvg(total_clients=3), deltas, works)
+        if kind == "adam":
+            ours.lr = 0.1 * np.sqrt(1 - 0.99 ** (t + 1)) / (1 - 0.9 ** (t + 1))
+        x_ours = ours.step(x_ours, update)
+        flower.current_arrays = {k: v.copy() for k, v in x_flower.items()}
+        new, _ = flower.aggregate_train(t, flower_replies(x_flower, deltas, weights))
+        x_flower = {k: v.numpy() for k, v in new.items()}
+        for k in x_ours:
+            np.testing.assert_allclose(x_ours[k], x_flower[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert not np.allclose(x_ours["b"], [0.5, -0.5])  # the step moved the adapter
+
+
 def test_server_optimizer_validation() -> None:
     with pytest.raises(ValueError, match="lr"):
         ServerOptimizer(lr=0.0)
@@ -391,6 +498,14 @@ def test_server_optimizer_validation() -> None:
         ServerOptimizer().step({"w": vec(1)}, {"v": vec(1)})
     with pytest.raises(ValueError, match="unexpected"):
         ServerOptimizer().load_state_dict({"c/w": vec(1)})
+    with pytest.raises(ValueError, match="beta1 instead"):
+        ServerOptimizer(kind="adam", momentum=0.5)
+    with pytest.raises(ValueError, match="one of"):
+        ServerOptimizer(kind="rmsprop")
+    with pytest.raises(ValueError, match="beta2"):
+        ServerOptimizer(kind="yogi", beta2=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        ServerOptimizer(kind="adagrad", tau=0.0)
 
 
 def test_no_warnings_on_normal_use() -> None:

@@ -16,6 +16,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import transport
 from fedlora.apps import records as R
 from fedlora.apps.site_state import SiteStore
 from fedlora.checkpoint import run_state_dir
@@ -105,8 +106,8 @@ def train_contribution(
     site = site_id(context)
     rt = site_runtime(cfg, context)
     round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
-    global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
-    broadcast = R.from_record(msg.content[R.BROADCAST])
+    global_arrays = transport.decode(R.from_record(msg.content[R.GLOBAL_ADAPTER]))
+    broadcast = transport.decode(R.from_record(msg.content[R.BROADCAST]))
     folder = site_state_dir(cfg, context)
     store = SiteStore(folder, site)
     saved = store.before(round_)
@@ -223,8 +224,12 @@ def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
             {R.SITE_ID: exc.site, R.EXHAUSTED: 1, R.PRIVACY + "epsilon": exc.spent}
         )
         return Message(RecordDict({R.SITE_METRICS: status}), reply_to=msg)
-    # vectors travel as float32 (the adapter's own precision); the server sums in float64
-    sent = {k: v if v.shape == (1,) else v.astype(np.float32) for k, v in contribution.items()}
+    # vectors travel as transport.dtype (float32: the adapter's own precision); the server
+    # sums in float64
+    sent = transport.encode(contribution, cfg.transport.dtype)
+    if cfg.transport.dtype != "float32":
+        error = transport.round_trip_error(contribution, transport.decode(sent))
+        metrics = MetricRecord(dict(metrics) | {R.TRANSPORT_ERROR: error})
     content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
     return Message(content, reply_to=msg)
 

@@ -25,6 +25,8 @@ RANK = "rank"  # the LoRA rank the site trained at (its leading slice of the glo
 PRIVACY = "privacy."  # prefix of a site's privacy spend: epsilon, delta, noise_multiplier, ...
 CLIP_SCALE = "clip_scale"  # client-level DP: the factor the site's update was scaled by (<= 1)
 EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)
+#: relative L2 error of the contribution's round trip through transport.dtype (plaintext only)
+TRANSPORT_ERROR = "transport_error"
 
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint
+from fedlora import checkpoint, transport
 from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
@@ -31,6 +31,7 @@ from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
 from fedlora.strategies.base import Arrays, LocalWork, Strategy, sum_contributions
+from fedlora.strategies.server_opt import server_optimizer_for
 from fedlora.train import evaluate
 
 
@@ -53,6 +54,7 @@ class RoundInputs:
     exhausted: list[int] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    transport_error_down: float = 0.0  # relative L2 round-trip error of the adapter sent
 
 
 @dataclass
@@ -82,13 +84,9 @@ class Federation:
         if self.noise_seed is None:
             self.noise_seed = self.cfg.run.seed
         self.strategy = strategy_for(self.cfg)
-        self.server_opt = ServerOptimizer(
-            lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
-        )
+        self.server_opt = server_optimizer_for(self.cfg.strategy)
         #: the server step in product space, for lora.aggregation = "svd"
-        self.product_opt = ServerOptimizer(
-            lr=self.cfg.strategy.server_lr, momentum=self.cfg.strategy.server_momentum
-        )
+        self.product_opt = server_optimizer_for(self.cfg.strategy)
         self.global_arrays = adapter_arrays(self.runtime.model)
         self.eval_rows, self.eval_sites = self.runtime.eval_set()
 
@@ -118,12 +116,21 @@ class Federation:
         config: dict[str, int] = {R.ROUND: round_}
         if self.cfg.privacy.level == "client" and self.cfg.privacy.client_noise == "distributed":
             config[R.NOISE_SHARES] = self.threshold(len(self.available_sites()))
+        global_wire, broadcast_wire = self.wire_down()
         return RecordDict(
             {
-                R.GLOBAL_ADAPTER: R.to_record(self.global_arrays),
-                R.BROADCAST: R.to_record(self.strategy.broadcast()),
+                R.GLOBAL_ADAPTER: R.to_record(global_wire),
+                R.BROADCAST: R.to_record(broadcast_wire),
                 R.ROUND_CONFIG: ConfigRecord(config),
             }
+        )
+
+    def wire_down(self) -> tuple[Arrays, Arrays]:
+        """The global adapter and the broadcast state as they travel (transport.dtype)."""
+        dtype = self.cfg.transport.dtype
+        return (
+            transport.encode(self.global_arrays, dtype),
+            transport.encode(self.strategy.broadcast(), dtype),
         )
 
     def train_messages(
@@ -136,7 +143,7 @@ class Federation:
             )
             for s in sites
         ]
-        per_site = R.payload_bytes(self.global_arrays) + R.payload_bytes(self.strategy.broadcast())
+        per_site = sum(R.payload_bytes(arrays) for arrays in self.wire_down())
         return msgs, per_site * len(sites)
 
     def available_sites(self) -> list[int]:
@@ -152,7 +159,13 @@ class Federation:
     def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
         msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)
         replies = exchange(grid, msgs, progress)
-        inputs = RoundInputs(bytes_down=bytes_down)
+        sent = self.wire_down()[0]
+        inputs = RoundInputs(
+            bytes_down=bytes_down,
+            transport_error_down=transport.round_trip_error(
+                self.global_arrays, transport.decode(sent)
+            ),
+        )
         # site order, not arrival order: float sums must not depend on which site finished first
         replies.sort(
             key=lambda m: -1 if m.has_error() else int(m.content[R.SITE_METRICS][R.SITE_ID])
@@ -165,11 +178,12 @@ class Federation:
             if int(metrics.get(R.EXHAUSTED, 0)):
                 inputs.exhausted.append(int(metrics[R.SITE_ID]))
                 continue
-            arrays = R.from_record(reply.content[R.CONTRIBUTION])
+            wire = R.from_record(reply.content[R.CONTRIBUTION])
+            arrays = transport.decode(wire)
             check_contribution(arrays, self.global_arrays)
             inputs.contributions.append(arrays)
             inputs.metrics.append(metrics)
-            inputs.bytes_up += R.payload_bytes(arrays)
+            inputs.bytes_up += R.payload_bytes(wire)
         if inputs.contributions:
             inputs.sums = sum_contributions(inputs.contributions)
         return inputs
@@ -273,6 +287,7 @@ class Federation:
             "agg_error_max": error_max,
         }
         row |= self.privacy_row(inputs.metrics)
+        row |= self.transport_row(inputs)
         self.reporter.progress(f"round {round_}/{fed.rounds}: evaluating the global adapter")
         row |= self.evaluate_global()
         row |= {
@@ -281,6 +296,16 @@ class Federation:
             "seconds": time.perf_counter() - started,
         }
         return row
+
+    def transport_row(self, inputs: RoundInputs) -> dict[str, object]:
+        """transport.dtype's round-trip error this round (relative L2): of the global adapter
+        sent down (as sent at the start of the round), and the largest of the sites' updates."""
+        if self.cfg.transport.dtype == "float32":
+            return {}
+        return {
+            "transport_error_down": inputs.transport_error_down,
+            "transport_error_up": max(float(m.get(R.TRANSPORT_ERROR, 0.0)) for m in inputs.metrics),
+        }
 
     # --- differential privacy ------------------------------------------------------------
     def add_central_noise(self, sums: Arrays, round_: int) -> Arrays:
