@@ -220,6 +220,7 @@ def test_sweep_audit_column_and_leakage_plot(run_dir, tmp_path):
         row = next(csv.DictReader(fh))
     auc_value = report["all_sites"]["reference"]["auc"]["value"]
     assert float(row["attack_auc"]) == pytest.approx(auc_value) and 0.0 <= auc_value <= 1.0
-    points = sweep.leakage_points([row, row | {"status": "failed"}], ["lora.r"])
+    unaudited = row | {"attack_auc": ""}
+    points = sweep.leakage_points([row, row | {"status": "failed"}, unaudited], ["lora.r"])
     assert points == [("lora.r=8", float(row["attack_auc"]), float(row["eval_accuracy"]))]
     assert (folder / sweep.LEAKAGE_PLOT).read_bytes().startswith(b"\x89PNG")
