@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedlora.errors import FedloraError
+from fedlora.trackers import check_trackers
 from fedlora.transport import WireDtype
 
 StrategyName = Literal["fedavg", "fedprox", "scaffold", "fednova"]
@@ -233,6 +234,9 @@ class RunConfig:
     seed: int = 0
     #: results folder; "" = runs/<timestamp>-<strategy>.
     out: str = ""
+    #: also log each round's metrics to "tensorboard" (event files in the results folder)
+    #: and/or "mlflow" (optional extras of the same names); metrics.jsonl stays the record.
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -501,6 +505,9 @@ def validate(cfg: Config) -> None:
         )
     _validate_privacy(cfg)
     _validate_transport(cfg)
+    if isinstance(cfg.run.trackers, str):  # --set run.trackers=tensorboard: one tracker
+        cfg.run.trackers = [cfg.run.trackers] if cfg.run.trackers else []
+    check_trackers(cfg.run.trackers)
     if st.name == "fedprox" and st.mu == 0:
         import warnings
 

@@ -69,6 +69,8 @@ class Reporter:
     out_dir: Path
     stream: Any = field(default_factory=lambda: sys.stdout)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: run.trackers (fedlora.trackers): each round's row is mirrored to them
+    trackers: list[Any] = field(default_factory=list)
 
     def progress(self, text: str) -> None:
         if self.stream.isatty():
@@ -86,7 +88,15 @@ class Reporter:
         self.rows.append(row)
         with (self.out_dir / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log(row)
         print(table_row(row), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Flush and close the trackers (the results folder needs no closing)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def restore(self, rows: list[dict[str, Any]]) -> None:
         """Continue a resumed run: metrics.jsonl and the table hold exactly the saved rounds."""

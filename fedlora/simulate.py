@@ -20,6 +20,7 @@ from fedlora.config import Config, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.report import Reporter, human_bytes, plot_metrics
+from fedlora.trackers import open_trackers
 
 
 def results_dir(cfg: Config) -> Path:
@@ -146,8 +147,9 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         f"{precision_name(runtime.bf16)} (model.precision = {requested})."
     )
     work = open_results(cfg, out, resume)
+    reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))
     try:
-        federation = run_engine(cfg, runtime, Reporter(work), checkpoint.run_state_dir(out))
+        federation = run_engine(cfg, runtime, reporter, checkpoint.run_state_dir(out))
         finish(cfg, runtime, federation, work, time.perf_counter() - started)
     except BaseException:
         log(
@@ -155,6 +157,8 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
             "command and --resume)."
         )
         raise
+    finally:
+        reporter.close()
     return close_results(out, work)
 
 

@@ -568,10 +568,12 @@ def plot_utility_vs_epsilon(
 def leakage_points(
     rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
 ) -> list[tuple[str, float, float]]:
-    """(point label, mean attack AUC, mean accuracy) over each point's audited finished runs."""
+    """(point label, mean attack AUC, mean accuracy) over each point's audited finished runs
+    (rows as run_sweep makes them or as results.csv reads back)."""
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
-        if row["status"] == "ok" and row.get("attack_auc") is not None:
+        measured = all(row.get(k) not in (None, "") for k in ("attack_auc", "eval_accuracy"))
+        if row["status"] == "ok" and measured:
             label = " ".join(f"{k}={row[k]}" for k in keys)
             pair = (float(row["attack_auc"]), float(row["eval_accuracy"]))
             groups.setdefault(label, []).append(pair)

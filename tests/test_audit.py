@@ -112,6 +112,24 @@ def in_unit(metric: dict) -> bool:
     return 0.0 <= lo <= metric["value"] <= hi <= 1.0
 
 
+def test_audit_scores_the_saved_global_adapter(run_dir):
+    """The attacked model holds exactly the run's saved adapter (not the LoRA initialisation)."""
+    from safetensors.numpy import load_file
+
+    from fedlora.audit import _load_adapter, load_run
+    from fedlora.model import lora_arrays
+    from fedlora.runtime import build_runtime
+
+    source = load_run(str(run_dir))
+    rt = build_runtime(source.cfg, log=lambda _msg: None)
+    _load_adapter(rt.model, source.adapter_dir)
+    held = lora_arrays(rt.model)
+    saved = load_file(str(source.adapter_dir / "adapter_model.safetensors"))
+    assert len(saved) == len(held) > 0
+    for key, value in saved.items():
+        assert np.array_equal(held[key.replace(".weight", ".default.weight")], value), key
+
+
 def test_audit_command_reports_every_site(run_dir, tmp_path, capsys):
     from fedlora.cli import main
 
@@ -202,6 +220,7 @@ def test_sweep_audit_column_and_leakage_plot(run_dir, tmp_path):
         row = next(csv.DictReader(fh))
     auc_value = report["all_sites"]["reference"]["auc"]["value"]
     assert float(row["attack_auc"]) == pytest.approx(auc_value) and 0.0 <= auc_value <= 1.0
-    points = sweep.leakage_points([row, row | {"status": "failed"}], ["lora.r"])
+    unaudited = row | {"attack_auc": ""}
+    points = sweep.leakage_points([row, row | {"status": "failed"}, unaudited], ["lora.r"])
     assert points == [("lora.r=8", float(row["attack_auc"]), float(row["eval_accuracy"]))]
     assert (folder / sweep.LEAKAGE_PLOT).read_bytes().startswith(b"\x89PNG")

@@ -221,12 +221,13 @@ def test_what_a_site_trains_with(tmp_path):
                 "data": {"path": "/srv/eval.jsonl", "max_text_tokens": 40},
                 "lora": {"targets": ["q_proj", "o_proj"]},
                 "privacy": {"level": "sample", "max_epsilon": 8.0},
-                "run": {"out": "/srv/runs/x", "seed": 3},
+                "run": {"out": "/srv/runs/x", "seed": 3, "trackers": ["tensorboard"]},
             }
         ],
     )
     shared = tomllib.loads(shared_config(server))
     assert "path" not in shared["data"] and "out" not in shared["run"]
+    assert "trackers" not in shared["run"]  # the server's own logging, not a site's
     shared["data"]["test_path"] = "/etc/passwd"  # a server cannot choose a site's files
     write_rows(tmp_path / "own.jsonl", seed=0)
     site = SiteSettings(

@@ -39,6 +39,7 @@ from fedlora.simulate import (
     results_dir,
     resume_dir,
 )
+from fedlora.trackers import open_trackers
 
 #: inside the run's state folder: the id the sites keep this federation's state under
 FEDERATION_ID = "federation.id"
@@ -62,10 +63,10 @@ def quiet() -> None:
 
 def shared_config(cfg: Config) -> str:
     """The federation's config as the sites receive it: without the server's own paths (its
-    evaluation data and results folder are none of the sites' business)."""
+    evaluation data and results folder are none of the sites' business) and trackers."""
     values = cfg.to_dict()
     values["data"] = {k: v for k, v in values["data"].items() if k not in ("path", "test_path")}
-    values["run"] = {k: v for k, v in values["run"].items() if k != "out"}
+    values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "trackers")}
     return "".join(f"[{section}]\n{_toml_lines(entries)}\n" for section, entries in values.items())
 
 
@@ -194,6 +195,7 @@ def serve(
         runconfig.FEDERATION: federation_id(state),
     }
     link = Link(settings, insecure)
+    reporter = None
     try:
         link.start()
         if insecure:
@@ -213,7 +215,7 @@ def serve(
             f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
             f"{len(names)} sites: {', '.join(names)}."
         )
-        reporter = Reporter(work)
+        reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))
         with serverapp_task(link, run_id) as grid:
             federation = Federation(cfg, runtime, reporter, state, noise_seed=secrets.randbits(63))
             verified = (
@@ -229,4 +231,6 @@ def serve(
         raise
     finally:
         link.stop()
+        if reporter is not None:
+            reporter.close()
     return close_results(out, work)
