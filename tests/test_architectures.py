@@ -56,3 +56,24 @@ def test_target_presets_resolve_on_each_architecture(shape):
         assert wrapped == set(modules), preset
         ids = torch.tensor([[1, 2, 3]])
         assert model(input_ids=ids).logits.shape == (1, 3, TINY["vocab_size"])
+
+
+def test_a_random_base_is_built_once_and_loads_like_a_local_model(tmp_path, monkeypatch):
+    """The cache folder route every random:<shape> takes (here with a tiny Qwen2 shape)."""
+    from fedlora import architectures
+    from fedlora.model import load_base
+
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
+    monkeypatch.setitem(
+        architectures.SHAPES, "qwen2-tiny", architectures.Shape("Qwen2Config", "test", TINY)
+    )
+    messages: list[str] = []
+    model, tokenizer = load_base("random:qwen2-tiny", log=messages.append, dtype="bf16")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in model.parameters()) == parameter_count("qwen2-tiny")
+    assert tokenizer.pad_token_id == 256 and len(tokenizer) == 257  # tiny-random's tokenizer
+    assert any("Building random:qwen2-tiny" in m for m in messages)
+    messages.clear()
+    load_base("random:qwen2-tiny", log=messages.append)  # the second time from the cache
+    assert not any("Building" in m for m in messages)
