@@ -28,6 +28,13 @@ _META = "__meta__"
 
 #: config sections that may differ between the interrupted and the resumed run
 _FREE_SECTIONS = ("run",)
+#: keys that say where a run computes, not what: a run may resume on another device or cluster
+_FREE_KEYS = (
+    ("model", "device"),
+    ("federation", "gpus_per_client"),
+    ("federation", "ray_address"),
+    ("federation", "workers"),
+)
 
 
 def run_state_dir(out: Path) -> Path:
@@ -36,11 +43,56 @@ def run_state_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial") / "state"
 
 
+def shaping_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Everything in a config that shapes the result (not where it is written or computed)."""
+    kept = {
+        section: {k: v for k, v in entries.items() if (section, k) not in _FREE_KEYS}
+        for section, entries in cfg_dict.items()
+        if section not in _FREE_SECTIONS
+    }
+    kept["seed"] = cfg_dict.get("run", {}).get("seed")
+    return kept
+
+
 def config_fingerprint(cfg_dict: dict[str, Any]) -> str:
     """Hash of everything that shapes the result (not where it is written)."""
-    kept = {k: v for k, v in cfg_dict.items() if k not in _FREE_SECTIONS}
-    kept["seed"] = cfg_dict.get("run", {}).get("seed")
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(shaping_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`section.key (saved -> current)` for every shaping key that differs."""
+    out = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section), current.get(section)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                out.append(f"run.{section} ({a!r} -> {b!r})")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key} ({a.get(key)!r} -> {b.get(key)!r})")
+    return out
+
+
+def settle_precision(cfg, bf16: bool, resumed_out: Path | None) -> bool:
+    """Write the resolved model.precision into `cfg` (so the effective config and every worker
+    carry the decision, not "auto") and return it. A resumed run whose precision was "auto"
+    takes the decision of the run it continues (from its saved config.toml): the same machine
+    decides the same, but a run moved to another machine must not switch half-way; an explicit
+    precision that differs from the saved one is refused by the fingerprint, naming the key."""
+    decided = "bf16" if bf16 else "fp32"
+    if resumed_out is not None and cfg.model.precision == "auto":
+        import tomllib
+
+        saved = resumed_out.with_name(resumed_out.name + ".partial") / "config.toml"
+        try:
+            previous = tomllib.loads(saved.read_text()).get("model", {}).get("precision")
+        except (OSError, tomllib.TOMLDecodeError):
+            previous = None
+        if previous in ("bf16", "fp32"):
+            decided = previous
+    cfg.model.precision = decided
+    return decided == "bf16"
 
 
 @dataclass
@@ -50,6 +102,8 @@ class Checkpoint:
     rows: list[dict[str, Any]]
     fingerprint: str
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the privacy ledger
+    #: shaping_config of the run: names the keys when a resume is refused
+    config: dict[str, Any] | None = None
 
 
 def save(state_dir: Path, ckpt: Checkpoint) -> None:
@@ -63,6 +117,7 @@ def save(state_dir: Path, ckpt: Checkpoint) -> None:
         "round": ckpt.round,
         "rows": ckpt.rows,
         "fingerprint": ckpt.fingerprint,
+        "config": ckpt.config,
         "groups": sorted(ckpt.arrays),
         "extra": ckpt.extra,
     }
@@ -78,8 +133,11 @@ def save(state_dir: Path, ckpt: Checkpoint) -> None:
     os.replace(tmp, target)
 
 
-def load(state_dir: Path, fingerprint: str) -> Checkpoint | None:
-    """The saved state, or None when there is none; refuses state from another config."""
+def load(
+    state_dir: Path, fingerprint: str, config: dict[str, Any] | None = None
+) -> Checkpoint | None:
+    """The saved state, or None when there is none; refuses state from another config (naming
+    the keys that differ, given the current `config` as a shaping_config)."""
     path = state_dir / FILE
     if not path.exists():
         return None
@@ -94,8 +152,12 @@ def load(state_dir: Path, fingerprint: str) -> Checkpoint | None:
     except (OSError, ValueError, KeyError) as exc:
         raise FedloraError(f"Server state {path} is unreadable ({exc}).") from None
     if meta["fingerprint"] != fingerprint:
+        changed = config_differences(meta.get("config") or {}, config or {})
+        which = f": {', '.join(changed)}" if meta.get("config") and config and changed else ""
         raise FedloraError(
-            f"Server state {path} belongs to a federation with another configuration; resume "
-            "with the same config, or start a new run with another state folder."
+            f"Server state {path} belongs to a federation with another configuration{which}; "
+            "resume with the same config, or start a new run with another state folder."
         )
-    return Checkpoint(meta["round"], arrays, meta["rows"], meta["fingerprint"], meta["extra"])
+    return Checkpoint(
+        meta["round"], arrays, meta["rows"], meta["fingerprint"], meta["extra"], meta.get("config")
+    )

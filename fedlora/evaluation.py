@@ -321,7 +321,6 @@ def score_sources(
     from fedlora.model import use_bf16
     from fedlora.train import Encoder
 
-    bf16 = use_bf16(cfg.model.precision)
     banks: dict[str, AdapterBank] = {}
     scores: list[RowScores] = []
     idx = heldout_indices(len(dataset.test), cfg.data.eval_rows, cfg.run.seed)
@@ -331,6 +330,7 @@ def score_sources(
             log(f"Loading base model {name} ...")
             banks[name] = AdapterBank(name, log)
         bank = banks[name]
+        bf16 = use_bf16(cfg.model.precision, bank.device)
         adapter = None
         if not source.is_base:
             adapter = f"s{i}"
@@ -478,7 +478,7 @@ def run_eval_per_site(
     for k, s in sites:
         bank.add(f"site-{k}", s, allow_other_base)
     encoder = Encoder(bank.tokenizer, dataset, cfg.data.max_text_tokens)
-    pad, bf16 = int(bank.tokenizer.pad_token_id), use_bf16(cfg.model.precision)
+    pad, bf16 = int(bank.tokenizer.pad_token_id), use_bf16(cfg.model.precision, bank.device)
     per_site: list[dict[str, Any]] = []
     pooled: dict[str, list[RowScores]] = {"global": [], "personal": []}
     for k, s in sites:

@@ -317,12 +317,14 @@ class AdapterBank:
     multi-adapter support); `using(name)` switches between them, `using(None)` is the bare base.
     """
 
-    def __init__(self, base: str, log: Log = print) -> None:
+    def __init__(self, base: str, log: Log = print, device: str = "auto") -> None:
         from fedlora import model as fm
+        from fedlora.device import resolve_device
 
         quiet_libraries()
         self.base_name = base
-        self.base, self.tokenizer = fm.load_base(base, log=log)
+        self.device = resolve_device(device)  # model.device: "auto" = a GPU when there is one
+        self.base, self.tokenizer = fm.load_base(base, log=log, device=self.device)
         self.linears = linear_shapes(self.base)
         self.peft = None  # the PeftModel wrapping self.base, once an adapter is added
         self.names: list[str] = []
@@ -546,7 +548,7 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The greedy completion of `prompt` (the new text only)."""
     import torch
 
-    enc = tokenizer(prompt, return_tensors="pt")
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         ids = model.generate(
             **enc,

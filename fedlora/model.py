@@ -6,8 +6,6 @@ one place that decides what an adapter is.
 
 from __future__ import annotations
 
-import functools
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,10 @@ def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
         return str(assets.default_model_dir(log=log))
     if name == assets.TINY_RANDOM:
         return str(assets.tiny_random_model_dir(log=log))
+    from fedlora import architectures
+
+    if architectures.is_random(name):
+        return str(architectures.random_model_dir(name, log=log))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -43,16 +45,25 @@ def resolve_model(name: str, log: Callable[[str], None] = print) -> str:
         return name  # a hub id: needs access to the hub
     raise FedloraError(
         f"Model {name!r} is neither a built-in "
-        f"({assets.DEFAULT_MODEL_NAME}, {assets.TINY_RANDOM}), "
-        "an existing folder, nor a hub id like org/name."
+        f"({assets.DEFAULT_MODEL_NAME}, {assets.TINY_RANDOM}, random:<shape> such as "
+        "random:llama-1b), an existing folder, nor a hub id like org/name."
     )
 
 
 def load_base(
-    name: str, log: Callable[[str], None] = print, quantization: str = "none"
+    name: str,
+    log: Callable[[str], None] = print,
+    quantization: str = "none",
+    device: torch.device | str = "cpu",
+    dtype: str = "fp32",
 ) -> tuple[PreTrainedModel, object]:
+    """The frozen base on `device`, its weights in `dtype` (model.dtype) or quantised."""
+    from fedlora.device import torch_dtype
+
     where = resolve_model(name, log)
-    kwargs: dict = {"dtype": torch.float32}
+    device = torch.device(device)
+    weights = torch_dtype(dtype)
+    kwargs: dict = {"dtype": weights}
     if quantization != "none":
         from transformers import BitsAndBytesConfig
 
@@ -60,8 +71,10 @@ def load_base(
             load_in_4bit=quantization == "4bit",
             load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=weights,
         )
+        if device.type == "cuda":  # bitsandbytes quantises while placing the weights
+            kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -77,6 +90,8 @@ def load_base(
     tokenizer.model_max_length = 1 << 30  # fedlora cuts texts itself (data.max_text_tokens)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if "device_map" not in kwargs and quantization == "none":
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -217,33 +232,11 @@ def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path) -> None:
     model.save_pretrained(str(out_dir))
 
 
-@functools.cache
-def bf16_matmul_speedup() -> float:
-    """fp32 time / bf16-autocast time of a LoRA-sized matmul on this CPU (measured once)."""
-    x, layer = torch.randn(512, 576), torch.nn.Linear(576, 1536)
+def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
+    """Resolve model.precision for `device` (fedlora.device.choose_bf16 says how)."""
+    from fedlora.device import use_bf16_on
 
-    def seconds(bf16: bool) -> float:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for _ in range(3):
-                layer(x)
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                for _ in range(5):
-                    layer(x)
-                best = min(best, time.perf_counter() - start)
-        return best
-
-    return seconds(False) / seconds(True)
-
-
-def use_bf16(precision: str) -> bool:
-    """Resolve model.precision. "auto" takes bf16 only when its matmuls are clearly (2x) faster:
-    with bfloat16 matrix units they are several times faster and a training step gains about
-    1.25x; without them bf16 is slower (BENCHMARKS.md)."""
-    if precision == "auto":
-        return bf16_matmul_speedup() >= 2.0
-    return precision == "bf16"
+    return use_bf16_on(precision, torch.device(device))
 
 
 def set_threads(n: int) -> None:

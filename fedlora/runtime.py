@@ -12,6 +12,7 @@ import numpy as np
 
 from fedlora.config import Config
 from fedlora.data import Dataset, load_dataset, partition
+from fedlora.device import resolve_device
 from fedlora.model import add_lora, load_base, set_threads, use_bf16
 from fedlora.train import Encoded, Encoder
 
@@ -26,6 +27,7 @@ class Runtime:
     train_parts: list[list[int]]
     test_parts: list[list[int]]
     bf16: bool = False  # the resolved model.precision
+    device: object = None  # torch.device: the resolved model.device, where the model lives
     _site_rows: dict[int, list[Encoded]] = field(default_factory=dict)
 
     @property
@@ -75,11 +77,21 @@ def build_runtime(
     evaluates while the workers wait, so it takes every core."""
     set_threads(threads or cfg.train.threads)
     dataset, train_parts, test_parts = load_data(cfg, log, own_site)
-    base, tokenizer = load_base(cfg.model.name, log=log, quantization=cfg.model.quantization)
+    device = resolve_device(cfg.model.device)  # once per process (cached)
+    base, tokenizer = load_base(
+        cfg.model.name,
+        log=log,
+        quantization=cfg.model.quantization,
+        device=device,
+        dtype=cfg.model.dtype,
+    )
+    if cfg.train.gradient_checkpointing:
+        # non-reentrant: the frozen embeddings need not require grad for the LoRA grads to flow
+        base.activation_checkpointing_enable({"use_reentrant": False})
     model = add_lora(base, cfg.lora, cfg.run.seed)
     encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
-    bf16 = use_bf16(cfg.model.precision)
-    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts, bf16)
+    bf16 = use_bf16(cfg.model.precision, device)
+    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts, bf16, device)
 
 
 _CACHE: dict[str, Runtime] = {}

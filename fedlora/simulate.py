@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedlora import checkpoint
-from fedlora.config import Config, write_config
+from fedlora.config import Config, ray_address, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.report import Reporter, human_bytes, plot_metrics
@@ -68,28 +68,68 @@ def quiet_engines() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def worker_count(cfg: Config) -> int:
+def worker_count(cfg: Config, gpus: int | None = None) -> int:
+    """Parallel site workers on this machine: federation.workers, else as many as the cores
+    hold at train.threads each and, with gpus_per_client, as many as the `gpus` hold."""
     cores = os.cpu_count() or 1
     if cfg.federation.workers:
         return cfg.federation.workers
-    return max(1, min(cfg.federation.clients, cores // cfg.train.threads))
+    count = min(cfg.federation.clients, cores // cfg.train.threads)
+    share = cfg.federation.gpus_per_client
+    if share > 0:
+        count = min(count, int((local_gpus() if gpus is None else gpus) / share + 1e-9))
+    return max(1, count)
 
 
-def backend_config(cfg: Config) -> dict:
-    workers = worker_count(cfg)
+def local_gpus() -> int:
+    from fedlora.device import cuda_count
+
+    return cuda_count()
+
+
+def backend_config(cfg: Config, gpus: int | None = None) -> dict:
+    """Flower's Ray backend settings. On a running cluster (federation.ray_address or
+    RAY_ADDRESS) Ray owns the resources: ray.init gets the address and no num_cpus/num_gpus,
+    and every node contributes the workers its CPUs and GPUs hold."""
     threads = cfg.train.threads
+    resources = {"num_cpus": threads, "num_gpus": cfg.federation.gpus_per_client}
+    address = ray_address(cfg)
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    if address:
+        host = address.rpartition(":")[0]
+        local = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
+        return {"client_resources": resources, "init_args": {"address": address} | quiet | local}
+    gpus = local_gpus() if gpus is None and cfg.federation.gpus_per_client > 0 else gpus or 0
     return {
-        "client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+        "client_resources": resources,
         "init_args": {
-            "num_cpus": workers * threads,
-            "num_gpus": 0,
-            "include_dashboard": False,
+            "num_cpus": worker_count(cfg, gpus) * threads,
+            "num_gpus": gpus,
             "object_store_memory": 256 * 1024 * 1024,
-            "logging_level": logging.ERROR,
-            "log_to_driver": True,
             "_node_ip_address": "127.0.0.1",
-        },
+        }
+        | quiet,
     }
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the address, when no Ray head answers there (Ray itself
+    would retry for a minute and Flower then wait for sites that never come)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FedloraError(
+            f"federation.ray_address (or RAY_ADDRESS) = {address!r}: expected the head node's "
+            "host:port, e.g. 10.0.0.5:6379 (what `ray start --head` printed)."
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise FedloraError(
+            f"No Ray cluster answers at {address} ({exc}); start one with `ray start --head "
+            f"--port={port}` on that machine, or fix federation.ray_address / RAY_ADDRESS."
+        ) from None
 
 
 def resume_dir(cfg: Config) -> Path:
@@ -116,6 +156,8 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     else:
         check_out(out)
     cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
+    if address := ray_address(cfg):
+        check_ray_address(address)
     from fedlora.runtime import build_runtime, load_data
 
     for note in cfg.notes:  # what the config chose on the user's behalf, first
@@ -130,10 +172,10 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     log(f"Loading base model {cfg.model.name} ...")
     # the server evaluates while the site workers wait: it may use every core
     runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)  # checks lora.targets too
-    # "auto" is decided once, here, and every site worker gets the decision: a worker timing
-    # its own matmul on a busy machine could decide otherwise and break reproducibility.
+    # "auto" is decided once, here, and every site worker gets the decision (a cluster's nodes
+    # may differ); a resumed run keeps the decision of the run it continues.
     requested = cfg.model.precision
-    cfg.model.precision = "bf16" if runtime.bf16 else "fp32"
+    runtime.bf16 = checkpoint.settle_precision(cfg, runtime.bf16, out if resume else None)
     n_params = sum(p.numel() for p in runtime.model.parameters())
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(
@@ -144,7 +186,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     log(
         f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, "
         f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
-        f"{precision_name(runtime.bf16)} (model.precision = {requested})."
+        f"{precision_name(runtime.bf16)} (model.precision = {requested}) on {runtime.device}."
     )
     work = open_results(cfg, out, resume)
     reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))

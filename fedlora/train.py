@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedlora.config import TrainConfig
 from fedlora.data import Dataset, Example
+from fedlora.device import model_device
 from fedlora.errors import FedloraError
 from fedlora.metrics import macro_f1
 from fedlora.model import adapter_parameters
@@ -60,15 +61,18 @@ class Encoder:
         return [self.encode(e) for e in rows]
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
+def collate(
+    batch: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, on `device` (the model's: built on the host and
+    moved in one copy each)."""
     width = max(len(b.input_ids) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, b in enumerate(batch):
         ids[i, : len(b.input_ids)] = torch.tensor(b.input_ids)
         mask[i, : len(b.input_ids)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -94,9 +98,10 @@ def loss_positions(batch: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor
 def token_losses(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False):
     """Per-token cross-entropy over the full vocabulary at loss positions only."""
     decoder, head = _decoder_and_head(model)
-    ids, mask = collate(batch, pad_id)
-    rows, pos, tgt = loss_positions(batch)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    device = model_device(model)
+    ids, mask = collate(batch, pad_id, device)
+    rows, pos, tgt = (t.to(device) for t in loss_positions(batch))
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with ctx:
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = head(hidden[rows, pos]).float()
@@ -107,8 +112,8 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False)
     """Mean over sequences of each sequence's mean token loss (a per-sequence loss, so that
     every example weighs the same whatever its answer length)."""
     losses, _, rows = token_losses(model, batch, pad_id, bf16)
-    per_seq = torch.zeros(len(batch)).index_add(0, rows, losses)
-    counts = torch.zeros(len(batch)).index_add(0, rows, torch.ones_like(losses))
+    per_seq = losses.new_zeros(len(batch)).index_add(0, rows, losses)
+    counts = losses.new_zeros(len(batch)).index_add(0, rows, torch.ones_like(losses))
     has_loss = counts > 0  # a one-token text row carries no loss: leave it out of the mean
     return (per_seq[has_loss] / counts[has_loss]).mean()
 
@@ -161,7 +166,7 @@ def local_train(
     start = before if terms.prox_mu else {}
     correction = (
         {
-            n: torch.from_numpy(np.asarray(v, dtype=np.float32))
+            n: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(params[n].device)
             for n, v in terms.grad_correction.items()
         }
         if terms.grad_correction
@@ -213,11 +218,18 @@ def _gradient(
     if private is None:
         for p in params.values():
             p.grad = None
-        loss = batch_loss(model, next(stream), pad_id, bf16)
-        loss.backward()
+        # train.accumulation micro-batches, each weighted by its share of the logical batch,
+        # so the gradient is the one of a single batch_size * accumulation batch
+        micro = [next(stream) for _ in range(cfg.accumulation)]
+        total_rows = sum(len(b) for b in micro)
+        value = 0.0
+        for batch in micro:
+            loss = batch_loss(model, batch, pad_id, bf16) * (len(batch) / total_rows)
+            loss.backward()
+            value += float(loss.detach())
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        return float(loss.detach())
+        return value
     private.zero_grad()
     batch = poisson_batch(rows, private.dp.sample_rate, rng)
     value = None
@@ -260,7 +272,7 @@ def score_rows(
         batch = [rows[i] for i in ids]
         losses, logits, row_of = token_losses(model, batch, pad_id, bf16)
         loss_sum[ids] = (
-            torch.zeros(len(batch), dtype=torch.float64)
+            losses.new_zeros(len(batch), dtype=torch.float64)
             .index_add(0, row_of, losses.double())
             .cpu()
             .numpy()
@@ -270,7 +282,7 @@ def score_rows(
             continue
         if encoder.first_token_decides:
             # the first loss position of each row predicts the first answer token
-            first = torch.tensor([int((row_of == i).nonzero()[0]) for i in range(len(batch))])
+            first = [int((row_of == i).nonzero()[0]) for i in range(len(batch))]
             firsts = torch.tensor([c[0] for c in encoder.candidates])
             pred[ids] = logits[first][:, firsts.to(logits.device)].argmax(dim=1).cpu().numpy()
         else:
@@ -308,5 +320,5 @@ def score_candidates(
     for c, cand in enumerate(encoder.candidates):
         variants = [Encoded(b.input_ids[: b.n_prompt] + cand, b.n_prompt, c) for b in batch]
         losses, _, rows = token_losses(model, variants, pad_id, bf16)
-        scores[:, c] = -torch.zeros(len(batch)).index_add(0, rows, losses)
+        scores[:, c] = -losses.new_zeros(len(batch)).index_add(0, rows, losses).cpu()
     return scores.argmax(dim=1).tolist()

@@ -357,6 +357,7 @@ class Federation:
                     "epsilon_spent": self.epsilon_spent,
                     "noise_seed": self.noise_seed,
                 },
+                checkpoint.shaping_config(self.cfg.to_dict()),
             ),
         )
 
@@ -364,7 +365,12 @@ class Federation:
         """Load the saved state if there is one; return the last finished round (-1: none)."""
         if self.state_dir is None:
             return -1
-        saved = checkpoint.load(self.state_dir, checkpoint.config_fingerprint(self.cfg.to_dict()))
+        current = self.cfg.to_dict()
+        saved = checkpoint.load(
+            self.state_dir,
+            checkpoint.config_fingerprint(current),
+            checkpoint.shaping_config(current),
+        )
         if saved is None:
             return -1
         self.global_arrays = saved.arrays["global"]

@@ -40,6 +40,7 @@ def site_config(federation: dict, site: SiteSettings) -> Config:
     # which files the site reads is the site's decision alone, never the server's
     values.setdefault("data", {}).update(OWN_DATA | site.data)
     values.setdefault("train", {})["threads"] = site.threads
+    values.setdefault("model", {})["device"] = site.device  # the site's hardware, its choice
     privacy = values.setdefault("privacy", {})
     if site.max_epsilon is not None and privacy.get("level", "none") != "none":
         shared = float(privacy.get("max_epsilon", 0.0))

@@ -66,6 +66,8 @@ def shared_config(cfg: Config) -> str:
     evaluation data and results folder are none of the sites' business) and trackers."""
     values = cfg.to_dict()
     values["data"] = {k: v for k, v in values["data"].items() if k not in ("path", "test_path")}
+    # the site runs on its own hardware: its device is its site.toml's, never the server's
+    values["model"] = {k: v for k, v in values["model"].items() if k != "device"}
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "trackers")}
     return "".join(f"[{section}]\n{_toml_lines(entries)}\n" for section, entries in values.items())
 
@@ -165,6 +167,7 @@ def serve(
                 "continue it with --resume, or remove that folder to start afresh."
             )
     cfg.run.out = str(out)
+    shared = shared_config(cfg)  # before the server settles its own precision: sites settle theirs
     from fedlora.apps.server import Federation
     from fedlora.deploy.link import (
         Link,
@@ -181,6 +184,8 @@ def serve(
     started = time.perf_counter()
     log(f"Loading base model {cfg.model.name} ...")
     runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)
+    # the server's own precision is part of its saved state: a resume keeps it or is refused
+    runtime.bf16 = checkpoint.settle_precision(cfg, runtime.bf16, out if resume else None)
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(
         f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, LoRA r={cfg.lora.r} on "
@@ -190,7 +195,7 @@ def serve(
     work = open_results(cfg, out, resume)
     names = sorted(settings.sites)
     run_config = {
-        runconfig.CONFIG: shared_config(cfg),
+        runconfig.CONFIG: shared,
         runconfig.SITES: json.dumps(names),
         runconfig.FEDERATION: federation_id(state),
     }

@@ -6,7 +6,8 @@ server.toml = a normal fedlora config (the federation: strategy, rounds, secure 
 privacy, ...; see configs/default.toml) plus `[server]` (address, TLS files, state folder) and
 `[sites]` (site name = its node-authentication public key). federation.clients is the number
 of sites listed. site.toml = `[site]` (name, server address, CA, key, state, audit log) plus the
-site's own `[data]` and `[privacy] max_epsilon`; everything else comes from the server.
+site's own `[data]`, `[privacy] max_epsilon` and `[model] device` (its own hardware); everything
+else comes from the server.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SITE_KEYS = {
 }
 SITE_DATA_KEYS = {"path", "test_path", "test_fraction"}
 SITE_PRIVACY_KEYS = {"max_epsilon"}
+SITE_MODEL_KEYS = {"device"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class SiteSettings:
     data: dict[str, Any]  # the site's own [data] keys
     max_epsilon: float | None  # the site's own privacy budget (None: the federation's)
     path: Path  # the site.toml itself
+    device: str = "auto"  # the site's model.device (its own hardware, never the server's)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -166,12 +169,15 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
 def load_site(path: Path) -> SiteSettings:
     values = read_toml(path)
     base = path.resolve().parent
-    unknown = set(values) - {"site", "data", "privacy"}
+    unknown = set(values) - {"site", "data", "privacy", "model"}
     if unknown:
         raise FedloraError(
             f"Unknown section [{sorted(unknown)[0]}] in {path}: a site sets only [site], its own "
-            "[data] and [privacy] max_epsilon; the federation's settings come from the server."
+            "[data], [privacy] max_epsilon and [model] device; the federation's settings come "
+            "from the server."
         )
+    model = _table(values, "model", path, SITE_MODEL_KEYS) if "model" in values else {}
+    device = _site_device(model.get("device", "auto"), path)
     site = _table(values, "site", path, SITE_KEYS)
     data = _table(values, "data", path, SITE_DATA_KEYS) if "data" in values else {}
     privacy = _table(values, "privacy", path, SITE_PRIVACY_KEYS) if "privacy" in values else {}
@@ -206,4 +212,20 @@ def load_site(path: Path) -> SiteSettings:
         data=data,
         max_epsilon=None if max_eps is None else float(max_eps),
         path=path.resolve(),
+        device=device,
     )
+
+
+def _site_device(value: Any, path: Path) -> str:
+    """The site's [model] device, checked against this machine now (not at round 1)."""
+    from fedlora.device import check_device_name, cuda_count, pick_device
+
+    if not isinstance(value, str):
+        raise FedloraError(f'model.device in {path} must be a string such as "auto" or "cuda".')
+    try:
+        check_device_name(value)
+        if value.startswith("cuda"):
+            pick_device(value, cuda_count())
+    except FedloraError as exc:
+        raise FedloraError(f"{path}: {exc}") from None
+    return value

@@ -46,7 +46,9 @@ class PrivateSteps:
 
         self.dp = dp
         self.expected_batch = dp.sample_rate * n_rows
-        self.generator = torch.Generator().manual_seed(dp.noise_seed)
+        # the noise is drawn where the gradients live (opacus draws on each parameter's device)
+        device = next(p for group in optimizer.param_groups for p in group["params"]).device
+        self.generator = torch.Generator(device=device).manual_seed(dp.noise_seed)
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(
             optimizer,
@@ -67,7 +69,9 @@ class PrivateSteps:
         if batch_was_empty:
             std = self.dp.noise_multiplier * self.dp.max_grad_norm
             for p in self.optimizer.params:
-                noise = torch.normal(0.0, std, p.shape, generator=self.generator)
+                noise = torch.normal(
+                    0.0, std, p.shape, generator=self.generator, device=p.device, dtype=p.dtype
+                )
                 p.grad = noise / self.expected_batch
             return
         self.optimizer.pre_step()

@@ -1,0 +1,158 @@
+"""GPUs and clusters in simulation: the Ray settings fedlora hands to Flower (GPU shares, the
+number of workers they allow, attaching to a running cluster), a quick clear failure for an
+address where no cluster answers, and a real run on a local head node started with `ray start`.
+Also resume and precision: a resumed "auto" keeps its run's decision, and a refused resume
+names the keys that differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora import checkpoint
+from fedlora.config import load_config
+from fedlora.errors import FedloraError
+from fedlora.simulate import backend_config, check_ray_address, worker_count
+
+
+def test_gpu_shares_set_client_resources_and_bound_the_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cfg = load_config(None, [{"federation": {"clients": 10}}])
+    cfg.federation.gpus_per_client = 0.25  # set after load: this machine has no GPU to check
+    settings = backend_config(cfg, gpus=1)
+    assert settings["client_resources"] == {"num_cpus": 1, "num_gpus": 0.25}
+    assert settings["init_args"]["num_gpus"] == 1
+    assert worker_count(cfg, gpus=1) == 4  # four share the one GPU
+    assert worker_count(cfg, gpus=2) == 8
+    cfg.federation.gpus_per_client = 0.0
+    assert worker_count(cfg) == 10  # CPUs alone: one per core, at most one per site
+    assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.0
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_a_cluster_address_is_passed_without_cpu_or_gpu_counts(monkeypatch, source):
+    if source == "environment":
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+        cfg = load_config(None, [])
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        cfg = load_config(None, [{"federation": {"ray_address": "10.0.0.5:6379"}}])
+    init = backend_config(cfg)["init_args"]
+    assert init["address"] == "10.0.0.5:6379"
+    assert not {"num_cpus", "num_gpus", "object_store_memory", "_node_ip_address"} & set(init)
+
+
+def test_gpus_on_a_cluster_are_not_checked_against_this_machine(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(
+        None, [{"federation": {"ray_address": "10.0.0.5:6379", "gpus_per_client": 0.5}}]
+    )
+    assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_cluster_fails_within_seconds_naming_it():
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(FedloraError, match=address):
+        check_ray_address(address)
+    assert time.monotonic() - started < 6
+    with pytest.raises(FedloraError, match="host:port"):
+        check_ray_address("no-port-here")
+
+
+def test_the_cli_refuses_an_unreachable_cluster_before_loading_anything(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("fedlora")), "simulate", "--model", "tiny-random"]
+        + ["--out", str(tmp_path / "run"), "--set", f"federation.ray_address={address}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert address in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.cluster
+def test_simulation_on_a_running_ray_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, a tiny federation attached to it, `ray stop` always."""
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    head += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        out = tmp_path / "run"
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("fedlora")), "simulate", "--model", "tiny-random"]
+            + ["--clients", "2", "--rounds", "1", "--out", str(out)]
+            + ["--set", "model.precision=fp32", "--set", "data.eval_rows=30"]
+            + ["--set", f"federation.ray_address=127.0.0.1:{port}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["clients"] == 2
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=60)
+
+
+# --- resume and precision -----------------------------------------------------------------------
+
+
+def partial_with_precision(tmp_path: Path, precision: str) -> Path:
+    out = tmp_path / "run"
+    work = out.with_name("run.partial")
+    work.mkdir(parents=True)
+    (work / "config.toml").write_text(f'[model]\nprecision = "{precision}"\n')
+    return out
+
+
+@pytest.mark.parametrize("saved", ["bf16", "fp32"])
+def test_a_resumed_auto_precision_keeps_the_interrupted_runs_decision(tmp_path, saved):
+    out = partial_with_precision(tmp_path, saved)
+    cfg = load_config(None, [{"model": {"precision": "auto"}}])
+    # this process decided the other way (a busy machine, another machine)
+    assert checkpoint.settle_precision(cfg, saved != "bf16", out) is (saved == "bf16")
+    assert cfg.model.precision == saved
+    fresh = load_config(None, [{"model": {"precision": "auto"}}])
+    assert checkpoint.settle_precision(fresh, True, None) is True
+    assert fresh.model.precision == "bf16"  # the effective config records the decision
+
+
+def test_a_refused_resume_names_the_key_that_differs(tmp_path):
+    before = load_config(None, [{"model": {"precision": "bf16"}}]).to_dict()
+    after = load_config(None, [{"model": {"precision": "fp32", "device": "cpu"}}]).to_dict()
+    ckpt = checkpoint.Checkpoint(
+        0, {"global": {}}, [], checkpoint.config_fingerprint(before), {},
+        checkpoint.shaping_config(before),
+    )  # fmt: skip
+    checkpoint.save(tmp_path, ckpt)
+    with pytest.raises(FedloraError, match=r"model\.precision \('bf16' -> 'fp32'\)") as err:
+        checkpoint.load(
+            tmp_path, checkpoint.config_fingerprint(after), checkpoint.shaping_config(after)
+        )
+    assert "device" not in str(err.value)  # where a run computes may change on resume
+    same_place = load_config(None, [{"model": {"precision": "bf16", "device": "cpu"}}])
+    assert checkpoint.load(tmp_path, checkpoint.config_fingerprint(same_place.to_dict()))
