@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="SmolLM2-135M-Instruct (default), tiny-random, a folder or hub id"
     )
     sim.add_argument(
-        "--data", help=".jsonl/.csv training file (default: built-in Drugs.com reviews)"
+        "--data",
+        help=".jsonl/.csv training file, or wordnet (default: built-in Drugs.com reviews)",
     )
     sim.add_argument("--partition", help="natural, iid or dirichlet (data.partition)")
     sim.add_argument("--seed", type=int, help="random seed (run.seed)")
