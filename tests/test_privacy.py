@@ -189,9 +189,9 @@ def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else
         np.testing.assert_allclose(pieces[k], whole[k], rtol=1e-4, atol=1e-7)
 
 
-def summed_clipped_gradient(site, rows, clip):
+def summed_clipped_gradient(site, rows, clip, physical=32):
     """sigma 0, q = 1, one SGD step: the step is -lr * (sum of clipped unit gradients) / units."""
-    delta = train_rows(site, rows, 1, DPSGD(0.0, clip, 1.0, 1))
+    delta = train_rows(site, rows, 1, DPSGD(0.0, clip, 1.0, 1, physical_batch_size=physical))
     n_units = count_units(rows)
     return np.concatenate([-v.ravel() * n_units / SGD.lr for v in delta.values()])
 
@@ -207,6 +207,8 @@ def test_a_units_contribution_is_bounded_by_the_clip_however_many_rows_it_has(si
         patient = [replace(rows[0], unit="a")] * k
         with_unit = summed_clipped_gradient(site, [*patient, other], clip)
         assert np.linalg.norm(with_unit - without) <= clip * (1 + 1e-3)
+        one_unit_a_pass = summed_clipped_gradient(site, [*patient, other], clip, physical=1)
+        np.testing.assert_allclose(one_unit_a_pass, with_unit, rtol=1e-4, atol=1e-9)
         as_rows = [replace(r, unit="") for r in patient]
         with_rows = summed_clipped_gradient(site, [*as_rows, replace(other, unit="")], clip)
         assert np.linalg.norm(with_rows - without) == pytest.approx(k * clip, rel=1e-3)
