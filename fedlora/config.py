@@ -131,9 +131,10 @@ def parse_ranks(text: str | list[int]) -> list[int]:
 
 @dataclass
 class DataConfig:
-    #: "" uses the built-in Drugs.com reviews; else a .jsonl or .csv file with text+label,
-    #: prompt+completion, or (task "text") text rows. An optional "group" column is the
-    #: natural key for partition "natural".
+    #: "" (or "drugscom") uses the built-in Drugs.com reviews, "wordnet" the built-in WordNet 3.0
+    #: glosses (10 semantic classes, 57k training rows); else a .jsonl or .csv file with
+    #: text+label, prompt+completion, or (task "text") text rows. An optional "group" column is
+    #: the natural key for partition "natural".
     path: str = ""
     #: held-out file in the same format; "" holds out `test_fraction` of `path`
     #: (the built-in data has its own test split).
@@ -236,6 +237,16 @@ class PrivacyConfig:
     #: a site's budget: it stops training when its next round would spend more (0 = none).
     #: At client level the federation's epsilon is the one every site spends.
     max_epsilon: float = 0.0
+    #: sample level: what one DP-SGD "example" is. "row" = each record; a column name (e.g.
+    #: "patient_id") = all rows sharing its value are one unit, sampled, clipped and accounted
+    #: together (train.batch_size is then the expected number of units per batch).
+    unit: str = "row"
+    #: a unit with more rows trains on its first max_rows_per_unit rows only (with a warning):
+    #: a unit goes through the model in one piece, so this bounds memory; privacy is unaffected.
+    max_rows_per_unit: int = 32
+    #: DP-SGD sends at most this many units (rows) through the model at once; a larger Poisson
+    #: batch is split by opacus's BatchMemoryManager and still makes one noised step.
+    physical_batch_size: int = 32
 
 
 @dataclass
@@ -661,6 +672,23 @@ def _validate_privacy(cfg: Config) -> None:
     _require(pr.max_grad_norm > 0, "privacy.max_grad_norm must be positive.")
     _require(0 <= pr.delta < 1, "privacy.delta must be in [0, 1) (0 = 1/(10 n)).")
     _require(pr.max_epsilon >= 0, "privacy.max_epsilon must be >= 0 (0 = no budget).")
+    _require(
+        bool(pr.unit.strip()),
+        'privacy.unit is empty; use "row" or the name of a column such as "patient_id".',
+    )
+    _require(
+        pr.unit == "row" or pr.level == "sample",
+        f"privacy.unit = {pr.unit!r} sets what DP-SGD protects; it needs privacy.level = "
+        f'"sample" (got {pr.level!r}), or set privacy.unit = "row".',
+    )
+    _require(
+        pr.max_rows_per_unit >= 1,
+        f"privacy.max_rows_per_unit must be at least 1 (got {pr.max_rows_per_unit}).",
+    )
+    _require(
+        pr.physical_batch_size >= 1,
+        f"privacy.physical_batch_size must be at least 1 (got {pr.physical_batch_size}).",
+    )
     _require(se.threshold >= 0, "secure.threshold must be >= 0 (0 = automatic).")
     _require(
         se.threshold <= fe.clients,

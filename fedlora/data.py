@@ -8,10 +8,13 @@ completion is the label word and the label set gives the candidate answers.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
+import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ class Example:
     completion: str
     label: str = ""  # class name for classification, "" for plain text
     group: str = ""  # natural key (e.g. the specialty of a condition)
+    unit: str = ""  # privacy unit (e.g. a patient id) under privacy.unit; "" = the row itself
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,110 @@ def builtin_dataset(log=print) -> Dataset:
     return Dataset("drugscom", "classify", train, test, labels)
 
 
+# --- Built-in WordNet 3.0 glosses -----------------------------------------------------------
+
+#: data.path values that name a built-in data set instead of a file ("" = drugscom).
+BUILTIN_DATA = ("drugscom", "wordnet")
+
+#: WordNet lexicographer class -> (label word, family). The ten best-populated noun classes
+#: (2,983 to 11,587 synsets each); each label is one word whose first token differs from the
+#: others' in the default model's tokenizer, so one forward pass scores every class. The family
+#: is the natural key: a site holds mostly living things, things, or abstractions.
+WORDNET_CLASSES: dict[str, tuple[str, str]] = {
+    "noun.person": ("person", "living"),
+    "noun.animal": ("animal", "living"),
+    "noun.plant": ("plant", "living"),
+    "noun.artifact": ("artifact", "things"),
+    "noun.substance": ("substance", "things"),
+    "noun.location": ("location", "things"),
+    "noun.act": ("act", "abstract"),
+    "noun.communication": ("communication", "abstract"),
+    "noun.state": ("state", "abstract"),
+    "noun.attribute": ("attribute", "abstract"),
+}
+#: one synset in WORDNET_TEST_EVERY is held out, chosen by a hash of its key (not the run seed),
+#: so every run and every tool sees the same test rows.
+WORDNET_TEST_EVERY = 10
+_ADJ_MARKER = re.compile(r"\([a-z]+\)$")
+
+
+@dataclass(frozen=True)
+class Synset:
+    key: str  # part of speech and byte offset, e.g. "n00001740": unique in WordNet
+    lexname: str  # lexicographer class, e.g. "noun.artifact"
+    lemmas: list[str]
+    gloss: str  # definition, then any example sentences
+
+
+def parse_lexnames(text: str) -> dict[int, str]:
+    """The `lexnames` file: "04<TAB>noun.act<TAB>1" per line -> {4: "noun.act"}."""
+    out: dict[int, str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            out[int(fields[0])] = fields[1]
+    return out
+
+
+def parse_wordnet(lines: Iterable[str], lexnames: dict[int, str]) -> Iterator[Synset]:
+    """Synsets of a WordNet `data.*` file. A data line is `offset lex_filenum ss_type w_cnt
+    (word lex_id){w_cnt} p_cnt ... | gloss` with w_cnt in hex; the licence header lines start
+    with a space. Lines without a gloss are skipped (there are none in WordNet 3.0)."""
+    for line in lines:
+        if not line.strip() or line.startswith(" "):
+            continue
+        head, sep, gloss = line.partition(" | ")
+        fields = head.split()
+        if not sep or len(fields) < 4:
+            continue
+        n_words = int(fields[3], 16)
+        words = fields[4 : 4 + 2 * n_words : 2]
+        lemmas = [_ADJ_MARKER.sub("", w).replace("_", " ") for w in words]
+        yield Synset(fields[2] + fields[0], lexnames[int(fields[1])], lemmas, gloss.strip())
+
+
+def wordnet_example(synset: Synset) -> Example | None:
+    """A synset of one of WORDNET_CLASSES as a row (None for the other classes)."""
+    if synset.lexname not in WORDNET_CLASSES:
+        return None
+    label, family = WORDNET_CLASSES[synset.lexname]
+    return Example(
+        prefix=f"Word: {', '.join(synset.lemmas[:3])}\nDefinition: ",
+        text=synset.gloss,
+        suffix="\nClass:",
+        completion=" " + label,
+        label=label,
+        group=family,
+    )
+
+
+def is_wordnet_test(key: str) -> bool:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % WORDNET_TEST_EVERY == 0
+
+
+def wordnet_split(synsets: Iterable[Synset]) -> tuple[list[Example], list[Example]]:
+    """(train, test) rows of the synsets in WORDNET_CLASSES, test chosen by is_wordnet_test."""
+    train: list[Example] = []
+    test: list[Example] = []
+    for synset in synsets:
+        ex = wordnet_example(synset)
+        if ex is not None:
+            (test if is_wordnet_test(synset.key) else train).append(ex)
+    return train, test
+
+
+def wordnet_dataset(log=print) -> Dataset:
+    from fedlora.assets import wordnet_dir
+
+    folder = wordnet_dir(log=log)
+    lexnames = parse_lexnames((folder / "lexnames").read_text(encoding="utf-8"))
+    with (folder / "data.noun").open(encoding="utf-8") as fh:
+        train, test = wordnet_split(parse_wordnet(fh, lexnames))
+    labels = [label for label, _ in WORDNET_CLASSES.values()]
+    return Dataset("wordnet", "classify", train, test, sorted(labels))
+
+
 # --- User files -------------------------------------------------------------------------------
 
 
@@ -173,11 +281,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _examples_from_rows(rows: list[dict[str, str]], task: str, path: Path) -> list[Example]:
+def _examples_from_rows(
+    rows: list[dict[str, str]], task: str, path: Path, unit_column: str = ""
+) -> list[Example]:
+    """Rows as examples; `unit_column` (privacy.unit) must be filled in every row."""
     keys = set(rows[0])
     out: list[Example] = []
     for i, row in enumerate(rows, 1):
         group = row.get("group", "")
+        if unit_column and not row.get(unit_column, "").strip():
+            missing = "has no" if unit_column not in row else "has an empty"
+            raise FedloraError(
+                f"{path}, row {i} {missing} {unit_column!r} column: privacy.unit = "
+                f"{unit_column!r} protects each {unit_column} as one unit, so every training "
+                f'row needs it; add the column or set privacy.unit = "row".'
+            )
         if task == "text":
             if "text" not in row:
                 raise FedloraError(f"{path}, row {i}: task 'text' needs a 'text' field.")
@@ -198,21 +316,33 @@ def _examples_from_rows(rows: list[dict[str, str]], task: str, path: Path) -> li
                 f"{path}: rows need 'text' and 'label', or 'prompt' and 'completion' "
                 f"(or data.task = \"text\" with a 'text' field); found {sorted(keys)}."
             )
+        if unit_column:
+            out[-1] = replace(out[-1], unit=row[unit_column].strip())
     return out
 
 
-def load_dataset(cfg: DataConfig, seed: int, log=print) -> Dataset:
-    if not cfg.path:
+def load_dataset(cfg: DataConfig, seed: int, log=print, unit: str = "row") -> Dataset:
+    """The data set data.path names (a built-in one or a file). `unit` is privacy.unit: a
+    column name other than "row" is read into each training row's Example.unit."""
+    unit_column = "" if unit == "row" else unit
+    if not cfg.path or cfg.path in BUILTIN_DATA:
+        name = cfg.path or "drugscom"
         if cfg.task != "classify":
             raise FedloraError(
-                "The built-in data is a classification task; set data.task = "
+                f"The built-in data {name!r} is a classification task; set data.task = "
                 '"classify" or pass your own text with --data.'
             )
         if cfg.test_path:
             raise FedloraError("data.test_path needs data.path (your own training file).")
-        return builtin_dataset(log)
+        if unit_column:
+            raise FedloraError(
+                f"privacy.unit = {unit!r} names a column of your own data file; the built-in "
+                f"data {name!r} has one row per record and no such column: set privacy.unit = "
+                '"row" or pass your own file with --data.'
+            )
+        return wordnet_dataset(log) if name == "wordnet" else builtin_dataset(log)
     path = Path(cfg.path).expanduser()
-    examples = _examples_from_rows(read_rows(path), cfg.task, path)
+    examples = _examples_from_rows(read_rows(path), cfg.task, path, unit_column)
     if cfg.test_path:
         tpath = Path(cfg.test_path).expanduser()
         train, test = examples, _examples_from_rows(read_rows(tpath), cfg.task, tpath)

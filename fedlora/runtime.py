@@ -55,7 +55,7 @@ class Runtime:
 def load_data(cfg: Config, log: Callable[[str], None] = print, own_site: int | None = None):
     """The data set and its partition: cheap, so it runs before any model is loaded. A site
     daemon (`own_site`) reads only its own file, so every row of it is that site's."""
-    dataset = load_dataset(cfg.data, cfg.run.seed, log=log)
+    dataset = load_dataset(cfg.data, cfg.run.seed, log=log, unit=cfg.privacy.unit)
     if own_site is not None:
         n = cfg.federation.clients
         train_parts = [list(range(len(dataset.train))) if s == own_site else [] for s in range(n)]

@@ -22,7 +22,7 @@ from fedlora.device import model_device
 from fedlora.errors import FedloraError
 from fedlora.metrics import macro_f1
 from fedlora.model import adapter_parameters
-from fedlora.privacy.dpsgd import DPSGD, PrivateSteps, poisson_batch
+from fedlora.privacy.dpsgd import DPSGD, PrivateSteps
 from fedlora.strategies.base import TrainingTerms
 
 
@@ -31,6 +31,7 @@ class Encoded:
     input_ids: list[int]
     n_prompt: int  # loss is taken on input_ids[n_prompt:]
     label: int  # index into the candidate list, -1 for plain text
+    unit: str = ""  # privacy unit (Example.unit); "" = the row is its own unit
 
 
 class Encoder:
@@ -52,10 +53,10 @@ class Encoder:
     def encode(self, ex: Example) -> Encoded:
         text = self._ids(ex.text)[: self.max_text_tokens]
         if self.task == "text":
-            return Encoded(text, 1, -1)
+            return Encoded(text, 1, -1, ex.unit)
         prompt = self._ids(ex.prefix) + text + self._ids(ex.suffix)
         label = self.labels.index(ex.label)
-        return Encoded(prompt + self.candidates[label], len(prompt), label)
+        return Encoded(prompt + self.candidates[label], len(prompt), label, ex.unit)
 
     def encode_all(self, rows: Sequence[Example]) -> list[Encoded]:
         return [self.encode(e) for e in rows]
@@ -159,7 +160,8 @@ def local_train(
 
     FedProx's proximal term and SCAFFOLD's control-variate correction are added to the gradient
     here, after clipping the data gradient, so that neither is clipped away. With `dp`, batches
-    are Poisson samples and the data gradient is opacus's clipped, noised per-example mean.
+    are Poisson samples of privacy units and the data gradient is opacus's clipped, noised
+    per-unit mean; a step is one logical batch, however many physical pieces it takes.
     """
     params = adapter_parameters(model)
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -173,13 +175,13 @@ def local_train(
         else {}
     )
     optimizer = optimizer or make_optimizer(list(params.values()), cfg)
-    private = PrivateSteps(model, optimizer, dp, len(rows)) if dp else None
+    private = PrivateSteps(model, optimizer, dp, rows, steps, rng) if dp else None
     model.train()
     total, batches_seen = 0.0, 0
     stream = batches(rows, cfg.batch_size, rng)
     try:
         for _ in range(steps):
-            loss = _gradient(model, params, rows, stream, cfg, private, rng, pad_id, bf16)
+            loss = _gradient(model, params, stream, cfg, private, pad_id, bf16)
             if loss is not None:
                 total += loss
                 batches_seen += 1
@@ -206,11 +208,9 @@ def local_train(
 def _gradient(
     model,
     params: dict[str, torch.nn.Parameter],
-    rows: Sequence[Encoded],
     stream: Iterator[list[Encoded]],
     cfg: TrainConfig,
     private: PrivateSteps | None,
-    rng: np.random.Generator,
     pad_id: int,
     bf16: bool,
 ) -> float | None:
@@ -230,15 +230,7 @@ def _gradient(
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         return value
-    private.zero_grad()
-    batch = poisson_batch(rows, private.dp.sample_rate, rng)
-    value = None
-    if batch:
-        loss = batch_loss(model, batch, pad_id, bf16)
-        loss.backward()
-        value = float(loss.detach())
-    private.privatize(batch_was_empty=not batch)
-    return value
+    return private.logical_step(lambda batch: batch_loss(model, batch, pad_id, bf16))
 
 
 @dataclass(frozen=True)

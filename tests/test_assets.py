@@ -18,11 +18,14 @@ from fedlora import assets
 from fedlora.assets import (
     ASSET_MARKER,
     DATA_HEADER,
+    WORDNET_ATTRIBUTION,
+    WORDNET_FILES,
     AssetError,
     cache_dir,
     default_data_files,
     default_model_dir,
     tiny_random_model_dir,
+    wordnet_dir,
 )
 
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -190,3 +193,26 @@ def test_default_model_dir() -> None:
     answer = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
     assert default_model_dir(log=_quiet) == d
+
+
+@pytest.mark.slow
+def test_wordnet_dir_and_its_classes() -> None:
+    from fedlora.data import WORDNET_CLASSES, wordnet_dataset
+
+    d = wordnet_dir()
+    assert d == cache_dir() / "data" / "wordnet-3.0"
+    assert {p.name for p in d.iterdir()} == {*WORDNET_FILES, ASSET_MARKER}
+    licence = (d / "LICENSE").read_text(encoding="utf-8")
+    assert "WordNet 3.0 Copyright 2006 by Princeton University" in licence
+    assert json.loads((d / ASSET_MARKER).read_text())["attribution"] == WORDNET_ATTRIBUTION
+    ds = wordnet_dataset(log=_quiet)
+    counts = Counter(e.label for e in ds.train + ds.test)
+    # the synsets per lexicographer class of WordNet 3.0's data.noun
+    assert counts["artifact"] == 11_587 and counts["person"] == 11_087
+    assert counts["substance"] == 2_983 and sum(counts.values()) == 63_245
+    assert 6_000 < len(ds.test) < 6_700
+    # scoring reads the first answer token: every class must start with its own token
+    tok = AutoTokenizer.from_pretrained(default_model_dir(log=_quiet))
+    firsts = {tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in ds.labels}
+    assert len(firsts) == len(WORDNET_CLASSES)
+    assert wordnet_dir(log=_quiet) == d

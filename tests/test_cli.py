@@ -52,6 +52,10 @@ CASES = {
         ["--data", "{good}", "--partition", "iid", "--set", "lora.targets=nope_proj"],
         ["nope_proj", "q_proj"],
     ),
+    "missing privacy unit column": (
+        ["--data", "{good}", "--privacy", "sample", "--set", "privacy.unit=patient_id"],
+        ["good.jsonl", "row 1", "'patient_id' column", 'privacy.unit = "row"'],
+    ),
     "unknown flag": (["--learning-rate", "0.1"], ["--learning-rate", "--help"]),
     "malformed --set": (["--set", "lr=0.1"], ["section.key=value"]),
 }

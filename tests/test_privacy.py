@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
-from fedlora.config import TrainConfig, load_config
+from fedlora.config import DataConfig, TrainConfig, load_config
+from fedlora.data import load_dataset
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays, load_adapter_arrays
+from fedlora.model import adapter_arrays, adapter_parameters, load_adapter_arrays
+from fedlora.privacy import dpsgd
 from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
-from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.dpsgd import DPSGD, cap_units, count_units, privacy_units
+from fedlora.privacy.policy import sample_mechanism
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import C_I, DC, DELTA, LocalWork, TrainingTerms
-from fedlora.train import local_train
+from fedlora.train import Encoded, local_train
 
 
 def quiet(*_args, **_kwargs) -> None:
@@ -152,6 +157,133 @@ def test_dpsgd_leaves_the_model_clean_for_plain_use(site):
     train_once(site, 1, SGD, None)  # and plain training still works
 
 
+# --- large logical batches and privacy units ------------------------------------------------------
+
+
+class CountingSGD(torch.optim.SGD):
+    steps = 0
+
+    def step(self, closure=None):
+        CountingSGD.steps += 1
+        return super().step(closure)
+
+
+def train_rows(site, rows, steps, dp, seed=0, optimizer=None):
+    """Like train_once, on the given rows; also the optimiser used."""
+    rt, _, start = site
+    load_adapter_arrays(rt.model, start)
+    params = list(adapter_parameters(rt.model).values())
+    opt = optimizer or torch.optim.SGD(params, lr=SGD.lr)
+    local_train(
+        rt.model,
+        rows,
+        steps,
+        SGD,
+        TrainingTerms(),
+        np.random.default_rng(seed),
+        rt.pad_id,
+        optimizer=opt,
+        dp=dp,
+    )
+    after = adapter_arrays(rt.model)
+    return {k: after[k] - start[k] for k in start}
+
+
+def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else(site, monkeypatch):
+    """q = 1 over 12 rows in pieces of 5: opacus's BatchMemoryManager runs 3 forward passes per
+    logical batch, the optimiser steps once per logical batch, and without noise or clipping
+    the result is still plain SGD; with noise and Poisson batches, splitting changes nothing."""
+    rt, rows, _ = site
+    plain = train_once(site, 3, SGD, None)
+    passes = []
+    original = dpsgd.PrivateSteps.close
+
+    def close(self):
+        passes.append(self.physical_batches)
+        original(self)
+
+    monkeypatch.setattr(dpsgd.PrivateSteps, "close", close)
+    CountingSGD.steps = 0
+    opt = CountingSGD(list(adapter_parameters(rt.model).values()), lr=SGD.lr)
+    split = train_rows(site, rows, 3, DPSGD(0.0, 1e9, 1.0, 1, physical_batch_size=5), optimizer=opt)
+    assert CountingSGD.steps == 3 and passes == [9]
+    for k in plain:
+        np.testing.assert_allclose(split[k], plain[k], rtol=1e-4, atol=1e-7)
+    # the accountant counts the same logical steps the optimiser took
+    cfg = load_config(None, [{"privacy": {"level": "sample"}, "train": {"batch_size": 12}}])
+    mech = sample_mechanism(cfg, len(rows), 3)
+    assert mech.steps_per_round == 3 and mech.sample_rate == 1.0
+    # Poisson batches, some empty (pure noise) and some split, give the same adapter as unsplit
+    draws = [len(b) for b in dpsgd.PoissonBatches(12, 0.15, 20, np.random.default_rng(4))]
+    assert 0 in draws and max(draws) > 2
+    noisy = {b: DPSGD(1.0, 0.05, 0.15, 7, physical_batch_size=b) for b in (2, 64)}
+    whole, pieces = (train_rows(site, rows, 20, noisy[b], seed=4) for b in (64, 2))
+    assert passes[-2] == sum(n > 0 for n in draws)
+    assert passes[-1] == sum(math.ceil(n / 2) for n in draws)
+    for k in whole:
+        np.testing.assert_allclose(pieces[k], whole[k], rtol=1e-4, atol=1e-7)
+
+
+def summed_clipped_gradient(site, rows, clip, physical=32):
+    """sigma 0, q = 1, one SGD step: the step is -lr * (sum of clipped unit gradients) / units."""
+    delta = train_rows(site, rows, 1, DPSGD(0.0, clip, 1.0, 1, physical_batch_size=physical))
+    n_units = count_units(rows)
+    return np.concatenate([-v.ravel() * n_units / SGD.lr for v in delta.values()])
+
+
+def test_a_units_contribution_is_bounded_by_the_clip_however_many_rows_it_has(site):
+    """Neighbouring sites differ by one patient with k notes. At unit level the sums of clipped
+    gradients differ by at most the clip C for every k; at row level by about k C."""
+    _, rows, _ = site
+    clip = 1e-4  # below every row's gradient norm: every unit is clipped
+    other = replace(rows[1], unit="b")
+    without = summed_clipped_gradient(site, [other], clip)
+    for k in (1, 10):
+        patient = [replace(rows[0], unit="a")] * k
+        with_unit = summed_clipped_gradient(site, [*patient, other], clip)
+        assert np.linalg.norm(with_unit - without) <= clip * (1 + 1e-3)
+        one_unit_a_pass = summed_clipped_gradient(site, [*patient, other], clip, physical=1)
+        np.testing.assert_allclose(one_unit_a_pass, with_unit, rtol=1e-4, atol=1e-9)
+        as_rows = [replace(r, unit="") for r in patient]
+        with_rows = summed_clipped_gradient(site, [*as_rows, replace(other, unit="")], clip)
+        assert np.linalg.norm(with_rows - without) == pytest.approx(k * clip, rel=1e-3)
+
+
+def test_units_are_counted_capped_and_accounted_per_unit():
+    rows = [Encoded([1], 0, 0, u) for u in ["p1", "p2", "p1", "", "p1", "p3", ""]]
+    assert privacy_units(rows) == [[0, 2, 4], [1], [3], [5], [6]]
+    assert count_units(rows) == 5
+    assert cap_units(privacy_units(rows), 2) == ([[0, 2], [1], [3], [5], [6]], 1)
+    cfg = load_config(None, [{"privacy": {"level": "sample", "unit": "patient_id"}}])
+    mech = sample_mechanism(cfg, count_units(rows), 4)
+    assert mech.sample_rate == 1.0  # batch 8 of 5 units
+    big = sample_mechanism(cfg, 400, 4)  # 400 patients, however many notes
+    assert big.sample_rate == pytest.approx(8 / 400) and big.delta == default_delta(400)
+
+
+def test_a_unit_over_the_cap_trains_on_its_first_rows_with_a_warning(site):
+    _, rows, _ = site
+    patient = [replace(r, unit="a") for r in rows[:5]]
+    with pytest.warns(UserWarning, match="2 rows of units with more than"):
+        capped = train_rows(site, patient, 1, DPSGD(0.0, 1e9, 1.0, 1, max_rows_per_unit=3))
+    first = train_rows(site, patient[:3], 1, DPSGD(0.0, 1e9, 1.0, 1))
+    for k in first:
+        np.testing.assert_allclose(capped[k], first[k], rtol=1e-5, atol=1e-8)
+
+
+def test_a_missing_unit_column_is_named_at_load(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    lines = [{"text": str(i), "label": "xy"[i % 2], "patient_id": f"p{i % 3}"} for i in range(6)]
+    del lines[1]["patient_id"]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(FedloraError, match=r"notes.jsonl, row 2 has no 'patient_id' column"):
+        load_dataset(DataConfig(path=str(path)), seed=0, unit="patient_id")
+    lines[1]["patient_id"] = "p1"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    ds = load_dataset(DataConfig(path=str(path)), seed=0, unit="patient_id")
+    assert {e.unit for e in ds.train + ds.test} == {"p0", "p1", "p2"}
+
+
 # --- client level -------------------------------------------------------------------------------
 
 
@@ -201,6 +333,11 @@ def test_scaffold_clipping_keeps_the_client_variate_consistent():
         ({"privacy": {"max_epsilon": 4.0}}, "--privacy"),
         ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
         ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
+        ({"privacy": {"unit": "patient_id"}}, 'privacy.level = "sample"'),
+        ({"privacy": {"level": "client", "unit": "patient_id"}}, "privacy.unit"),
+        ({"privacy": {"level": "sample", "unit": " "}}, "privacy.unit is empty"),
+        ({"privacy": {"max_rows_per_unit": 0}}, "max_rows_per_unit"),
+        ({"privacy": {"physical_batch_size": 0}}, "physical_batch_size"),
     ],
 )
 def test_meaningless_combinations_are_refused(overrides, message):
@@ -279,3 +416,33 @@ def test_every_strategy_runs_under_both_privacy_levels(name, level, tmp_path, ti
     if level == "client":  # one release of the sum; every site reports the same federation spend
         spends = {json.dumps(s, sort_keys=True) for s in summary["privacy"]["sites"].values()}
         assert len(spends) == 1
+
+
+def test_a_federation_accounts_each_site_per_patient(tmp_path, tiny_cfg):
+    """privacy.unit = "patient_id": every site's sampling rate and delta count its patients."""
+    from fedlora.runtime import load_data
+
+    path = tmp_path / "notes.jsonl"
+    notes = [
+        {
+            "text": f"note {i} on a case",
+            "label": ["good", "bad", "unsure"][i % 3],
+            "patient_id": i % 9,
+        }
+        for i in range(72)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in notes) + "\n")
+    cfg = tiny_cfg(
+        data={"path": str(path), "partition": "iid"},
+        federation={"rounds": 1},
+        privacy={"level": "sample", "noise_multiplier": 1.0, "unit": "patient_id"},
+        train={"batch_size": 4},
+    )
+    out = simulate(cfg, log=quiet)
+    spends = json.loads((out / "summary.json").read_text())["privacy"]["sites"]
+    dataset, train_parts, _ = load_data(cfg, log=quiet)
+    for site, part in enumerate(train_parts):
+        patients = {dataset.train[i].unit for i in part}
+        assert len(patients) < len(part)  # several notes per patient at every site
+        assert spends[str(site)]["sample_rate"] == pytest.approx(4 / len(patients))
+        assert spends[str(site)]["delta"] == pytest.approx(default_delta(len(patients)))

@@ -32,7 +32,7 @@ from fedlora.model import (
     truncate_lora,
 )
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
-from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.dpsgd import DPSGD, count_units
 from fedlora.privacy.policy import (
     BudgetExhausted,
     Mechanism,
@@ -124,9 +124,17 @@ def train_contribution(
     level = cfg.privacy.level
     mech, dp = None, None
     if level == "sample":
-        mech = sample_mechanism(cfg, len(rows), steps)
+        mech = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
         check_budget(cfg, mech, ledger, site)
-        dp = DPSGD(mech.noise_multiplier, mech.max_grad_norm, mech.sample_rate, noise)
+        pr = cfg.privacy
+        dp = DPSGD(
+            mech.noise_multiplier,
+            mech.max_grad_norm,
+            mech.sample_rate,
+            noise,
+            physical_batch_size=pr.physical_batch_size,
+            max_rows_per_unit=pr.max_rows_per_unit,
+        )
     elif level == "client":  # one release per round, spent by every site (sampling amplifies)
         mech = client_mechanism(cfg)
         ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]

@@ -37,11 +37,12 @@ def sites_per_round(cfg: Config) -> int:
     return min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
 
 
-def sample_mechanism(cfg: Config, n_rows: int, steps_per_round: int) -> Mechanism:
-    """DP-SGD at one site: Poisson rate batch_size / n, delta from its row count."""
+def sample_mechanism(cfg: Config, n_units: int, steps_per_round: int) -> Mechanism:
+    """DP-SGD at one site: Poisson rate batch_size / n, delta from n; n counts the site's
+    privacy units (its rows under privacy.unit = "row", else e.g. its patients)."""
     pr = cfg.privacy
-    q = min(1.0, cfg.train.batch_size / n_rows)
-    delta = pr.delta or default_delta(n_rows)
+    q = min(1.0, cfg.train.batch_size / n_units)
+    delta = pr.delta or default_delta(n_units)
     sigma = pr.noise_multiplier
     if pr.target_epsilon:
         total = steps_per_round * cfg.federation.rounds
