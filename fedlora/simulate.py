@@ -164,7 +164,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     else:
         check_out(out)
     cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
-    if address := ray_address(cfg):
+    if (address := ray_address(cfg)) and address != "auto":  # "auto": Ray finds a local head
         check_ray_address(address)
     from fedlora.runtime import build_runtime, load_data
 
