@@ -575,6 +575,12 @@ def _validate_hardware(cfg: Config) -> None:
         'model.device = "cpu" keeps the model off it; use model.device = "auto" or "cuda", or '
         "gpus_per_client = 0.",
     )
+    _require(
+        fe.gpus_per_client == 0 or mo.device in ("auto", "cuda", "cuda:0"),
+        f'model.device = "{mo.device}" with federation.gpus_per_client: Ray gives each site '
+        "worker its own GPU, which the worker sees as cuda:0; use model.device = "
+        '"auto" or "cuda".',
+    )
     needs_cuda = mo.device.startswith("cuda") or mo.quantization == "4bit"
     needs_cuda = needs_cuda or (fe.gpus_per_client > 0 and not ray_address(cfg))
     if not needs_cuda:

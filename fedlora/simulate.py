@@ -81,6 +81,15 @@ def worker_count(cfg: Config, gpus: int | None = None) -> int:
     return max(1, count)
 
 
+def workers_text(cfg: Config) -> str:
+    """How many sites train at once, as the run's first lines say it."""
+    share = cfg.federation.gpus_per_client
+    gpu = f", {share:g} GPU each" if share else ""
+    if address := ray_address(cfg):
+        return f"workers as the Ray cluster at {address} holds them ({cfg.train.threads} CPU{gpu})"
+    return f"{worker_count(cfg)} parallel workers{gpu}"
+
+
 def local_gpus() -> int:
     from fedlora.device import cuda_count
 
@@ -156,7 +165,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     else:
         check_out(out)
     cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
-    if address := ray_address(cfg):
+    if (address := ray_address(cfg)) and address != "auto":  # "auto": Ray finds a local head
         check_ray_address(address)
     from fedlora.runtime import build_runtime, load_data
 
@@ -185,7 +194,7 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     )
     log(
         f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, "
-        f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
+        f"{cfg.train.local_steps} local steps, {workers_text(cfg)}, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested}) on {runtime.device}."
     )
     work = open_results(cfg, out, resume)

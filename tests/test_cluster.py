@@ -156,3 +156,20 @@ def test_a_refused_resume_names_the_key_that_differs(tmp_path):
     assert "device" not in str(err.value)  # where a run computes may change on resume
     same_place = load_config(None, [{"model": {"precision": "bf16", "device": "cpu"}}])
     assert checkpoint.load(tmp_path, checkpoint.config_fingerprint(same_place.to_dict()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_sites_share_a_gpu_in_simulation(tmp_path, tiny_cfg):
+    """Four sites, half a GPU each: two Ray workers on the GPU, the federation finishes."""
+    from fedlora.simulate import simulate
+
+    cfg = tiny_cfg(
+        federation={"clients": 4, "rounds": 1, "gpus_per_client": 0.5},
+        model={"device": "cuda", "precision": "auto"},
+        run={"out": str(tmp_path / "gpu")},
+    )
+    assert worker_count(cfg) == min(4, 2 * __import__("torch").cuda.device_count())
+    out = simulate(cfg, log=lambda _m: None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] in ("bf16 autocast", "fp32") and summary["rounds"] == 1

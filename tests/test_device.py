@@ -110,9 +110,10 @@ def test_gpu_only_choices_are_refused_at_load_without_cuda(section, message):
         load_config(None, [section])
 
 
-def test_gpu_share_with_a_cpu_model_is_refused():
-    with pytest.raises(FedloraError, match='model.device = "cpu"'):
-        load_config(None, [{"model": {"device": "cpu"}, "federation": {"gpus_per_client": 0.5}}])
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+def test_gpu_share_with_a_device_ray_does_not_give_is_refused(device):
+    with pytest.raises(FedloraError, match=f'model.device = "{device}"'):
+        load_config(None, [{"model": {"device": device}, "federation": {"gpus_per_client": 0.5}}])
 
 
 def test_site_device_is_checked_when_the_site_toml_is_read(tmp_path):
@@ -137,7 +138,9 @@ def test_site_device_is_checked_when_the_site_toml_is_read(tmp_path):
 def test_the_server_does_not_send_its_device_to_sites(tiny_cfg):
     from fedlora.deploy.server import shared_config
 
-    assert "device" not in shared_config(tiny_cfg(model={"device": "cpu"})).split("[lora]")[0]
+    sent = shared_config(tiny_cfg(model={"device": "cpu"}))
+    assert "device" not in sent.split("[lora]")[0]
+    assert "gpus_per_client" not in sent and "ray_address" not in sent  # simulation's only
 
 
 # --- every tensor follows the model -------------------------------------------------------------

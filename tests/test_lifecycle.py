@@ -315,9 +315,9 @@ def base_loads(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = fm.load_base
 
-    def counting(name, log=print):
+    def counting(name, log=print, **options):
         calls.append(name)
-        return real(name, log=log)
+        return real(name, log=log, **options)
 
     monkeypatch.setattr(fm, "load_base", counting)
     return calls

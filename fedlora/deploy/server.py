@@ -68,6 +68,10 @@ def shared_config(cfg: Config) -> str:
     values["data"] = {k: v for k, v in values["data"].items() if k not in ("path", "test_path")}
     # the site runs on its own hardware: its device is its site.toml's, never the server's
     values["model"] = {k: v for k, v in values["model"].items() if k != "device"}
+    simulation_only = ("gpus_per_client", "ray_address")  # Ray's settings, not a site's
+    values["federation"] = {
+        k: v for k, v in values["federation"].items() if k not in simulation_only
+    }
     values["run"] = {k: v for k, v in values["run"].items() if k not in ("out", "trackers")}
     return "".join(f"[{section}]\n{_toml_lines(entries)}\n" for section, entries in values.items())
 
