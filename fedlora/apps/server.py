@@ -304,7 +304,9 @@ class Federation:
             return {}
         return {
             "transport_error_down": inputs.transport_error_down,
-            "transport_error_up": max(float(m.get(R.TRANSPORT_ERROR, 0.0)) for m in inputs.metrics),
+            "transport_error_up": max(
+                (float(m.get(R.TRANSPORT_ERROR, 0.0)) for m in inputs.metrics), default=0.0
+            ),
         }
 
     # --- differential privacy ------------------------------------------------------------
