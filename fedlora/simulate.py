@@ -19,6 +19,7 @@ from fedlora import checkpoint
 from fedlora.config import Config, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
+from fedlora.privacy.secrets import SIMULATED
 from fedlora.report import Reporter, human_bytes, plot_metrics
 
 
@@ -143,10 +144,14 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         f"{cfg.train.local_steps} local steps, {worker_count(cfg)} parallel workers, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested})."
     )
+    log(
+        f"Site secrets (DP noise and batches, participation): {SIMULATED}, so the run repeats; "
+        "a site daemon draws its own from its OS CSPRNG."
+    )
     work = open_results(cfg, out, resume)
     try:
         federation = run_engine(cfg, runtime, Reporter(work), checkpoint.run_state_dir(out))
-        finish(cfg, runtime, federation, work, time.perf_counter() - started)
+        finish(cfg, runtime, federation, work, time.perf_counter() - started, SIMULATED)
     except BaseException:
         log(
             f"The run did not finish; partial output kept in {work} (continue it with the same "
@@ -218,7 +223,9 @@ def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
     }
 
 
-def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
+def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
+    """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
+    plot of a finished run."""
     from fedlora.model import save_adapter
 
     save_adapter(runtime.model, federation.global_arrays, work / "adapter")
@@ -253,6 +260,7 @@ def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
         summary["personalization"] = federation.personalization
     summary["privacy"] = privacy_summary(cfg, federation, rows)
     summary["secure_aggregation"] = cfg.secure.enabled
+    summary["secrets"] = secrets
     if federation.stopped:
         summary["stopped"] = federation.stopped
     (work / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -219,7 +219,7 @@ def _gradient(
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         return float(loss.detach())
     private.zero_grad()
-    batch = poisson_batch(rows, private.dp.sample_rate, rng)
+    batch = poisson_batch(rows, private.dp.sample_rate, private.dp.batches)
     value = None
     if batch:
         loss = batch_loss(model, batch, pad_id, bf16)

@@ -16,6 +16,7 @@ from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import make_strategy
@@ -84,11 +85,17 @@ def train_once(site, steps, cfg, dp, seed=0):
 SGD = TrainConfig(optimizer="sgd", lr=0.5, batch_size=12, max_grad_norm=0.0)
 
 
+def dpsgd(sigma: float, clip: float, q: float, secret_seed: int = 1) -> DPSGD:
+    """DP-SGD for round 1 of site 0, keyed by a simulated secret."""
+    secret = simulated_secret(secret_seed, 0)
+    return DPSGD.for_round(sigma, clip, q, secret=secret, round_=1, site=0)
+
+
 def test_dpsgd_without_noise_or_clipping_equals_plain_training(site):
     """Guards against silently corrupted LoRA updates under DP (a known opacus+peft failure):
     sigma 0, no effective clipping, every row in every batch (q = 1) must be plain SGD."""
     plain = train_once(site, 3, SGD, None)
-    private = train_once(site, 3, SGD, DPSGD(0.0, 1e9, 1.0, noise_seed=1))
+    private = train_once(site, 3, SGD, dpsgd(0.0, 1e9, 1.0))
     assert any(np.abs(v).max() > 1e-4 for v in plain.values())
     for k in plain:
         np.testing.assert_allclose(private[k], plain[k], rtol=1e-4, atol=1e-7)
@@ -98,8 +105,8 @@ def test_dpsgd_noise_is_there_at_the_stated_scale(site):
     """One step, q = 1, clip C: the noisy update minus the noiseless one is
     -lr * N(0, (sigma C)^2) / B per coordinate."""
     sigma, clip, batch = 2.0, 0.05, 12
-    quiet_step = train_once(site, 1, SGD, DPSGD(0.0, clip, 1.0, noise_seed=1))
-    noisy_step = train_once(site, 1, SGD, DPSGD(sigma, clip, 1.0, noise_seed=1))
+    quiet_step = train_once(site, 1, SGD, dpsgd(0.0, clip, 1.0))
+    noisy_step = train_once(site, 1, SGD, dpsgd(sigma, clip, 1.0))
     diff = np.concatenate([(noisy_step[k] - quiet_step[k]).ravel() for k in quiet_step])
     expected = SGD.lr * sigma * clip / batch
     assert diff.size > 3000
@@ -110,9 +117,28 @@ def test_dpsgd_noise_is_there_at_the_stated_scale(site):
     assert data_norm <= SGD.lr * clip * (1 + 1e-5)
 
 
+def test_dpsgd_batches_and_noise_come_from_the_site_secret_not_the_public_seed(site):
+    """The server knows run.seed and so the public stream `local_train` gets; DP-SGD's Poisson
+    batches and its noise must not follow from it (they did: batches came from that stream)."""
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    # sigma 0, q 0.5: only the batches are random
+    batches_a = train_once(site, 2, SGD, dpsgd(0.0, 1.0, 0.5, secret_seed=1), seed=0)
+    public_b = train_once(site, 2, SGD, dpsgd(0.0, 1.0, 0.5, secret_seed=1), seed=99)
+    secret_b = train_once(site, 2, SGD, dpsgd(0.0, 1.0, 0.5, secret_seed=2), seed=0)
+    assert same(batches_a, public_b)  # the public seed does not choose the batches
+    assert not same(batches_a, secret_b)  # the secret does
+    # q 1 (every row in every batch): only the noise is random
+    noise_a = train_once(site, 1, SGD, dpsgd(1.0, 1.0, 1.0, secret_seed=1))
+    assert same(noise_a, train_once(site, 1, SGD, dpsgd(1.0, 1.0, 1.0, secret_seed=1)))
+    assert not same(noise_a, train_once(site, 1, SGD, dpsgd(1.0, 1.0, 1.0, secret_seed=2)))
+
+
 def test_dpsgd_leaves_the_model_clean_for_plain_use(site):
     rt, rows, _ = site
-    train_once(site, 1, SGD, DPSGD(1.0, 1.0, 0.5, noise_seed=3))
+    train_once(site, 1, SGD, dpsgd(1.0, 1.0, 0.5, secret_seed=3))
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in rt.model.parameters()
     )

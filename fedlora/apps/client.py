@@ -7,8 +7,6 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from fedlora.model import (
     restore_lora,
     truncate_lora,
 )
+from fedlora.privacy import secrets
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD
 from fedlora.privacy.policy import (
@@ -55,7 +54,9 @@ def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
 
 
 def derive_seed(*parts: int) -> int:
-    """A stable seed for (run seed, round, site): same command, same numbers."""
+    """A stable seed for (run seed, round, site): same command, same numbers. Public (the
+    server knows every part): for LoRA dropout and plain batches, never for a value that
+    protects a site (those come from `site_secret`)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -117,7 +118,7 @@ def train_contribution(
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     seed = derive_seed(cfg.run.seed, round_, site)
-    noise = derive_seed(site_secret(cfg, context, folder), round_, site)
+    secret = site_secret(cfg, context, folder)
     torch.manual_seed(seed)  # LoRA dropout
     rows = rt.site_rows(site)
     level = cfg.privacy.level
@@ -125,7 +126,14 @@ def train_contribution(
     if level == "sample":
         mech = sample_mechanism(cfg, len(rows), steps)
         check_budget(cfg, mech, ledger, site)
-        dp = DPSGD(mech.noise_multiplier, mech.max_grad_norm, mech.sample_rate, noise)
+        dp = DPSGD.for_round(
+            mech.noise_multiplier,
+            mech.max_grad_norm,
+            mech.sample_rate,
+            secret=secret,
+            round_=round_,
+            site=site,
+        )
     elif level == "client":  # one release per round, spent by every site (sampling amplifies)
         mech = client_mechanism(cfg)
         ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]
@@ -181,7 +189,8 @@ def train_contribution(
             if cfg.privacy.client_noise == "distributed":
                 t = int(msg.content[R.ROUND_CONFIG][R.NOISE_SHARES])
                 std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, t)
-                contribution = add_gaussian(contribution, keys, std, np.random.default_rng(noise))
+                rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
+                contribution = add_gaussian(contribution, keys, std, rng)
         ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
         values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
@@ -198,19 +207,14 @@ def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float
     }
 
 
-def site_secret(cfg: Config, context: Context, folder: Path) -> int:
-    """The seed of a site's DP noise. A site daemon draws a secret once and keeps it in its
-    state folder (noise the server could regenerate would protect nothing); simulated sites use
-    the run seed, so that simulations are reproducible."""
+def site_secret(cfg: Config, context: Context, folder: Path) -> secrets.SiteSecret:
+    """The secret behind every random value that protects this site (fedlora.privacy.secrets).
+    A site daemon draws it from the OS CSPRNG once and keeps it in its state folder (noise the
+    server could regenerate would protect nothing); a simulated site derives it from the run
+    seed, so that simulations repeat."""
     if STATE_DIR not in context.node_config:
-        return cfg.run.seed
-    path = folder / "noise.secret"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(16))
-    return int.from_bytes(path.read_bytes(), "little")
+        return secrets.simulated_secret(cfg.run.seed, site_id(context))
+    return secrets.site_secret(folder)
 
 
 def train_reply(cfg: Config, msg: Message, context: Context) -> Message:

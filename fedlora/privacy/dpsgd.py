@@ -9,6 +9,12 @@ call the optimiser's `pre_step` ourselves so that FedProx's proximal term and SC
 correction (functions of public values only) are added after the noise; and a Poisson batch can
 be empty, where opacus has no per-example gradients: the step is then pure noise, written here
 with the same formula, so that an empty batch is not revealed by a missing step.
+
+Both random parts come from the site's secret (fedlora.privacy.secrets): batch membership from
+one stream and the Gaussian noise from another, drawn in numpy and moved to each parameter's
+device. opacus's own noise takes a torch.Generator, whose seed is at most 64 bits (32 on the CPU),
+so `secret_noise_optimizer` replaces its `add_noise`; opacus's Poisson sampler (DPDataLoader) would
+draw batches from a torch generator too and is not used.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from fedlora.privacy.secrets import DPSGD_BATCHES, DPSGD_NOISE, SiteSecret, gaussian_like
+
 T = TypeVar("T")
 
 
@@ -28,11 +36,49 @@ class DPSGD:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float  # q: each row joins a batch with this probability
-    noise_seed: int  # the site's secret noise stream for this round
+    noise: np.random.Generator  # the site's secret noise stream for this round
+    batches: np.random.Generator  # the site's secret batch-membership stream for this round
+
+    @classmethod
+    def for_round(
+        cls,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        *,
+        secret: SiteSecret,
+        round_: int,
+        site: int,
+    ) -> DPSGD:
+        """DP-SGD for one site and round, both streams keyed by the site's secret."""
+        return cls(
+            noise_multiplier,
+            max_grad_norm,
+            sample_rate,
+            noise=secret.rng(DPSGD_NOISE, round_, site),
+            batches=secret.rng(DPSGD_BATCHES, round_, site),
+        )
 
 
 def poisson_batch(rows: Sequence[T], sample_rate: float, rng: np.random.Generator) -> list[T]:
     return [rows[i] for i in np.flatnonzero(rng.random(len(rows)) < sample_rate)]
+
+
+def secret_noise_optimizer(optimizer: torch.optim.Optimizer, noise: np.random.Generator, **kw):
+    """opacus's DPOptimizer around `optimizer`, its Gaussian noise drawn from the secret stream
+    `noise` instead of a torch generator (opacus is imported only when DP-SGD runs)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SecretNoiseOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = (p.summed_grad + gaussian_like(p.summed_grad, std, noise)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecretNoiseOptimizer(optimizer, **kw)
 
 
 class PrivateSteps:
@@ -42,19 +88,17 @@ class PrivateSteps:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, n_rows: int
     ) -> None:
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
 
         self.dp = dp
         self.expected_batch = dp.sample_rate * n_rows
-        self.generator = torch.Generator().manual_seed(dp.noise_seed)
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        self.optimizer = DPOptimizer(
+        self.optimizer = secret_noise_optimizer(
             optimizer,
+            dp.noise,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(self.expected_batch)),
             loss_reduction="mean",
-            generator=self.generator,
         )
         # opacus divides by an integer batch size; use the exact expected size instead
         self.optimizer.expected_batch_size = self.expected_batch
@@ -67,8 +111,7 @@ class PrivateSteps:
         if batch_was_empty:
             std = self.dp.noise_multiplier * self.dp.max_grad_norm
             for p in self.optimizer.params:
-                noise = torch.normal(0.0, std, p.shape, generator=self.generator)
-                p.grad = noise / self.expected_batch
+                p.grad = gaussian_like(p, std, self.dp.noise) / self.expected_batch
             return
         self.optimizer.pre_step()
 
