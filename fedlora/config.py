@@ -27,6 +27,7 @@ Quantization = Literal["none", "4bit", "8bit"]
 PrivacyLevel = Literal["none", "sample", "client"]
 ClientNoise = Literal["central", "distributed"]
 AccountantName = Literal["rdp", "prv"]
+Participation = Literal["server", "poisson"]
 
 #: LoRA target presets (Llama module names). Anything else is an explicit module list.
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -163,6 +164,12 @@ class FederationConfig:
     #: fraction of sites sampled per round, and the minimum number sampled.
     fraction: float = 1.0
     min_clients: int = 2
+    #: who picks a round's sites: "server" = max(min_clients, fraction * clients) drawn from
+    #: run.seed (public, so client-level DP claims no sampling amplification); "poisson" = every
+    #: site is asked and takes part with probability `fraction` by its own secret coin, sending
+    #: a masked zero when it does not (needs secure.enabled: the server cannot tell who took
+    #: part, so client-level DP is amplified at rate `fraction`).
+    participation: Participation = "server"
     #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core.
     workers: int = 0
     #: after the last round every site fine-tunes the global adapter on its own rows for this
@@ -463,8 +470,16 @@ def _validate_privacy(cfg: Config) -> None:
         se.threshold <= fe.clients,
         f"secure.threshold ({se.threshold}) exceeds federation.clients ({fe.clients}).",
     )
+    _require(
+        fe.participation == "server" or se.enabled,
+        'federation.participation = "poisson" hides who took part only inside a secure sum: '
+        "without it the server sees which sites sent an update. Set secure.enabled = true, or "
+        'use federation.participation = "server".',
+    )
     if se.enabled and se.threshold:
         sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
+        if fe.participation == "poisson":  # every site is in the session
+            sampled = fe.clients
         _require(
             2 * se.threshold > sampled,
             f"secure.threshold = {se.threshold} is not a majority of the {sampled} sites sampled "

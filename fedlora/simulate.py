@@ -19,6 +19,7 @@ from fedlora import checkpoint
 from fedlora.config import Config, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
+from fedlora.privacy.policy import amplification
 from fedlora.privacy.secrets import SIMULATED
 from fedlora.report import Reporter, human_bytes, plot_metrics
 
@@ -206,15 +207,20 @@ def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
 
 
 def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
-    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon."""
+    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon. A
+    site spends only in the rounds it is in (or, self-selecting, asked), and reports its whole
+    spend each time, so its latest report is current; a site that was in no round spent 0."""
     if cfg.privacy.level == "none":
         return {"level": "none", "max_epsilon": None}
-    sites: dict[str, dict] = {}
+    sites: dict[str, dict] = {
+        str(s): {"epsilon": 0.0, "steps": 0} for s in range(cfg.federation.clients)
+    }
     for row in rows:
         sites.update(row.get("privacy", {}))
     return {
         "level": cfg.privacy.level,
         "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,
+        "amplification": amplification(cfg) if cfg.privacy.level == "client" else None,
         "accountant": cfg.privacy.accountant,
         "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
         "budget": cfg.privacy.max_epsilon or None,

@@ -16,6 +16,7 @@ from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.policy import Mechanism, client_mechanism
 from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
@@ -60,6 +61,49 @@ def test_edge_cases_and_noise_for_a_target():
     sigma = noise_for_epsilon(8.0, 1e-5, 0.04, 2250)
     assert epsilon([(sigma, 0.04, 2250)], 1e-5) == pytest.approx(8.0, abs=0.05)
     assert default_delta(500) == pytest.approx(1 / 5000) and default_delta(500) < 1 / 500
+
+
+def test_one_round_without_amplification_costs_2_55_at_noise_1_and_delta_1_60():
+    """Client level with a server-chosen sample: no sampling amplification (rate 1). One
+    Gaussian release at sigma 1: RDP eps(alpha) = alpha / (2 sigma^2), converted at delta as
+    opacus does, minimised over opacus's orders, is 2.55 (the rate-0.5 figure is 1.71)."""
+    from opacus.accountants import RDPAccountant
+
+    alphas = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+    delta = 1 / 60
+    by_hand = np.min(
+        alphas / 2 - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+    )
+    reference = RDPAccountant()
+    reference.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert by_hand == pytest.approx(2.55, abs=0.005)
+    assert epsilon([(1.0, 1.0, 1)], delta) == pytest.approx(by_hand, rel=1e-9)
+    assert reference.get_epsilon(delta=delta) == pytest.approx(by_hand, rel=1e-9)
+
+    def mechanism(participation: str) -> Mechanism:
+        return client_mechanism(
+            load_config(
+                None,
+                [
+                    {
+                        "federation": {
+                            "clients": 10,
+                            "fraction": 0.5,
+                            "participation": participation,
+                        },
+                        "privacy": {"level": "client", "noise_multiplier": 1.0, "delta": delta},
+                        "secure": {"enabled": True},
+                    }
+                ],
+            )
+        )
+
+    server, poisson = mechanism("server"), mechanism("poisson")
+    assert server.sample_rate == 1.0 and poisson.sample_rate == 0.5
+    assert epsilon([(server.noise_multiplier, server.sample_rate, 1)], delta) == pytest.approx(
+        by_hand
+    )
+    assert epsilon([(poisson.noise_multiplier, poisson.sample_rate, 1)], delta) < 2.0
 
 
 # --- DP-SGD at a site ---------------------------------------------------------------------------
@@ -195,6 +239,8 @@ def test_scaffold_clipping_keeps_the_client_variate_consistent():
         ({"privacy": {"max_epsilon": 4.0}}, "privacy.level"),
         ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
         ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
+        ({"federation": {"participation": "poisson"}}, "secure.enabled"),
+        ({"federation": {"participation": "everyone"}}, "server, poisson"),
     ],
 )
 def test_meaningless_combinations_are_refused(overrides, message):
@@ -233,6 +279,38 @@ def test_report_lets_anyone_recompute_each_sites_epsilon(tmp_path, tiny_cfg):
         assert int(spend["steps"]) == cfg.federation.rounds * cfg.train.local_steps, site
     assert rows[-1]["epsilon_max"] == pytest.approx(summary["privacy"]["max_epsilon"])
     assert rows[1]["epsilon_max"] < rows[2]["epsilon_max"]  # spending accumulates
+
+
+def test_server_chosen_sample_every_sites_epsilon_is_current_and_unamplified(
+    tmp_path, tiny_cfg, capsys
+):
+    """fraction 0.5 of 3 sites: the server picks 2 per round from run.seed. Each site spends one
+    unamplified release (rate 1) per round it was picked, and summary.json holds that for every
+    site (a site left out of the last round used to keep a stale, amplified row)."""
+    cfg = tiny_cfg(
+        federation={"fraction": 0.5, "rounds": 3},
+        privacy={"level": "client", "noise_multiplier": 1.0},
+    )
+    lines: list[str] = []
+    out = simulate(cfg, log=lines.append)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    privacy = summary["privacy"]
+    delta = default_delta(cfg.federation.clients)
+    picked = {s: sum(s in r["sites"] for r in rows[1:]) for s in range(cfg.federation.clients)}
+    assert sorted(picked.values()) != [3, 3, 3]  # some site sat a round out
+    for site, times in picked.items():
+        assert privacy["sites"][str(site)]["epsilon"] == pytest.approx(
+            epsilon([(1.0, 1.0, 1)] * times, delta)
+        ), site
+    assert privacy["max_epsilon"] == pytest.approx(
+        max(s["epsilon"] for s in privacy["sites"].values())
+    )
+    assert privacy["amplification"] == "none (server-chosen sample)"
+    assert all(r["amplification"] == "none (server-chosen sample)" for r in rows)
+    assert "amplification: none (server-chosen sample)" in capsys.readouterr().out
+    assert summary["secrets"] == "derived from run.seed (simulation)"
+    assert any("derived from run.seed (simulation)" in line for line in lines)
 
 
 def test_sites_stop_at_their_budget_and_the_run_says_so(tmp_path, tiny_cfg):

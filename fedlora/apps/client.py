@@ -134,9 +134,8 @@ def train_contribution(
             round_=round_,
             site=site,
         )
-    elif level == "client":  # one release per round, spent by every site (sampling amplifies)
+    elif level == "client":  # one release of the sum per round the site is in
         mech = client_mechanism(cfg)
-        ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]
         check_budget(cfg, mech, ledger, site)
     rank = cfg.lora.site_rank(site)
     truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only

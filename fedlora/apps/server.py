@@ -26,7 +26,7 @@ from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
-from fedlora.privacy.policy import BudgetExhausted, client_mechanism
+from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
@@ -303,11 +303,14 @@ class Federation:
             spend |= {"level": self.cfg.privacy.level, "accountant": self.cfg.privacy.accountant}
             per_site[str(int(m[R.SITE_ID]))] = spend
             self.epsilon_spent[str(int(m[R.SITE_ID]))] = float(spend["epsilon"])
-        return {
+        row: dict[str, object] = {
             "privacy": per_site,
             "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
             "exhausted": sorted(self.exhausted),
         }
+        if self.cfg.privacy.level == "client":
+            row["amplification"] = amplification(self.cfg)
+        return row
 
     # --- server state that survives a restart ----------------------------------------------
     def save_state(self, round_: int) -> None:
@@ -355,6 +358,10 @@ class Federation:
 
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
+        if self.cfg.privacy.level == "client":
+            self.reporter.note(
+                f"Client-level DP, sampling amplification: {amplification(self.cfg)}"
+            )
         done = self.restore_state()
         if done < 0:
             started = time.perf_counter()
