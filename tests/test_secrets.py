@@ -90,3 +90,83 @@ def test_why_not_torch_generators_their_cpu_seed_keeps_32_bits():
     assert noise.dtype == ref.dtype and noise.shape == ref.shape
     assert float(noise.std()) == pytest.approx(2.0, rel=0.02)
     assert abs(float(noise.mean())) < 4 * 2.0 / np.sqrt(ref.numel())
+
+
+# --- self-selection (federation.participation = "poisson") -------------------------------------
+
+
+def test_a_site_that_sits_out_sends_a_zero_of_the_same_layout_and_keeps_its_state():
+    from fedlora.apps import records as R
+    from fedlora.apps.client import self_selection
+    from fedlora.apps.server import participant_count
+
+    cfg = load_config(
+        None,
+        [
+            {
+                "federation": {"participation": "poisson", "fraction": 0.5},
+                "secure": {"enabled": True},
+            }
+        ],
+    )
+    contribution = {"delta/a": np.ones((2, 3)), "weight": np.array([1.0]), "count": np.array([1.0])}
+    old, new = {"c_i/a": np.zeros((2, 3))}, {"c_i/a": np.ones((2, 3))}
+    secret = simulated_secret(0, 0)
+    coins = [secrets.coin(secret, r, 0, 0.5) for r in range(1, 41)]
+    assert 10 < sum(coins) < 30  # a fair-ish coin, from the site's secret
+    sums = {}
+    for round_, takes_part in enumerate(coins[:6], start=1):
+        sent, state = self_selection(cfg, secret, round_, 0, contribution, new, old)
+        assert set(sent) == set(contribution) | {R.PARTICIPANT}
+        assert all(sent[k].shape == v.shape for k, v in contribution.items())
+        assert sent[R.PARTICIPANT][0] == float(takes_part)
+        if takes_part:
+            assert state is new and np.array_equal(sent["delta/a"], contribution["delta/a"])
+        else:
+            assert state is old and not any(np.any(v) for v in sent.values())
+        sums = {k: sums.get(k, 0) + v for k, v in sent.items()}
+    rest, participants = participant_count(sums)
+    assert participants == sum(coins[:6]) and R.PARTICIPANT not in rest
+    assert rest["weight"][0] == participants
+
+
+def test_self_selected_sites_are_accounted_with_amplification_and_hidden_in_the_sum(
+    tmp_path, tiny_cfg, capsys
+):
+    """Secure aggregation, distributed client-level noise, fraction 0.5: every site is asked and
+    sends every round; the server learns how many took part (from the sum), not who; every site
+    spends the amplified release (rate 0.5) of every round."""
+    import json
+
+    from fedlora.privacy.accounting import default_delta, epsilon
+    from fedlora.simulate import simulate
+
+    sites, rounds = 3, 2
+
+    def coins(seed: int) -> list[int]:
+        return [
+            sum(secrets.coin(simulated_secret(seed, s), r, s, 0.5) for s in range(sites))
+            for r in range(1, rounds + 1)
+        ]
+
+    seed = next(s for s in range(100) if all(0 < c < sites for c in coins(s)))
+    cfg = tiny_cfg(
+        federation={"participation": "poisson", "fraction": 0.5, "rounds": rounds},
+        privacy={"level": "client", "client_noise": "distributed", "noise_multiplier": 1.0},
+        secure={"enabled": True},
+        run={"seed": seed},
+    )
+    out = simulate(cfg, log=lambda _m: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["sites"] for r in rows] == [[0, 1, 2]] * rounds  # everyone asked, everyone sent
+    assert [r["clients"] for r in rows] == coins(seed)  # the count, from the secure sum
+    assert all(r["train_loss"] is None for r in rows)
+    assert all(r["amplification"] == "poisson self-selection" for r in rows)
+    expected = epsilon([(1.0, 0.5, 1)] * rounds, default_delta(sites))
+    assert expected < epsilon([(1.0, 1.0, 1)] * rounds, default_delta(sites))
+    for site in map(str, range(sites)):
+        assert summary["privacy"]["sites"][site]["epsilon"] == pytest.approx(expected)
+        assert summary["privacy"]["sites"][site]["sample_rate"] == 0.5
+    assert summary["privacy"]["amplification"] == "poisson self-selection"
+    assert "amplification: poisson self-selection" in capsys.readouterr().out

@@ -41,7 +41,7 @@ from fedlora.privacy.policy import (
 )
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
-from fedlora.strategies.base import LocalWork, TrainingTerms
+from fedlora.strategies.base import LocalWork, TrainingTerms, scalar
 from fedlora.train import evaluate, local_train, make_optimizer
 
 
@@ -177,6 +177,12 @@ def train_contribution(
         R.NUM_EXAMPLES: len(rows),
         R.RANK: rank,
     }
+    self_selected = cfg.federation.participation == "poisson"
+    if self_selected:
+        contribution, new_state = self_selection(
+            cfg, secret, round_, site, contribution, new_state, client_state
+        )
+        del values[R.TRAIN_LOSS]  # nothing in the clear may tell who took part
     if mech is not None:
         if level == "client":
             keys = private_keys(contribution, strategy.private_prefixes)
@@ -184,7 +190,8 @@ def train_contribution(
             contribution, new_state = strategy.scale_private(
                 contribution, new_state, client_state, scale
             )
-            values[R.CLIP_SCALE] = scale
+            if not self_selected:
+                values[R.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
                 t = int(msg.content[R.ROUND_CONFIG][R.NOISE_SHARES])
                 std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, t)
@@ -195,6 +202,28 @@ def train_contribution(
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
     store.save(round_, new_state)
     return contribution, MetricRecord(values)
+
+
+def self_selection(
+    cfg: Config,
+    secret: secrets.SiteSecret,
+    round_: int,
+    site: int,
+    contribution: dict[str, np.ndarray],
+    new_state: dict[str, np.ndarray],
+    client_state: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """federation.participation = "poisson": the site takes part with probability
+    federation.fraction by its own secret coin. It has trained either way (its reply time does
+    not tell) and sends either way: when the coin says no, zeros in the layout of a real
+    contribution (noise is added to them as to any), keeping its old state, so that inside the
+    secure sum it changes nothing. R.PARTICIPANT (1 or 0) lets the server count the sites that
+    took part from the sum alone."""
+    takes_part = secrets.coin(secret, round_, site, cfg.federation.fraction)
+    if not takes_part:
+        contribution = {k: np.zeros_like(v) for k, v in contribution.items()}
+        new_state = client_state
+    return contribution | {R.PARTICIPANT: scalar(float(takes_part))}, new_state
 
 
 def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float | int]:

@@ -78,6 +78,11 @@ class SiteSecret:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy, pool_size=8)))
 
 
+def coin(secret: SiteSecret, round_: int, site: int, rate: float) -> bool:
+    """A site's participation coin for a round: True with probability `rate`."""
+    return bool(secret.rng(PARTICIPATION, round_, site).random() < rate)
+
+
 def simulated_secret(run_seed: int, site: int) -> SiteSecret:
     """A simulated site's secret, derived from the run seed so that the run repeats (the server
     of a simulation knows it: simulation protects nothing against its own server)."""
