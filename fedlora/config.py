@@ -196,7 +196,8 @@ class PrivacyConfig:
     client_noise: ClientNoise = "central"
     accountant: AccountantName = "rdp"
     #: a site's budget: it stops training when its next round would spend more (0 = none).
-    #: At client level the federation's epsilon is the one every site spends.
+    #: At client level a site spends one release per round it is in (every round it is asked,
+    #: under federation.participation = "poisson").
     max_epsilon: float = 0.0
 
 
