@@ -35,6 +35,7 @@ from fedlora.config import load_config, parse_override
 from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.privacy import dpsgd
 from fedlora.privacy.policy import sample_mechanism, spend
+from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.strategies import LocalWork, ServerOptimizer, strategy_for
 from fedlora.train import evaluate, local_train, token_losses
@@ -65,17 +66,8 @@ def choice_loss(candidates: list[int]):
 
 
 def on_device(device: str) -> None:
-    """Route fedlora's tensor factories and opacus's noise generator to `device`."""
+    """Route fedlora's tensor factories to `device` (DP noise follows each parameter's device)."""
     torch.set_default_device(device)
-    base = dpsgd.PrivateSteps
-
-    class DevicePrivateSteps(base):
-        def __init__(self, model, optimizer, dp, *rest):
-            super().__init__(model, optimizer, dp, *rest)
-            self.generator = torch.Generator(device).manual_seed(dp.noise_seed)
-            self.optimizer.generator = self.generator
-
-    train_module.PrivateSteps = DevicePrivateSteps
 
 
 def probe(name: str, sets: list[str], base_sets: list[str], device: str, emit) -> None:
@@ -126,8 +118,13 @@ def probe(name: str, sets: list[str], base_sets: list[str], device: str, emit) -
             dp = None
             if cfg.privacy.level == "sample":
                 mech = sample_mechanism(cfg, len(rows), steps)
-                dp = dpsgd.DPSGD(
-                    mech.noise_multiplier, mech.max_grad_norm, mech.sample_rate, seed + 1
+                dp = dpsgd.DPSGD.for_round(
+                    mech.noise_multiplier,
+                    mech.max_grad_norm,
+                    mech.sample_rate,
+                    secret=simulated_secret(cfg.run.seed, site),
+                    round_=round_,
+                    site=site,
                 )
                 entry = (mech.noise_multiplier, mech.sample_rate, steps)
                 epsilon_now = max(epsilon_now, spend(cfg, mech, [entry] * round_).epsilon)

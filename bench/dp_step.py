@@ -15,6 +15,7 @@ import numpy as np
 
 from fedlora.config import load_config, parse_override
 from fedlora.privacy.dpsgd import DPSGD
+from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.strategies import TrainingTerms
 from fedlora.train import local_train
@@ -32,7 +33,8 @@ def main() -> None:
     rt = build_runtime(cfg)
     rows = rt.site_rows(0)
     # the same expected batch as the plain loop's fixed one
-    dp = DPSGD(1.0, 1.0, min(1.0, cfg.train.batch_size / len(rows)), noise_seed=0)
+    q = min(1.0, cfg.train.batch_size / len(rows))
+    dp = DPSGD.for_round(1.0, 1.0, q, secret=simulated_secret(cfg.run.seed, 0), round_=1, site=0)
     times: dict[str, list[float]] = {"plain": [], "dp-sgd": []}
     for repeat in range(args.repeats + 1):  # the first pass warms up and is dropped
         for name, mech in (("plain", None), ("dp-sgd", dp)):

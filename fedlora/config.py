@@ -32,6 +32,7 @@ BaseDtype = Literal["fp32", "bf16", "fp16"]
 PrivacyLevel = Literal["none", "sample", "client"]
 ClientNoise = Literal["central", "distributed"]
 AccountantName = Literal["rdp", "prv"]
+Participation = Literal["server", "poisson"]
 
 #: The measured local-training recipe of the strategies that are defined for local SGD (the
 #: same values as configs/scaffold.toml and configs/fednova.toml; a test keeps them equal). A user
@@ -201,6 +202,12 @@ class FederationConfig:
     #: fraction of sites sampled per round, and the minimum number sampled.
     fraction: float = 1.0
     min_clients: int = 2
+    #: who picks a round's sites: "server" = max(min_clients, fraction * clients) drawn from
+    #: run.seed (public, so client-level DP claims no sampling amplification); "poisson" = every
+    #: site is asked and takes part with probability `fraction` by its own secret coin, sending
+    #: a masked zero when it does not (needs secure.enabled: the server cannot tell who took
+    #: part, so client-level DP is amplified at rate `fraction`).
+    participation: Participation = "server"
     #: Ray workers training in parallel (each `train.threads` torch threads); 0 = one per core
     #: (and, with gpus_per_client, no more than the GPUs hold).
     workers: int = 0
@@ -235,7 +242,8 @@ class PrivacyConfig:
     client_noise: ClientNoise = "central"
     accountant: AccountantName = "rdp"
     #: a site's budget: it stops training when its next round would spend more (0 = none).
-    #: At client level the federation's epsilon is the one every site spends.
+    #: At client level a site spends one release per round it is in (every round it is asked,
+    #: under federation.participation = "poisson").
     max_epsilon: float = 0.0
     #: sample level: what one DP-SGD "example" is. "row" = each record; a column name (e.g.
     #: "patient_id") = all rows sharing its value are one unit, sampled, clipped and accounted
@@ -700,8 +708,16 @@ def _validate_privacy(cfg: Config) -> None:
         se.threshold <= fe.clients,
         f"secure.threshold ({se.threshold}) exceeds federation.clients ({fe.clients}).",
     )
+    _require(
+        fe.participation == "server" or se.enabled,
+        'federation.participation = "poisson" hides who took part only inside a secure sum: '
+        "without it the server sees which sites sent an update. Set secure.enabled = true, or "
+        'use federation.participation = "server".',
+    )
     if se.enabled and se.threshold:
         sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
+        if fe.participation == "poisson":  # every site is in the session
+            sampled = fe.clients
         _require(
             2 * se.threshold > sampled,
             f"secure.threshold = {se.threshold} is not a majority of the {sampled} sites sampled "

@@ -19,6 +19,8 @@ from fedlora import checkpoint
 from fedlora.config import Config, ray_address, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
+from fedlora.privacy.policy import amplification
+from fedlora.privacy.secrets import SIMULATED
 from fedlora.report import Reporter, human_bytes, plot_metrics
 from fedlora.trackers import open_trackers
 
@@ -197,11 +199,15 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         f"{cfg.train.local_steps} local steps, {workers_text(cfg)}, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested}) on {runtime.device}."
     )
+    log(
+        f"Site secrets (DP noise and batches, participation): {SIMULATED}, so the run repeats; "
+        "a site daemon draws its own from its OS CSPRNG."
+    )
     work = open_results(cfg, out, resume)
     reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))
     try:
         federation = run_engine(cfg, runtime, reporter, checkpoint.run_state_dir(out))
-        finish(cfg, runtime, federation, work, time.perf_counter() - started)
+        finish(cfg, runtime, federation, work, time.perf_counter() - started, SIMULATED)
     except BaseException:
         log(
             f"The run did not finish; partial output kept in {work} (continue it with the same "
@@ -258,15 +264,20 @@ def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
 
 
 def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
-    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon."""
+    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon. A
+    site spends only in the rounds it is in (or, self-selecting, asked), and reports its whole
+    spend each time, so its latest report is current; a site that was in no round spent 0."""
     if cfg.privacy.level == "none":
         return {"level": "none", "max_epsilon": None}
-    sites: dict[str, dict] = {}
+    sites: dict[str, dict] = {
+        str(s): {"epsilon": 0.0, "steps": 0} for s in range(cfg.federation.clients)
+    }
     for row in rows:
         sites.update(row.get("privacy", {}))
     return {
         "level": cfg.privacy.level,
         "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,
+        "amplification": amplification(cfg) if cfg.privacy.level == "client" else None,
         "accountant": cfg.privacy.accountant,
         "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
         "budget": cfg.privacy.max_epsilon or None,
@@ -275,7 +286,9 @@ def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
     }
 
 
-def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
+def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
+    """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
+    plot of a finished run."""
     from fedlora.model import save_adapter
 
     save_adapter(runtime.model, federation.global_arrays, work / "adapter")
@@ -310,6 +323,7 @@ def finish(cfg: Config, runtime, federation, work: Path, wall: float) -> None:
         summary["personalization"] = federation.personalization
     summary["privacy"] = privacy_summary(cfg, federation, rows)
     summary["secure_aggregation"] = cfg.secure.enabled
+    summary["secrets"] = secrets
     if federation.stopped:
         summary["stopped"] = federation.stopped
     (work / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -175,7 +175,7 @@ def local_train(
         else {}
     )
     optimizer = optimizer or make_optimizer(list(params.values()), cfg)
-    private = PrivateSteps(model, optimizer, dp, rows, steps, rng) if dp else None
+    private = PrivateSteps(model, optimizer, dp, rows, steps) if dp else None
     model.train()
     total, batches_seen = 0.0, 0
     stream = batches(rows, cfg.batch_size, rng)

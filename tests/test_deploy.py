@@ -437,6 +437,7 @@ def test_federation_over_tls_with_node_authentication(kit):
     assert [r["clients"] for r in rows[1:]] == [3, 3]
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
     assert json.loads((out / "summary.json").read_text())["secure_aggregation"] is True
+    assert json.loads((out / "summary.json").read_text())["secrets"] == "site CSPRNG"
     for site in SITES:
         lines = audit(root, site)
         assert [e["round"] for e in lines] == [1, 2], lines
@@ -444,6 +445,9 @@ def test_federation_over_tls_with_node_authentication(kit):
             assert entry["message"] == "train.secagg"
             assert entry["records"] == ["secagg_masked"]
             assert entry["bytes"] > 0 and len(entry["sha256"]) == 64
+            assert entry["secrets"] == "site CSPRNG"
+        (secret,) = (root / f"state-{site}").glob("federations/*/site.secret")
+        assert len(secret.read_bytes()) == 32  # 256 bits from the site's OS CSPRNG
         assert lines[0]["sha256"] != lines[1]["sha256"]
     assert not audit(root, "rogue")
 

@@ -152,6 +152,11 @@ def rt(tmp_path_factory, tiny_cfg_at):
     return build_runtime(cfg, log=quiet)
 
 
+def dp_streams() -> DPSGD:
+    """DP-SGD at noise 1, clip 1, rate 0.5 on fixed test streams (a site draws its own)."""
+    return DPSGD(1.0, 1.0, 0.5, noise=np.random.default_rng(7), batches=np.random.default_rng(8))
+
+
 def check_tensors_follow_the_model(rt) -> None:
     """collate, the loss, DP-SGD's noise (empty and full batches) and the client noise."""
     device = fd.model_device(rt.model)
@@ -164,17 +169,15 @@ def check_tensors_follow_the_model(rt) -> None:
     initial = adapter_arrays(rt.model)
     params = adapter_parameters(rt.model)
     optimizer = make_optimizer(list(params.values()), rt.cfg.train)
-    private = PrivateSteps(rt.model, optimizer, DPSGD(1.0, 1.0, 0.5, 7), len(rows))
+    private = PrivateSteps(rt.model, optimizer, dp_streams(), rows, steps=1)
     try:
-        assert private.generator.device.type == device.type
-        private.zero_grad()
-        private.privatize(batch_was_empty=True)  # pure noise, drawn where the gradients live
+        private._noise_only()  # an empty batch's step: pure noise, drawn where the gradients live
         for p in private.optimizer.params:
             assert p.grad.device == p.device == device and p.grad.dtype == p.dtype
     finally:
         private.close()
     # DP-SGD through the training loop (opacus draws its noise on each parameter's device)
-    dp = DPSGD(1.0, 1.0, 0.5, 7)
+    dp = dp_streams()
     local_train(
         rt.model, rows, 1, rt.cfg.train, TrainingTerms(), np.random.default_rng(0), rt.pad_id,
         bf16=rt.bf16, dp=dp,

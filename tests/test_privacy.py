@@ -20,7 +20,8 @@ from fedlora.privacy import dpsgd
 from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD, cap_units, count_units, privacy_units
-from fedlora.privacy.policy import sample_mechanism
+from fedlora.privacy.policy import Mechanism, client_mechanism, sample_mechanism
+from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import make_strategy
@@ -66,6 +67,49 @@ def test_edge_cases_and_noise_for_a_target():
     assert default_delta(500) == pytest.approx(1 / 5000) and default_delta(500) < 1 / 500
 
 
+def test_one_round_without_amplification_costs_2_55_at_noise_1_and_delta_1_60():
+    """Client level with a server-chosen sample: no sampling amplification (rate 1). One
+    Gaussian release at sigma 1: RDP eps(alpha) = alpha / (2 sigma^2), converted at delta as
+    opacus does, minimised over opacus's orders, is 2.55 (the rate-0.5 figure is 1.71)."""
+    from opacus.accountants import RDPAccountant
+
+    alphas = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+    delta = 1 / 60
+    by_hand = np.min(
+        alphas / 2 - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+    )
+    reference = RDPAccountant()
+    reference.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert by_hand == pytest.approx(2.55, abs=0.005)
+    assert epsilon([(1.0, 1.0, 1)], delta) == pytest.approx(by_hand, rel=1e-9)
+    assert reference.get_epsilon(delta=delta) == pytest.approx(by_hand, rel=1e-9)
+
+    def mechanism(participation: str) -> Mechanism:
+        return client_mechanism(
+            load_config(
+                None,
+                [
+                    {
+                        "federation": {
+                            "clients": 10,
+                            "fraction": 0.5,
+                            "participation": participation,
+                        },
+                        "privacy": {"level": "client", "noise_multiplier": 1.0, "delta": delta},
+                        "secure": {"enabled": True},
+                    }
+                ],
+            )
+        )
+
+    server, poisson = mechanism("server"), mechanism("poisson")
+    assert server.sample_rate == 1.0 and poisson.sample_rate == 0.5
+    assert epsilon([(server.noise_multiplier, server.sample_rate, 1)], delta) == pytest.approx(
+        by_hand
+    )
+    assert epsilon([(poisson.noise_multiplier, poisson.sample_rate, 1)], delta) < 2.0
+
+
 # --- DP-SGD at a site ---------------------------------------------------------------------------
 
 
@@ -89,11 +133,18 @@ def train_once(site, steps, cfg, dp, seed=0):
 SGD = TrainConfig(optimizer="sgd", lr=0.5, batch_size=12, max_grad_norm=0.0)
 
 
+def make_dp(sigma: float, clip: float, q: float, secret_seed: int = 1, **sizes: int) -> DPSGD:
+    """DP-SGD for round 1 of site 0, keyed by a simulated secret (`sizes`: physical_batch_size,
+    max_rows_per_unit)."""
+    secret = simulated_secret(secret_seed, 0)
+    return DPSGD.for_round(sigma, clip, q, secret=secret, round_=1, site=0, **sizes)
+
+
 def test_dpsgd_without_noise_or_clipping_equals_plain_training(site):
     """Guards against silently corrupted LoRA updates under DP (a known opacus+peft failure):
     sigma 0, no effective clipping, every row in every batch (q = 1) must be plain SGD."""
     plain = train_once(site, 3, SGD, None)
-    private = train_once(site, 3, SGD, DPSGD(0.0, 1e9, 1.0, noise_seed=1))
+    private = train_once(site, 3, SGD, make_dp(0.0, 1e9, 1.0))
     assert any(np.abs(v).max() > 1e-4 for v in plain.values())
     for k in plain:
         np.testing.assert_allclose(private[k], plain[k], rtol=1e-4, atol=1e-7)
@@ -103,8 +154,8 @@ def test_dpsgd_noise_is_there_at_the_stated_scale(site):
     """One step, q = 1, clip C: the noisy update minus the noiseless one is
     -lr * N(0, (sigma C)^2) / B per coordinate."""
     sigma, clip, batch = 2.0, 0.05, 12
-    quiet_step = train_once(site, 1, SGD, DPSGD(0.0, clip, 1.0, noise_seed=1))
-    noisy_step = train_once(site, 1, SGD, DPSGD(sigma, clip, 1.0, noise_seed=1))
+    quiet_step = train_once(site, 1, SGD, make_dp(0.0, clip, 1.0))
+    noisy_step = train_once(site, 1, SGD, make_dp(sigma, clip, 1.0))
     diff = np.concatenate([(noisy_step[k] - quiet_step[k]).ravel() for k in quiet_step])
     expected = SGD.lr * sigma * clip / batch
     assert diff.size > 3000
@@ -126,7 +177,7 @@ def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
 
     rt, rows, start = site
     clip = 0.02
-    step = train_once(site, 1, SGD, DPSGD(0.0, clip, 1.0, noise_seed=1))
+    step = train_once(site, 1, SGD, make_dp(0.0, clip, 1.0))
     load_adapter_arrays(rt.model, start)
     params = adapter_parameters(rt.model)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -147,9 +198,28 @@ def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
         np.testing.assert_allclose(step[name], expected, rtol=1e-3, atol=1e-8)
 
 
+def test_dpsgd_batches_and_noise_come_from_the_site_secret_not_the_public_seed(site):
+    """The server knows run.seed and so the public stream `local_train` gets; DP-SGD's Poisson
+    batches and its noise must not follow from it (they did: batches came from that stream)."""
+
+    def same(a, b):
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    # sigma 0, q 0.5: only the batches are random
+    batches_a = train_once(site, 2, SGD, make_dp(0.0, 1.0, 0.5, secret_seed=1), seed=0)
+    public_b = train_once(site, 2, SGD, make_dp(0.0, 1.0, 0.5, secret_seed=1), seed=99)
+    secret_b = train_once(site, 2, SGD, make_dp(0.0, 1.0, 0.5, secret_seed=2), seed=0)
+    assert same(batches_a, public_b)  # the public seed does not choose the batches
+    assert not same(batches_a, secret_b)  # the secret does
+    # q 1 (every row in every batch): only the noise is random
+    noise_a = train_once(site, 1, SGD, make_dp(1.0, 1.0, 1.0, secret_seed=1))
+    assert same(noise_a, train_once(site, 1, SGD, make_dp(1.0, 1.0, 1.0, secret_seed=1)))
+    assert not same(noise_a, train_once(site, 1, SGD, make_dp(1.0, 1.0, 1.0, secret_seed=2)))
+
+
 def test_dpsgd_leaves_the_model_clean_for_plain_use(site):
     rt, rows, _ = site
-    train_once(site, 1, SGD, DPSGD(1.0, 1.0, 0.5, noise_seed=3))
+    train_once(site, 1, SGD, make_dp(1.0, 1.0, 0.5, secret_seed=3))
     assert not any(
         hasattr(p, "grad_sample") and p.grad_sample is not None for p in rt.model.parameters()
     )
@@ -205,7 +275,9 @@ def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else
     monkeypatch.setattr(dpsgd.PrivateSteps, "close", close)
     CountingSGD.steps = 0
     opt = CountingSGD(list(adapter_parameters(rt.model).values()), lr=SGD.lr)
-    split = train_rows(site, rows, 3, DPSGD(0.0, 1e9, 1.0, 1, physical_batch_size=5), optimizer=opt)
+    split = train_rows(
+        site, rows, 3, make_dp(0.0, 1e9, 1.0, secret_seed=1, physical_batch_size=5), optimizer=opt
+    )
     assert CountingSGD.steps == 3 and passes == [9]
     for k in plain:
         np.testing.assert_allclose(split[k], plain[k], rtol=1e-4, atol=1e-7)
@@ -216,7 +288,7 @@ def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else
     # Poisson batches, some empty (pure noise) and some split, give the same adapter as unsplit
     draws = [len(b) for b in dpsgd.PoissonBatches(12, 0.15, 20, np.random.default_rng(4))]
     assert 0 in draws and max(draws) > 2
-    noisy = {b: DPSGD(1.0, 0.05, 0.15, 7, physical_batch_size=b) for b in (2, 64)}
+    noisy = {b: make_dp(1.0, 0.05, 0.15, secret_seed=7, physical_batch_size=b) for b in (2, 64)}
     whole, pieces = (train_rows(site, rows, 20, noisy[b], seed=4) for b in (64, 2))
     assert passes[-2] == sum(n > 0 for n in draws)
     assert passes[-1] == sum(math.ceil(n / 2) for n in draws)
@@ -226,7 +298,9 @@ def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else
 
 def summed_clipped_gradient(site, rows, clip, physical=32):
     """sigma 0, q = 1, one SGD step: the step is -lr * (sum of clipped unit gradients) / units."""
-    delta = train_rows(site, rows, 1, DPSGD(0.0, clip, 1.0, 1, physical_batch_size=physical))
+    delta = train_rows(
+        site, rows, 1, make_dp(0.0, clip, 1.0, secret_seed=1, physical_batch_size=physical)
+    )
     n_units = count_units(rows)
     return np.concatenate([-v.ravel() * n_units / SGD.lr for v in delta.values()])
 
@@ -265,8 +339,10 @@ def test_a_unit_over_the_cap_trains_on_its_first_rows_with_a_warning(site):
     _, rows, _ = site
     patient = [replace(r, unit="a") for r in rows[:5]]
     with pytest.warns(UserWarning, match="2 rows of units with more than"):
-        capped = train_rows(site, patient, 1, DPSGD(0.0, 1e9, 1.0, 1, max_rows_per_unit=3))
-    first = train_rows(site, patient[:3], 1, DPSGD(0.0, 1e9, 1.0, 1))
+        capped = train_rows(
+            site, patient, 1, make_dp(0.0, 1e9, 1.0, secret_seed=1, max_rows_per_unit=3)
+        )
+    first = train_rows(site, patient[:3], 1, make_dp(0.0, 1e9, 1.0, secret_seed=1))
     for k in first:
         np.testing.assert_allclose(capped[k], first[k], rtol=1e-5, atol=1e-8)
 
@@ -333,11 +409,13 @@ def test_scaffold_clipping_keeps_the_client_variate_consistent():
         ({"privacy": {"max_epsilon": 4.0}}, "--privacy"),
         ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
         ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
-        ({"privacy": {"unit": "patient_id"}}, 'privacy.level = "sample"'),
+        ({"privacy": {"unit": "patient_id"}}, "--privacy sample"),
         ({"privacy": {"level": "client", "unit": "patient_id"}}, "privacy.unit"),
         ({"privacy": {"level": "sample", "unit": " "}}, "privacy.unit is empty"),
         ({"privacy": {"max_rows_per_unit": 0}}, "max_rows_per_unit"),
         ({"privacy": {"physical_batch_size": 0}}, "physical_batch_size"),
+        ({"federation": {"participation": "poisson"}}, "secure.enabled"),
+        ({"federation": {"participation": "everyone"}}, "server, poisson"),
     ],
 )
 def test_meaningless_combinations_are_refused(overrides, message):
@@ -376,6 +454,38 @@ def test_report_lets_anyone_recompute_each_sites_epsilon(tmp_path, tiny_cfg):
         assert int(spend["steps"]) == cfg.federation.rounds * cfg.train.local_steps, site
     assert rows[-1]["epsilon_max"] == pytest.approx(summary["privacy"]["max_epsilon"])
     assert rows[1]["epsilon_max"] < rows[2]["epsilon_max"]  # spending accumulates
+
+
+def test_server_chosen_sample_every_sites_epsilon_is_current_and_unamplified(
+    tmp_path, tiny_cfg, capsys
+):
+    """fraction 0.5 of 3 sites: the server picks 2 per round from run.seed. Each site spends one
+    unamplified release (rate 1) per round it was picked, and summary.json holds that for every
+    site (a site left out of the last round used to keep a stale, amplified row)."""
+    cfg = tiny_cfg(
+        federation={"fraction": 0.5, "rounds": 3},
+        privacy={"level": "client", "noise_multiplier": 1.0},
+    )
+    lines: list[str] = []
+    out = simulate(cfg, log=lines.append)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    privacy = summary["privacy"]
+    delta = default_delta(cfg.federation.clients)
+    picked = {s: sum(s in r["sites"] for r in rows[1:]) for s in range(cfg.federation.clients)}
+    assert sorted(picked.values()) != [3, 3, 3]  # some site sat a round out
+    for site, times in picked.items():
+        assert privacy["sites"][str(site)]["epsilon"] == pytest.approx(
+            epsilon([(1.0, 1.0, 1)] * times, delta)
+        ), site
+    assert privacy["max_epsilon"] == pytest.approx(
+        max(s["epsilon"] for s in privacy["sites"].values())
+    )
+    assert privacy["amplification"] == "none (server-chosen sample)"
+    assert all(r["amplification"] == "none (server-chosen sample)" for r in rows)
+    assert "amplification: none (server-chosen sample)" in capsys.readouterr().out
+    assert summary["secrets"] == "derived from run.seed (simulation)"
+    assert any("derived from run.seed (simulation)" in line for line in lines)
 
 
 def test_sites_stop_at_their_budget_and_the_run_says_so(tmp_path, tiny_cfg):

@@ -7,8 +7,6 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from fedlora.model import (
     restore_lora,
     truncate_lora,
 )
+from fedlora.privacy import secrets
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD, count_units
 from fedlora.privacy.policy import (
@@ -43,7 +42,7 @@ from fedlora.privacy.policy import (
 )
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
-from fedlora.strategies.base import LocalWork, TrainingTerms
+from fedlora.strategies.base import LocalWork, TrainingTerms, scalar
 from fedlora.train import evaluate, local_train, make_optimizer
 
 
@@ -56,7 +55,9 @@ def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
 
 
 def derive_seed(*parts: int) -> int:
-    """A stable seed for (run seed, round, site): same command, same numbers."""
+    """A stable seed for (run seed, round, site): same command, same numbers. Public (the
+    server knows every part): for LoRA dropout and plain batches, never for a value that
+    protects a site (those come from `site_secret`)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -118,7 +119,7 @@ def train_contribution(
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     seed = derive_seed(cfg.run.seed, round_, site)
-    noise = derive_seed(site_secret(cfg, context, folder), round_, site)
+    secret = site_secret(cfg, context, folder)
     torch.manual_seed(seed)  # LoRA dropout
     rows = rt.site_rows(site)
     level = cfg.privacy.level
@@ -126,18 +127,18 @@ def train_contribution(
     if level == "sample":
         mech = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
         check_budget(cfg, mech, ledger, site)
-        pr = cfg.privacy
-        dp = DPSGD(
+        dp = DPSGD.for_round(
             mech.noise_multiplier,
             mech.max_grad_norm,
             mech.sample_rate,
-            noise,
-            physical_batch_size=pr.physical_batch_size,
-            max_rows_per_unit=pr.max_rows_per_unit,
+            secret=secret,
+            round_=round_,
+            site=site,
+            physical_batch_size=cfg.privacy.physical_batch_size,
+            max_rows_per_unit=cfg.privacy.max_rows_per_unit,
         )
-    elif level == "client":  # one release per round, spent by every site (sampling amplifies)
+    elif level == "client":  # one release of the sum per round the site is in
         mech = client_mechanism(cfg)
-        ledger = [(mech.noise_multiplier, mech.sample_rate, round_ - 1)]
         check_budget(cfg, mech, ledger, site)
     rank = cfg.lora.site_rank(site)
     truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
@@ -179,6 +180,12 @@ def train_contribution(
         R.NUM_EXAMPLES: len(rows),
         R.RANK: rank,
     }
+    self_selected = cfg.federation.participation == "poisson"
+    if self_selected:
+        contribution, new_state = self_selection(
+            cfg, secret, round_, site, contribution, new_state, client_state
+        )
+        del values[R.TRAIN_LOSS]  # nothing in the clear may tell who took part
     if mech is not None:
         if level == "client":
             keys = private_keys(contribution, strategy.private_prefixes)
@@ -186,16 +193,40 @@ def train_contribution(
             contribution, new_state = strategy.scale_private(
                 contribution, new_state, client_state, scale
             )
-            values[R.CLIP_SCALE] = scale
+            if not self_selected:
+                values[R.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
                 t = int(msg.content[R.ROUND_CONFIG][R.NOISE_SHARES])
                 std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, t)
-                contribution = add_gaussian(contribution, keys, std, np.random.default_rng(noise))
+                rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
+                contribution = add_gaussian(contribution, keys, std, rng)
         ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
         values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
     store.save(round_, new_state)
     return contribution, MetricRecord(values)
+
+
+def self_selection(
+    cfg: Config,
+    secret: secrets.SiteSecret,
+    round_: int,
+    site: int,
+    contribution: dict[str, np.ndarray],
+    new_state: dict[str, np.ndarray],
+    client_state: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """federation.participation = "poisson": the site takes part with probability
+    federation.fraction by its own secret coin. It has trained either way (its reply time does
+    not tell) and sends either way: when the coin says no, zeros in the layout of a real
+    contribution (noise is added to them as to any), keeping its old state, so that inside the
+    secure sum it changes nothing. R.PARTICIPANT (1 or 0) lets the server count the sites that
+    took part from the sum alone."""
+    takes_part = secrets.coin(secret, round_, site, cfg.federation.fraction)
+    if not takes_part:
+        contribution = {k: np.zeros_like(v) for k, v in contribution.items()}
+        new_state = client_state
+    return contribution | {R.PARTICIPANT: scalar(float(takes_part))}, new_state
 
 
 def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float | int]:
@@ -207,19 +238,14 @@ def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float
     }
 
 
-def site_secret(cfg: Config, context: Context, folder: Path) -> int:
-    """The seed of a site's DP noise. A site daemon draws a secret once and keeps it in its
-    state folder (noise the server could regenerate would protect nothing); simulated sites use
-    the run seed, so that simulations are reproducible."""
+def site_secret(cfg: Config, context: Context, folder: Path) -> secrets.SiteSecret:
+    """The secret behind every random value that protects this site (fedlora.privacy.secrets).
+    A site daemon draws it from the OS CSPRNG once and keeps it in its state folder (noise the
+    server could regenerate would protect nothing); a simulated site derives it from the run
+    seed, so that simulations repeat."""
     if STATE_DIR not in context.node_config:
-        return cfg.run.seed
-    path = folder / "noise.secret"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(16))
-    return int.from_bytes(path.read_bytes(), "little")
+        return secrets.simulated_secret(cfg.run.seed, site_id(context))
+    return secrets.site_secret(folder)
 
 
 def train_reply(cfg: Config, msg: Message, context: Context) -> Message:

@@ -24,6 +24,9 @@ NUM_EXAMPLES = "num_examples"
 RANK = "rank"  # the LoRA rank the site trained at (its leading slice of the global adapter)
 PRIVACY = "privacy."  # prefix of a site's privacy spend: epsilon, delta, noise_multiplier, ...
 CLIP_SCALE = "clip_scale"  # client-level DP: the factor the site's update was scaled by (<= 1)
+#: in a contribution (federation.participation = "poisson"): 1 if the site took part, 0 for the
+#: masked zero it sends when its coin says no; summed, the number of sites that took part
+PARTICIPANT = "participant"
 EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)
 #: relative L2 error of the contribution's round trip through transport.dtype (plaintext only)
 TRANSPORT_ERROR = "transport_error"

@@ -26,11 +26,11 @@ from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
-from fedlora.privacy.policy import BudgetExhausted, client_mechanism
+from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
-from fedlora.strategies.base import Arrays, LocalWork, Strategy, sum_contributions
+from fedlora.strategies.base import Arrays, LocalWork, Strategy, read_scalar, sum_contributions
 from fedlora.strategies.server_opt import server_optimizer_for
 from fedlora.train import evaluate
 
@@ -218,7 +218,10 @@ class Federation:
         self.nodes = nodes
         rng = np.random.default_rng([self.cfg.run.seed, round_])
         fed = self.cfg.federation
-        chosen = sample_sites(self.available_sites(), fed.fraction, fed.min_clients, rng)
+        if fed.participation == "poisson":  # every site is asked; each decides by its own coin
+            chosen = self.available_sites()
+        else:
+            chosen = sample_sites(self.available_sites(), fed.fraction, fed.min_clients, rng)
 
         def progress(done: object) -> None:
             what = done if isinstance(done, str) else f"{done}/{len(chosen)} sites done"
@@ -253,7 +256,10 @@ class Federation:
             )
             for m in inputs.metrics
         ]
-        sums = self.add_central_noise(inputs.sums, round_)
+        sums, participants = inputs.sums, count
+        if fed.participation == "poisson":  # only the sum says how many took part, not who
+            sums, participants = participant_count(inputs.sums)
+        sums = self.add_central_noise(sums, round_)
         error_mean = error_max = None
         if self.cfg.lora.aggregation == "svd":  # plaintext only (refused at config load)
             self.global_arrays, error_mean, error_max = aggregate_svd(
@@ -270,18 +276,14 @@ class Federation:
                 error_mean, error_max = factor_error(
                     self.strategy, self.global_arrays, frozen, inputs.contributions
                 )
-            self.global_arrays = aggregate_sums(
-                self.strategy, self.server_opt, self.global_arrays, sums, count
-            )
+            if participants:  # no site took part: the adapter stays as it is
+                self.global_arrays = aggregate_sums(
+                    self.strategy, self.server_opt, self.global_arrays, sums, participants
+                )
         row: dict[str, object] = {
             "round": round_,
-            "train_loss": float(
-                np.average(
-                    [float(m[R.TRAIN_LOSS]) for m in inputs.metrics],
-                    weights=[w.num_examples for w in works],
-                )
-            ),
-            "clients": count,
+            "train_loss": mean_train_loss(inputs.metrics, works),
+            "clients": participants,
             "sites": chosen,
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
@@ -330,11 +332,14 @@ class Federation:
             spend |= {"level": self.cfg.privacy.level, "accountant": self.cfg.privacy.accountant}
             per_site[str(int(m[R.SITE_ID]))] = spend
             self.epsilon_spent[str(int(m[R.SITE_ID]))] = float(spend["epsilon"])
-        return {
+        row: dict[str, object] = {
             "privacy": per_site,
             "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
             "exhausted": sorted(self.exhausted),
         }
+        if self.cfg.privacy.level == "client":
+            row["amplification"] = amplification(self.cfg)
+        return row
 
     # --- server state that survives a restart ----------------------------------------------
     def save_state(self, round_: int) -> None:
@@ -388,6 +393,10 @@ class Federation:
 
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
+        if self.cfg.privacy.level == "client":
+            self.reporter.note(
+                f"Client-level DP, sampling amplification: {amplification(self.cfg)}"
+            )
         done = self.restore_state()
         if done < 0:
             started = time.perf_counter()
@@ -462,6 +471,26 @@ def personalization_table(rows: list[dict[str, float]], steps: int) -> str:
             f"{p - g:>+7.3f}"
         )
     return "\n".join(lines)
+
+
+def participant_count(sums: Arrays) -> tuple[Arrays, int]:
+    """Self-selected rounds: the sums without the participant coordinate, and how many sites
+    took part (its sum; the masked zeros of the others add 0)."""
+    rest = {k: v for k, v in sums.items() if k != R.PARTICIPANT}
+    return rest, round(float(read_scalar(sums, R.PARTICIPANT)))
+
+
+def mean_train_loss(metrics: list, works: list[LocalWork]) -> float | None:
+    """The row-weighted mean of the sites' train losses; None when no site sends one (under
+    self-selection a loss would tell who trained)."""
+    pairs = [
+        (float(m[R.TRAIN_LOSS]), w.num_examples)
+        for m, w in zip(metrics, works, strict=True)
+        if R.TRAIN_LOSS in m
+    ]
+    if not pairs:
+        return None
+    return float(np.average([v for v, _ in pairs], weights=[n for _, n in pairs]))
 
 
 def site_rank(metrics, global_rank: int) -> int | None:

@@ -27,6 +27,7 @@ from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings, load_site
 from fedlora.errors import FedloraError
+from fedlora.privacy.secrets import SITE_CSPRNG
 
 #: the data keys a site sets for itself (defaults when its site.toml leaves them out)
 OWN_DATA = {"path": "", "test_path": "", "test_fraction": DataConfig.test_fraction}
@@ -93,6 +94,7 @@ def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
         "bytes": R.payload_bytes(arrays),
         "sha256": payload_digest(arrays),
         "epsilon": metrics.get(R.PRIVACY + "epsilon"),
+        "secrets": SITE_CSPRNG,  # a site daemon's noise, batches and coin: its own secret
     }
 
 

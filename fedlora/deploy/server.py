@@ -29,6 +29,7 @@ from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
+from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
 from fedlora.simulate import (
     check_out,
@@ -231,7 +232,7 @@ def serve(
                 grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
             )
             federation.run(verified)
-        finish(cfg, runtime, federation, work, time.perf_counter() - started)
+        finish(cfg, runtime, federation, work, time.perf_counter() - started, SITE_CSPRNG)
     except BaseException:
         log(
             f"The federation did not finish; partial output kept in {work} (continue it with "

@@ -15,6 +15,11 @@ per-row gradients of a unit are summed into one per-unit gradient before opacus 
 unit's whole contribution to a step is bounded by the clip however many rows it has. A logical
 Poisson batch larger than `physical_batch_size` units goes through the model in pieces split by
 opacus's BatchMemoryManager; the DPOptimizer accumulates the clipped pieces and noises once.
+Both random parts come from the site's secret (fedlora.privacy.secrets): batch membership from
+one stream and the Gaussian noise from another, drawn in numpy and moved to each parameter's
+device. opacus's own noise takes a torch.Generator, whose seed is at most 64 bits (32 on the CPU),
+so `secret_noise_optimizer` replaces its `add_noise`; opacus's Poisson sampler (DPDataLoader) would
+draw batches from a torch generator too and is not used.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
+
+from fedlora.privacy.secrets import DPSGD_BATCHES, DPSGD_NOISE, SiteSecret, gaussian_like
 
 T = TypeVar("T")
 
@@ -39,9 +46,34 @@ class DPSGD:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float  # q: each unit joins a batch with this probability
-    noise_seed: int  # the site's secret noise stream for this round
+    noise: np.random.Generator  # the site's secret noise stream for this round
+    batches: np.random.Generator  # the site's secret batch-membership stream for this round
     physical_batch_size: int = 32  # units through the model at once (privacy.physical_batch_size)
     max_rows_per_unit: int = 32  # rows a unit trains on at most (privacy.max_rows_per_unit)
+
+    @classmethod
+    def for_round(
+        cls,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        *,
+        secret: SiteSecret,
+        round_: int,
+        site: int,
+        physical_batch_size: int = 32,
+        max_rows_per_unit: int = 32,
+    ) -> DPSGD:
+        """DP-SGD for one site and round, both streams keyed by the site's secret."""
+        return cls(
+            noise_multiplier,
+            max_grad_norm,
+            sample_rate,
+            noise=secret.rng(DPSGD_NOISE, round_, site),
+            batches=secret.rng(DPSGD_BATCHES, round_, site),
+            physical_batch_size=physical_batch_size,
+            max_rows_per_unit=max_rows_per_unit,
+        )
 
 
 def poisson_batch(rows: Sequence[T], sample_rate: float, rng: np.random.Generator) -> list[T]:
@@ -96,6 +128,23 @@ def _as_list(batch: list[T]) -> list[T]:
     return batch
 
 
+def secret_noise_optimizer(optimizer: torch.optim.Optimizer, noise: np.random.Generator, **kw):
+    """opacus's DPOptimizer around `optimizer`, its Gaussian noise drawn from the secret stream
+    `noise` instead of a torch generator (opacus is imported only when DP-SGD runs)."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SecretNoiseOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = (p.summed_grad + gaussian_like(p.summed_grad, std, noise)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecretNoiseOptimizer(optimizer, **kw)
+
+
 class PrivateSteps:
     """Per-unit clipping and noise for the parameters of one `local_train` call of `steps`
     logical steps over `rows`."""
@@ -107,10 +156,8 @@ class PrivateSteps:
         dp: DPSGD,
         rows: Sequence[T],
         steps: int,
-        rng: np.random.Generator,
     ) -> None:
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
         from opacus.utils.batch_memory_manager import BatchMemoryManager
         from torch.utils.data import DataLoader
 
@@ -126,21 +173,18 @@ class PrivateSteps:
         self.units = [[rows[i] for i in u] for u in units]
         self.rows_are_units = all(len(u) == 1 for u in self.units)
         self.expected_batch = dp.sample_rate * len(self.units)
-        # the noise is drawn where the gradients live (opacus draws on each parameter's device)
-        device = next(p for group in optimizer.param_groups for p in group["params"]).device
-        self.generator = torch.Generator(device=device).manual_seed(dp.noise_seed)
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        self.optimizer = DPOptimizer(
+        self.optimizer = secret_noise_optimizer(
             optimizer,
+            dp.noise,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(self.expected_batch)),
             loss_reduction="mean",
-            generator=self.generator,
         )
         # opacus divides by an integer batch size; use the exact expected size instead
         self.optimizer.expected_batch_size = self.expected_batch
-        sampler = PoissonBatches(len(self.units), dp.sample_rate, steps, rng)
+        sampler = PoissonBatches(len(self.units), dp.sample_rate, steps, dp.batches)
         loader = DataLoader(self.units, batch_sampler=sampler, collate_fn=_as_list)
         with BatchMemoryManager(
             data_loader=loader,
@@ -186,10 +230,7 @@ class PrivateSteps:
     def _noise_only(self) -> None:
         std = self.dp.noise_multiplier * self.dp.max_grad_norm
         for p in self.optimizer.params:
-            noise = torch.normal(
-                0.0, std, p.shape, generator=self.generator, device=p.device, dtype=p.dtype
-            )
-            p.grad = noise / self.expected_batch
+            p.grad = gaussian_like(p, std, self.dp.noise) / self.expected_batch
 
     def close(self) -> None:
         """Remove opacus's hooks and buffers: the model is reused for plain evaluation."""

@@ -3,7 +3,6 @@ the budget check. One place, used by the sites and the server alike."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from fedlora.config import Config
@@ -32,11 +31,6 @@ class Mechanism:
     steps_per_round: int  # DP-SGD steps (sample level) or 1 (client level: one release a round)
 
 
-def sites_per_round(cfg: Config) -> int:
-    fe = cfg.federation
-    return min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
-
-
 def sample_mechanism(cfg: Config, n_units: int, steps_per_round: int) -> Mechanism:
     """DP-SGD at one site: Poisson rate batch_size / n, delta from n; n counts the site's
     privacy units (its rows under privacy.unit = "row", else e.g. its patients)."""
@@ -50,11 +44,25 @@ def sample_mechanism(cfg: Config, n_units: int, steps_per_round: int) -> Mechani
     return Mechanism(sigma, q, delta, pr.max_grad_norm, steps_per_round)
 
 
+#: what client-level accounting assumes about who took part in a round
+NO_AMPLIFICATION = "none (server-chosen sample)"
+POISSON_AMPLIFICATION = "poisson self-selection"
+
+
+def amplification(cfg: Config) -> str:
+    """Sampling amplifies client-level DP only if the server cannot tell who took part: the
+    sites choose themselves by secret coins (federation.participation = "poisson", which needs
+    secure aggregation). A sample the server draws from run.seed and writes to metrics.jsonl
+    amplifies nothing against the server."""
+    return POISSON_AMPLIFICATION if cfg.federation.participation == "poisson" else NO_AMPLIFICATION
+
+
 def client_mechanism(cfg: Config) -> Mechanism:
-    """Client level: one Gaussian release of the clipped sum per round; a site takes part with
-    probability (sites per round) / (sites)."""
+    """Client level: one Gaussian release of the clipped sum per round. Accounted at sampling
+    rate `federation.fraction` when sites self-select by secret coins; else at rate 1 for every
+    round a site takes part in (see `amplification`)."""
     pr = cfg.privacy
-    q = sites_per_round(cfg) / cfg.federation.clients
+    q = cfg.federation.fraction if amplification(cfg) == POISSON_AMPLIFICATION else 1.0
     delta = pr.delta or default_delta(cfg.federation.clients)
     sigma = pr.noise_multiplier
     if pr.target_epsilon:
