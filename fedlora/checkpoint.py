@@ -78,6 +78,15 @@ def save(state_dir: Path, ckpt: Checkpoint) -> None:
     os.replace(tmp, target)
 
 
+def saved_round(state_dir: Path) -> int | None:
+    """The last round saved in `state_dir` (None: nothing saved, or unreadable)."""
+    try:
+        with np.load(state_dir / FILE) as data:
+            return int(json.loads(bytes(data[_META]).decode())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(state_dir: Path, fingerprint: str) -> Checkpoint | None:
     """The saved state, or None when there is none; refuses state from another config."""
     path = state_dir / FILE

@@ -24,6 +24,7 @@ from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
+from fedlora.interrupt import StopSwitch
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
 from fedlora.privacy.policy import BudgetExhausted, client_mechanism
@@ -77,6 +78,8 @@ class Federation:
     #: seed of the server's noise (client-level DP, central). A deployed server passes a
     #: secret one (it is saved with the state); a simulation uses run.seed, to be reproducible.
     noise_seed: int | None = None
+    #: thrown by SIGINT/SIGTERM: the loop stops at its next exchange and saves nothing more
+    switch: StopSwitch = field(default_factory=StopSwitch)
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -353,7 +356,16 @@ class Federation:
         self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
         return saved.round
 
+    def keep_round(self, row: dict[str, object]) -> None:
+        """Report and save a finished round, unless an interruption was announced: under the
+        switch's lock, so a round is saved wholly before the announcement or not at all."""
+        with self.switch.lock:
+            self.switch.check()
+            self.reporter.round(row)
+            self.save_state(int(row["round"]))  # type: ignore[call-overload]
+
     def run(self, grid: Grid) -> Arrays:
+        grid = StoppableGrid(grid, self.switch)
         nodes = discover_sites(grid, self.cfg.federation.clients)
         done = self.restore_state()
         if done < 0:
@@ -361,10 +373,9 @@ class Federation:
             self.reporter.progress("round 0: evaluating the initial adapter")
             row0 = {"round": 0, "train_loss": None, "clients": 0} | self.privacy_row([])
             row0 |= self.evaluate_global()
-            self.reporter.round(
+            self.keep_round(
                 row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
             )
-            self.save_state(0)
             done = 0
         self.nodes = nodes
         for round_ in range(done + 1, self.cfg.federation.rounds + 1):
@@ -380,8 +391,7 @@ class Federation:
                 )
                 self.reporter.note(self.stopped)
                 break
-            self.reporter.round(row)
-            self.save_state(round_)
+            self.keep_round(row)
         if self.cfg.federation.personalize_steps:
             self.personalize(grid, nodes)
         return self.global_arrays
@@ -446,6 +456,40 @@ def check_contribution(arrays: Arrays, global_arrays: Arrays) -> None:
         name = key.split("/", 1)[1] if "/" in key else None
         if name is not None and name not in global_arrays:
             raise FedloraError(f"A site sent tensor {key!r}, which is not part of the adapter.")
+
+
+class StoppableGrid(Grid):
+    """The run's Grid, checking the stop switch before every call: every wait for the sites
+    polls it, so an interrupted loop stops within a poll interval."""
+
+    def __init__(self, grid: Grid, switch: StopSwitch) -> None:
+        self.grid, self.switch = grid, switch
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        self.switch.check()
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        self.switch.check()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        self.switch.check()
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        self.switch.check()
+        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
