@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def saved_round(state_dir: Path) -> int | None:
     try:
         with np.load(state_dir / FILE) as data:
             return int(json.loads(bytes(data[_META]).decode())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
 
 
@@ -100,7 +101,7 @@ def load(state_dir: Path, fingerprint: str) -> Checkpoint | None:
                 if key != _META:
                     group, name = key.split("/", 1)
                     arrays[group][name] = data[key]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise FedloraError(f"Server state {path} is unreadable ({exc}).") from None
     if meta["fingerprint"] != fingerprint:
         raise FedloraError(
