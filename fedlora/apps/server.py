@@ -271,7 +271,8 @@ class Federation:
                 )
             ),
             "clients": count,
-            "sites": chosen,
+            # the sites whose update is in this round's aggregate (a dropped site is not)
+            "sites": sorted(int(m[R.SITE_ID]) for m in inputs.metrics),
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
         }
