@@ -196,7 +196,13 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     )
     work = open_results(cfg, out, resume, restart)
     try:
-        federation = run_engine(cfg, runtime, Reporter(work), checkpoint.run_state_dir(out), switch)
+        federation = run_engine(
+            cfg,
+            runtime,
+            Reporter(work, total_rounds=cfg.federation.rounds),
+            checkpoint.run_state_dir(out),
+            switch,
+        )
         finish(cfg, runtime, federation, work, time.perf_counter() - started)
     except BaseException as exc:
         if signal_of(exc, switch):

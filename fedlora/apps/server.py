@@ -80,6 +80,8 @@ class Federation:
     noise_seed: int | None = None
     #: thrown by SIGINT/SIGTERM: the loop stops at its next exchange and saves nothing more
     switch: StopSwitch = field(default_factory=StopSwitch)
+    #: the sites' names by site id, for what the operator reads (deployment); else the ids
+    site_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -367,7 +369,9 @@ class Federation:
 
     def run(self, grid: Grid) -> Arrays:
         grid = StoppableGrid(grid, self.switch)
-        nodes = discover_sites(grid, self.cfg.federation.clients)
+        nodes = discover_sites(
+            grid, self.cfg.federation.clients, note=self.reporter.note, names=self.site_names
+        )
         done = self.restore_state()
         if done < 0:
             started = time.perf_counter()
@@ -493,11 +497,29 @@ class StoppableGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
-def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """Map site id -> node id by asking every connected node which site it is."""
+def waiting_line(connected: list[int], expected: int, names: list[str]) -> str:
+    """'2 of 3 sites connected; waiting for st-marys' (names by site id, else the ids)."""
+    missing = [
+        names[s] if s < len(names) else str(s) for s in range(expected) if s not in connected
+    ]
+    return f"{len(connected)} of {expected} sites connected; waiting for {', '.join(missing)}"
+
+
+def discover_sites(
+    grid: Grid,
+    expected: int,
+    timeout: float = 600.0,
+    note: Callable[[str], None] | None = None,
+    names: list[str] | None = None,
+    every: float = 30.0,
+) -> dict[int, int]:
+    """Map site id -> node id by asking every connected node which site it is; `note` hears
+    who is still missing (after 5 s, then every `every` s) and each site that connects."""
     deadline = time.monotonic() + timeout
     nodes: dict[int, int] = {}
+    next_note = time.monotonic() + min(5.0, every)
     while len(nodes) < expected:
+        before = set(nodes)
         new = [n for n in grid.get_node_ids() if n not in nodes.values()]
         if new:
             queries = [
@@ -507,9 +529,17 @@ def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[in
                 if not reply.has_error():
                     site = int(reply.content[R.SITE_METRICS][R.SITE_ID])
                     nodes[site] = reply.metadata.src_node_id
+        if note is not None:
+            for site in sorted(set(nodes) - before):
+                label = names[site] if names and site < len(names) else str(site)
+                note(f"site {label} connected ({len(nodes)} of {expected})")
+            if len(nodes) < expected and time.monotonic() >= next_note:
+                note(waiting_line(sorted(nodes), expected, names or []))
+                next_note = time.monotonic() + every
         if time.monotonic() > deadline:
             raise FedloraError(
-                f"Only {len(nodes)} of {expected} sites connected within {timeout:.0f} s."
+                f"Only {len(nodes)} of {expected} sites connected within {timeout:.0f} s: "
+                f"{waiting_line(sorted(nodes), expected, names or [])}."
             )
         if len(nodes) < expected:
             time.sleep(0.5)

@@ -35,9 +35,7 @@ def add_deploy_commands(sub) -> None:
     certs.add_argument(
         "--site", action="append", default=[], metavar="NAME", help="a site (repeatable)"
     )
-    certs.add_argument(
-        "--days", type=int, default=825, help="validity of the server certificate (825)"
-    )
+    certs.add_argument("--days", type=int, default=825, help="days the server certificate is valid")
     certs.add_argument(
         "--force",
         action="store_true",

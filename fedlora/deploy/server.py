@@ -216,10 +216,16 @@ def serve(
                 f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
                 f"{len(names)} sites: {', '.join(names)}."
             )
-            reporter = Reporter(work)
+            reporter = Reporter(work, total_rounds=cfg.federation.rounds)
             with serverapp_task(link, run_id) as grid:
                 federation = Federation(
-                    cfg, runtime, reporter, state, noise_seed=secrets.randbits(63), switch=switch
+                    cfg,
+                    runtime,
+                    reporter,
+                    state,
+                    noise_seed=secrets.randbits(63),
+                    switch=switch,
+                    site_names=names,
                 )
                 verified = (
                     grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
