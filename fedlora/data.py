@@ -231,6 +231,14 @@ def _examples_from_rows(rows: list[dict[str, str]], task: str, path: Path) -> li
     return out
 
 
+def check_data_file(path: Path) -> None:
+    """What can be checked of a site's file before the federation says the task: it reads
+    (encoding, JSON/CSV, rows), and labelled rows have labels and no likely typo."""
+    rows, lines = read_numbered_rows(path)
+    if "label" in rows[0] and "text" in rows[0]:
+        check_rare_labels(_examples_from_rows(rows, "classify", path), lines, path)
+
+
 def load_dataset(cfg: DataConfig, seed: int, log=print) -> Dataset:
     if not cfg.path:
         if cfg.task != "classify":

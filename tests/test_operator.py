@@ -73,3 +73,15 @@ def test_server_says_who_it_is_waiting_for(monkeypatch):
     assert "site city connected (1 of 3)" in lines
     assert "2 of 3 sites connected; waiting for st-marys" in lines
     assert lines[-1] == "site st-marys connected (3 of 3)"
+
+
+def test_secure_aggregation_says_when_a_dropout_ends_the_federation():
+    from fedlora.apps.server import dropout_warning
+    from fedlora.config import load_config
+
+    def cfg(**federation):
+        return load_config(None, [{"secure": {"enabled": True}, "federation": federation}])
+
+    assert "ends the federation" in dropout_warning(cfg(clients=2), 2)
+    assert dropout_warning(cfg(clients=4), 4) == ""  # 3 of 4 suffice
+    assert dropout_warning(load_config(None, [{"federation": {"clients": 2}}]), 2) == ""

@@ -160,3 +160,24 @@ def test_model_folder_without_tokenizer(tmp_path):
     with pytest.raises(FedloraError, match="tokenizer") as info:
         load_base(str(tmp_path), log=lambda _: None)
     assert str(tmp_path) in str(info.value)
+
+
+def test_site_daemon_refuses_a_broken_data_file_before_joining(tmp_path):
+    """No server is listening: a daemon that got past its data check would wait for one."""
+    import subprocess
+    import sys
+
+    (tmp_path / "rows.jsonl").write_bytes(good_rows() + b'{"text": "' + LATIN1 + b'"}\n')
+    (tmp_path / "site.toml").write_text(
+        '[site]\nname = "st-marys"\nserver = "127.0.0.1:9"\ninsecure = true\n\n'
+        '[data]\npath = "rows.jsonl"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "client", "--config", str(tmp_path / "site.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "unreachable" not in proc.stdout
+    assert f"{tmp_path / 'rows.jsonl'}, line 13: not UTF-8" in proc.stderr

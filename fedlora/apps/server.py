@@ -43,6 +43,28 @@ def sample_sites(
     return sorted(int(s) for s in rng.choice(sorted(sites), size=k, replace=False))
 
 
+def secure_threshold(cfg: Config, sampled: int) -> int:
+    if cfg.secure.threshold:
+        return min(cfg.secure.threshold, sampled)
+    return min(sampled, max(cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
+
+
+def dropout_warning(cfg: Config, sites: int) -> str:
+    """What an operator must know up front: under secure aggregation a round that needs every
+    sampled site ends the federation when one drops out ("" when a dropout is survivable)."""
+    if not cfg.secure.enabled:
+        return ""
+    fed = cfg.federation
+    sampled = min(sites, max(fed.min_clients, math.ceil(fed.fraction * sites)))
+    if secure_threshold(cfg, sampled) < sampled:
+        return ""
+    return (
+        f"Note: secure aggregation with {sampled} sites per round needs all {sampled}: a site "
+        "that drops out during a round ends the federation (it can be resumed with --resume). "
+        "More sites, or a larger federation.fraction, leave room for a dropout."
+    )
+
+
 @dataclass
 class RoundInputs:
     """What a round collected from the sites, however it was collected."""
@@ -150,9 +172,7 @@ class Federation:
     def threshold(self, sampled: int) -> int:
         """The fewest contributions a round may sum: secure.threshold, else the larger of
         federation.min_clients and two thirds of the sampled sites (SecAgg needs a majority)."""
-        if self.cfg.secure.threshold:
-            return min(self.cfg.secure.threshold, sampled)
-        return min(sampled, max(self.cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
+        return secure_threshold(self.cfg, sampled)
 
     def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
         msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)

@@ -165,7 +165,7 @@ def serve(
                 "continue it with --resume, or remove that folder to start afresh."
             )
     cfg.run.out = str(out)
-    from fedlora.apps.server import Federation
+    from fedlora.apps.server import Federation, dropout_warning
     from fedlora.deploy.link import (
         Link,
         node_names,
@@ -216,6 +216,8 @@ def serve(
                 f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
                 f"{len(names)} sites: {', '.join(names)}."
             )
+            if warning := dropout_warning(cfg, len(names)):
+                log(warning)
             reporter = Reporter(work, total_rounds=cfg.federation.rounds)
             with serverapp_task(link, run_id) as grid:
                 federation = Federation(
