@@ -85,3 +85,14 @@ def test_secure_aggregation_says_when_a_dropout_ends_the_federation():
     assert "ends the federation" in dropout_warning(cfg(clients=2), 2)
     assert dropout_warning(cfg(clients=4), 4) == ""  # 3 of 4 suffice
     assert dropout_warning(load_config(None, [{"federation": {"clients": 2}}]), 2) == ""
+
+
+def test_errors_relayed_to_the_server_name_the_site_and_no_local_path():
+    from fedlora.deploy.executor import relayed_reason
+    from fedlora.errors import FedloraError
+
+    error = FedloraError("/srv/hospital/data/rows.jsonl, line 3: not UTF-8 text")
+    assert relayed_reason(error, "st-marys") == "site st-marys: rows.jsonl, line 3: not UTF-8 text"
+    other = OSError(r"cannot open 'C:\fl\state\site-0.npz' or /var/lib/fl/state/")
+    reason = relayed_reason(other, "city")
+    assert reason == "site city: OSError: cannot open 'site-0.npz' or state"
