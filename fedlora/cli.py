@@ -128,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in sub.choices.items():
         command.formatter_class = _HelpFormatter
         command.epilog = f"example:\n  {EXAMPLES[name]}"
+    _show_config_defaults(sim, sub.choices["sweep"])
     return parser
+
+
+def _show_config_defaults(*parsers: argparse.ArgumentParser) -> None:
+    """A shortcut flag's default is its config key's default: say it in the help."""
+    from fedlora.config import Config
+
+    defaults = Config()
+    for parser in parsers:
+        for action in parser._actions:  # noqa: SLF001 (argparse has no public list)
+            if action.dest in SIMULATE_FLAGS and action.help and "default" not in action.help:
+                section, key, _ = SIMULATE_FLAGS[action.dest]
+                value = getattr(getattr(defaults, section), key)
+                if value not in (None, ""):
+                    action.help += f" (default: {value})"
 
 
 def _positive(text: str) -> int:

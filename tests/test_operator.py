@@ -96,3 +96,12 @@ def test_errors_relayed_to_the_server_name_the_site_and_no_local_path():
     other = OSError(r"cannot open 'C:\fl\state\site-0.npz' or /var/lib/fl/state/")
     reason = relayed_reason(other, "city")
     assert reason == "site city: OSError: cannot open 'site-0.npz' or state"
+
+
+def test_simulate_help_shows_the_config_defaults_of_its_shortcuts():
+    from fedlora.config import Config
+
+    sim = build_parser()._subparsers._group_actions[0].choices["simulate"]  # noqa: SLF001
+    text = " ".join(sim.format_help().split())
+    assert f"(federation.clients) (default: {Config().federation.clients})" in text
+    assert f"(default: {Config().strategy.name})" in text
