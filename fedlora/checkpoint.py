@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,15 @@ def save(state_dir: Path, ckpt: Checkpoint) -> None:
     os.replace(tmp, target)
 
 
+def saved_round(state_dir: Path) -> int | None:
+    """The last round saved in `state_dir` (None: nothing saved, or unreadable)."""
+    try:
+        with np.load(state_dir / FILE) as data:
+            return int(json.loads(bytes(data[_META]).decode())["round"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def load(
     state_dir: Path, fingerprint: str, config: dict[str, Any] | None = None
 ) -> Checkpoint | None:
@@ -149,7 +159,7 @@ def load(
                 if key != _META:
                     group, name = key.split("/", 1)
                     arrays[group][name] = data[key]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise FedloraError(f"Server state {path} is unreadable ({exc}).") from None
     if meta["fingerprint"] != fingerprint:
         changed = config_differences(meta.get("config") or {}, config or {})

@@ -4,11 +4,15 @@ message and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
 from typing import Any
 
 from fedlora.deploy.cli import DEPLOY_COMMANDS, add_deploy_commands
 from fedlora.errors import FedloraError
+from fedlora.interrupt import Interrupted, resume_command
 
 #: flags that are shortcuts for config keys
 SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
@@ -24,6 +28,32 @@ SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
     "personalize_steps": ("federation", "personalize_steps", int),
     "privacy": ("privacy", "level", str),
 }
+
+
+#: one example per command, shown at the end of its --help
+EXAMPLES: dict[str, str] = {
+    "simulate": "fedlora simulate --model tiny-random --clients 3 --rounds 2 --out runs/try\n"
+    "  fedlora simulate --config configs/scaffold.toml --out runs/scaffold --resume",
+    "export": "fedlora export runs/try --out exported/try --merge",
+    "eval": "fedlora eval runs/try --rows 200 --json eval.json",
+    "compare": "fedlora compare base runs/try",
+    "generate": "fedlora generate 'Review: works well. Condition:' --adapter run=runs/try",
+    "sweep": "fedlora sweep --grid strategy=fedavg,scaffold --repeats 2 --rounds 5 --out sweeps/s",
+    "certs": "fedlora certs pki --server-name fl.example.org --site st-marys --site city",
+    "server": "fedlora server --config server/server.toml",
+    "client": "fedlora client --config clients/site.toml",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default where it has one (not for flags whose default comes from the
+    config) and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in help_:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run (same command and --out) from its last finished round",
     )
     sim.add_argument(
+        "--restart",
+        action="store_true",
+        help="replace the saved rounds of an interrupted run in <out>.partial and start afresh",
+    )
+    sim.add_argument(
         "--set",
         action="append",
         default=[],
@@ -95,7 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_command(sub)
     add_audit_command(sub)
     add_deploy_commands(sub)
+    for name, command in sub.choices.items():
+        command.formatter_class = _HelpFormatter
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
+    _show_config_defaults(sim, sub.choices["sweep"])
     return parser
+
+
+def _show_config_defaults(*parsers: argparse.ArgumentParser) -> None:
+    """A shortcut flag's default is its config key's default: say it in the help."""
+    from fedlora.config import Config
+
+    defaults = Config()
+    for parser in parsers:
+        for action in parser._actions:  # noqa: SLF001 (argparse has no public list)
+            if action.dest in SIMULATE_FLAGS and action.help and "default" not in action.help:
+                section, key, _ = SIMULATE_FLAGS[action.dest]
+                value = getattr(getattr(defaults, section), key)
+                if value not in (None, ""):
+                    action.help += f" (default: {value})"
 
 
 def _positive(text: str) -> int:
@@ -317,10 +370,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.resume and args.restart:
+        raise FedloraError(
+            "--resume continues the saved rounds and --restart removes them: give one."
+        )
     cfg = config_from_args(args)
     from fedlora.simulate import simulate
 
-    out = simulate(cfg, resume=args.resume)
+    out = simulate(cfg, resume=args.resume, restart=args.restart)
     sites = ", sites/site-<k>/adapter/" if cfg.federation.personalize_steps else ""
     print(
         f"\nResults: {out}/ (config.toml, metrics.jsonl, summary.json, metrics.png, "
@@ -478,8 +535,27 @@ COMMANDS = {
 }
 
 
+def resume_hint(command: str, argv: list[str], exc: Interrupted) -> str:
+    """The one line an interrupted command ends with: what is kept and how to go on."""
+    if command == "sweep":
+        again = shlex.join(["fedlora", *argv])
+        return (
+            f"interrupted ({signal.Signals(exc.signum).name}); finished runs are kept; continue "
+            f"with the same command (the interrupted run starts again): {again}"
+        )
+    if command == "simulate" and exc.out is not None:
+        return exc.describe(resume_command(argv, exc.out))
+    if command == "server":
+        return exc.describe(
+            shlex.join(["fedlora", *[a for a in argv if a != "--resume"], "--resume"])
+        )
+    return exc.describe(None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -489,6 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedloraError as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"fedlora: {resume_hint(args.command, argv, exc)}", file=sys.stderr)
+        # the round loop may be in a thread busy evaluating; the saved state is on disk and
+        # nothing else is owed, so end now instead of waiting for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except KeyboardInterrupt:
         print("fedlora: interrupted.", file=sys.stderr)
         return 130

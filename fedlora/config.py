@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedlora.errors import FedloraError
+from fedlora.readers import read_text
 from fedlora.trackers import check_trackers
 from fedlora.transport import WireDtype
 
@@ -395,7 +396,7 @@ def load_config(
         if not p.is_file():
             raise FedloraError(f"Config file {p} does not exist.")
         try:
-            values = tomllib.loads(p.read_text())
+            values = tomllib.loads(read_text(p, "Config file"))
         except tomllib.TOMLDecodeError as exc:
             raise FedloraError(f"Config file {p} is not valid TOML: {exc}.") from exc
         _apply(cfg, values, str(p), chosen)

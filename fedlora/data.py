@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import io
 import json
 import re
 from collections import Counter
@@ -21,6 +22,7 @@ import numpy as np
 
 from fedlora.config import DataConfig
 from fedlora.errors import FedloraError
+from fedlora.readers import read_text
 
 
 @dataclass(frozen=True)
@@ -250,14 +252,20 @@ def wordnet_dataset(log=print) -> Dataset:
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """Rows of a .jsonl or .csv file as dicts; errors name the file and line."""
+    return read_numbered_rows(path)[0]
+
+
+def read_numbered_rows(path: Path) -> tuple[list[dict[str, str]], list[int]]:
+    """The rows and the line each starts on."""
     if not path.is_file():
         raise FedloraError(
             f"Data file {path} does not exist; pass --data PATH to a .jsonl or .csv."
         )
     suffix = path.suffix.lower()
     rows: list[dict[str, str]] = []
+    lines: list[int] = []
     if suffix in (".jsonl", ".json"):
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text(path, "Data file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -267,18 +275,40 @@ def read_rows(path: Path) -> list[dict[str, str]]:
             if not isinstance(row, dict):
                 raise FedloraError(f"{path}, line {i}: expected a JSON object per line.")
             rows.append({k: "" if v is None else str(v) for k, v in row.items()})
+            lines.append(i)
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            for i, row in enumerate(reader, 2):
-                if None in row or any(v is None for v in row.values()):
-                    raise FedloraError(f"{path}, line {i}: wrong number of columns.")
-                rows.append(dict(row))
+        text = io.StringIO(read_text(path, "Data file"), newline="")
+        reader = csv.DictReader(text, delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            parsed = list(reader)
+        except csv.Error as exc:
+            raise FedloraError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from None
+        for i, row in enumerate(parsed, 2):
+            if None in row or any(v is None for v in row.values()):
+                raise FedloraError(f"{path}, line {i}: wrong number of columns.")
+            rows.append(dict(row))
+            lines.append(i)
     else:
         raise FedloraError(f"Data file {path}: unknown format {suffix!r}; use .jsonl or .csv.")
     if not rows:
         raise FedloraError(f"Data file {path} has no rows.")
-    return rows
+    return rows, lines
+
+
+def check_rare_labels(examples: list[Example], lines: list[int], path: Path) -> None:
+    """Among several labels, one that appears exactly once is most likely a typo ("postive"):
+    as a class of its own it would silently change the task."""
+    counts = Counter(e.label for e in examples)
+    if not 3 <= len(counts) <= 50:  # more are free-form completions: refused below
+        return
+    for example, line in zip(examples, lines, strict=True):
+        if counts[example.label] == 1:
+            others = ", ".join(sorted(k for k, n in counts.items() if n > 1)[:8])
+            raise FedloraError(
+                f"{path}, line {line}: label {example.label!r} appears only once among "
+                f"{len(counts)} labels (the others: {others}); is it a typo? Correct it, or add "
+                "more rows of that class."
+            )
 
 
 def _examples_from_rows(
@@ -321,6 +351,14 @@ def _examples_from_rows(
     return out
 
 
+def check_data_file(path: Path) -> None:
+    """What can be checked of a site's file before the federation says the task: it reads
+    (encoding, JSON/CSV, rows), and labelled rows have labels and no likely typo."""
+    rows, lines = read_numbered_rows(path)
+    if "label" in rows[0] and "text" in rows[0]:
+        check_rare_labels(_examples_from_rows(rows, "classify", path), lines, path)
+
+
 def load_dataset(cfg: DataConfig, seed: int, log=print, unit: str = "row") -> Dataset:
     """The data set data.path names (a built-in one or a file). `unit` is privacy.unit: a
     column name other than "row" is read into each training row's Example.unit."""
@@ -342,7 +380,10 @@ def load_dataset(cfg: DataConfig, seed: int, log=print, unit: str = "row") -> Da
             )
         return wordnet_dataset(log) if name == "wordnet" else builtin_dataset(log)
     path = Path(cfg.path).expanduser()
-    examples = _examples_from_rows(read_rows(path), cfg.task, path, unit_column)
+    rows, lines = read_numbered_rows(path)
+    examples = _examples_from_rows(rows, cfg.task, path, unit_column)
+    if cfg.task == "classify" and "label" in rows[0]:
+        check_rare_labels(examples, lines, path)
     if cfg.test_path:
         tpath = Path(cfg.test_path).expanduser()
         train, test = examples, _examples_from_rows(read_rows(tpath), cfg.task, tpath)

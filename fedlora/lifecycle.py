@@ -23,6 +23,7 @@ from typing import Any
 
 from fedlora.config import Config, load_config
 from fedlora.errors import FedloraError
+from fedlora.readers import decode
 
 Log = Callable[[str], None]
 
@@ -111,7 +112,7 @@ def read_run_config(path: Path, log: Log = print) -> tuple[Config, list[str]]:
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(decode(path.read_bytes(), path, "Adapter config"))
     except OSError as exc:
         raise FedloraError(f"Adapter folder {folder} has no readable {ADAPTER_CONFIG}.") from exc
     except json.JSONDecodeError as exc:

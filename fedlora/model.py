@@ -77,6 +77,13 @@ def load_base(
             kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedloraError(
+            f"Model {name!r}: no usable tokenizer in {where} ({first}); a model folder needs "
+            "the tokenizer files saved with it (tokenizer.json and tokenizer_config.json)."
+        ) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
         raise FedloraError(f"Could not load model {name!r}: {exc}") from exc

@@ -62,6 +62,17 @@ def table_row(row: dict[str, Any]) -> str:
     return "  ".join(_cell(key, width, fmt, row) for key, _, width, fmt in _columns(row))
 
 
+def time_left(rows: list[dict[str, Any]], total_rounds: int) -> str:
+    """Rounds left times the mean duration of the training rounds so far, as h:mm:ss ("" before
+    a training round has finished, or when none is left)."""
+    done = [r["seconds"] for r in rows if r.get("round", 0) >= 1 and r.get("seconds") is not None]
+    left = total_rounds - int(rows[-1].get("round", 0)) if rows else 0
+    if not done or left <= 0:
+        return ""
+    seconds = round(sum(done) / len(done) * left)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @dataclass
 class Reporter:
     """Writes one JSON line per round and prints the table; `progress` is a transient line."""
@@ -71,6 +82,8 @@ class Reporter:
     rows: list[dict[str, Any]] = field(default_factory=list)
     #: run.trackers (fedlora.trackers): each round's row is mirrored to them
     trackers: list[Any] = field(default_factory=list)
+    #: the federation's rounds: with it, each row after round 1 ends with the time left
+    total_rounds: int = 0
 
     def progress(self, text: str) -> None:
         if self.stream.isatty():
@@ -90,7 +103,9 @@ class Reporter:
             fh.write(json.dumps(row) + "\n")
         for tracker in self.trackers:
             tracker.log(row)
-        print(table_row(row), file=self.stream, flush=True)
+        eta = time_left(self.rows, self.total_rounds)
+        tail = f"  ETA {eta}" if eta else ""
+        print(table_row(row) + tail, file=self.stream, flush=True)
 
     def close(self) -> None:
         """Flush and close the trackers (the results folder needs no closing)."""

@@ -6,19 +6,22 @@ has finished, so a folder without the suffix is always a complete result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-from fedlora import checkpoint
+from fedlora import checkpoint, worker_log
 from fedlora.config import Config, ray_address, write_config
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
+from fedlora.interrupt import Interrupted, StopSwitch, end_children, on_signals, signal_of
 from fedlora.privacy.policy import amplification
 from fedlora.privacy.secrets import SIMULATED
 from fedlora.report import Reporter, human_bytes, plot_metrics
@@ -39,10 +42,28 @@ def check_out(out: Path) -> None:
         )
 
 
-def prepare_out(out: Path) -> Path:
-    """Refuse to overwrite a result; return the `.partial` working folder."""
+def check_partial(out: Path) -> None:
+    """Saved rounds are the user's: a fresh run never deletes them without --restart."""
+    saved = checkpoint.saved_round(checkpoint.run_state_dir(out))
+    if saved is not None:
+        raise FedloraError(
+            f"{out.name}.partial holds an interrupted run with rounds 0-{saved} saved; resume it "
+            "with --resume, or remove it with --restart."
+        )
+
+
+def work_dir(out: Path) -> Path:
+    """Where a run writes until it has finished: `<out>.partial`."""
+    return out.with_name(out.name + ".partial")
+
+
+def prepare_out(out: Path, restart: bool = False) -> Path:
+    """Refuse to overwrite a result or an interrupted run's saved rounds (unless `restart`);
+    return the `.partial` working folder."""
     check_out(out)
-    work = out.with_name(out.name + ".partial")
+    if not restart:
+        check_partial(out)
+    work = work_dir(out)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -54,6 +75,8 @@ def quiet_engines() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds to 127.0.0.1
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # a signal ends the run with fedlora's one line, not a stack dump from Ray's C++ core
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray workers inherit the environment: keep library chatter out of the round table
@@ -148,7 +171,7 @@ def resume_dir(cfg: Config) -> Path:
     if not cfg.run.out:
         raise FedloraError("--resume needs --out: the results folder of the interrupted run.")
     out = results_dir(cfg)
-    work = out.with_name(out.name + ".partial")
+    work = work_dir(out)
     if not (checkpoint.run_state_dir(out) / checkpoint.FILE).exists():
         raise FedloraError(
             f"Nothing to resume: {work} holds no saved server state (it is saved after every "
@@ -157,15 +180,47 @@ def resume_dir(cfg: Config) -> Path:
     return work
 
 
-def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
+def simulate(cfg: Config, log=print, resume: bool = False, restart: bool = False) -> Path:
     """Run the federation described by `cfg`; return the finished results folder. With
-    `resume`, continue an interrupted run from its last saved round."""
+    `resume`, continue an interrupted run from its last saved round; with `restart`, replace
+    an interrupted run's saved rounds. SIGINT/SIGTERM raise `Interrupted` within seconds."""
+    switch = StopSwitch()
+    with on_signals(switch):
+        try:
+            return _simulate(cfg, log, resume, restart, switch)
+        except BaseException as exc:
+            signum = signal_of(exc, switch)
+            if not signum:
+                raise
+            switch.throw(signum)  # the round loop's thread saves nothing more
+            stop_ray()
+            end_children(switch)
+            work = None
+            if cfg.run.out:
+                work = work_dir(results_dir(cfg))
+            saved = None if work is None else checkpoint.saved_round(work / "state")
+            raise Interrupted(signum, work, saved) from None
+
+
+def stop_ray() -> None:
+    """Ray's helper processes (started by this process) end with it, also when Ray was
+    interrupted while starting."""
+    if "ray" in sys.modules:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
+def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch) -> Path:
     quiet_engines()
     out = results_dir(cfg)
     if resume:
         resume_dir(cfg)
     else:
         check_out(out)
+        if not restart:
+            check_partial(out)
     cfg.run.out = str(out)  # resolved once: every site worker keeps its state under it
     if (address := ray_address(cfg)) and address != "auto":  # "auto": Ray finds a local head
         check_ray_address(address)
@@ -203,12 +258,24 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
         f"Site secrets (DP noise and batches, participation): {SIMULATED}, so the run repeats; "
         "a site daemon draws its own from its OS CSPRNG."
     )
-    work = open_results(cfg, out, resume)
-    reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))
+    work = open_results(cfg, out, resume, restart)
+    reporter = Reporter(
+        work,
+        total_rounds=cfg.federation.rounds,
+        trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()),
+    )
     try:
-        federation = run_engine(cfg, runtime, reporter, checkpoint.run_state_dir(out))
+        federation = run_engine(
+            cfg,
+            runtime,
+            reporter,
+            checkpoint.run_state_dir(out),
+            switch,
+        )
         finish(cfg, runtime, federation, work, time.perf_counter() - started, SIMULATED)
-    except BaseException:
+    except BaseException as exc:
+        if signal_of(exc, switch):
+            raise
         log(
             f"The run did not finish; partial output kept in {work} (continue it with the same "
             "command and --resume)."
@@ -219,12 +286,12 @@ def simulate(cfg: Config, log=print, resume: bool = False) -> Path:
     return close_results(out, work)
 
 
-def open_results(cfg: Config, out: Path, resume: bool) -> Path:
+def open_results(cfg: Config, out: Path, resume: bool, restart: bool = False) -> Path:
     """The `.partial` working folder: the interrupted run's (resume), or a fresh one holding
     the effective config. Shared with `fedlora server`."""
     if resume:
         return resume_dir(cfg)
-    work = prepare_out(out)
+    work = prepare_out(out, restart)
     write_config(cfg, work / "config.toml")
     return work
 
@@ -242,7 +309,9 @@ def precision_name(bf16: bool) -> str:
     return "bf16 autocast" if bf16 else "fp32"
 
 
-def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
+def run_engine(
+    cfg: Config, runtime, reporter: Reporter, state_dir: Path, switch: StopSwitch | None = None
+):
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -250,17 +319,56 @@ def run_engine(cfg: Config, runtime, reporter: Reporter, state_dir: Path):
     from fedlora.apps.client import make_client_app
     from fedlora.apps.server import Federation, make_server_app
 
-    federation = Federation(cfg, runtime, reporter, state_dir)
+    switch = switch or StopSwitch()
+    federation = Federation(cfg, runtime, reporter, state_dir, switch=switch)
     result: dict = {}
-    run_simulation(
-        server_app=make_server_app(federation, result),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.federation.clients,
-        backend_config=backend_config(cfg),
-    )
+    start_ray(cfg, reporter.note)
+    flwr_log = logging.getLogger("flwr")
+    hush = _Hush(switch)  # once interrupted, the actors Ray stops are no errors to report
+    flwr_log.addFilter(hush)
+    try:
+        with on_signals(switch):  # ray.init replaced fedlora's SIGTERM handler: back to ours
+            run_simulation(
+                server_app=make_server_app(federation, result),
+                client_app=make_client_app(cfg),
+                num_supernodes=cfg.federation.clients,
+                backend_config=backend_config(cfg),
+            )
+    finally:
+        flwr_log.removeFilter(hush)
     if "adapter" not in result:
         raise FedloraError("The simulation ended without a result; see the messages above.")
     return federation
+
+
+class _Hush(logging.Filter):
+    def __init__(self, switch: StopSwitch) -> None:
+        super().__init__()
+        self.switch = switch
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.switch.thrown
+
+
+def start_ray(cfg: Config, log) -> None:
+    """Start Ray here rather than inside Flower (which then uses it), to say how long it took:
+    it can be tens of seconds on a busy machine."""
+    import ray
+
+    started = time.perf_counter()
+    log(f"Starting the simulation engine (Ray) with {worker_count(cfg)} site workers ...")
+    # as Flower does: the workers import what this process can import
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath += os.pathsep + os.environ["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = pythonpath
+    init_args = backend_config(cfg)["init_args"]
+    runtime_env: dict = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if not ray_address(cfg):  # this machine's workers: their chatter goes to <results>/logs/
+        runtime_env = worker_log.runtime_env(work_dir(results_dir(cfg)) / "logs", runtime_env)
+        init_args["log_to_driver"] = False
+    ray.init(runtime_env=runtime_env, **init_args)
+    log(f"Simulation engine started in {time.perf_counter() - started:.0f} s.")
 
 
 def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:

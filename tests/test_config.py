@@ -276,3 +276,16 @@ def test_every_shipped_config_loads():
         load_config(path)
     dp = load_config(Path(__file__).parent.parent / "configs" / "dp.toml")
     assert (dp.privacy.level, dp.privacy.target_epsilon, dp.train.optimizer) == ("sample", 8, "sgd")
+
+
+def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
+    """configs/scaffold.toml runs SCAFFOLD with SGD momentum; validation accepts it, refuses
+    Adam, and the README says exactly that."""
+    root = Path(__file__).parent.parent
+    cfg = load_config(root / "configs" / "scaffold.toml")
+    assert cfg.strategy.name == "scaffold" and cfg.train.momentum > 0
+    with pytest.raises(FedloraError, match="train.optimizer"):
+        load_config(None, [{"strategy": {"name": "scaffold"}, "train": {"optimizer": "adamw"}}])
+    readme = " ".join((root / "README.md").read_text().split())
+    assert "SCAFFOLD with `train.momentum = 0`" not in readme
+    assert "SGD momentum (`train.momentum`" in readme and "allowed with both" in readme

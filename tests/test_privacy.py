@@ -286,7 +286,9 @@ def test_a_logical_batch_in_physical_pieces_is_one_step_and_changes_nothing_else
     mech = sample_mechanism(cfg, len(rows), 3)
     assert mech.steps_per_round == 3 and mech.sample_rate == 1.0
     # Poisson batches, some empty (pure noise) and some split, give the same adapter as unsplit
-    draws = [len(b) for b in dpsgd.PoissonBatches(12, 0.15, 20, np.random.default_rng(4))]
+    # (the draws come from the site secret's batch stream, as they will in training)
+    stream = make_dp(1.0, 0.05, 0.15, secret_seed=7).batches
+    draws = [len(b) for b in dpsgd.PoissonBatches(12, 0.15, 20, stream)]
     assert 0 in draws and max(draws) > 2
     noisy = {b: make_dp(1.0, 0.05, 0.15, secret_seed=7, physical_batch_size=b) for b in (2, 64)}
     whole, pieces = (train_rows(site, rows, 20, noisy[b], seed=4) for b in (64, 2))

@@ -418,3 +418,27 @@ def test_resume_without_saved_state_is_refused(tmp_path, tiny_cfg):
 
     with pytest.raises(FedloraError, match="Nothing to resume"):
         simulate(tiny_cfg(), log=quiet, resume=True)
+
+
+def test_metrics_list_only_the_sites_that_contributed(tmp_path, tiny_cfg, monkeypatch):
+    """A site that fails in a round is not among that round's `sites` in metrics.jsonl."""
+    from fedlora.apps.server import RoundInputs
+    from fedlora.strategies.base import sum_contributions
+
+    real = Federation.collect_plain
+
+    def site_1_fails_in_round_1(self, grid, chosen, round_, progress) -> RoundInputs:
+        inputs = real(self, grid, chosen, round_, progress)
+        if round_ == 1:
+            keep = [i for i, m in enumerate(inputs.metrics) if int(m[R.SITE_ID]) != 1]
+            inputs.metrics = [inputs.metrics[i] for i in keep]
+            inputs.contributions = [inputs.contributions[i] for i in keep]
+            inputs.sums = sum_contributions(inputs.contributions)
+            inputs.failures.append("site 1: lost")
+        return inputs
+
+    monkeypatch.setattr(Federation, "collect_plain", site_1_fails_in_round_1)
+    out = simulate(tiny_cfg(federation={"min_clients": 2}), log=quiet)
+    rows = metrics(out)
+    assert rows[1]["sites"] == [0, 2] and rows[1]["clients"] == 2
+    assert rows[2]["sites"] == [0, 1, 2]

@@ -24,6 +24,7 @@ from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
+from fedlora.interrupt import StopSwitch
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
 from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism
@@ -41,6 +42,28 @@ def sample_sites(
     """max(minimum, ceil(fraction * n)) sites, without replacement, seeded."""
     k = min(len(sites), max(minimum, math.ceil(fraction * len(sites))))
     return sorted(int(s) for s in rng.choice(sorted(sites), size=k, replace=False))
+
+
+def secure_threshold(cfg: Config, sampled: int) -> int:
+    if cfg.secure.threshold:
+        return min(cfg.secure.threshold, sampled)
+    return min(sampled, max(cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
+
+
+def dropout_warning(cfg: Config, sites: int) -> str:
+    """What an operator must know up front: under secure aggregation a round that needs every
+    sampled site ends the federation when one drops out ("" when a dropout is survivable)."""
+    if not cfg.secure.enabled:
+        return ""
+    fed = cfg.federation
+    sampled = min(sites, max(fed.min_clients, math.ceil(fed.fraction * sites)))
+    if secure_threshold(cfg, sampled) < sampled:
+        return ""
+    return (
+        f"Note: secure aggregation with {sampled} sites per round needs all {sampled}: a site "
+        "that drops out during a round ends the federation (it can be resumed with --resume). "
+        "More sites, or a larger federation.fraction, leave room for a dropout."
+    )
 
 
 @dataclass
@@ -79,6 +102,10 @@ class Federation:
     #: seed of the server's noise (client-level DP, central). A deployed server passes a
     #: secret one (it is saved with the state); a simulation uses run.seed, to be reproducible.
     noise_seed: int | None = None
+    #: thrown by SIGINT/SIGTERM: the loop stops at its next exchange and saves nothing more
+    switch: StopSwitch = field(default_factory=StopSwitch)
+    #: the sites' names by site id, for what the operator reads (deployment); else the ids
+    site_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -152,9 +179,7 @@ class Federation:
     def threshold(self, sampled: int) -> int:
         """The fewest contributions a round may sum: secure.threshold, else the larger of
         federation.min_clients and two thirds of the sampled sites (SecAgg needs a majority)."""
-        if self.cfg.secure.threshold:
-            return min(self.cfg.secure.threshold, sampled)
-        return min(sampled, max(self.cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
+        return secure_threshold(self.cfg, sampled)
 
     def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
         msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)
@@ -284,7 +309,8 @@ class Federation:
             "round": round_,
             "train_loss": mean_train_loss(inputs.metrics, works),
             "clients": participants,
-            "sites": chosen,
+            # the sites whose update is in this round's aggregate (a dropped site is not)
+            "sites": sorted(int(m[R.SITE_ID]) for m in inputs.metrics),
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
         }
@@ -391,8 +417,19 @@ class Federation:
         self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
         return saved.round
 
+    def keep_round(self, row: dict[str, object]) -> None:
+        """Report and save a finished round, unless an interruption was announced: under the
+        switch's lock, so a round is saved wholly before the announcement or not at all."""
+        with self.switch.lock:
+            self.switch.check()
+            self.reporter.round(row)
+            self.save_state(int(row["round"]))  # type: ignore[call-overload]
+
     def run(self, grid: Grid) -> Arrays:
-        nodes = discover_sites(grid, self.cfg.federation.clients)
+        grid = StoppableGrid(grid, self.switch)
+        nodes = discover_sites(
+            grid, self.cfg.federation.clients, note=self.reporter.note, names=self.site_names
+        )
         if self.cfg.privacy.level == "client":
             self.reporter.note(
                 f"Client-level DP, sampling amplification: {amplification(self.cfg)}"
@@ -403,10 +440,9 @@ class Federation:
             self.reporter.progress("round 0: evaluating the initial adapter")
             row0 = {"round": 0, "train_loss": None, "clients": 0} | self.privacy_row([])
             row0 |= self.evaluate_global()
-            self.reporter.round(
+            self.keep_round(
                 row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
             )
-            self.save_state(0)
             done = 0
         self.nodes = nodes
         for round_ in range(done + 1, self.cfg.federation.rounds + 1):
@@ -422,8 +458,7 @@ class Federation:
                 )
                 self.reporter.note(self.stopped)
                 break
-            self.reporter.round(row)
-            self.save_state(round_)
+            self.keep_round(row)
         if self.cfg.federation.personalize_steps:
             self.personalize(grid, nodes)
         return self.global_arrays
@@ -510,8 +545,58 @@ def check_contribution(arrays: Arrays, global_arrays: Arrays) -> None:
             raise FedloraError(f"A site sent tensor {key!r}, which is not part of the adapter.")
 
 
-def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """Map site id -> node id by asking every connected node which site it is.
+class StoppableGrid(Grid):
+    """The run's Grid, checking the stop switch before every call: every wait for the sites
+    polls it, so an interrupted loop stops within a poll interval."""
+
+    def __init__(self, grid: Grid, switch: StopSwitch) -> None:
+        self.grid, self.switch = grid, switch
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        self.switch.check()
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        self.switch.check()
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        self.switch.check()
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        self.switch.check()
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def waiting_line(connected: list[int], expected: int, names: list[str]) -> str:
+    """'2 of 3 sites connected; waiting for st-marys' (names by site id, else the ids)."""
+    missing = [
+        names[s] if s < len(names) else str(s) for s in range(expected) if s not in connected
+    ]
+    return f"{len(connected)} of {expected} sites connected; waiting for {', '.join(missing)}"
+
+
+def discover_sites(
+    grid: Grid,
+    expected: int,
+    timeout: float = 600.0,
+    note: Callable[[str], None] | None = None,
+    names: list[str] | None = None,
+    every: float = 30.0,
+) -> dict[int, int]:
+    """Map site id -> node id by asking every connected node which site it is; `note` hears
+    who is still missing (after 5 s, then every `every` s) and each site that connects.
 
     Every node is asked once, as soon as it is seen, and replies are collected as they arrive
     for as long as the deadline allows: a batch that waited for its slowest reply (and threw
@@ -523,7 +608,9 @@ def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[in
     nodes: dict[int, int] = {}
     asked: dict[str, int] = {}  # pending query message id -> node id
     seen: set[int] = set()  # nodes with a query pending or answered
+    next_note = time.monotonic() + min(5.0, every)
     while len(nodes) < expected:
+        before = set(nodes)
         for node in [n for n in grid.get_node_ids() if n not in seen]:
             query = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for message_id in grid.push_messages([query]):  # none: not accepted, ask later
@@ -535,9 +622,17 @@ def discover_sites(grid: Grid, expected: int, timeout: float = 600.0) -> dict[in
                 seen.discard(node)  # ask it again
                 continue
             nodes[int(reply.content[R.SITE_METRICS][R.SITE_ID])] = node
+        if note is not None:
+            for site in sorted(set(nodes) - before):
+                label = names[site] if names and site < len(names) else str(site)
+                note(f"site {label} connected ({len(nodes)} of {expected})")
+            if len(nodes) < expected and time.monotonic() >= next_note:
+                note(waiting_line(sorted(nodes), expected, names or []))
+                next_note = time.monotonic() + every
         if time.monotonic() > deadline:
             raise FedloraError(
-                f"Only {len(nodes)} of {expected} sites connected within {timeout:.0f} s."
+                f"Only {len(nodes)} of {expected} sites connected within {timeout:.0f} s: "
+                f"{waiting_line(sorted(nodes), expected, names or [])}."
             )
         if len(nodes) < expected:
             time.sleep(0.2)

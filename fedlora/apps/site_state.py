@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from fedlora.errors import FedloraError
 
 Arrays = dict[str, np.ndarray]
 
@@ -33,12 +36,18 @@ class SiteStore:
         if not self.path.exists():
             return {}
         by_round: dict[int, Arrays] = {}
-        with np.load(self.path) as data:
-            for key in data.files:
-                tag, name = key.split("/", 1)
-                state = by_round.setdefault(int(tag[1:]), {})
-                if name != _MARK:
-                    state[name] = data[key]
+        try:
+            with np.load(self.path) as data:
+                for key in data.files:
+                    tag, name = key.split("/", 1)
+                    state = by_round.setdefault(int(tag[1:]), {})
+                    if name != _MARK:
+                        state[name] = data[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise FedloraError(
+                f"Site state {self.path} is unreadable ({exc}); restore it from a backup, or "
+                "remove it to start this site's state afresh."
+            ) from None
         return by_round
 
     def before(self, round_: int) -> Arrays:

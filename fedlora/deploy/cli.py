@@ -35,9 +35,7 @@ def add_deploy_commands(sub) -> None:
     certs.add_argument(
         "--site", action="append", default=[], metavar="NAME", help="a site (repeatable)"
     )
-    certs.add_argument(
-        "--days", type=int, default=825, help="validity of the server certificate (825)"
-    )
+    certs.add_argument("--days", type=int, default=825, help="days the server certificate is valid")
     certs.add_argument(
         "--force",
         action="store_true",
@@ -121,11 +119,17 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    from fedlora.data import check_data_file
     from fedlora.deploy.settings import load_site
     from fedlora.deploy.site import run_site
 
     _line_buffered()
-    return run_site(load_site(Path(args.config).expanduser()))
+    settings = load_site(Path(args.config).expanduser())
+    # a broken data file is found now, before the site joins and the server counts on it
+    for key in ("path", "test_path"):
+        if settings.data.get(key):
+            check_data_file(Path(settings.data[key]))
+    return run_site(settings)
 
 
 DEPLOY_COMMANDS = {"certs": cmd_certs, "server": cmd_server, "client": cmd_client}

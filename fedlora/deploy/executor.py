@@ -9,6 +9,7 @@ messages that way), with task heartbeats meanwhile. Flower's own functions do th
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,23 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedlora.deploy import runconfig
+from fedlora.errors import FedloraError
+
 App = Callable[[Message, object], Message]
+
+#: an absolute path (POSIX, or Windows with a drive letter)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;:'\"()]+)+[/\\]?")
+
+
+def relayed_reason(exc: BaseException, site: str) -> str:
+    """Why a message failed, as the server reads it: naming the site, and with every local path
+    cut to its file name (a site's file layout is its own business; its log keeps the rest)."""
+    text = _PATH.sub(
+        lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], str(exc)
+    )
+    kind = "" if isinstance(exc, FedloraError) else f"{type(exc).__name__}: "
+    return f"site {site}: {kind}{text}"
 
 
 def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
@@ -78,13 +95,14 @@ class TaskRunner:
                 reply = self.app(message, context)
                 status, details = SubStatus.COMPLETED, ""
             except Exception as exc:  # the server learns why; the daemon carries on
-                details = f"{type(exc).__name__}: {exc}"
+                site = str(context.node_config.get(runconfig.SITE_NAME, "?"))
+                details = relayed_reason(exc, site)
                 reply = Message(
                     Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
                     reply_to=message,
                 )
                 status = SubStatus.FAILED
-                self.log(f"{message.metadata.message_type} failed: {details}")
+                self.log(f"{message.metadata.message_type} failed: {type(exc).__name__}: {exc}")
             push_message(client, reply, context)
             push_task_output(client, context, status, details)
             self.handled += 1

@@ -29,6 +29,7 @@ from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
+from fedlora.interrupt import Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
 from fedlora.simulate import (
@@ -173,7 +174,7 @@ def serve(
             )
     cfg.run.out = str(out)
     shared = shared_config(cfg)  # before the server settles its own precision: sites settle theirs
-    from fedlora.apps.server import Federation
+    from fedlora.apps.server import Federation, dropout_warning
     from fedlora.deploy.link import (
         Link,
         node_names,
@@ -205,35 +206,54 @@ def serve(
         runconfig.FEDERATION: federation_id(state),
     }
     link = Link(settings, insecure)
+    switch = StopSwitch()
     reporter = None
     try:
-        link.start()
-        if insecure:
+        with on_signals(switch):
+            link.start()
+            if insecure:
+                log(
+                    "WARNING: --insecure: no TLS and no node authentication. Site updates cross "
+                    "the network in the clear and any machine that reaches this port can join "
+                    "as a site. Use it for rehearsals on a closed network only."
+                )
+            else:
+                for change in sync_sites(link, settings.sites):
+                    log(f"Site keys: {change}.")
+            if stale := stop_unfinished_runs(link):
+                log(f"Stopped {stale} run(s) left by a previous server process.")
+            run_id = start_run(link, run_config)
+            mode = "plaintext" if insecure else "TLS, node authentication"
             log(
-                "WARNING: --insecure: no TLS and no node authentication. Site updates cross the "
-                "network in the clear and any machine that reaches this port can join as a "
-                "site. Use it for rehearsals on a closed network only."
+                f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
+                f"{len(names)} sites: {', '.join(names)}."
             )
-        else:
-            for change in sync_sites(link, settings.sites):
-                log(f"Site keys: {change}.")
-        if stale := stop_unfinished_runs(link):
-            log(f"Stopped {stale} run(s) left by a previous server process.")
-        run_id = start_run(link, run_config)
-        mode = "plaintext" if insecure else "TLS, node authentication"
-        log(
-            f"Listening on {settings.host}:{settings.port} ({mode}); waiting for "
-            f"{len(names)} sites: {', '.join(names)}."
-        )
-        reporter = Reporter(work, trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()))
-        with serverapp_task(link, run_id) as grid:
-            federation = Federation(cfg, runtime, reporter, state, noise_seed=secrets.randbits(63))
-            verified = (
-                grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
+            if warning := dropout_warning(cfg, len(names)):
+                log(warning)
+            reporter = Reporter(
+                work,
+                total_rounds=cfg.federation.rounds,
+                trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()),
             )
-            federation.run(verified)
+            with serverapp_task(link, run_id) as grid:
+                federation = Federation(
+                    cfg,
+                    runtime,
+                    reporter,
+                    state,
+                    noise_seed=secrets.randbits(63),
+                    switch=switch,
+                    site_names=names,
+                )
+                verified = (
+                    grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
+                )
+                federation.run(verified)
         finish(cfg, runtime, federation, work, time.perf_counter() - started, SITE_CSPRNG)
-    except BaseException:
+    except BaseException as exc:
+        if signum := signal_of(exc, switch):
+            switch.throw(signum)
+            raise Interrupted(signum, work, checkpoint.saved_round(state)) from None
         log(
             f"The federation did not finish; partial output kept in {work} (continue it with "
             "the same command and --resume)."

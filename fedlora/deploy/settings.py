@@ -20,6 +20,7 @@ from typing import Any
 
 from fedlora.config import Config, _apply, parse_override, validate
 from fedlora.errors import FedloraError
+from fedlora.readers import read_text
 from fedlora.secure.certs import check_site_name, load_site_public_key
 
 SERVER_KEYS = {"address", "state_dir", "ca_cert", "cert", "key"}
@@ -69,7 +70,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FedloraError(f"Config file {path} does not exist.")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_text(path, "Config file"))
     except tomllib.TOMLDecodeError as exc:
         raise FedloraError(f"Config file {path} is not valid TOML: {exc}.") from None
 

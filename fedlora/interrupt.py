@@ -1,0 +1,143 @@
+"""Ctrl-C and SIGTERM: end within seconds, keep every saved round, and say how to go on.
+
+The federation's round loop may run in a thread the signal cannot reach (Flower's simulation
+runs the ServerApp in one), so a signal throws a `StopSwitch` that the loop checks before every
+exchange with the sites and before it reports and saves a round. Reporting and saving happen
+under the switch's lock: a round is either wholly saved before the switch is thrown, or not at
+all, so nothing is saved after the interruption is announced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(Exception):
+    """Raised in the round loop's thread once the switch is thrown."""
+
+
+class StopSwitch:
+    """Thrown (once) by a signal; checked by the round loop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # a second signal may arrive inside throw()
+        self.event = threading.Event()
+        self.signum = 0
+        #: this process's child processes when the signal came (Ray's helpers and workers)
+        self.children: list = []
+
+    def throw(self, signum: int) -> None:
+        with self.lock:  # waits for a round being saved: it is saved wholly, or not at all
+            self.signum = self.signum or int(signum)
+            self.event.set()
+
+    @property
+    def thrown(self) -> bool:
+        return self.event.is_set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Stopped(f"stopped by {signal.Signals(self.signum).name}")
+
+
+@contextlib.contextmanager
+def on_signals(switch: StopSwitch) -> Iterator[None]:
+    """SIGINT and SIGTERM throw `switch` and raise KeyboardInterrupt in the main thread (also
+    where the shell started this process with SIGINT ignored); the old handlers come back at
+    the end. Only in the main thread: elsewhere signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        first = not switch.thrown
+        switch.throw(signum)
+        if first:
+            switch.children = psutil.Process().children(recursive=True)
+            raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def end_children(switch: StopSwitch, grace: float = 3.0) -> None:
+    """End the child processes the interrupted process had (a busy Ray worker outlives its
+    raylet by minutes): SIGTERM, then SIGKILL for those still there after `grace`."""
+    alive = [p for p in switch.children if p.is_running()]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def signal_of(exc: BaseException, switch: StopSwitch) -> int:
+    """The signal behind `exc` (0: none). Ray replaces the SIGTERM handler with one that
+    raises SystemExit(SIGTERM), so that counts too."""
+    if switch.thrown:
+        return switch.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+        return int(signal.SIGTERM)
+    return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: one line saying what was kept and how to continue. (Not a
+    FedloraError: nothing may catch it as a failed run and carry on, as a sweep would.)"""
+
+    def __init__(self, signum: int, work: Path | None, saved_round: int | None) -> None:
+        self.signum, self.work, self.saved_round = signum, work, saved_round
+        self.exit_code = 128 + signum
+        super().__init__(self.describe(None))
+
+    @property
+    def out(self) -> Path | None:
+        """The results folder the interrupted run was writing (its `.partial` is `work`)."""
+        return (
+            None if self.work is None else self.work.with_name(self.work.name[: -len(".partial")])
+        )
+
+    def describe(self, resume_command: str | None) -> str:
+        name = signal.Signals(self.signum).name
+        if self.work is None or self.saved_round is None:
+            return (
+                f"interrupted ({name}) before round 0 finished: nothing to resume; run the same "
+                "command again to start afresh."
+            )
+        how = f"resume with: {resume_command}" if resume_command else "resume it with --resume"
+        return f"interrupted ({name}); rounds 0-{self.saved_round} are saved in {self.work}; {how}"
+
+
+def resume_command(argv: Sequence[str], out: Path) -> str:
+    """The exact command that continues the interrupted run: the same arguments, the resolved
+    results folder (a default one is named by the time it started) and --resume."""
+    args: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif arg.startswith("--out=") or arg == "--resume" or arg == "--restart":
+            continue
+        else:
+            args.append(arg)
+    return shlex.join(["fedlora", *args, "--out", str(out), "--resume"])
