@@ -37,6 +37,7 @@ EXAMPLES: dict[str, str] = {
     "export": "fedlora export runs/try --out exported/try --merge",
     "eval": "fedlora eval runs/try --rows 200 --json eval.json",
     "compare": "fedlora compare base runs/try",
+    "audit": "fedlora audit runs/try --json runs/try/audit.json",
     "generate": "fedlora generate 'Review: works well. Condition:' --adapter run=runs/try",
     "sweep": "fedlora sweep --grid strategy=fedavg,scaffold --repeats 2 --rounds 5 --out sweeps/s",
     "certs": "fedlora certs pki --server-name fl.example.org --site st-marys --site city",
@@ -552,7 +553,20 @@ def resume_hint(command: str, argv: list[str], exc: Interrupted) -> str:
     return exc.describe(None)
 
 
+def quiet_libraries() -> None:
+    """The console shows fedlora's output: libraries' notices about optional kernels and their
+    own deprecations are not the user's business (errors still surface as errors)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module="transformers")
+        warnings.filterwarnings("ignore", category=category, module="torch")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = None

@@ -37,24 +37,31 @@ class _Grid:
 
     def __init__(self) -> None:
         self.polls = 0
+        self.pending: list[tuple[str, int]] = []  # (query id, site) not yet answered
 
     def get_node_ids(self):
         self.polls += 1
         return [100 + s for s in (0, 2, 1)[: self.polls]]
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
+        self.pending += [
+            (f"q{msg.metadata.dst_node_id}", msg.metadata.dst_node_id - 100) for msg in messages
+        ]
+        return [mid for mid, _ in self.pending[-len(messages) :]]
+
+    def pull_messages(self, message_ids):
         from flwr.app import MetricRecord, RecordDict
 
         from fedlora.apps import records as R
 
         replies = []
-        for msg in messages:
-            site = msg.metadata.dst_node_id - 100
+        for mid, site in [p for p in self.pending if p[0] in message_ids]:
             reply = type("Reply", (), {})()
             reply.has_error = lambda: False
             reply.content = RecordDict({R.SITE_METRICS: MetricRecord({R.SITE_ID: site})})
-            reply.metadata = type("Meta", (), {"src_node_id": 100 + site})()
+            reply.metadata = type("Meta", (), {"reply_to_message_id": mid})()
             replies.append(reply)
+        self.pending = [p for p in self.pending if p[0] not in message_ids]
         return replies
 
 

@@ -581,10 +581,12 @@ class StoppableGrid(Grid):
 
 def waiting_line(connected: list[int], expected: int, names: list[str]) -> str:
     """'2 of 3 sites connected; waiting for st-marys' (names by site id, else the ids)."""
-    missing = [
-        names[s] if s < len(names) else str(s) for s in range(expected) if s not in connected
-    ]
-    return f"{len(connected)} of {expected} sites connected; waiting for {', '.join(missing)}"
+    have = set(connected)
+    missing = [names[s] if s < len(names) else str(s) for s in range(expected) if s not in have]
+    shown = ", ".join(missing[:10]) + (
+        f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    )
+    return f"{len(connected)} of {expected} sites connected; waiting for {shown}"
 
 
 def discover_sites(
@@ -623,9 +625,10 @@ def discover_sites(
                 continue
             nodes[int(reply.content[R.SITE_METRICS][R.SITE_ID])] = node
         if note is not None:
-            for site in sorted(set(nodes) - before):
-                label = names[site] if names and site < len(names) else str(site)
-                note(f"site {label} connected ({len(nodes)} of {expected})")
+            # named sites (a deployment) are announced one by one; simulated ones only counted
+            for k, site in enumerate(sorted(set(nodes) - before) if names else []):
+                label = names[site] if site < len(names) else str(site)
+                note(f"site {label} connected ({len(before) + k + 1} of {expected})")
             if len(nodes) < expected and time.monotonic() >= next_note:
                 note(waiting_line(sorted(nodes), expected, names or []))
                 next_note = time.monotonic() + every
