@@ -209,10 +209,10 @@ def test_what_a_site_trains_with(tmp_path):
     import tomllib
 
     from fedlora.config import load_config
-    from fedlora.deploy.apps import check_privacy_promise, site_config
+    from fedlora.deploy.apps import site_config
     from fedlora.deploy.server import shared_config
     from fedlora.deploy.settings import SiteSettings
-    from fedlora.errors import FedloraError
+    from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 
     server = load_config(
         None,
@@ -241,19 +241,19 @@ def test_what_a_site_trains_with(tmp_path):
         data={"path": str(tmp_path / "own.jsonl")},
         max_epsilon=4.0,
         path=tmp_path / "site.toml",
+        policy=SitePolicy(max_epsilon=4.0),
     )
     cfg = site_config(shared, site)
     assert cfg.data.path == str(tmp_path / "own.jsonl") and cfg.data.max_text_tokens == 40
     assert cfg.data.test_path == ""
     assert cfg.lora.targets == ["q_proj", "o_proj"] and cfg.run.seed == 3
     assert cfg.train.threads == 3 and cfg.privacy.max_epsilon == 4.0  # the stricter budget
-    check_privacy_promise(cfg, site, "train")
+    site.policy.check_request(cfg, secure=False)
 
     without_dp = dict(shared, privacy={"level": "none"})
     cfg = site_config(without_dp, site)
-    check_privacy_promise(cfg, site, "query")  # a site still says who it is
-    with pytest.raises(FedloraError, match="only under differential privacy"):
-        check_privacy_promise(cfg, site, "train.secagg")
+    with pytest.raises(PolicyRefused, match="differential privacy required"):
+        site.policy.check_request(cfg, secure=True)
 
 
 def test_the_kits_example_configs_load(tmp_path):
@@ -281,8 +281,39 @@ def test_the_kits_example_configs_load(tmp_path):
     assert list(settings.sites) == names and cfg.federation.clients == 3
     shutil.copy(server / "certs" / "ca.pem", site / "ca.pem")
     loaded = load_site(site / "site.toml")
-    assert loaded.name == "st-marys" and loaded.max_epsilon == 8.0
+    assert loaded.name == "st-marys" and loaded.max_epsilon == 10.0
     assert loaded.auth_key == Layout(site / "keys").site_key("st-marys")
+    # the kits work together as copied: the site's policy accepts the server's federation
+    import tomllib
+
+    from fedlora.deploy.apps import site_config
+    from fedlora.deploy.server import shared_config
+
+    assert loaded.policy.require_secure_aggregation and cfg.secure.enabled
+    site_cfg = site_config(tomllib.loads(shared_config(cfg)), loaded)
+    loaded.policy.check_request(site_cfg, secure=cfg.secure.enabled)
+    assert site_cfg.privacy.max_epsilon == 10.0
+
+
+def test_site_policy_in_site_toml(tmp_path):
+    """[policy] keys are checked when site.toml loads; [privacy] max_epsilon is its older name."""
+    from fedlora.deploy.settings import load_site
+    from fedlora.errors import FedloraError
+
+    head = '[site]\nname = "a"\nserver = "localhost:9092"\ninsecure = true\n'
+    head += '[data]\npath = "x.jsonl"\n'
+    site = tmp_path / "site.toml"
+    site.write_text(head + "[policy]\nrequire_secure_aggregation = true\nmin_cohort = 4\n")
+    policy = load_site(site).policy
+    assert policy.require_secure_aggregation and policy.min_cohort == 4
+    site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n")
+    assert load_site(site).policy.max_epsilon == 3.0 and load_site(site).max_epsilon == 3.0
+    site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n[policy]\nmax_epsilon = 2.0\n")
+    with pytest.raises(FedloraError, match="both"):
+        load_site(site)
+    site.write_text(head + "[policy]\nmin_cohort = true\n")
+    with pytest.raises(FedloraError, match="policy.min_cohort"):
+        load_site(site)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ r. A round that is repeated after a server restart therefore starts from exactly
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -60,3 +61,27 @@ class SiteStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, self.path)
+
+
+class RoundsTaken:
+    """The rounds a site has taken part in, in ``<folder>/site-<id>.rounds.json``: a site
+    contributes to a round at most once (one plain update or one secure-aggregation session),
+    so a server cannot sum the same round twice over different sets of sites and subtract.
+    Written to disk before the site answers, so a restart of the site does not forget it."""
+
+    def __init__(self, folder: Path, site: int) -> None:
+        self.path = folder / f"site-{site}.rounds.json"
+
+    def taken(self) -> list[int]:
+        return json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def take(self, round_: int) -> bool:
+        """Record `round_`; False when it was taken before (the request must be refused)."""
+        rounds = self.taken()
+        if round_ in rounds:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(sorted([*rounds, round_])))
+        os.replace(tmp, self.path)
+        return True

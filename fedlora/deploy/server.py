@@ -215,7 +215,14 @@ def serve(
         )
         reporter = Reporter(work)
         with serverapp_task(link, run_id) as grid:
-            federation = Federation(cfg, runtime, reporter, state, noise_seed=secrets.randbits(63))
+            federation = Federation(
+                cfg,
+                runtime,
+                reporter,
+                state,
+                noise_seed=secrets.randbits(63),
+                site_names=dict(enumerate(names)),
+            )
             verified = (
                 grid if insecure else VerifiedGrid(grid, node_names(link), names, reporter.note)
             )

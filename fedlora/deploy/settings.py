@@ -6,7 +6,8 @@ server.toml = a normal fedlora config (the federation: strategy, rounds, secure 
 privacy, ...; see configs/default.toml) plus `[server]` (address, TLS files, state folder) and
 `[sites]` (site name = its node-authentication public key). federation.clients is the number
 of sites listed. site.toml = `[site]` (name, server address, CA, key, state, audit log) plus the
-site's own `[data]` and `[privacy] max_epsilon`; everything else comes from the server.
+site's own `[data]` and `[policy]` (what it accepts, fedlora.privacy.site_policy; the older
+`[privacy] max_epsilon` is read as `[policy] max_epsilon`); everything else comes from the server.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from fedlora.config import Config, _apply, parse_override, validate
 from fedlora.errors import FedloraError
+from fedlora.privacy.site_policy import SitePolicy, load_policy
 from fedlora.secure.certs import check_site_name, load_site_public_key
 
 SERVER_KEYS = {"address", "state_dir", "ca_cert", "cert", "key"}
@@ -60,6 +62,7 @@ class SiteSettings:
     data: dict[str, Any]  # the site's own [data] keys
     max_epsilon: float | None  # the site's own privacy budget (None: the federation's)
     path: Path  # the site.toml itself
+    policy: SitePolicy = SitePolicy()  # what this site accepts, whatever the server asks
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -166,11 +169,11 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
 def load_site(path: Path) -> SiteSettings:
     values = read_toml(path)
     base = path.resolve().parent
-    unknown = set(values) - {"site", "data", "privacy"}
+    unknown = set(values) - {"site", "data", "privacy", "policy"}
     if unknown:
         raise FedloraError(
             f"Unknown section [{sorted(unknown)[0]}] in {path}: a site sets only [site], its own "
-            "[data] and [privacy] max_epsilon; the federation's settings come from the server."
+            "[data] and [policy]; the federation's settings come from the server."
         )
     site = _table(values, "site", path, SITE_KEYS)
     data = _table(values, "data", path, SITE_DATA_KEYS) if "data" in values else {}
@@ -184,11 +187,19 @@ def load_site(path: Path) -> SiteSettings:
     threads = site.get("threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise FedloraError(f"site.threads in {path} must be 0 (every core) or more.")
-    max_eps = privacy.get("max_epsilon")
+    policy_table = dict(values.get("policy", {}))
+    if not isinstance(values.get("policy", {}), dict):
+        raise FedloraError(f"{path}: [policy] must be a table.")
+    if "max_epsilon" in privacy and "max_epsilon" in policy_table:
+        raise FedloraError(
+            f"{path} sets both [privacy] max_epsilon and [policy] max_epsilon; keep the one in "
+            "[policy] ([privacy] max_epsilon is its older name)."
+        )
+    max_eps = privacy.get("max_epsilon", policy_table.pop("max_epsilon", None))
     if max_eps is not None and (
         isinstance(max_eps, bool) or not isinstance(max_eps, int | float) or max_eps <= 0
     ):
-        raise FedloraError(f"privacy.max_epsilon in {path} must be a positive number.")
+        raise FedloraError(f"policy.max_epsilon in {path} must be a positive number.")
     name = check_site_name(_str(site, "name", "site"))
     split_address(_str(site, "server", "site"), "site.server")
     state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))
@@ -206,4 +217,5 @@ def load_site(path: Path) -> SiteSettings:
         data=data,
         max_epsilon=None if max_eps is None else float(max_eps),
         path=path.resolve(),
+        policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
     )
