@@ -77,3 +77,4 @@ SECAGG_MASKED = "secagg_masked"  # ArrayRecord: a site's masked input (uint64 mo
 SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
 PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
+LOCAL_SPEND = "fedlora_local_spend"  # MetricRecord in context.state: epsilon, for the audit log

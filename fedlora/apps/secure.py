@@ -390,6 +390,9 @@ def _masked_reply(
         contribution, dict(zip(fields[R.PEERS], fields[R.CIPHERTEXTS], strict=True))
     )
     context.state[R.PENDING_STATE] = R.to_record(pending)
+    if R.STATS_EPSILON in contribution:  # for the site's own audit log, never sent
+        epsilon = float(contribution[R.STATS_EPSILON][0])
+        context.state[R.LOCAL_SPEND] = MetricRecord({R.PRIVACY + "epsilon": epsilon})
     return RecordDict(
         {
             R.SECAGG_MASKED: ArrayRecord({R.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}),

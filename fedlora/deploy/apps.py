@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -74,8 +74,11 @@ def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     }
 
 
-def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
-    """The audit line of a reply that carries tensor data (an update), else None."""
+def audit_entry(
+    msg: Message, reply: Message, federation: str, state: RecordDict | None = None
+) -> dict | None:
+    """The audit line of a reply that carries tensor data (an update), else None. Under secure
+    aggregation the site's epsilon is not in the reply: it is read from the site's `state`."""
     if reply.has_error():
         return None
     arrays = {
@@ -86,6 +89,8 @@ def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     if not arrays:
         return None
     metrics = {k: v for m in reply.content.metric_records.values() for k, v in m.items()}
+    if state is not None and R.LOCAL_SPEND in state and R.SECAGG_MASKED in reply.content:
+        metrics |= dict(state[R.LOCAL_SPEND])
     config = msg.content.config_records.get(R.ROUND_CONFIG, {})
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -129,7 +134,9 @@ class SiteApp(ClientApp):
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)
         reply = self._apps[key](message, dataclasses.replace(context, node_config=own))
-        entry = refusal_entry(message, reply, federation) or audit_entry(message, reply, federation)
+        entry = refusal_entry(message, reply, federation) or audit_entry(
+            message, reply, federation, context.state
+        )
         if entry is not None:
             append_audit(site.audit_log, entry)
         return reply
