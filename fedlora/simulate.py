@@ -207,6 +207,16 @@ def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
     sites: dict[str, dict] = {}
     for row in rows:
         sites.update(row.get("privacy", {}))
+    if cfg.secure.enabled and cfg.privacy.level == "sample":  # epsilons depend on a site's rows
+        means = [row["epsilon_mean"] for row in rows if "epsilon_mean" in row]
+        return {
+            "level": "sample",
+            "accountant": cfg.privacy.accountant,
+            "max_epsilon": None,  # kept at each site (its audit log): only their sum is sent
+            "epsilon_mean": means[-1] if means else None,
+            "budget": cfg.privacy.max_epsilon or None,
+            "exhausted": sorted(federation.exhausted),
+        }
     return {
         "level": cfg.privacy.level,
         "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,

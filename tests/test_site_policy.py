@@ -164,7 +164,7 @@ def test_a_round_is_taken_once_across_site_restarts(tmp_path):
 
 
 def test_distributed_noise_carries_the_accounted_variance_at_fraction_half():
-    """10 sites, federation.fraction = 0.5: 5 sampled, threshold t = 3 (the server's rule,
+    """10 sites, federation.fraction = 0.5: 5 sampled, threshold t = 4 (the server's rule,
     2/3 of 5 rounded up). Each site adds N(0, (sigma C)^2 / t) with t taken from its own
     session, so any t or more survivors sum to at least the accounted (sigma C)^2. The old
     rule split the noise over 2/3 of ALL 10 sites (7): 5 survivors gave 5/7 of it.

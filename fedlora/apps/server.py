@@ -362,7 +362,16 @@ class Federation:
         mean = float(stats[R.STATS_EPSILON][0]) / len(metrics)
         if self.cfg.privacy.level == "sample":
             return {"privacy": {}, "epsilon_mean": mean, "exhausted": sorted(self.exhausted)}
-        spend = {"epsilon": mean, "level": "client", "accountant": self.cfg.privacy.accountant}
+        mech = client_mechanism(self.cfg)  # the federation's own mechanism, the same at every site
+        spend = {
+            "epsilon": mean,
+            "delta": mech.delta,
+            "noise_multiplier": mech.noise_multiplier,
+            "sample_rate": mech.sample_rate,
+            "max_grad_norm": mech.max_grad_norm,
+            "level": "client",
+            "accountant": self.cfg.privacy.accountant,
+        }
         per_site = {str(int(m[R.SITE_ID])): dict(spend) for m in metrics}
         self.epsilon_spent |= {s: mean for s in per_site}
         return {
@@ -434,10 +443,10 @@ class Federation:
     def run(self, grid: Grid) -> Arrays:
         nodes = discover_sites(grid, self.cfg.federation.clients)
         done = self.restore_state()
-        if (started := self.started_round()) > done:
+        if (begun := self.started_round()) > done:
             self.reporter.note(
-                f"Round {started} was interrupted and is not repeated (a site takes part in a "
-                f"round once); the federation continues with round {started + 1}."
+                f"Round {begun} was interrupted and is not repeated (a site takes part in a "
+                f"round once); the federation continues with round {begun + 1}."
             )
         if done < 0:
             started = time.perf_counter()
@@ -450,7 +459,7 @@ class Federation:
             self.save_state(0)
             done = 0
         self.nodes = nodes
-        for round_ in range(max(done, started) + 1, self.cfg.federation.rounds + 1):
+        for round_ in range(max(done, begun) + 1, self.cfg.federation.rounds + 1):
             row = None
             if len(self.available_sites()) >= self.cfg.federation.min_clients:
                 row = self.run_round(grid, nodes, round_)
