@@ -7,6 +7,7 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -232,8 +233,11 @@ def secure_stats(values: dict[str, float | int]) -> dict[str, np.ndarray]:
         R.STATS_LOSS: np.array([float(values[R.TRAIN_LOSS]) * rows]),
         R.STATS_ROWS: np.array([rows]),
     }
-    if R.PRIVACY + "epsilon" in values:
-        stats[R.STATS_EPSILON] = np.array([float(values[R.PRIVACY + "epsilon"])])
+    if R.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
+        epsilon = float(values[R.PRIVACY + "epsilon"])
+        finite = math.isfinite(epsilon)
+        stats[R.STATS_EPSILON] = np.array([epsilon if finite else 0.0])
+        stats[R.STATS_UNBOUNDED] = np.array([0.0 if finite else 1.0])
     return stats
 
 

@@ -32,6 +32,7 @@ STATS = "stats/"
 STATS_LOSS = STATS + "loss_x_rows"
 STATS_ROWS = STATS + "rows"
 STATS_EPSILON = STATS + "epsilon"
+STATS_UNBOUNDED = STATS + "epsilon_infinite"  # sites whose epsilon is infinite (no noise)
 
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"

@@ -360,6 +360,8 @@ class Federation:
         if self.cfg.privacy.level == "none" or R.STATS_EPSILON not in stats:
             return {}
         mean = float(stats[R.STATS_EPSILON][0]) / len(metrics)
+        if stats[R.STATS_UNBOUNDED][0] > 0:
+            mean = float("inf")
         if self.cfg.privacy.level == "sample":
             return {"privacy": {}, "epsilon_mean": mean, "exhausted": sorted(self.exhausted)}
         mech = client_mechanism(self.cfg)  # the federation's own mechanism, the same at every site
