@@ -265,6 +265,10 @@ class SecureConfig:
     #: fewest sites whose inputs a round may sum; more dropouts fail the round
     #: (0 = max(federation.min_clients, 2/3 of the sampled sites, rounded up)).
     threshold: int = 0
+    #: fewest sites a round may sample under secure aggregation: a sum of one or two sites
+    #: hardly hides anything (each site of two learns the other's update from the result).
+    #: A deployed site enforces its own site.toml [policy] min_cohort whatever this says.
+    min_cohort: int = 3
 
 
 @dataclass
@@ -715,10 +719,23 @@ def _validate_privacy(cfg: Config) -> None:
         "without it the server sees which sites sent an update. Set secure.enabled = true, or "
         'use federation.participation = "server".',
     )
+    _require(
+        se.min_cohort >= 2,
+        f"secure.min_cohort must be at least 2 (got {se.min_cohort}): a secure sum of one site "
+        "is that site's update.",
+    )
+    sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
+    if fe.participation == "poisson":  # every site is in the session
+        sampled = fe.clients
+    if se.enabled:
+        _require(
+            sampled >= se.min_cohort,
+            f"secure aggregation over {sampled} sites per round is refused: the minimum cohort "
+            f"is secure.min_cohort = {se.min_cohort} (with fewer, a site's update is nearly "
+            "readable from the sum). Use more sites (federation.clients, federation.fraction, "
+            "federation.min_clients) or, knowingly, a smaller secure.min_cohort.",
+        )
     if se.enabled and se.threshold:
-        sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
-        if fe.participation == "poisson":  # every site is in the session
-            sampled = fe.clients
         _require(
             2 * se.threshold > sampled,
             f"secure.threshold = {se.threshold} is not a majority of the {sampled} sites sampled "

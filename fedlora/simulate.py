@@ -217,6 +217,11 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     out = results_dir(cfg)
     if resume:
         resume_dir(cfg)
+        from fedlora.apps.server import STARTED_FILE
+        from fedlora.apps.site_state import forget_unfinished_rounds
+
+        state = checkpoint.run_state_dir(out)
+        forget_unfinished_rounds(state, checkpoint.saved_round(state), STARTED_FILE)
     else:
         check_out(out)
         if not restart:
@@ -382,6 +387,16 @@ def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
     }
     for row in rows:
         sites.update(row.get("privacy", {}))
+    if cfg.secure.enabled and cfg.privacy.level == "sample":  # epsilons depend on a site's rows
+        means = [row["epsilon_mean"] for row in rows if "epsilon_mean" in row]
+        return {
+            "level": "sample",
+            "accountant": cfg.privacy.accountant,
+            "max_epsilon": None,  # kept at each site (its audit log): only their sum is sent
+            "epsilon_mean": means[-1] if means else None,
+            "budget": cfg.privacy.max_epsilon or None,
+            "exhausted": sorted(federation.exhausted),
+        }
     return {
         "level": cfg.privacy.level,
         "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,

@@ -4,9 +4,10 @@ separate processes, over TLS with node authentication, on the tiny-random model.
 One set of site daemons serves every federation of this module (they are long-running: a server
 that finishes or dies is waited for), in this order: a full federation (while it runs, a site
 with an unregistered key, a site that does not trust the server's CA and a site configured
-without TLS all fail with their reason); a TLS site against an --insecure server; a server
-killed with SIGKILL after round 1 and resumed (same adapter as the uninterrupted run); a site
-killed in the middle of a round (the round completes with the other two).
+without TLS all fail with their reason); a TLS site against an --insecure server; a site whose
+policy requires secure aggregation refusing a plaintext federation; a server killed with
+SIGKILL in round 2 and resumed (round 2 is not repeated); a site killed in the middle of a round
+(the round completes with the other two).
 
 Run alone with `pytest -m deploy`. Every process is killed at the end.
 """
@@ -209,10 +210,10 @@ def test_what_a_site_trains_with(tmp_path):
     import tomllib
 
     from fedlora.config import load_config
-    from fedlora.deploy.apps import check_privacy_promise, site_config
+    from fedlora.deploy.apps import site_config
     from fedlora.deploy.server import shared_config
     from fedlora.deploy.settings import SiteSettings
-    from fedlora.errors import FedloraError
+    from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 
     server = load_config(
         None,
@@ -242,19 +243,19 @@ def test_what_a_site_trains_with(tmp_path):
         data={"path": str(tmp_path / "own.jsonl")},
         max_epsilon=4.0,
         path=tmp_path / "site.toml",
+        policy=SitePolicy(max_epsilon=4.0),
     )
     cfg = site_config(shared, site)
     assert cfg.data.path == str(tmp_path / "own.jsonl") and cfg.data.max_text_tokens == 40
     assert cfg.data.test_path == ""
     assert cfg.lora.targets == ["q_proj", "o_proj"] and cfg.run.seed == 3
     assert cfg.train.threads == 3 and cfg.privacy.max_epsilon == 4.0  # the stricter budget
-    check_privacy_promise(cfg, site, "train")
+    site.policy.check_request(cfg, secure=False)
 
     without_dp = dict(shared, privacy={"level": "none"})
     cfg = site_config(without_dp, site)
-    check_privacy_promise(cfg, site, "query")  # a site still says who it is
-    with pytest.raises(FedloraError, match="only under differential privacy"):
-        check_privacy_promise(cfg, site, "train.secagg")
+    with pytest.raises(PolicyRefused, match="differential privacy required"):
+        site.policy.check_request(cfg, secure=True)
 
 
 def test_the_kits_example_configs_load(tmp_path):
@@ -282,8 +283,39 @@ def test_the_kits_example_configs_load(tmp_path):
     assert list(settings.sites) == names and cfg.federation.clients == 3
     shutil.copy(server / "certs" / "ca.pem", site / "ca.pem")
     loaded = load_site(site / "site.toml")
-    assert loaded.name == "st-marys" and loaded.max_epsilon == 8.0
+    assert loaded.name == "st-marys" and loaded.max_epsilon == 10.0
     assert loaded.auth_key == Layout(site / "keys").site_key("st-marys")
+    # the kits work together as copied: the site's policy accepts the server's federation
+    import tomllib
+
+    from fedlora.deploy.apps import site_config
+    from fedlora.deploy.server import shared_config
+
+    assert loaded.policy.require_secure_aggregation and cfg.secure.enabled
+    site_cfg = site_config(tomllib.loads(shared_config(cfg)), loaded)
+    loaded.policy.check_request(site_cfg, secure=cfg.secure.enabled)
+    assert site_cfg.privacy.max_epsilon == 10.0
+
+
+def test_site_policy_in_site_toml(tmp_path):
+    """[policy] keys are checked when site.toml loads; [privacy] max_epsilon is its older name."""
+    from fedlora.deploy.settings import load_site
+    from fedlora.errors import FedloraError
+
+    head = '[site]\nname = "a"\nserver = "localhost:9092"\ninsecure = true\n'
+    head += '[data]\npath = "x.jsonl"\n'
+    site = tmp_path / "site.toml"
+    site.write_text(head + "[policy]\nrequire_secure_aggregation = true\nmin_cohort = 4\n")
+    policy = load_site(site).policy
+    assert policy.require_secure_aggregation and policy.min_cohort == 4
+    site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n")
+    assert load_site(site).policy.max_epsilon == 3.0 and load_site(site).max_epsilon == 3.0
+    site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n[policy]\nmax_epsilon = 2.0\n")
+    with pytest.raises(FedloraError, match="both"):
+        load_site(site)
+    site.write_text(head + "[policy]\nmin_cohort = true\n")
+    with pytest.raises(FedloraError, match="policy.min_cohort"):
+        load_site(site)
 
 
 @pytest.fixture(scope="module")
@@ -510,12 +542,42 @@ def test_tls_site_refuses_an_insecure_server(kit):
     server.wait(timeout=20)
 
 
-def test_server_killed_after_round_1_resumes_to_the_same_adapter(kit):
+def test_a_site_whose_policy_requires_secure_aggregation_refuses_plain_rounds(kit):
+    """alpha's site.toml (re-read for every message) requires secure aggregation: it refuses
+    every round of a plaintext federation before training, says so in its audit log, and the
+    server reports it per site and round while the other two carry the rounds."""
     root, port, procs = kit
-    config = server_toml(root, "server-c", port, "runs/c", SECURE_SCAFFOLD)
+    path = site_toml(root, "alpha", port)
+    path.write_text(path.read_text() + "\n[policy]\nrequire_secure_aggregation = true\n")
+    try:
+        config = server_toml(root, "server-r", port, "runs/r", PLAIN_FEDAVG, min_clients=2)
+        server = procs.fedlora("server-r", "server", "--config", str(config))
+        assert finished(server, procs, "server-r", FEDERATION_TIMEOUT) == 0, procs.log("server-r")
+    finally:
+        site_toml(root, "alpha", port)
+    for round_ in (1, 2):
+        assert f"alpha refused round {round_}: secure aggregation required" in procs.log("server-r")
+    assert [r["clients"] for r in metrics(root / "runs" / "r")[1:]] == [2, 2]
+    assert metrics(root / "runs" / "r")[1]["refused"] == {"0": "secure aggregation required"}
+    refusals = [e for e in audit(root, "alpha") if "refused" in e][-2:]
+    assert [(e["round"], e["refused"]) for e in refusals] == [
+        (1, "secure aggregation required"),
+        (2, "secure aggregation required"),
+    ]
+    assert all("sha256" not in e for e in refusals)  # nothing was sent
+
+
+def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
+    """Killed once round 2 has begun, resumed: a site takes part in a round once, so the
+    server does not repeat round 2 (it says so) and continues with round 3 from round 1's
+    state."""
+    root, port, procs = kit
+    before = {site: len(audit(root, site)) for site in SITES}
+    config = server_toml(root, "server-c", port, "runs/c", SECURE_SCAFFOLD, rounds=3)
     work = root / "runs" / "c.partial"
+    started = work / "state" / "round-started.txt"
     server = procs.fedlora("server-c1", "server", "--config", str(config))
-    wait_for(lambda: len(metrics(work)) >= 2, FEDERATION_TIMEOUT, "round 1")
+    wait_for(lambda: started.exists() and started.read_text() == "2", FEDERATION_TIMEOUT, "round 2")
     server.kill()
     server.wait(timeout=10)
     from fedlora import checkpoint
@@ -532,12 +594,13 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(kit):
     resumed = procs.fedlora("server-c3", "server", "--config", str(config), "--resume")
     assert finished(resumed, procs, "server-c3", FEDERATION_TIMEOUT) == 0, procs.log("server-c3")
     assert "Resumed from the saved state after round 1" in procs.log("server-c3")
+    assert "Round 2 was interrupted and is not repeated" in procs.log("server-c3")
     rows = metrics(root / "runs" / "c")
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    uninterrupted, interrupted = adapter(root / "runs" / "a"), adapter(root / "runs" / "c")
-    assert uninterrupted.keys() == interrupted.keys()
-    for key in uninterrupted:
-        np.testing.assert_array_equal(uninterrupted[key], interrupted[key], err_msg=key)
+    assert [r["round"] for r in rows] == [0, 1, 3]
+    assert rows[-1]["clients"] == 3 and "refused" not in rows[-1]
+    for site in SITES:  # this federation's updates: each round at most once
+        rounds = [e["round"] for e in audit(root, site)[before[site] :]]
+        assert len(rounds) == len(set(rounds)) and 3 in rounds, (site, rounds)
 
 
 def test_site_killed_mid_round_the_round_completes_with_the_others(kit):

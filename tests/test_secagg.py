@@ -12,10 +12,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records as R
-from fedlora.apps.client import make_client_app, site_id, train_contribution
+from fedlora.apps.client import make_client_app, secure_stats, site_id, train_contribution
 from fedlora.apps.secure import UNMASK, secure_sum
 from fedlora.apps.server import discover_sites
 from fedlora.errors import FedloraError
+from fedlora.privacy.site_policy import SitePolicy
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     FixedPoint,
@@ -307,7 +308,8 @@ def failing_client_app(cfg) -> ClientApp:
 
     @app.train(PLAIN)
     def plain(msg: Message, context: Context) -> Message:
-        contribution, _ = train_contribution(cfg, msg, context)
+        contribution, metrics = train_contribution(cfg, msg, context, SitePolicy())
+        contribution |= secure_stats(dict(metrics))  # what a secure site adds to its input
         return Message(RecordDict({R.CONTRIBUTION: R.to_record(contribution)}), reply_to=msg)
 
     return app
@@ -431,5 +433,8 @@ def test_server_sees_masked_inputs_only(simulated):
 def test_too_few_survivors_is_a_clear_error(simulated):
     message = simulated["error"]
     assert message.startswith("Round 2: secure aggregation failed at the 'unmask' stage")
-    assert "only 1 sites sent unmasking shares" in message
+    # site 0, the one survivor left to answer, will not help unmask a sum of 2 (its minimum
+    # cohort is 3)
+    assert "only 0 sites sent unmasking shares" in message
+    assert "site 0 refused: only 2 inputs in the secure sum" in message
     assert "site 4, mask" in message and "site 1, unmask" in message

@@ -35,12 +35,15 @@ def rows(folder):
 def assert_secure_equals_plain(plain, secure) -> None:
     """Plaintext sites send float32, secure ones fixed point with 2^-30 steps: both round at
     ~1e-7 relative, far below anything training could amplify in two rounds. The secure run
-    reports no aggregation error: per-site factors are not visible."""
+    reports no aggregation error: per-site factors are not visible, and its train loss comes
+    from the sites' summed statistics."""
     a, b = adapter(plain), adapter(secure)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
     for x, y in zip(rows(plain), rows(secure), strict=True):
         assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-5)
+        if x["train_loss"] is not None:  # secure: the summed loss x rows over the summed rows
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
     assert rows(secure)[-1]["agg_error_mean"] is None
 
 

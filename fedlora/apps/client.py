@@ -7,16 +7,19 @@ replies with the strategy's already-weighted contribution vectors: LoRA tensors 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import transport
 from fedlora.apps import records as R
-from fedlora.apps.site_state import SiteStore
+from fedlora.apps.site_state import RoundsTaken, SiteStore
 from fedlora.checkpoint import run_state_dir
 from fedlora.config import Config, TrainConfig
 from fedlora.deploy import runconfig
@@ -40,10 +43,14 @@ from fedlora.privacy.policy import (
     sample_mechanism,
     spend,
 )
+from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, TrainingTerms, scalar
 from fedlora.train import evaluate, local_train, make_optimizer
+
+if TYPE_CHECKING:
+    from fedlora.secure.secagg import SecAggClient
 
 
 def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
@@ -99,11 +106,32 @@ def query_reply(msg: Message, context: Context) -> Message:
     )
 
 
+def take_round(cfg: Config, context: Context, round_: int) -> None:
+    """Once per (federation, round): a second request for a round this site has already taken
+    part in (a replay, or a new secure-aggregation session) is refused."""
+    if not RoundsTaken(site_state_dir(cfg, context), site_id(context)).take(round_):
+        raise PolicyRefused(
+            f"round {round_} already taken: this site contributes to each round once"
+        )
+
+
 def train_contribution(
-    cfg: Config, msg: Message, context: Context
+    cfg: Config,
+    msg: Message,
+    context: Context,
+    policy: SitePolicy,
+    *,
+    session: SecAggClient | None = None,
+    keep: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], MetricRecord]:
     """Train on this site's rows from the global adapter in `msg`; return the strategy's
-    contribution (the vectors the server sums) and the site's metrics."""
+    contribution (the vectors the server sums) and the site's metrics.
+
+    `session`: the secure-aggregation session the contribution will be masked in. The
+    distributed noise is then split over the session's own threshold t (the fewest inputs the
+    server can unmask, whatever it claims), and the site's statistics (loss, rows, epsilon)
+    ride inside the contribution instead of in the clear metrics. `keep(round, state)` receives
+    the site's new state instead of saving it (secure: saved once the input is accepted)."""
     site = site_id(context)
     rt = site_runtime(cfg, context)
     round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
@@ -140,6 +168,10 @@ def train_contribution(
     elif level == "client":  # one release of the sum per round the site is in
         mech = client_mechanism(cfg)
         check_budget(cfg, mech, ledger, site)
+    if mech is not None:
+        policy.check_mechanism(mech)  # before any training
+    if level == "client" and cfg.privacy.client_noise == "distributed" and session is None:
+        raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)
     truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
     optimizer, frozen = None, {}
@@ -196,14 +228,17 @@ def train_contribution(
             if not self_selected:
                 values[R.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
-                t = int(msg.content[R.ROUND_CONFIG][R.NOISE_SHARES])
-                std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, t)
+                assert session is not None  # refused above
+                std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, session.threshold)
                 rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
                 contribution = add_gaussian(contribution, keys, std, rng)
         ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
         values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
-    store.save(round_, new_state)
+    if session is not None:  # nothing per site in the clear: the statistics go into the sum
+        contribution = contribution | secure_stats(values)
+        values = {R.SITE_ID: site}
+    (keep or store.save)(round_, new_state)
     return contribution, MetricRecord(values)
 
 
@@ -229,6 +264,23 @@ def self_selection(
     return contribution | {R.PARTICIPANT: scalar(float(takes_part))}, new_state
 
 
+def secure_stats(values: dict[str, float | int]) -> dict[str, np.ndarray]:
+    """A site's statistics as shape-(1,) vectors of its contribution: under secure aggregation
+    the server learns only their sums (the round's loss weighted by rows, the rows, and the
+    epsilons), never one site's."""
+    rows = float(values[R.NUM_EXAMPLES])
+    stats = {
+        R.STATS_LOSS: np.array([float(values[R.TRAIN_LOSS]) * rows]),
+        R.STATS_ROWS: np.array([rows]),
+    }
+    if R.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
+        epsilon = float(values[R.PRIVACY + "epsilon"])
+        finite = math.isfinite(epsilon)
+        stats[R.STATS_EPSILON] = np.array([epsilon if finite else 0.0])
+        stats[R.STATS_UNBOUNDED] = np.array([0.0 if finite else 1.0])
+    return stats
+
+
 def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float | int]:
     """The numeric fields of this site's privacy spend (level and accountant are in the config)."""
     return {
@@ -248,11 +300,26 @@ def site_secret(cfg: Config, context: Context, folder: Path) -> secrets.SiteSecr
     return secrets.site_secret(folder)
 
 
-def train_reply(cfg: Config, msg: Message, context: Context) -> Message:
+def refusal_reply(msg: Message, site: int, round_: int, reason: str) -> Message:
+    """What a site answers a request its policy refuses: who, which round, why."""
+    record = ConfigRecord({R.SITE_ID: site, R.ROUND: round_, R.REASON: reason})
+    return Message(RecordDict({R.REFUSAL: record}), reply_to=msg)
+
+
+def train_reply(
+    cfg: Config, msg: Message, context: Context, policy: SitePolicy | None = None
+) -> Message:
     """Plain aggregation: the contribution travels in the clear (inside TLS). A site whose
-    privacy budget is spent says so instead (the server then leaves it out)."""
+    privacy budget is spent says so instead (the server then leaves it out); a request the
+    site's policy refuses is answered with the reason, before any training."""
+    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
+    policy = policy or SitePolicy.mirroring(cfg)
     try:
-        contribution, metrics = train_contribution(cfg, msg, context)
+        policy.check_request(cfg, secure=False)
+        take_round(cfg, context, round_)
+        contribution, metrics = train_contribution(cfg, msg, context, policy)
+    except PolicyRefused as exc:
+        return refusal_reply(msg, site_id(context), round_, exc.reason)
     except BudgetExhausted as exc:
         status = MetricRecord(
             {R.SITE_ID: exc.site, R.EXHAUSTED: 1, R.PRIVACY + "epsilon": exc.spent}
@@ -307,8 +374,10 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_client_app(cfg: Config) -> ClientApp:
-    """A ClientApp closed over the (small) config only: the model is loaded in the worker."""
+def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
+    """A ClientApp closed over the (small) config and the site's policy (a simulation's sites:
+    the run config's own choices): the model is loaded in the worker."""
+    policy = policy or SitePolicy.mirroring(cfg)
     app = ClientApp()
 
     @app.query()
@@ -317,7 +386,7 @@ def make_client_app(cfg: Config) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_reply(cfg, msg, context)
+        return train_reply(cfg, msg, context, policy)
 
     @app.evaluate()
     def personalize(msg: Message, context: Context) -> Message:
@@ -328,10 +397,10 @@ def make_client_app(cfg: Config) -> ClientApp:
 
     @app.query(R.SECAGG_ACTION)
     def secagg_query(msg: Message, context: Context) -> Message:
-        return secure_stage_reply(cfg, msg, context)
+        return secure_stage_reply(cfg, msg, context, policy)
 
     @app.train(R.SECAGG_ACTION)
     def secagg_train(msg: Message, context: Context) -> Message:
-        return secure_stage_reply(cfg, msg, context)
+        return secure_stage_reply(cfg, msg, context, policy)
 
     return app

@@ -12,7 +12,6 @@ GLOBAL_ADAPTER = "global_adapter"  # ArrayRecord: the LoRA A/B tensors of the gl
 BROADCAST = "broadcast"  # ArrayRecord: strategy server state (SCAFFOLD's c), may be empty
 ROUND_CONFIG = "round_config"  # ConfigRecord: round number
 ROUND = "round"
-NOISE_SHARES = "noise_shares"  # in ROUND_CONFIG (distributed DP): sites the noise is split over
 
 # site -> server
 CONTRIBUTION = "contribution"  # ArrayRecord: the strategy's already-weighted vectors, to be summed
@@ -30,6 +29,15 @@ PARTICIPANT = "participant"
 EXHAUSTED = "budget_exhausted"  # 1: the site refused the round (privacy.max_epsilon reached)
 #: relative L2 error of the contribution's round trip through transport.dtype (plaintext only)
 TRANSPORT_ERROR = "transport_error"
+REFUSAL = "refusal"  # ConfigRecord: the site's policy refused the request; SITE_ID, ROUND, REASON
+REASON = "reason"
+#: prefix of the shape-(1,) statistics a site adds to its contribution under secure aggregation
+#: (summed with it, never seen per site): training loss times rows, rows, epsilon
+STATS = "stats/"
+STATS_LOSS = STATS + "loss_x_rows"
+STATS_ROWS = STATS + "rows"
+STATS_EPSILON = STATS + "epsilon"
+STATS_UNBOUNDED = STATS + "epsilon_infinite"  # sites whose epsilon is infinite (no noise)
 
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"
@@ -74,3 +82,5 @@ S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 SECAGG_MASKED = "secagg_masked"  # ArrayRecord: a site's masked input (uint64 modulo 2^64)
 SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
+PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
+LOCAL_SPEND = "fedlora_local_spend"  # MetricRecord in context.state: epsilon, for the audit log

@@ -10,8 +10,17 @@ One session per round, four stages, each one message to every site still in it a
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
-(keys and shapes) and the sites' metrics (train loss, local steps, rows); of the contributions
-only their sum.
+(keys and shapes) and each site's id; of the contributions only their sum. A site's training
+statistics (loss, rows, epsilon) are extra coordinates of its contribution, so the server learns
+their sums only.
+
+The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
+sees itself: the request before it opens a session (and a round it took part in before is
+refused: one session per round), the cohort and threshold when it receives the keys, the number
+of inputs in the sum before it reveals unmasking shares. A refusal is a reply (site, round,
+reason), not an error. The site's new strategy state (SCAFFOLD's c_i) is saved only once its
+input is in the sum (the unmasking stage names it a survivor): a failed masking leaves it as it
+was, in step with the server's c.
 """
 
 from __future__ import annotations
@@ -36,9 +45,17 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedlora.apps import records as R
-from fedlora.apps.client import site_id, train_contribution
+from fedlora.apps.client import (
+    refusal_reply,
+    site_id,
+    site_state_dir,
+    take_round,
+    train_contribution,
+)
+from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
 from fedlora.errors import FedloraError
+from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     Layout,
@@ -64,6 +81,7 @@ class SecureSum:
     failures: list[str] = field(default_factory=list)  # "site s, stage: reason", one per loss
     bytes_up: dict[str, int] = field(default_factory=dict)  # stage -> payload bytes, all sites
     bytes_down: dict[str, int] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)  # site -> why its policy refused
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -96,6 +114,7 @@ class _Exchange:
     failures: list[str] = field(default_factory=list)
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
 
     def __call__(
         self, stage: str, contents: Mapping[int, RecordDict], message_type: str = QUERY_SECAGG
@@ -126,6 +145,9 @@ class _Exchange:
                 if reply.has_error():
                     reason = reply.error.reason.strip().splitlines() or ["(no reason given)"]
                     self.failures.append(f"site {site}, {stage}: {reason[-1]}")
+                    continue
+                if R.REFUSAL in reply.content:
+                    self.refused[site] = str(reply.content[R.REFUSAL][R.REASON])
                     continue
                 replies[site] = reply.content
                 self.bytes_up[stage] += record_bytes(reply.content)
@@ -228,9 +250,12 @@ def secure_sum(
         total = server.unmask(responses)
     except SecAggError as err:
         detail = "; ".join(ask.failures)
-        raise FedloraError(
+        refused = "; ".join(f"site {s} refused: {why}" for s, why in sorted(ask.refused.items()))
+        raise SecureRoundFailed(
             f"Round {round_}: secure aggregation failed at the {stage!r} stage: {err}."
-            + (f" Site failures: {detail}" if detail else "")
+            + (f" Refusals: {refused}." if refused else "")
+            + (f" Site failures: {detail}" if detail else ""),
+            ask.refused,
         ) from None
     return SecureSum(
         sums=layout.unpack(total),
@@ -239,7 +264,16 @@ def secure_sum(
         failures=ask.failures,
         bytes_up=ask.bytes_up,
         bytes_down=ask.bytes_down,
+        refused=ask.refused,
     )
+
+
+class SecureRoundFailed(FedloraError):
+    """A secure round that could not complete; `refused` names the sites whose policy refused."""
+
+    def __init__(self, message: str, refused: dict[int, str]) -> None:
+        super().__init__(message)
+        self.refused = dict(refused)
 
 
 def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
@@ -267,12 +301,34 @@ def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes
 # --- site side ---------------------------------------------------------------------------------
 
 
-def secure_stage_reply(cfg: Config, msg: Message, context: Context) -> Message:
-    """Answer one stage of the round's secure-aggregation session (see the module doc)."""
+def secure_stage_reply(cfg: Config, msg: Message, context: Context, policy: SitePolicy) -> Message:
+    """Answer one stage of the round's secure-aggregation session (see the module doc); a
+    stage the site's policy refuses ends its session and is answered with the reason."""
     fields = msg.content[R.SECAGG]
     stage, round_ = str(fields[R.SECAGG_STAGE]), int(fields[R.ROUND])
     site = site_id(context)
+    try:
+        return _stage_reply(cfg, msg, context, policy, stage, round_, site)
+    except PolicyRefused as exc:
+        for key in (R.SECAGG_STATE, R.PENDING_STATE):
+            if key in context.state:
+                del context.state[key]
+        return refusal_reply(msg, site, round_, exc.reason)
+
+
+def _stage_reply(
+    cfg: Config,
+    msg: Message,
+    context: Context,
+    policy: SitePolicy,
+    stage: str,
+    round_: int,
+    site: int,
+) -> Message:
+    fields = msg.content[R.SECAGG]
     if stage == KEYS:
+        policy.check_request(cfg, secure=True)
+        take_round(cfg, context, round_)
         client = SecAggClient.create(
             round_, site, int(fields[R.THRESHOLD]), float(fields[R.VALUE_BOUND])
         )
@@ -284,14 +340,18 @@ def secure_stage_reply(cfg: Config, msg: Message, context: Context) -> Message:
         client = _load_session(context, round_)
         if stage == SHARE:
             peers = zip(fields[R.SITES], fields[R.C_PKS], fields[R.S_PKS], strict=True)
-            out = client.share_keys({int(j): (bytes(c), bytes(s)) for j, c, s in peers})
+            received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
+            policy.check_session(cohort=len(received), threshold=client.threshold)
+            out = client.share_keys(received)
             reply = RecordDict(
                 {R.SECAGG: ConfigRecord({R.PEERS: list(out), R.CIPHERTEXTS: list(out.values())})}
             )
         elif stage == MASK:
-            reply = _masked_reply(cfg, msg, context, client)
+            reply = _masked_reply(cfg, msg, context, policy, client)
         elif stage == UNMASK:
+            policy.check_sum(len(fields[R.SURVIVORS]))
             b, s = client.unmask(fields[R.SURVIVORS], fields[R.DROPPED])
+            _commit_state(cfg, context, round_, site)  # this site's input is in the sum
             fields_out = {R.SURVIVORS: list(b), R.B_SHARES: list(b.values())}
             fields_out |= {R.DROPPED: list(s), R.S_SHARES: list(s.values())}
             reply = RecordDict({R.SECAGG: ConfigRecord(fields_out)})
@@ -316,13 +376,23 @@ def _load_session(context: Context, round_: int) -> SecAggClient:
     return client
 
 
-def _masked_reply(cfg: Config, msg: Message, context: Context, client: SecAggClient) -> RecordDict:
-    """Train as in a plaintext round, then mask the contribution."""
+def _masked_reply(
+    cfg: Config, msg: Message, context: Context, policy: SitePolicy, client: SecAggClient
+) -> RecordDict:
+    """Train as in a plaintext round, then mask the contribution. The new site state waits in
+    ``context.state`` until the unmasking stage shows the input was summed."""
     fields = msg.content[R.SECAGG]
-    contribution, metrics = train_contribution(cfg, msg, context)
+    pending: dict[str, Arrays] = {}
+    contribution, metrics = train_contribution(
+        cfg, msg, context, policy, session=client, keep=lambda _r, state: pending.update(state)
+    )
     layout, masked = client.mask_input(
         contribution, dict(zip(fields[R.PEERS], fields[R.CIPHERTEXTS], strict=True))
     )
+    context.state[R.PENDING_STATE] = R.to_record(pending)
+    if R.STATS_EPSILON in contribution:  # for the site's own audit log, never sent
+        epsilon = float(contribution[R.STATS_EPSILON][0])
+        context.state[R.LOCAL_SPEND] = MetricRecord({R.PRIVACY + "epsilon": epsilon})
     return RecordDict(
         {
             R.SECAGG_MASKED: ArrayRecord({R.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}),
@@ -330,3 +400,12 @@ def _masked_reply(cfg: Config, msg: Message, context: Context, client: SecAggCli
             R.SITE_METRICS: metrics,
         }
     )
+
+
+def _commit_state(cfg: Config, context: Context, round_: int, site: int) -> None:
+    """Save the state the site trained into once its masked input is in the sum."""
+    if R.PENDING_STATE not in context.state:
+        raise SecAggError(f"site {site}: no trained state waiting for round {round_}")
+    state = R.from_record(context.state[R.PENDING_STATE])
+    del context.state[R.PENDING_STATE]
+    SiteStore(site_state_dir(cfg, context), site).save(round_, state)

@@ -35,6 +35,9 @@ from fedlora.strategies.base import Arrays, LocalWork, Strategy, read_scalar, su
 from fedlora.strategies.server_opt import server_optimizer_for
 from fedlora.train import evaluate
 
+#: the server state file that names the latest round begun (see Federation.mark_started)
+STARTED_FILE = "round-started.txt"
+
 
 def sample_sites(
     sites: list[int], fraction: float, minimum: int, rng: np.random.Generator
@@ -75,6 +78,9 @@ class RoundInputs:
     contributions: list[Arrays] = field(default_factory=list)  # individual: plaintext only
     failures: list[str] = field(default_factory=list)
     exhausted: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)  # site -> why its policy refused
+    #: secure aggregation: the summed statistics (records.STATS keys), no per-site metrics
+    stats: Arrays = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     transport_error_down: float = 0.0  # relative L2 round-trip error of the adapter sent
@@ -141,8 +147,6 @@ class Federation:
         """What every sampled site receives: the global adapter, the strategy's broadcast
         state and the round config."""
         config: dict[str, int] = {R.ROUND: round_}
-        if self.cfg.privacy.level == "client" and self.cfg.privacy.client_noise == "distributed":
-            config[R.NOISE_SHARES] = self.threshold(len(self.available_sites()))
         global_wire, broadcast_wire = self.wire_down()
         return RecordDict(
             {
@@ -193,11 +197,19 @@ class Federation:
         )
         # site order, not arrival order: float sums must not depend on which site finished first
         replies.sort(
-            key=lambda m: -1 if m.has_error() else int(m.content[R.SITE_METRICS][R.SITE_ID])
+            key=lambda m: (
+                -1
+                if m.has_error() or R.SITE_METRICS not in m.content
+                else int(m.content[R.SITE_METRICS][R.SITE_ID])
+            )
         )
         for reply in replies:
             if reply.has_error():
                 inputs.failures.append(reply.error.reason)
+                continue
+            if R.REFUSAL in reply.content:
+                refusal = reply.content[R.REFUSAL]
+                inputs.refused[int(refusal[R.SITE_ID])] = str(refusal[R.REASON])
                 continue
             metrics = reply.content[R.SITE_METRICS]
             if int(metrics.get(R.EXHAUSTED, 0)):
@@ -214,18 +226,25 @@ class Federation:
         return inputs
 
     def collect_secure(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
-        from fedlora.apps.secure import secure_sum
+        from fedlora.apps.secure import SecureRoundFailed, secure_sum
 
-        result = secure_sum(
-            grid,
-            {s: self.nodes[s] for s in chosen},
-            self.round_content(round_),
-            self.threshold(len(chosen)),
-            progress,
-        )
+        try:
+            result = secure_sum(
+                grid,
+                {s: self.nodes[s] for s in chosen},
+                self.round_content(round_),
+                self.threshold(len(chosen)),
+                progress,
+            )
+        except SecureRoundFailed as err:
+            self.note_refusals(round_, err.refused)
+            raise
+        sums = {k: v for k, v in result.sums.items() if not k.startswith(R.STATS)}
         inputs = RoundInputs(
-            sums=result.sums,
+            sums=sums,
             metrics=[result.metrics[s] for s in sorted(result.sites)],
+            refused=result.refused,
+            stats={k: v for k, v in result.sums.items() if k.startswith(R.STATS)},
             bytes_up=sum(result.bytes_up.values()),
             bytes_down=sum(result.bytes_down.values()),
         )
@@ -253,7 +272,9 @@ class Federation:
             self.reporter.progress(f"round {round_}/{fed.rounds}: {what}")
 
         collect = self.collect_secure if self.cfg.secure.enabled else self.collect_plain
+        self.mark_started(round_)
         inputs = collect(grid, chosen, round_, progress)
+        self.note_refusals(round_, inputs.refused)
         for reason in inputs.failures:
             self.reporter.note(f"round {round_}: a site failed: {reason.strip().splitlines()[-1]}")
         for site in inputs.exhausted:
@@ -267,11 +288,13 @@ class Federation:
             return None  # budgets, not faults, ended the federation: `run` says so
         if count < fed.min_clients:
             detail = f" First error: {inputs.failures[0].strip()}" if inputs.failures else ""
+            if inputs.refused:
+                detail += " " + "; ".join(self.refusal_lines(round_, inputs.refused)) + "."
             raise FedloraError(
                 f"Round {round_}: only {count} of {len(chosen)} sites contributed, fewer than "
                 f"federation.min_clients = {fed.min_clients}.{detail}"
             )
-        works = [
+        works = [  # plaintext only: under secure aggregation no site reports its own numbers
             LocalWork(
                 num_examples=int(m[R.NUM_EXAMPLES]),
                 steps=int(m[R.LOCAL_STEPS]),
@@ -280,6 +303,7 @@ class Federation:
                 rank=site_rank(m, self.cfg.lora.r),
             )
             for m in inputs.metrics
+            if not inputs.stats
         ]
         sums, participants = inputs.sums, count
         if fed.participation == "poisson":  # only the sum says how many took part, not who
@@ -305,16 +329,25 @@ class Federation:
                 self.global_arrays = aggregate_sums(
                     self.strategy, self.server_opt, self.global_arrays, sums, participants
                 )
+        if inputs.stats:  # the sum of loss x rows over the sum of rows: the same weighted mean
+            train_loss = float(inputs.stats[R.STATS_LOSS][0] / inputs.stats[R.STATS_ROWS][0])
+        else:
+            train_loss = mean_train_loss(inputs.metrics, works)
         row: dict[str, object] = {
             "round": round_,
-            "train_loss": mean_train_loss(inputs.metrics, works),
+            "train_loss": train_loss,
             "clients": participants,
             # the sites whose update is in this round's aggregate (a dropped site is not)
             "sites": sorted(int(m[R.SITE_ID]) for m in inputs.metrics),
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
         }
-        row |= self.privacy_row(inputs.metrics)
+        if inputs.refused:
+            row["refused"] = {str(s): why for s, why in sorted(inputs.refused.items())}
+        if inputs.stats:
+            row |= self.secure_privacy_row(inputs.metrics, inputs.stats)
+        else:
+            row |= self.privacy_row(inputs.metrics)
         row |= self.transport_row(inputs)
         self.reporter.progress(f"round {round_}/{fed.rounds}: evaluating the global adapter")
         row |= self.evaluate_global()
@@ -337,6 +370,31 @@ class Federation:
             ),
         }
 
+    # --- refusals and the interrupted round ---------------------------------------------------
+    def site_name(self, site: int) -> str:
+        return self.site_names[site] if site < len(self.site_names) else f"site {site}"
+
+    def refusal_lines(self, round_: int, refused: dict[int, str]) -> list[str]:
+        return [
+            f"{self.site_name(s)} refused round {round_}: {why}"
+            for s, why in sorted(refused.items())
+        ]
+
+    def note_refusals(self, round_: int, refused: dict[int, str]) -> None:
+        for line in self.refusal_lines(round_, refused):
+            self.reporter.note(line)
+
+    def mark_started(self, round_: int) -> None:
+        """Persist "round r started" before its first message: sites take part in a round once,
+        so a resumed server does not repeat a round it may have started (`run` skips it)."""
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / STARTED_FILE).write_text(str(round_))
+
+    def started_round(self) -> int:
+        path = None if self.state_dir is None else self.state_dir / STARTED_FILE
+        return int(path.read_text()) if path is not None and path.exists() else -1
+
     # --- differential privacy ------------------------------------------------------------
     def add_central_noise(self, sums: Arrays, round_: int) -> Arrays:
         """Client level, central: N(0, (sigma C)^2) on every data-carrying sum."""
@@ -347,6 +405,35 @@ class Federation:
         keys = private_keys(sums, self.strategy.private_prefixes)
         rng = np.random.default_rng([self.noise_seed, round_])
         return add_gaussian(sums, keys, mech.noise_multiplier * mech.max_grad_norm, rng)
+
+    def secure_privacy_row(self, metrics: list, stats: Arrays) -> dict[str, object]:
+        """Under secure aggregation the sites' epsilons arrive only as a sum. At client level
+        every contributing site spends the same, so the mean is each one's epsilon; at sample
+        level it depends on a site's rows, which stay at the site: only the mean is known."""
+        if self.cfg.privacy.level == "none" or R.STATS_EPSILON not in stats:
+            return {}
+        mean = float(stats[R.STATS_EPSILON][0]) / len(metrics)
+        if stats[R.STATS_UNBOUNDED][0] > 0:
+            mean = float("inf")
+        if self.cfg.privacy.level == "sample":
+            return {"privacy": {}, "epsilon_mean": mean, "exhausted": sorted(self.exhausted)}
+        mech = client_mechanism(self.cfg)  # the federation's own mechanism, the same at every site
+        spend = {
+            "epsilon": mean,
+            "delta": mech.delta,
+            "noise_multiplier": mech.noise_multiplier,
+            "sample_rate": mech.sample_rate,
+            "max_grad_norm": mech.max_grad_norm,
+            "level": "client",
+            "accountant": self.cfg.privacy.accountant,
+        }
+        per_site = {str(int(m[R.SITE_ID])): dict(spend) for m in metrics}
+        self.epsilon_spent |= {s: mean for s in per_site}
+        return {
+            "privacy": per_site,
+            "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
+            "exhausted": sorted(self.exhausted),
+        }
 
     def privacy_row(self, metrics: list) -> dict[str, object]:
         """Per-site spend as reported (enough to recompute each epsilon) and the largest so far."""
@@ -435,6 +522,11 @@ class Federation:
                 f"Client-level DP, sampling amplification: {amplification(self.cfg)}"
             )
         done = self.restore_state()
+        if (begun := self.started_round()) > done:
+            self.reporter.note(
+                f"Round {begun} was interrupted and is not repeated (a site takes part in a "
+                f"round once); the federation continues with round {begun + 1}."
+            )
         if done < 0:
             started = time.perf_counter()
             self.reporter.progress("round 0: evaluating the initial adapter")
@@ -445,7 +537,7 @@ class Federation:
             )
             done = 0
         self.nodes = nodes
-        for round_ in range(done + 1, self.cfg.federation.rounds + 1):
+        for round_ in range(max(done, begun) + 1, self.cfg.federation.rounds + 1):
             row = None
             if len(self.available_sites()) >= self.cfg.federation.min_clients:
                 row = self.run_round(grid, nodes, round_)

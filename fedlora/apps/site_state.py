@@ -11,6 +11,7 @@ r. A round that is repeated after a server restart therefore starts from exactly
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -69,3 +70,42 @@ class SiteStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, self.path)
+
+
+class RoundsTaken:
+    """The rounds a site has taken part in, in ``<folder>/site-<id>.rounds.json``: a site
+    contributes to a round at most once (one plain update or one secure-aggregation session),
+    so a server cannot sum the same round twice over different sets of sites and subtract.
+    Written to disk before the site answers, so a restart of the site does not forget it."""
+
+    def __init__(self, folder: Path, site: int) -> None:
+        self.path = folder / f"site-{site}.rounds.json"
+
+    def taken(self) -> list[int]:
+        return json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def take(self, round_: int) -> bool:
+        """Record `round_`; False when it was taken before (the request must be refused)."""
+        rounds = self.taken()
+        if round_ in rounds:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(sorted([*rounds, round_])))
+        os.replace(tmp, self.path)
+        return True
+
+
+def forget_unfinished_rounds(state_dir: Path, saved: int | None, started_file: str) -> None:
+    """Simulation resume: the machine plays the server and every site, so a round interrupted
+    after its first message is run again as it would have run (the result then equals an
+    uninterrupted run). Forget that round in every simulated site's record and in the server's
+    "round started" file; a site daemon never does (a deployed server continues with the next
+    round instead)."""
+    done = -1 if saved is None else saved
+    (state_dir / started_file).unlink(missing_ok=True)
+    for path in (state_dir / "sites").glob("site-*.rounds.json"):
+        kept = [r for r in json.loads(path.read_text()) if r <= done]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, path)

@@ -2,8 +2,9 @@
 
 `client_app` is what a site runs for every message: it rebuilds the site's config from the
 federation's run config (sent by the server) and the site's own `site.toml` (named in its node
-config), hands the message to the same ClientApp `fedlora simulate` uses, and appends one audit
-line for every reply that carries tensors. `server_app` exists because Flower's bundle format
+config), hands the message to the same ClientApp `fedlora simulate` uses with the site's own
+`[policy]`, and appends one audit line for every reply that carries tensors and for every
+request its policy refused. `server_app` exists because Flower's bundle format
 requires one; fedlora's server half runs inside `fedlora server` (fedlora.deploy.link says why).
 """
 
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -49,17 +50,6 @@ def site_config(federation: dict, site: SiteSettings) -> Config:
     return load_config(None, [values])
 
 
-def check_privacy_promise(cfg: Config, site: SiteSettings, message_type: str) -> None:
-    """A site with a privacy budget sends updates only under differential privacy."""
-    sends_update = message_type.startswith(MessageType.TRAIN)
-    if sends_update and site.max_epsilon is not None and cfg.privacy.level == "none":
-        raise FedloraError(
-            f"Site {site.name} sends updates only under differential privacy (privacy."
-            f"max_epsilon = {site.max_epsilon} in its site.toml), but this federation runs "
-            'with privacy.level = "none".'
-        )
-
-
 def payload_digest(arrays: dict[str, np.ndarray]) -> str:
     """SHA-256 over every tensor in name order: name, dtype, shape, then the raw bytes (C
     order). Anyone holding the same tensors gets the same digest."""
@@ -71,8 +61,26 @@ def payload_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
-    """The audit line of a reply that carries tensor data (an update), else None."""
+def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
+    """The audit line of a request this site's policy refused, else None."""
+    if reply.has_error() or R.REFUSAL not in reply.content:
+        return None
+    refusal = reply.content[R.REFUSAL]
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "federation": federation,
+        "run": msg.metadata.run_id,
+        "round": refusal[R.ROUND],
+        "message": msg.metadata.message_type,
+        "refused": refusal[R.REASON],
+    }
+
+
+def audit_entry(
+    msg: Message, reply: Message, federation: str, state: RecordDict | None = None
+) -> dict | None:
+    """The audit line of a reply that carries tensor data (an update), else None. Under secure
+    aggregation the site's epsilon is not in the reply: it is read from the site's `state`."""
     if reply.has_error():
         return None
     arrays = {
@@ -83,6 +91,8 @@ def audit_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     if not arrays:
         return None
     metrics = {k: v for m in reply.content.metric_records.values() for k, v in m.items()}
+    if state is not None and R.LOCAL_SPEND in state and R.SECAGG_MASKED in reply.content:
+        metrics |= dict(state[R.LOCAL_SPEND])
     config = msg.content.config_records.get(R.ROUND_CONFIG, {})
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -120,15 +130,17 @@ class SiteApp(ClientApp):
             raise FedloraError("The site's node config and its site.toml name different sites.")
         federation = str(context.run_config[runconfig.FEDERATION])
         cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
-        check_privacy_promise(cfg, site, message.metadata.message_type)
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        key = json.dumps(cfg.to_dict(), sort_keys=True) + repr(site.policy)
         if key not in self._apps:
-            self._apps = {key: make_client_app(cfg)}
+            self._apps = {key: make_client_app(cfg, site.policy)}
         # the strategy's site state and DP noise secret are kept per federation
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)
         reply = self._apps[key](message, dataclasses.replace(context, node_config=own))
-        if (entry := audit_entry(message, reply, federation)) is not None:
+        entry = refusal_entry(message, reply, federation) or audit_entry(
+            message, reply, federation, context.state
+        )
+        if entry is not None:
             append_audit(site.audit_log, entry)
         return reply
 

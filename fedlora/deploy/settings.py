@@ -6,8 +6,9 @@ server.toml = a normal fedlora config (the federation: strategy, rounds, secure 
 privacy, ...; see configs/default.toml) plus `[server]` (address, TLS files, state folder) and
 `[sites]` (site name = its node-authentication public key). federation.clients is the number
 of sites listed. site.toml = `[site]` (name, server address, CA, key, state, audit log) plus the
-site's own `[data]`, `[privacy] max_epsilon` and `[model] device` (its own hardware); everything
-else comes from the server.
+site's own `[data]`, `[model] device` (its own hardware) and `[policy]` (what it accepts,
+fedlora.privacy.site_policy; the older `[privacy] max_epsilon` is read as `[policy]
+max_epsilon`); everything else comes from the server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from fedlora.config import Config, _apply, parse_override, validate
 from fedlora.errors import FedloraError
+from fedlora.privacy.site_policy import SitePolicy, load_policy
 from fedlora.readers import read_text
 from fedlora.secure.certs import check_site_name, load_site_public_key
 
@@ -64,6 +66,7 @@ class SiteSettings:
     max_epsilon: float | None  # the site's own privacy budget (None: the federation's)
     path: Path  # the site.toml itself
     device: str = "auto"  # the site's model.device (its own hardware, never the server's)
+    policy: SitePolicy = SitePolicy()  # what this site accepts, whatever the server asks
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -170,12 +173,12 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
 def load_site(path: Path) -> SiteSettings:
     values = read_toml(path)
     base = path.resolve().parent
-    unknown = set(values) - {"site", "data", "privacy", "model"}
+    unknown = set(values) - {"site", "data", "privacy", "policy", "model"}
     if unknown:
         raise FedloraError(
             f"Unknown section [{sorted(unknown)[0]}] in {path}: a site sets only [site], its own "
-            "[data], [privacy] max_epsilon and [model] device; the federation's settings come "
-            "from the server."
+            "[data], [model] device and [policy]; the federation's settings come from the "
+            "server."
         )
     model = _table(values, "model", path, SITE_MODEL_KEYS) if "model" in values else {}
     device = _site_device(model.get("device", "auto"), path)
@@ -191,11 +194,19 @@ def load_site(path: Path) -> SiteSettings:
     threads = site.get("threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise FedloraError(f"site.threads in {path} must be 0 (every core) or more.")
-    max_eps = privacy.get("max_epsilon")
+    policy_table = dict(values.get("policy", {}))
+    if not isinstance(values.get("policy", {}), dict):
+        raise FedloraError(f"{path}: [policy] must be a table.")
+    if "max_epsilon" in privacy and "max_epsilon" in policy_table:
+        raise FedloraError(
+            f"{path} sets both [privacy] max_epsilon and [policy] max_epsilon; keep the one in "
+            "[policy] ([privacy] max_epsilon is its older name)."
+        )
+    max_eps = privacy.get("max_epsilon", policy_table.pop("max_epsilon", None))
     if max_eps is not None and (
         isinstance(max_eps, bool) or not isinstance(max_eps, int | float) or max_eps <= 0
     ):
-        raise FedloraError(f"privacy.max_epsilon in {path} must be a positive number.")
+        raise FedloraError(f"policy.max_epsilon in {path} must be a positive number.")
     name = check_site_name(_str(site, "name", "site"))
     split_address(_str(site, "server", "site"), "site.server")
     state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))
@@ -214,6 +225,7 @@ def load_site(path: Path) -> SiteSettings:
         max_epsilon=None if max_eps is None else float(max_eps),
         path=path.resolve(),
         device=device,
+        policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
     )
 
 

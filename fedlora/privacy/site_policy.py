@@ -1,0 +1,176 @@
+"""A site's own policy: what it demands of any request before it trains or shares a key.
+
+The server's run config says what the federation wants; the policy says what this site accepts.
+Every check looks at something the site sees or does itself: the run config it will train with
+(strategy, privacy level, the noise and clip it will apply), whether the request is a plain
+TRAIN or a secure-aggregation session, and in a session the cohort and threshold it derives
+from the keys it received. Never a number the server only asserts. A request that breaks the
+policy raises `PolicyRefused` before any training; the site answers with the reason (see
+fedlora.apps.client.refusal_reply) and writes it to its audit log.
+
+A site daemon reads its policy from site.toml `[policy]`; a simulation has no site.toml and
+plays every site with `SitePolicy.mirroring(cfg)`: the run config's own choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, get_args
+
+from fedlora.config import AggregationMode, Config, PrivacyLevel
+from fedlora.errors import FedloraError
+from fedlora.privacy.policy import Mechanism
+from fedlora.strategies import STRATEGIES
+
+LEVELS: tuple[str, ...] = get_args(PrivacyLevel)
+AGGREGATIONS: tuple[str, ...] = get_args(AggregationMode)
+DEFAULT_MIN_COHORT = 3
+
+
+class PolicyRefused(Exception):
+    """A request this site's policy does not accept; `reason` is said back to the server."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    #: refuse plain TRAIN requests: the server may only ever see this site's update in a sum
+    require_secure_aggregation: bool = False
+    #: fewest sites a secure-aggregation session may hold (counted from the keys received) and
+    #: the fewest inputs this site helps unmask
+    min_cohort: int = DEFAULT_MIN_COHORT
+    #: smallest threshold t accepted (0: any majority, 2t > cohort, which the protocol demands)
+    min_threshold: int = 0
+    #: privacy levels this site trains under
+    privacy_levels: tuple[str, ...] = LEVELS
+    #: smallest noise multiplier accepted: the one this site applies itself (DP-SGD, or its
+    #: share of distributed client-level noise); > 0 refuses noise only the server would add
+    min_noise_multiplier: float = 0.0
+    #: largest clipping norm accepted (0 = any)
+    max_clip: float = 0.0
+    #: largest epsilon this site spends over a federation (0 = the federation's budget)
+    max_epsilon: float = 0.0
+    #: strategies and lora.aggregation modes this site trains for
+    strategies: tuple[str, ...] = tuple(STRATEGIES)
+    aggregations: tuple[str, ...] = AGGREGATIONS
+
+    @classmethod
+    def mirroring(cls, cfg: Config) -> SitePolicy:
+        """A simulated site's policy: whatever the run config chose (so simulations run as
+        configured), with the run's own minimum cohort."""
+        return cls(require_secure_aggregation=cfg.secure.enabled, min_cohort=cfg.secure.min_cohort)
+
+    def check_request(self, cfg: Config, *, secure: bool) -> None:
+        """Before anything else: the kind of request and the settings the site would train with."""
+        if self.require_secure_aggregation and not secure:
+            raise PolicyRefused("secure aggregation required")
+        level = cfg.privacy.level
+        if level not in self.privacy_levels:
+            raise PolicyRefused(
+                f"privacy level {level!r} not accepted (policy: {', '.join(self.privacy_levels)})"
+            )
+        if self.max_epsilon and level == "none":
+            raise PolicyRefused(
+                f"differential privacy required (max_epsilon = {self.max_epsilon:g})"
+            )
+        if cfg.strategy.name not in self.strategies:
+            raise PolicyRefused(
+                f"strategy {cfg.strategy.name!r} not accepted (policy: "
+                f"{', '.join(self.strategies)})"
+            )
+        if cfg.lora.aggregation not in self.aggregations:
+            raise PolicyRefused(
+                f"lora.aggregation {cfg.lora.aggregation!r} not accepted (policy: "
+                f"{', '.join(self.aggregations)})"
+            )
+        if (
+            self.min_noise_multiplier
+            and level == "client"
+            and cfg.privacy.client_noise != "distributed"
+        ):
+            raise PolicyRefused(
+                "central client-level noise is added by the server, which this site cannot "
+                f"check (min_noise_multiplier = {self.min_noise_multiplier:g} needs "
+                'client_noise = "distributed")'
+            )
+
+    def check_mechanism(self, mech: Mechanism) -> None:
+        """The noise and clip this site is about to apply (derived from its own data size and
+        the target epsilon where one is set)."""
+        if mech.noise_multiplier < self.min_noise_multiplier:
+            raise PolicyRefused(
+                f"noise multiplier {mech.noise_multiplier:.3g} below this site's minimum "
+                f"{self.min_noise_multiplier:g}"
+            )
+        if self.max_clip and mech.max_grad_norm > self.max_clip:
+            raise PolicyRefused(
+                f"clipping norm {mech.max_grad_norm:g} above this site's maximum {self.max_clip:g}"
+            )
+
+    def check_session(self, cohort: int, threshold: int) -> None:
+        """A secure-aggregation session, as the site sees it: `cohort` = sites whose keys it
+        received (itself included), `threshold` = the t its own secrets are shared with."""
+        if cohort < self.min_cohort:
+            raise PolicyRefused(
+                f"secure-aggregation cohort of {cohort} sites, this site's minimum is "
+                f"{self.min_cohort}"
+            )
+        if threshold < self.min_threshold:
+            raise PolicyRefused(
+                f"secure-aggregation threshold {threshold}, this site's minimum is "
+                f"{self.min_threshold}"
+            )
+
+    def check_sum(self, survivors: int) -> None:
+        """Before revealing unmasking shares: the sum must hold at least min_cohort inputs."""
+        if survivors < self.min_cohort:
+            raise PolicyRefused(
+                f"only {survivors} inputs in the secure sum, this site's minimum cohort is "
+                f"{self.min_cohort}"
+            )
+
+
+POLICY_KEYS = {f.name for f in fields(SitePolicy)}
+
+
+def load_policy(table: dict[str, Any], where: str) -> SitePolicy:
+    """`[policy]` of a site.toml; every error names the key and what is accepted."""
+    unknown = set(table) - POLICY_KEYS
+    if unknown:
+        raise FedloraError(
+            f"Unknown key policy.{sorted(unknown)[0]} in {where}; known: "
+            f"{', '.join(sorted(POLICY_KEYS))}."
+        )
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(SitePolicy, key)
+        name = f"policy.{key} in {where}"
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise FedloraError(f"{name} must be true or false (got {value!r}).")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FedloraError(f"{name} must be a whole number >= 0 (got {value!r}).")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise FedloraError(f"{name} must be a number >= 0 (got {value!r}).")
+            value = float(value)
+        else:
+            choices = {"privacy_levels": LEVELS, "strategies": tuple(STRATEGIES)}.get(
+                key, AGGREGATIONS
+            )
+            if not isinstance(value, list) or not value or any(v not in choices for v in value):
+                raise FedloraError(
+                    f"{name} must be a non-empty list of: {', '.join(choices)} (got {value!r})."
+                )
+            value = tuple(value)
+        values[key] = value
+    if values.get("min_cohort", DEFAULT_MIN_COHORT) < 2:
+        raise FedloraError(
+            f"policy.min_cohort in {where} must be at least 2: a secure sum of one site is that "
+            "site's update."
+        )
+    return SitePolicy(**values)

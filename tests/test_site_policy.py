@@ -1,0 +1,312 @@
+"""A site's policy holds against the server: refusals before training, one contribution per
+round, minimum cohorts, noise split over the site's own session, nothing per site in the clear
+under secure aggregation, and SCAFFOLD's c_i in step with the server after a failed masking.
+
+The secure rounds here run in one process: `LocalGrid` hands each message straight to the
+sites' ClientApp (the code a site daemon and a simulation run) and records everything the
+server receives."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedlora.apps import records as R
+from fedlora.apps.client import make_client_app
+from fedlora.apps.secure import SecureRoundFailed, secure_sum
+from fedlora.apps.site_state import RoundsTaken, SiteStore
+from fedlora.errors import FedloraError
+from fedlora.privacy.client_level import add_gaussian, site_noise_std
+from fedlora.privacy.site_policy import PolicyRefused, SitePolicy, load_policy
+from fedlora.secure.secagg import SecAggClient, SecAggServer, ValueOutOfRange
+from fedlora.strategies.base import C_I
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps new messages with the current task's identity; give the test one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+class LocalGrid:
+    """A Grid whose nodes are ClientApps in this process; `received` is the server's whole
+    view: every reply's content, in arrival order."""
+
+    def __init__(self, cfg, sites: int, policy: SitePolicy | None = None) -> None:
+        self.app = make_client_app(cfg, policy)
+        self.contexts = {
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": sites},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(sites)
+        }
+        self.replies: dict[str, Message] = {}
+        self.received: list[RecordDict] = []
+        self.ids = itertools.count()
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        out = []
+        for msg in msgs:
+            msg_id = f"m{next(self.ids)}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            try:
+                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # what Flower does with a raising ClientApp
+                from flwr.app import Error
+
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            reply.metadata.__dict__["_reply_to_message_id"] = msg_id
+            self.replies[msg_id] = reply
+            out.append(msg_id)
+        return out
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        replies = [self.replies.pop(i) for i in ids if i in self.replies]
+        self.received += [r.content for r in replies if not r.has_error()]
+        return replies
+
+
+def round_content(round_: int, arrays: dict[str, np.ndarray]) -> RecordDict:
+    return RecordDict(
+        {
+            R.GLOBAL_ADAPTER: R.to_record(arrays),
+            R.BROADCAST: R.to_record({}),
+            R.ROUND_CONFIG: ConfigRecord({R.ROUND: round_}),
+        }
+    )
+
+
+def global_adapter(cfg) -> dict[str, np.ndarray]:
+    from fedlora.model import adapter_arrays
+    from fedlora.runtime import get_runtime
+
+    return adapter_arrays(get_runtime(cfg).model)
+
+
+def run_secure(grid: LocalGrid, cfg, round_: int, threshold: int = 2, content=None):
+    nodes = {i: 100 + i for i in range(len(grid.contexts))}
+    return secure_sum(
+        grid, nodes, content or round_content(round_, global_adapter(cfg)), threshold, lambda _: 0
+    )
+
+
+# --- the policy itself (pure) -------------------------------------------------------------------
+
+
+def test_policy_refuses_what_the_site_does_not_accept(tiny_cfg):
+    policy = SitePolicy(require_secure_aggregation=True, max_epsilon=8.0)
+    plain = tiny_cfg(privacy={"level": "sample"})
+    with pytest.raises(PolicyRefused, match="secure aggregation required"):
+        policy.check_request(plain, secure=False)
+    policy.check_request(plain, secure=True)
+    with pytest.raises(PolicyRefused, match="differential privacy required"):
+        policy.check_request(tiny_cfg(), secure=True)
+    narrow = SitePolicy(
+        strategies=("fedavg",), aggregations=("factors",), privacy_levels=("client",)
+    )
+    with pytest.raises(PolicyRefused, match="strategy .fedprox."):
+        narrow.check_request(
+            tiny_cfg(strategy={"name": "fedprox"}, privacy={"level": "client"}), secure=False
+        )
+    with pytest.raises(PolicyRefused, match="privacy level 'sample'"):
+        narrow.check_request(plain, secure=False)
+    noisy = SitePolicy(min_noise_multiplier=1.0)
+    central = tiny_cfg(privacy={"level": "client", "client_noise": "central"})
+    with pytest.raises(PolicyRefused, match="central client-level noise"):
+        noisy.check_request(central, secure=False)
+    with pytest.raises(PolicyRefused, match="cohort of 2"):
+        SitePolicy().check_session(cohort=2, threshold=2)
+    with pytest.raises(PolicyRefused, match="threshold 2"):
+        SitePolicy(min_threshold=3).check_session(cohort=4, threshold=2)
+    with pytest.raises(PolicyRefused, match="only 2 inputs"):
+        SitePolicy().check_sum(2)
+
+
+def test_policy_table_errors_name_the_key():
+    assert load_policy({"min_cohort": 5}, "site.toml").min_cohort == 5
+    with pytest.raises(FedloraError, match="policy.min_kohort"):
+        load_policy({"min_kohort": 5}, "site.toml")
+    with pytest.raises(FedloraError, match="policy.strategies .* fedavg"):
+        load_policy({"strategies": ["fedsgd"]}, "site.toml")
+    with pytest.raises(FedloraError, match="at least 2"):
+        load_policy({"min_cohort": 1}, "site.toml")
+
+
+def test_secure_aggregation_below_the_minimum_cohort_is_refused_at_load(tiny_cfg):
+    with pytest.raises(FedloraError, match="secure.min_cohort = 3"):
+        tiny_cfg(federation={"clients": 2}, secure={"enabled": True})
+    tiny_cfg(federation={"clients": 2})  # plaintext: no cohort to protect
+
+
+def test_cli_secure_agg_with_two_clients_exits_2(capsys):
+    from fedlora.cli import main
+
+    assert main(["simulate", "--model", "tiny-random", "--clients", "2", "--secure-agg"]) == 2
+    err = capsys.readouterr().err
+    assert "secure.min_cohort" in err and "Traceback" not in err
+
+
+def test_a_round_is_taken_once_across_site_restarts(tmp_path):
+    assert RoundsTaken(tmp_path, 0).take(4)
+    assert not RoundsTaken(tmp_path, 0).take(4)  # a new instance: a restarted site
+    assert RoundsTaken(tmp_path, 0).take(5) and RoundsTaken(tmp_path, 1).take(4)
+
+
+def test_distributed_noise_carries_the_accounted_variance_at_fraction_half():
+    """10 sites, federation.fraction = 0.5: 5 sampled, threshold t = 4 (the server's rule,
+    2/3 of 5 rounded up). Each site adds N(0, (sigma C)^2 / t) with t taken from its own
+    session, so any t or more survivors sum to at least the accounted (sigma C)^2. The old
+    rule split the noise over 2/3 of ALL 10 sites (7): 5 survivors gave 5/7 of it.
+    Tolerance: 200,000 coordinates per draw, so the sample variance is within 1% of the true
+    one (its relative standard error is sqrt(2 / n) = 0.3%)."""
+    sigma, clip, sampled, n = 1.3, 0.5, 5, 200_000
+    t = math.ceil(2 * sampled / 3)
+    sessions = [SecAggClient.create(session=1, site=s, threshold=t) for s in range(sampled)]
+    rng = np.random.default_rng(0)
+    for survivors in (t, sampled):
+        total = np.zeros(n)
+        for session in sessions[:survivors]:
+            std = site_noise_std(sigma, clip, session.threshold)
+            total += add_gaussian({"delta/x": np.zeros(n)}, ["delta/x"], std, rng)["delta/x"]
+        accounted = (sigma * clip) ** 2
+        assert np.var(total) == pytest.approx(accounted * survivors / t, rel=0.01)
+        assert np.var(total) >= 0.99 * accounted
+
+
+# --- secure rounds in one process ---------------------------------------------------------------
+
+
+def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_identity):
+    """Everything the server receives in a secure round with client-level DP: public keys,
+    ciphertexts, masked uint64 vectors, layouts (names and shapes) and site ids; the round's
+    loss and epsilon only as sums (in the unmasked result)."""
+    cfg = tiny_cfg(
+        privacy={"level": "client", "client_noise": "distributed"}, secure={"enabled": True}
+    )
+    grid = LocalGrid(cfg, 3)
+    result = run_secure(grid, cfg, 1)
+    assert result.sites == [0, 1, 2] and not result.failures
+    for content in grid.received:
+        for name, record in content.items():
+            if isinstance(record, ArrayRecord):
+                assert name == R.SECAGG_MASKED
+                assert all(a.dtype == "uint64" for a in record.values())
+            elif name == R.SITE_METRICS:
+                assert dict(record).keys() == {R.SITE_ID}
+            elif name == R.SECAGG_LAYOUT:
+                for value in record.values():  # key names and shapes
+                    items = value if isinstance(value, list) else [value]
+                    assert all(isinstance(v, str | int) for v in items), value
+            else:
+                assert name == R.SECAGG
+                for key, value in record.items():
+                    items = value if isinstance(value, list) else [value]
+                    if key in (R.C_PKS, R.S_PKS, R.CIPHERTEXTS, R.B_SHARES, R.S_SHARES):
+                        assert all(isinstance(v, bytes) for v in items), key
+                    else:  # site ids
+                        assert key in (R.SITES, R.PEERS, R.SURVIVORS, R.DROPPED), key
+                        assert all(isinstance(v, int) for v in items), key
+    assert result.sums[R.STATS_ROWS][0] > 0 and result.sums[R.STATS_LOSS][0] > 0
+    assert result.sums[R.STATS_EPSILON][0] > 0
+
+
+def test_a_replayed_round_and_a_small_cohort_are_refused(tiny_cfg, task_identity):
+    """A second session for round 1 (a new KEYS message) is refused by every site, with the
+    reason; so is a plain TRAIN of that round. A session of two sites is refused by a site
+    that demands three."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 3, SitePolicy())  # plain TRAIN allowed: only the replay is refused
+    run_secure(grid, cfg, 1)
+    with pytest.raises(SecureRoundFailed, match="already taken") as failed:
+        run_secure(grid, cfg, 1)
+    assert set(failed.value.refused) == {0, 1, 2}
+    train = Message(
+        round_content(1, global_adapter(cfg)), dst_node_id=100, message_type=MessageType.TRAIN
+    )
+    (msg_id,) = grid.push_messages([train])
+    (reply,) = grid.pull_messages([msg_id])
+    assert "already taken" in reply.content[R.REFUSAL][R.REASON]
+
+    pair = LocalGrid(cfg, 2)
+    with pytest.raises(SecureRoundFailed, match="cohort of 2 sites") as failed:
+        secure_sum(pair, {0: 100, 1: 101}, round_content(7, global_adapter(cfg)), 2, lambda _: 0)
+    assert set(failed.value.refused) == {0, 1}
+
+
+def test_a_plain_train_to_a_site_that_requires_secure_aggregation_is_refused(
+    tiny_cfg, task_identity
+):
+    cfg = tiny_cfg()
+    grid = LocalGrid(cfg, 3, SitePolicy(require_secure_aggregation=True))
+    train = Message(
+        round_content(1, global_adapter(cfg)), dst_node_id=101, message_type=MessageType.TRAIN
+    )
+    (msg_id,) = grid.push_messages([train])
+    (reply,) = grid.pull_messages([msg_id])
+    assert dict(reply.content[R.REFUSAL]) == {
+        R.SITE_ID: 1,
+        R.ROUND: 1,
+        R.REASON: "secure aggregation required",
+    }
+    assert R.CONTRIBUTION not in reply.content
+    assert not (SiteStore(grid_state(cfg), 1).path.exists())  # it did not train
+
+
+def grid_state(cfg):
+    from pathlib import Path
+
+    from fedlora.checkpoint import run_state_dir
+
+    return run_state_dir(Path(cfg.run.out)) / "sites"
+
+
+@pytest.mark.parametrize("failure", ["out-of-range", "too-few-sharers"])
+def test_scaffold_c_i_moves_only_when_the_masked_input_is_summed(
+    failure, tiny_cfg, task_identity, monkeypatch
+):
+    """The masking fails at one site (a value beyond the bound, or fewer sharers than its
+    threshold): its c_i stays where it was, so the server's c (which never gets its dc) and
+    the site agree. The sites whose inputs were summed move theirs."""
+    cfg = tiny_cfg(
+        strategy={"name": "scaffold"},
+        train={"optimizer": "sgd", "lr": 0.5},
+        federation={"clients": 4},
+    )
+    grid = LocalGrid(cfg, 4)
+    real_mask = SecAggClient.mask_input
+
+    def fails_at_site_0(self, contribution, ciphertexts):
+        if self.site == 0 and failure == "out-of-range":
+            raise ValueOutOfRange("site 0: value beyond the bound")
+        if self.site == 0:
+            ciphertexts = dict(list(ciphertexts.items())[:1])  # 2 sharers < threshold 3
+        return real_mask(self, contribution, ciphertexts)
+
+    monkeypatch.setattr(SecAggClient, "mask_input", fails_at_site_0)
+    result = run_secure(grid, cfg, 1, threshold=3)
+    assert result.sites == [1, 2, 3]
+    assert any("site 0, mask" in f for f in result.failures)
+    folder = grid_state(cfg)
+    assert SiteStore(folder, 0).before(2) == {}  # c_0 = 0, as the server's sum assumes
+    for site in (1, 2, 3):
+        saved = SiteStore(folder, site).before(2)
+        assert any(np.any(v) for k, v in saved.items() if k.startswith(C_I)), site
+
+
+def test_server_check_of_threshold_majority_still_holds():
+    """The site's cohort check sits beside, not instead of, the protocol's 2t > n."""
+    server = SecAggServer(threshold=2)
+    keys = {i: SecAggClient.create(1, i, 2).public_keys() for i in range(4)}
+    with pytest.raises(ValueError, match="exceed half"):
+        server.receive_keys(keys)
