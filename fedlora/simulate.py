@@ -137,6 +137,8 @@ def backend_config(cfg: Config, gpus: int | None = None) -> dict:
     return {
         "client_resources": resources,
         "init_args": {
+            # a Ray of its own, even where `ray start` left a cluster running on this machine
+            "address": "local",
             "num_cpus": worker_count(cfg, gpus) * threads,
             "num_gpus": gpus,
             "object_store_memory": 256 * 1024 * 1024,

@@ -212,12 +212,12 @@ def train_contribution(
         R.NUM_EXAMPLES: len(rows),
         R.RANK: rank,
     }
-    self_selected = cfg.federation.participation == "poisson"
-    if self_selected:
+    # (under secure aggregation, which poisson needs, nothing of `values` but the site id
+    # travels in the clear: secure_stats puts the loss and rows inside the sum)
+    if cfg.federation.participation == "poisson":
         contribution, new_state = self_selection(
             cfg, secret, round_, site, contribution, new_state, client_state
         )
-        del values[R.TRAIN_LOSS]  # nothing in the clear may tell who took part
     if mech is not None:
         if level == "client":
             keys = private_keys(contribution, strategy.private_prefixes)
@@ -225,8 +225,7 @@ def train_contribution(
             contribution, new_state = strategy.scale_private(
                 contribution, new_state, client_state, scale
             )
-            if not self_selected:
-                values[R.CLIP_SCALE] = scale
+            values[R.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
                 assert session is not None  # refused above
                 std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, session.threshold)

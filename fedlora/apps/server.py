@@ -27,7 +27,7 @@ from fedlora.errors import FedloraError
 from fedlora.interrupt import StopSwitch
 from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
-from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism
+from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism, spend
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
@@ -407,9 +407,9 @@ class Federation:
         return add_gaussian(sums, keys, mech.noise_multiplier * mech.max_grad_norm, rng)
 
     def secure_privacy_row(self, metrics: list, stats: Arrays) -> dict[str, object]:
-        """Under secure aggregation the sites' epsilons arrive only as a sum. At client level
-        every contributing site spends the same, so the mean is each one's epsilon; at sample
-        level it depends on a site's rows, which stay at the site: only the mean is known."""
+        """Under secure aggregation the sites' epsilons arrive only as a sum. At sample level a
+        site's epsilon depends on its rows, which stay at the site: only the mean is known. At
+        client level it follows from public facts, and each site's is recomputed here."""
         if self.cfg.privacy.level == "none" or R.STATS_EPSILON not in stats:
             return {}
         mean = float(stats[R.STATS_EPSILON][0]) / len(metrics)
@@ -417,22 +417,21 @@ class Federation:
             mean = float("inf")
         if self.cfg.privacy.level == "sample":
             return {"privacy": {}, "epsilon_mean": mean, "exhausted": sorted(self.exhausted)}
-        mech = client_mechanism(self.cfg)  # the federation's own mechanism, the same at every site
-        spend = {
-            "epsilon": mean,
-            "delta": mech.delta,
-            "noise_multiplier": mech.noise_multiplier,
-            "sample_rate": mech.sample_rate,
-            "max_grad_norm": mech.max_grad_norm,
-            "level": "client",
-            "accountant": self.cfg.privacy.accountant,
-        }
-        per_site = {str(int(m[R.SITE_ID])): dict(spend) for m in metrics}
-        self.epsilon_spent |= {s: mean for s in per_site}
+        # Client level: a site's spend depends on public facts only (the federation's mechanism
+        # and the rounds the site was in), so the server recomputes it exactly as the site does.
+        mech = client_mechanism(self.cfg)
+        per_site = {}
+        for m in metrics:
+            site = int(m[R.SITE_ID])
+            rounds_in = 1 + sum(site in row.get("sites", []) for row in self.reporter.rows)
+            ledger = [(mech.noise_multiplier, mech.sample_rate, 1)] * rounds_in
+            per_site[str(site)] = spend(self.cfg, mech, ledger).as_dict()
+            self.epsilon_spent[str(site)] = per_site[str(site)]["epsilon"]
         return {
             "privacy": per_site,
             "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
             "exhausted": sorted(self.exhausted),
+            "amplification": amplification(self.cfg),
         }
 
     def privacy_row(self, metrics: list) -> dict[str, object]:
@@ -441,10 +440,10 @@ class Federation:
             return {}
         per_site = {}
         for m in metrics:
-            spend = {k[len(R.PRIVACY) :]: m[k] for k in m if k.startswith(R.PRIVACY)}
-            spend |= {"level": self.cfg.privacy.level, "accountant": self.cfg.privacy.accountant}
-            per_site[str(int(m[R.SITE_ID]))] = spend
-            self.epsilon_spent[str(int(m[R.SITE_ID]))] = float(spend["epsilon"])
+            spent = {k[len(R.PRIVACY) :]: m[k] for k in m if k.startswith(R.PRIVACY)}
+            spent |= {"level": self.cfg.privacy.level, "accountant": self.cfg.privacy.accountant}
+            per_site[str(int(m[R.SITE_ID]))] = spent
+            self.epsilon_spent[str(int(m[R.SITE_ID]))] = float(spent["epsilon"])
         row: dict[str, object] = {
             "privacy": per_site,
             "epsilon_max": max(self.epsilon_spent.values(), default=0.0),
