@@ -51,3 +51,45 @@ def tiny_cfg(tmp_path):
 def tiny_cfg_at():
     """`tiny_cfg_at(folder, **sections)`: like `tiny_cfg`, for module-scoped fixtures."""
     return make_tiny_cfg
+
+
+# --- the fast tier -------------------------------------------------------------------------------
+#: what a test (or a fixture it uses) calls when it starts a Ray simulation or real processes
+_ENGINE_CALLS = (
+    "simulate(",
+    "run_simulation(",
+    "run_sweep(",
+    "subprocess",
+    "Popen(",
+    '"simulate"',
+    '"sweep"',
+)
+
+
+def _starts_engines(func, fixturedefs, seen: set[str]) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    if any(call in source for call in _ENGINE_CALLS):
+        return True
+    for name in inspect.signature(func).parameters:
+        if name in seen or name not in fixturedefs:
+            continue
+        seen.add(name)
+        if any(_starts_engines(d.func, fixturedefs, seen) for d in fixturedefs[name]):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `sim` every test that starts a Ray simulation or real processes, found from its own
+    source and its fixtures' (one place, so a new test needs no decorator): the fast tier is
+    `pytest -m "not slow and not deploy and not sim"`; `pytest -q` still runs everything."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        func = getattr(item, "function", None)
+        if func is not None and _starts_engines(func, defs, set()):
+            item.add_marker(pytest.mark.sim)

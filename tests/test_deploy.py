@@ -30,7 +30,9 @@ import httpx
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.deploy
+#: real server and site processes (or a real SuperLink); the other tests here are pure and
+#: belong to the fast tier
+deploy = pytest.mark.deploy
 
 SITES = ("alpha", "beta", "gamma")
 FEDERATION_TIMEOUT = 150.0
@@ -137,6 +139,7 @@ def test_certs_in_the_formats_flower_loads(tmp_path):
     assert layout.ca_cert.read_bytes() == ca_before  # the CA is never replaced
 
 
+@deploy
 def test_registered_site_keys_follow_the_server_config(tmp_path):
     """The SuperLink's key registry is made to match [sites] at every start: an unchanged key
     keeps its node, a rotated key replaces the old one, a removed site loses its key."""
@@ -422,6 +425,7 @@ def finished(proc: subprocess.Popen, procs: Processes, name: str, timeout: float
         raise AssertionError(f"{name} did not finish:\n{procs.log(name)[-3000:]}") from None
 
 
+@deploy
 def test_federation_over_tls_with_node_authentication(kit):
     root, port, procs = kit
     server = procs.fedlora(
@@ -484,6 +488,7 @@ def test_federation_over_tls_with_node_authentication(kit):
     assert not audit(root, "rogue")
 
 
+@deploy
 def test_secure_aggregation_matches_the_plaintext_federation(kit):
     root, port, procs = kit
     plain = SECURE_SCAFFOLD | {"secure": {"enabled": "false"}}
@@ -511,6 +516,7 @@ SECURE_FEDNOVA = {
 }
 
 
+@deploy
 def test_fednova_under_secure_aggregation_matches_the_plaintext_federation(kit):
     """FedNova (unequal local work, momentum) over the real daemons: the masked sums give the
     plaintext federation's adapter."""
@@ -528,6 +534,7 @@ def test_fednova_under_secure_aggregation_matches_the_plaintext_federation(kit):
         np.testing.assert_allclose(secure[key], clear[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@deploy
 def test_tls_site_refuses_an_insecure_server(kit):
     root, _, procs = kit
     port = free_port()
@@ -542,6 +549,7 @@ def test_tls_site_refuses_an_insecure_server(kit):
     server.wait(timeout=20)
 
 
+@deploy
 def test_a_site_whose_policy_requires_secure_aggregation_refuses_plain_rounds(kit):
     """alpha's site.toml (re-read for every message) requires secure aggregation: it refuses
     every round of a plaintext federation before training, says so in its audit log, and the
@@ -567,6 +575,7 @@ def test_a_site_whose_policy_requires_secure_aggregation_refuses_plain_rounds(ki
     assert all("sha256" not in e for e in refusals)  # nothing was sent
 
 
+@deploy
 def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
     """Killed once round 2 has begun, resumed: a site takes part in a round once, so the
     server does not repeat round 2 (it says so) and continues with round 3 from round 1's
@@ -603,6 +612,7 @@ def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
         assert len(rounds) == len(set(rounds)) and 3 in rounds, (site, rounds)
 
 
+@deploy
 def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     root, port, procs = kit
     victim = next(p for p in procs.procs if p.args[-1] == "site-gamma.toml")
@@ -626,6 +636,7 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     assert "a site failed" in procs.log("server-b")
 
 
+@deploy
 def test_server_sigint_ends_within_seconds_with_the_resume_command(kit):
     """Ctrl-C on `fedlora server`: one line naming the saved rounds and the command that
     continues the federation, within 10 s, no traceback, and nothing saved after it."""
