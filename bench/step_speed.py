@@ -79,7 +79,8 @@ def main() -> None:
     for what in ("step", f"eval{args.eval_rows}"):
         pairs = zip(times[f"{b}_{what}"], times[f"{a}_{what}"], strict=True)
         med[f"{b}/{a} {what} paired"] = statistics.median(x / y for x, y in pairs)
-    med["bf16"] = float(variants[0][1])
+    if args.compare == "logits":
+        med["bf16"] = float(rt.bf16)  # the precision both variants ran at (model.precision)
     print(json.dumps({k: round(v, 3) for k, v in med.items()}, indent=1))
 
 
