@@ -151,6 +151,16 @@ def attack_report(
 # --- Scoring a run's rows --------------------------------------------------------------------
 
 
+def drawn_rows(rows: Sequence, steps: int, dp_args: dict[str, Any]) -> set[int]:
+    """The rows of the units DP-SGD's Poisson batches drew (the same stream, replayed)."""
+    from fedlora.privacy.dpsgd import DPSGD, PoissonBatches, cap_units, privacy_units
+
+    dp = DPSGD.for_round(**dp_args)
+    units, _ = cap_units(privacy_units(rows), dp.max_rows_per_unit)
+    batches = PoissonBatches(len(units), dp.sample_rate, steps, dp.batches)
+    return {i for batch in batches for unit in batch for i in units[unit]}
+
+
 class _Seen(Sequence):
     """A site's rows that records which ones local training reads (the update's members)."""
 
@@ -300,8 +310,9 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
 
     from fedlora.apps.client import site_local_steps
     from fedlora.model import load_adapter_arrays
-    from fedlora.privacy.dpsgd import DPSGD
+    from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism
+    from fedlora.privacy.secrets import simulated_secret
     from fedlora.strategies import strategy_for
     from fedlora.train import local_train
 
@@ -319,13 +330,18 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     terms = strategy_for(cfg).training_terms({}, {}, global_arrays)
     dp = None
     if cfg.privacy.level == "sample":  # the site's DP-SGD, with noise of its own seed
-        mech = sample_mechanism(cfg, len(site_rows), steps)
-        dp = DPSGD(
-            noise_multiplier=mech.noise_multiplier,
-            max_grad_norm=mech.max_grad_norm,
-            sample_rate=mech.sample_rate,
-            noise_seed=update_seed,
-        )
+        mech = sample_mechanism(cfg, count_units(site_rows.rows), steps)
+        dp_args = {
+            "noise_multiplier": mech.noise_multiplier,
+            "max_grad_norm": mech.max_grad_norm,
+            "sample_rate": mech.sample_rate,
+            "secret": simulated_secret(update_seed, site),
+            "round_": cfg.federation.rounds + 1,
+            "site": site,
+            "physical_batch_size": cfg.privacy.physical_batch_size,
+            "max_rows_per_unit": cfg.privacy.max_rows_per_unit,
+        }
+        dp = DPSGD.for_round(**dp_args)
     log(f"Site {site}: recomputing its update ({steps} local steps from the global adapter) ...")
     local_train(
         rt.model,
@@ -339,6 +355,8 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
         dp=dp,
     )
     seen = sorted(site_rows.seen)
+    if dp is not None:  # DP-SGD reads every row to group units: its members are its draws
+        seen = sorted(drawn_rows(site_rows.rows, steps, dp_args))
     mi, ni = balanced(len(seen), len(test_idx), rows, seed + site)
     members = [site_rows.rows[seen[i]] for i in mi]
     nonmembers = rt.encoder.encode_all([rt.dataset.test[test_idx[i]] for i in ni])

@@ -406,10 +406,16 @@ def load_config(
         _apply(cfg, values, str(p), chosen)
     for item in overrides or []:
         _apply(cfg, item, "the command line", chosen)
+    settle(cfg, chosen)
+    return cfg
+
+
+def settle(cfg: Config, chosen: set[str]) -> None:
+    """After every layer is applied: the strategy's recipe where the user chose no optimizer,
+    the refusal of keys the run's mode ignores, then validation."""
     apply_strategy_recipe(cfg, chosen)
     refuse_unused_keys(cfg, chosen)
     validate(cfg)
-    return cfg
 
 
 def apply_strategy_recipe(cfg: Config, chosen: set[str]) -> None:

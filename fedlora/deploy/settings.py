@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import Config, _apply, parse_override, validate
+from fedlora.config import Config, _apply, parse_override, settle
 from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import SitePolicy, load_policy
 from fedlora.readers import read_text
@@ -154,11 +154,12 @@ def load_server(path: Path, overrides: list[str], insecure: bool) -> tuple[Serve
         )
     _resolve_paths(federation, base)
     cfg = Config()
-    _apply(cfg, federation, str(path))
-    _apply(cfg, {"federation": {"clients": len(sites)}}, str(path))
+    chosen: set[str] = set()
+    _apply(cfg, federation, str(path), chosen)
+    _apply(cfg, {"federation": {"clients": len(sites)}}, str(path), chosen)
     for text in overrides:
-        _apply(cfg, parse_override(text), "the command line")
-    validate(cfg)
+        _apply(cfg, parse_override(text), "the command line", chosen)
+    settle(cfg, chosen)
     return settings, cfg
 
 
