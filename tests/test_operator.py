@@ -89,7 +89,8 @@ def test_secure_aggregation_says_when_a_dropout_ends_the_federation():
     def cfg(**federation):
         return load_config(None, [{"secure": {"enabled": True}, "federation": federation}])
 
-    assert "ends the federation" in dropout_warning(cfg(clients=2), 2)
+    # 3 sites: the minimum cohort (3) needs every one of them
+    assert "ends the federation" in dropout_warning(cfg(clients=3), 3)
     assert dropout_warning(cfg(clients=4), 4) == ""  # 3 of 4 suffice
     assert dropout_warning(load_config(None, [{"federation": {"clients": 2}}]), 2) == ""
 

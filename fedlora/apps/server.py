@@ -60,7 +60,8 @@ def dropout_warning(cfg: Config, sites: int) -> str:
         return ""
     fed = cfg.federation
     sampled = min(sites, max(fed.min_clients, math.ceil(fed.fraction * sites)))
-    if secure_threshold(cfg, sampled) < sampled:
+    # a round needs the threshold's inputs, and the sites unmask no sum of fewer than min_cohort
+    if max(secure_threshold(cfg, sampled), cfg.secure.min_cohort) < sampled:
         return ""
     return (
         f"Note: secure aggregation with {sampled} sites per round needs all {sampled}: a site "
