@@ -133,7 +133,8 @@ def test_plan_validates_every_point_before_anything_runs(tmp_path):
     assert plan.runs[3].folder == folder / "runs" / "r-4-seed6"
     assert plan.runs[3].cfg.lora.r == 4 and plan.runs[3].cfg.run.out == str(plan.runs[3].folder)
     with pytest.raises(FedloraError, match=r"sweep point strategy.name=scaffold: .*sgd"):
-        plan_sweep(folder, grid("strategy=fedavg,scaffold"), 1, None, fixed)
+        adamw = [*fixed, {"train": {"optimizer": "adamw"}}]  # chosen: no scaffold recipe
+        plan_sweep(folder, grid("strategy=fedavg,scaffold"), 1, None, adamw)
     with pytest.raises(FedloraError, match=r"lora.r=0: lora.r must be at least 1"):
         plan_sweep(folder, grid("lora.r=2,0"), 1, None, fixed)
     with pytest.raises(FedloraError, match="both fixed"):
