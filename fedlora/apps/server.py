@@ -688,6 +688,7 @@ def discover_sites(
     note: Callable[[str], None] | None = None,
     names: list[str] | None = None,
     every: float = 30.0,
+    retry: float = 60.0,
 ) -> dict[int, int]:
     """Map site id -> node id by asking every connected node which site it is; `note` hears
     who is still missing (after 5 s, then every `every` s) and each site that connects.
@@ -695,25 +696,29 @@ def discover_sites(
     Every node is asked once, as soon as it is seen, and replies are collected as they arrive
     for as long as the deadline allows: a batch that waited for its slowest reply (and threw
     the late ones away, then asked everyone again) made no progress at all beyond a few
-    thousand simulated sites on a small machine. A node is asked again only if its reply was
-    an error.
+    thousand simulated sites on a small machine. A node is asked again when its reply was an
+    error, or when none came within `retry` seconds (a query can be lost when a site daemon
+    reconnects to a restarted server); an earlier query's late reply still counts.
     """
     deadline = time.monotonic() + timeout
     nodes: dict[int, int] = {}
     asked: dict[str, int] = {}  # pending query message id -> node id
-    seen: set[int] = set()  # nodes with a query pending or answered
+    last_asked: dict[int, float] = {}  # node -> when it was last asked (pending or answered)
     next_note = time.monotonic() + min(5.0, every)
     while len(nodes) < expected:
         before = set(nodes)
-        for node in [n for n in grid.get_node_ids() if n not in seen]:
+        now, answered = time.monotonic(), set(nodes.values())
+        for node in grid.get_node_ids():
+            if node in answered or now - last_asked.get(node, -retry) < retry:
+                continue
             query = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
             for message_id in grid.push_messages([query]):  # none: not accepted, ask later
                 asked[message_id] = node
-                seen.add(node)
+                last_asked[node] = now
         for reply in grid.pull_messages(list(asked)) if asked else []:
             node = asked.pop(reply.metadata.reply_to_message_id)
             if reply.has_error():
-                seen.discard(node)  # ask it again
+                last_asked.pop(node, None)  # ask it again
                 continue
             nodes[int(reply.content[R.SITE_METRICS][R.SITE_ID])] = node
         if note is not None:
