@@ -612,6 +612,30 @@ def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
         assert len(rounds) == len(set(rounds)) and 3 in rounds, (site, rounds)
 
 
+# (before the next test, which kills a site daemon of the shared kit for good)
+@deploy
+def test_server_sigint_ends_within_seconds_with_the_resume_command(kit):
+    """Ctrl-C on `fedlora server`: one line naming the saved rounds and the command that
+    continues the federation, within 10 s, no traceback, and nothing saved after it."""
+    root, port, procs = kit
+    config = server_toml(root, "server-z", port, "runs/z", PLAIN_FEDAVG, rounds=500)
+    work = root / "runs" / "z.partial"
+    server = procs.fedlora("server-z", "server", "--config", str(config))
+    wait_for(lambda: len(metrics(work)) >= 2, FEDERATION_TIMEOUT, "round 1")
+    server.send_signal(signal.SIGINT)
+    assert finished(server, procs, "server-z", 10) == 130
+    text = procs.log("server-z")
+    assert "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    from fedlora import checkpoint
+
+    saved = checkpoint.saved_round(work / "state")
+    assert last.startswith(f"fedlora: interrupted (SIGINT); rounds 0-{saved} are saved"), last
+    assert last.endswith(f"resume with: fedlora server --config {config} --resume"), last
+    time.sleep(3)
+    assert len(metrics(work)) == saved + 1
+
+
 @deploy
 def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     root, port, procs = kit
@@ -634,26 +658,3 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["clients"] for r in rows[1:]] == [2, 2]
     assert "a site failed" in procs.log("server-b")
-
-
-@deploy
-def test_server_sigint_ends_within_seconds_with_the_resume_command(kit):
-    """Ctrl-C on `fedlora server`: one line naming the saved rounds and the command that
-    continues the federation, within 10 s, no traceback, and nothing saved after it."""
-    root, port, procs = kit
-    config = server_toml(root, "server-z", port, "runs/z", PLAIN_FEDAVG, rounds=500)
-    work = root / "runs" / "z.partial"
-    server = procs.fedlora("server-z", "server", "--config", str(config))
-    wait_for(lambda: len(metrics(work)) >= 2, FEDERATION_TIMEOUT, "round 1")
-    server.send_signal(signal.SIGINT)
-    assert finished(server, procs, "server-z", 10) == 130
-    text = procs.log("server-z")
-    assert "Traceback" not in text, text[-3000:]
-    last = text.strip().splitlines()[-1]
-    from fedlora import checkpoint
-
-    saved = checkpoint.saved_round(work / "state")
-    assert last.startswith(f"fedlora: interrupted (SIGINT); rounds 0-{saved} are saved"), last
-    assert last.endswith(f"resume with: fedlora server --config {config} --resume"), last
-    time.sleep(3)
-    assert len(metrics(work)) == saved + 1
