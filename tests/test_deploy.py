@@ -321,6 +321,61 @@ def test_site_policy_in_site_toml(tmp_path):
         load_site(site)
 
 
+#: a line of a site's supernode.log after its server was stopped while a message was on its way
+STOPPED_RUN_LINE = (
+    "\x1b[92mINFO \x1b[0m:      Run ID 16815035837695012091 is not in `RUNNING` status. "
+    "Ignoring message 2b8b369ea3722203dd6ff581d59a359fc641b8e62efc0ea10e0ea39a5c8d1f7b."
+)
+
+
+def test_a_site_reads_which_runs_the_server_stopped_from_its_supernode_log():
+    from fedlora.deploy.site import stopped_runs
+
+    text = f"INFO:      Received successfully\n{STOPPED_RUN_LINE}\nINFO:      [RUN 7]\n"
+    assert stopped_runs(text) == {16815035837695012091}
+    assert stopped_runs("INFO:      Receiving: query message (ID: 3a4a)\n") == set()
+
+
+def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():
+    """After a server restart, the SuperNode keeps a task for a message of the stopped run whose
+    objects never arrive; Flower's pull retries it for up to two hours, and meanwhile the site
+    answers no other federation. The site's pull ends once the run is known stopped."""
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.proto.message_pb2 import PullObjectResponse
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    from fedlora.deploy.executor import RunGone, give_up_on_stopped_runs
+
+    asked: list[int] = []
+    client = SimpleNamespace(
+        PullObject=lambda request: PullObjectResponse(object_found=True, object_available=False)
+    )
+
+    def run_stopped(run_id: int) -> bool:
+        asked.append(run_id)
+        return len(asked) >= 2  # the SuperNode logs the stop a little after the pull began
+
+    give_up_on_stopped_runs(client, run_stopped)
+    pull = make_pull_object_fn_protobuf(client.PullObject, Node(node_id=1), 42)
+    outcome: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            pull_objects(["a" * 64], pull)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the pull of a stopped run's message is still retrying"
+    assert len(outcome) == 1 and isinstance(outcome[0], RunGone), outcome
+    assert asked == [42, 42]
+
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Key material, data, configs, and the three site daemons (started before any server:

@@ -5,6 +5,15 @@ task from the SuperNode's Runtime API (`AcquireTask`), pull the message and the 
 the app, push the reply and the updated context (Flower keeps `context.state` across a run's
 messages that way), with task heartbeats meanwhile. Flower's own functions do the exchange
 (`flwr.supernode.runtime.run_clientapp`); what differs is that nothing here exits the process.
+
+The SuperNode of flwr 1.41 works in lock step: it receives one message, waits until some reply
+is queued, sends every queued reply, and only then receives the next message. A server that
+stops a run while one of its messages is on its way breaks the step: the message's task stays
+queued though its content never arrives (Flower's pull would wait for it for two hours), or the
+site answers it and that stale reply stands in for the next message's, so that the next reply
+waits for a message that never comes. Here a pull gives up once the SuperNode has said that its
+run stopped, and the runner says when the queue is out of step (`out_of_step`, or a served run
+that stopped: see `runs_served`); the site daemon then starts a fresh SuperNode.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Callable
 import httpx
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     AcquireTaskRequest,
     SendTaskHeartbeatRequest,
@@ -30,6 +40,8 @@ from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
 
 App = Callable[[Message, object], Message]
+#: whether the server stopped a run (by its id), as far as this site knows
+RunStopped = Callable[[int], bool]
 
 #: an absolute path (POSIX, or Windows with a drive letter)
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;:'\"()]+)+[/\\]?")
@@ -59,6 +71,27 @@ def _heartbeat(client: RuntimeHttpClient) -> bool:
         return False
 
 
+class RunGone(RuntimeError):
+    """The message being pulled belongs to a run the server has stopped: it will never arrive."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} was stopped by the server before its message arrived")
+
+
+def give_up_on_stopped_runs(client: RuntimeHttpClient, run_stopped: RunStopped) -> None:
+    """Make `client`'s object pulls fail with RunGone, instead of being retried, once the
+    object's run is known to be stopped."""
+    pull_object = client.PullObject
+
+    def pull(request: PullObjectRequest) -> PullObjectResponse:
+        response = pull_object(request)
+        if not response.object_available and run_stopped(request.run_id):
+            raise RunGone(request.run_id)
+        return response
+
+    client.PullObject = pull  # type: ignore[method-assign]
+
+
 class TaskRunner:
     """Claims and runs one task at a time; `poll` returns whether it ran one."""
 
@@ -66,8 +99,17 @@ class TaskRunner:
         self.log = log
         self.app: App | None = None  # imported when the first message arrives (torch)
         self.handled = 0
+        #: runs with a task claimed from the current SuperNode
+        self.runs_served: set[int] = set()
+        #: a claimed task ended without a reply: the SuperNode's lock step is broken
+        self.out_of_step = False
 
-    def poll(self, address: str) -> bool:
+    def new_queue(self) -> None:
+        """A fresh SuperNode: nothing claimed from it yet, in step."""
+        self.runs_served.clear()
+        self.out_of_step = False
+
+    def poll(self, address: str, run_stopped: RunStopped = lambda run_id: False) -> bool:
         client = _client(address)
         try:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -77,16 +119,18 @@ class TaskRunner:
             client.close()
         if not res.HasField("task"):
             return False
-        self.run(address, res.token)
+        self.runs_served.add(res.task.run_id)
+        self.run(address, res.token, run_stopped)
         return True
 
-    def run(self, address: str, token: str) -> None:
+    def run(self, address: str, token: str, run_stopped: RunStopped) -> None:
         if self.app is None:
             from fedlora.deploy.apps import client_app
 
             self.app = client_app
         started = time.perf_counter()
         client = _client(address, token)
+        give_up_on_stopped_runs(client, run_stopped)
         heartbeat = HeartbeatSender(lambda: _heartbeat(client))
         heartbeat.start()
         try:
@@ -110,8 +154,13 @@ class TaskRunner:
                 f"{message.metadata.message_type} handled in "
                 f"{time.perf_counter() - started:.1f} s (message {self.handled} of this process)"
             )
+        except RunGone as exc:
+            self.log(f"a message was skipped: {exc}")
+            push_task_output(client, None, SubStatus.FAILED, str(exc))
+            self.out_of_step = True
         except (httpx.HTTPError, RuntimeError) as exc:
             self.log(f"a message could not be exchanged with the SuperNode: {exc}")
+            self.out_of_step = True
         finally:
             heartbeat.stop()
             client.close()

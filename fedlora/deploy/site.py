@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import ssl
@@ -132,6 +133,8 @@ class SuperNode:
         self.proc: subprocess.Popen | None = None
         self.log_path = settings.state_dir / "supernode.log"
         self._log_offset = 0
+        self._stopped_runs: set[int] = set()
+        self._stopped_offset = 0
 
     def start(self) -> None:
         s = self.settings
@@ -157,6 +160,8 @@ class SuperNode:
             FLWR_DISABLE_UPDATE_CHECK="1",
         )
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._stopped_offset = self._log_offset
+        self._stopped_runs = set()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SUPERNODE, *args],
@@ -184,6 +189,20 @@ class SuperNode:
         self._log_offset += len(data)
         return data.decode(errors="replace").splitlines()
 
+    def stopped_runs_seen(self) -> set[int]:
+        """The runs that this SuperNode said the server stopped while one of their messages was
+        on its way (read from its log, apart from `new_output`'s reading)."""
+        if self.log_path.exists():
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._stopped_offset)
+                data = fh.read()
+            self._stopped_offset += len(data)
+            self._stopped_runs |= stopped_runs(data.decode(errors="replace"))
+        return self._stopped_runs
+
+    def run_stopped(self, run_id: int) -> bool:
+        return run_id in self.stopped_runs_seen()
+
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (the SuperNode deactivates itself at the server), then SIGKILL if needed."""
         if self.proc is None or self.proc.poll() is not None:
@@ -199,6 +218,15 @@ class SuperNode:
 def _toml_str(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+#: what the SuperNode logs when it drops a message because the server stopped its run
+_RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
+
+
+def stopped_runs(log_text: str) -> set[int]:
+    """The runs that a SuperNode's log says the server has stopped."""
+    return {int(run_id) for run_id in _RUN_NOT_RUNNING.findall(log_text)}
 
 
 #: Flower's answer when a key cannot be activated: not registered, or still connected
@@ -283,8 +311,10 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
             if not wait_for_server(settings, stop, log):
                 break
             node.start()
+            runner.new_queue()
             log(f"site {settings.name}: connecting to {settings.server}")
             lines: list[str] = []
+            out_of_step = False
             while not stop.requested and node.exited() is None:
                 for line in node.new_output():
                     lines.append(line)
@@ -292,10 +322,22 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
                         node_id = line.split("SuperNode ID:")[1].strip()
                         log(f"site {settings.name}: connected (node {node_id})")
                         delay, refused_since = 1.0, None
-                if not runner.poll(node.runtime_address):
+                out_of_step = runner.out_of_step or bool(
+                    runner.runs_served & node.stopped_runs_seen()
+                )
+                if out_of_step:
+                    break
+                if not runner.poll(node.runtime_address, node.run_stopped):
                     stop.wait(0.5)
             if stop.requested:
                 break
+            if out_of_step:
+                log(
+                    f"site {settings.name}: a federation stopped while one of its messages was "
+                    "on its way; reconnecting with a fresh queue"
+                )
+                node.stop()
+                continue
             failure = connection_failure(lines + node.new_output(), settings)
             if failure is None:
                 log(f"the SuperNode stopped (exit {node.exited()}); restarting in {delay:.0f} s")
