@@ -24,20 +24,25 @@ from collections.abc import Callable
 
 import httpx
 from flwr.app import Error, Message
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
-    AcquireTaskRequest,
-    SendTaskHeartbeatRequest,
-)
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
+from fedlora.flower_internals import (
+    AcquireTaskRequest,
+    ErrorCode,
+    HeartbeatSender,
+    PullObjectRequest,
+    PullObjectResponse,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SendTaskHeartbeatRequest,
+    SubStatus,
+    TaskType,
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 
 App = Callable[[Message, object], Message]
 #: whether the server stopped a run (by its id), as far as this site knows

@@ -39,38 +39,39 @@ from pathlib import Path
 import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
-from flwr.cli.build import build_fab_from_files
-from flwr.common.constant import SubStatus
-from flwr.common.serde import fab_to_proto, run_from_proto
-from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
-    ListNodesRequest,
-    ListRunsRequest,
-    RegisterNodeRequest,
-    StartRunRequest,
-    StopRunRequest,
-    UnregisterNodeRequest,
-)
-from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
-    AcquireTaskRequest,
-    PullTaskInputRequest,
-    PushTaskOutputRequest,
-    SendTaskHeartbeatRequest,
-)
-from flwr.supercore.constant import NodeStatus, TaskType
-from flwr.supercore.control import ControlHttpClient
-from flwr.supercore.fab import Fab
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.auth_plugin import NoOpControlAuthnPlugin
-from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
-from flwr.superlink.config_loader import SuperLinkLifespanConfig
-from flwr.superlink.grid import HttpGrid
-from flwr.superlink.main import create_app
 
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
+from fedlora.flower_internals import (
+    AcquireTaskRequest,
+    ControlHttpClient,
+    Fab,
+    HeartbeatSender,
+    HttpGrid,
+    ListNodesRequest,
+    ListRunsRequest,
+    NodeStatus,
+    NoOpControlAuthnPlugin,
+    PullTaskInputRequest,
+    PushTaskOutputRequest,
+    RegisterNodeRequest,
+    RuntimeHttpClient,
+    RuntimeVersionHttpInterceptor,
+    SendTaskHeartbeatRequest,
+    StartRunRequest,
+    StopRunRequest,
+    SubStatus,
+    SuperLinkLifespan,
+    SuperLinkLifespanConfig,
+    TaskIdentity,
+    TaskType,
+    UnregisterNodeRequest,
+    build_fab_from_files,
+    create_app,
+    fab_to_proto,
+    run_from_proto,
+    runtime_client,
+)
 from fedlora.secure.certs import load_site_public_key
 
 #: paths the sites' listener serves; everything else is for this process only
@@ -310,7 +311,7 @@ def serverapp_task(link: Link, run_id: int, timeout: float = 60.0) -> Iterator[H
     finally:
         acquirer.close()
     grid = HttpGrid(link.private_address, True, None, token=res.token)
-    client = grid._runtime_client  # Flower's own serverapp runtime uses it the same way
+    client = runtime_client(grid)
     task_input = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task_input.task_id
     TaskIdentity.run_id = task_input.run.run_id

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import signal
 import socket
 import ssl
@@ -34,13 +33,16 @@ import httpx
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings
 from fedlora.errors import FedloraError
+from fedlora.flower_internals import (
+    CONNECTION_FAILED,
+    NODE_ID_LINE,
+    NOT_ACTIVATED,
+    RUN_NOT_RUNNING,
+    SUPERNODE_COMMAND,
+)
 
 BACKOFF_MAX = 60.0
 PROBE_TIMEOUT = 10.0
-SUPERNODE = (
-    "import sys; from flwr.supernode.cli import flower_supernode; "
-    "sys.argv[0] = 'flower-supernode'; flower_supernode()"
-)
 
 
 class ServerAway(Exception):
@@ -164,7 +166,7 @@ class SuperNode:
         self._stopped_runs = set()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SUPERNODE, *args],
+                [sys.executable, "-c", SUPERNODE_COMMAND, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -220,17 +222,11 @@ def _toml_str(value: str) -> str:
     return f'"{escaped}"'
 
 
-#: what the SuperNode logs when it drops a message because the server stopped its run
-_RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
-
-
 def stopped_runs(log_text: str) -> set[int]:
     """The runs that a SuperNode's log says the server has stopped."""
-    return {int(run_id) for run_id in _RUN_NOT_RUNNING.findall(log_text)}
+    return {int(run_id) for run_id in RUN_NOT_RUNNING.findall(log_text)}
 
 
-#: Flower's answer when a key cannot be activated: not registered, or still connected
-NOT_ACTIVATED = "[code: 2004]"
 #: how long a refused key is retried: a site whose previous connection died without saying
 #: goodbye stays "online" at the server for up to 2 heartbeats of 30 s
 REFUSAL_WINDOW = 75.0
@@ -240,7 +236,7 @@ def connection_failure(lines: list[str], settings: SiteSettings) -> tuple[bool, 
     """(refused, what to tell the operator) when the SuperNode gave up on connecting, else
     None. `refused`: the server would not activate this site's key."""
     text = "\n".join(lines)
-    if "Failed to initialize the connection" not in text:
+    if CONNECTION_FAILED not in text:
         return None
     if NOT_ACTIVATED in text:
         return True, (
@@ -318,8 +314,8 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
             while not stop.requested and node.exited() is None:
                 for line in node.new_output():
                     lines.append(line)
-                    if "SuperNode ID:" in line:
-                        node_id = line.split("SuperNode ID:")[1].strip()
+                    if NODE_ID_LINE in line:
+                        node_id = line.split(NODE_ID_LINE)[1].strip()
                         log(f"site {settings.name}: connected (node {node_id})")
                         delay, refused_since = 1.0, None
                 out_of_step = runner.out_of_step or bool(

@@ -1,0 +1,164 @@
+"""Every part of Flower that fedlora uses beyond Flower's public app API, behind one door.
+
+fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr.serverapp`,
+`flwr.simulation`). Three places go further, each for a reason its module gives:
+
+- the deployment server (`fedlora/deploy/link.py`) serves the SuperLink's FastAPI app inside
+  its own process, claims the run's ServerApp task itself and drives the federation with
+  `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process);
+- the site daemon (`fedlora/deploy/executor.py`, `fedlora/deploy/site.py`) claims the
+  SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
+  loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
+  nobody else (its node id, a refused key, a run stopped under a message);
+- secure aggregation (`fedlora/secure/secagg.py`) reuses Flower's SecAgg+ key-share encoding
+  and its symmetric encryption.
+
+These names are private to flwr and may change in any release. They were read from, and tested
+against, the version in `WRITTEN_FOR`; `pyproject.toml` pins it. To move to another flwr: bump
+the pin, run `pytest tests/test_flower_internals.py` (it names every private use), then the
+deployment tests (`pytest -m deploy`), and port what fails.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+
+WRITTEN_FOR = "1.41.0"
+
+try:
+    # the deployment server: SuperLink app, Control and Runtime APIs, task identity
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
+    )
+    from flwr.common.serde import fab_to_proto, run_from_proto
+    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+        ListNodesRequest,
+        ListRunsRequest,
+        RegisterNodeRequest,
+        StartRunRequest,
+        StopRunRequest,
+        UnregisterNodeRequest,
+    )
+    from flwr.proto.message_pb2 import (  # pylint: disable=no-name-in-module
+        PullObjectRequest,
+        PullObjectResponse,
+    )
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+        AcquireTaskRequest,
+        PullTaskInputRequest,
+        PushTaskOutputRequest,
+        SendTaskHeartbeatRequest,
+    )
+    from flwr.supercore.constant import NodeStatus, TaskType
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.auth_plugin import NoOpControlAuthnPlugin
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+    from flwr.superlink.config_loader import SuperLinkLifespanConfig
+    from flwr.superlink.grid import HttpGrid
+    from flwr.superlink.main import create_app
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+except ImportError as exc:  # pragma: no cover - only with another flwr than the pinned one
+    raise ImportError(
+        f"fedlora's deployment and secure aggregation use parts of flwr {WRITTEN_FOR} that the "
+        f"installed flwr {version('flwr')} does not have ({exc}). Install flwr=={WRITTEN_FOR} "
+        "(pip install -e .), or port fedlora/flower_internals.py: see its docstring."
+    ) from exc
+
+__all__ = [
+    "AcquireTaskRequest",
+    "ControlHttpClient",
+    "ErrorCode",
+    "Fab",
+    "HeartbeatSender",
+    "HttpGrid",
+    "ListNodesRequest",
+    "ListRunsRequest",
+    "NoOpControlAuthnPlugin",
+    "NodeStatus",
+    "PullObjectRequest",
+    "PullObjectResponse",
+    "PullTaskInputRequest",
+    "PushTaskOutputRequest",
+    "RegisterNodeRequest",
+    "RuntimeHttpClient",
+    "RuntimeTokenHttpInterceptor",
+    "RuntimeVersionHttpInterceptor",
+    "SendTaskHeartbeatRequest",
+    "StartRunRequest",
+    "StopRunRequest",
+    "SubStatus",
+    "SuperLinkLifespan",
+    "SuperLinkLifespanConfig",
+    "TaskIdentity",
+    "TaskType",
+    "UnregisterNodeRequest",
+    "build_fab_from_files",
+    "create_app",
+    "decrypt",
+    "encrypt",
+    "fab_to_proto",
+    "pull_task_input",
+    "push_message",
+    "push_task_output",
+    "run_from_proto",
+    "share_keys_plaintext_concat",
+    "share_keys_plaintext_separate",
+]
+
+#: the command line that starts Flower's SuperNode (`flower-supernode`) with this interpreter
+SUPERNODE_COMMAND = (
+    "import sys; from flwr.supernode.cli import flower_supernode; "
+    "sys.argv[0] = 'flower-supernode'; flower_supernode()"
+)
+
+# What the SuperNode's log says, read by the site daemon.
+#: the node id the SuperLink gave this site
+NODE_ID_LINE = "SuperNode ID:"
+#: the SuperNode gave up connecting ...
+CONNECTION_FAILED = "Failed to initialize the connection"
+#: ... because the key cannot be activated: not registered, or still connected
+NOT_ACTIVATED = "[code: 2004]"
+#: a message dropped because the server stopped its run
+RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
+
+
+def runtime_client(grid: HttpGrid) -> RuntimeHttpClient:
+    """The Runtime API client inside Flower's `HttpGrid` (Flower's own ServerApp runtime claims
+    the task input through it the same way)."""
+    return grid._runtime_client  # noqa: SLF001 - private by design, see the module docstring
+
+
+def installed_version() -> str:
+    return version("flwr")
+
+
+def version_problem() -> str | None:
+    """Why the installed flwr may not match what this module was written for, or None."""
+    installed = installed_version()
+    if installed == WRITTEN_FOR:
+        return None
+    return (
+        f"flwr {installed} is installed; fedlora's use of Flower internals was written for "
+        f"flwr {WRITTEN_FOR}. Re-check every private use in fedlora/flower_internals.py (the "
+        "SuperLink app and lifespan, the Runtime and Control API requests, HttpGrid's runtime "
+        "client, TaskIdentity, HeartbeatSender, run_clientapp's pull/push functions, the "
+        "SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, then set "
+        "WRITTEN_FOR."
+    )

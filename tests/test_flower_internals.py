@@ -1,0 +1,62 @@
+"""fedlora's uses of Flower beyond its public API are in one module, and still match flwr."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import fedlora
+from fedlora import flower_internals as fi
+
+#: Flower's public app API, which any module may use
+PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")
+PACKAGE = Path(fedlora.__file__).parent
+
+
+def test_the_installed_flwr_is_the_one_the_internals_were_written_for():
+    assert fi.version_problem() is None, fi.version_problem()
+
+
+def test_only_the_one_door_imports_flower_internals():
+    strays = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "flower_internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] == "flwr" and not module.startswith(PUBLIC):
+                    strays.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {module}")
+    assert not strays, "import these through fedlora/flower_internals.py:\n" + "\n".join(strays)
+
+
+def test_the_supernode_still_logs_the_lines_the_site_daemon_reads():
+    """The site daemon reads its SuperNode's log for its node id, a refused key and a run
+    stopped under a message: each line must still be written by the installed flwr."""
+    from flwr.supercore.error.base import ApiErrorCode
+    from flwr.supernode import fleet_http_connection, start_client_internal
+
+    supernode = inspect.getsource(start_client_internal)
+    connection = inspect.getsource(fleet_http_connection)
+    assert f'"{fi.NODE_ID_LINE} %s"' in supernode, "port fi.NODE_ID_LINE"
+    assert fi.CONNECTION_FAILED in connection, "port fi.CONNECTION_FAILED"
+    assert '"[code: {flower_error.code}]' in connection, "port fi.NOT_ACTIVATED"
+    assert fi.NOT_ACTIVATED == f"[code: {ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED}]"
+    logged = re.findall(r'"(Run ID %s is not in `RUNNING` status\. Ignoring[^"]*)"', supernode)
+    assert len(logged) == 2, "port fi.RUN_NOT_RUNNING (the message and the reply case)"
+    for line in logged:
+        assert fi.RUN_NOT_RUNNING.search(line.replace("%s", "123", 1)).group(1) == "123"
+
+
+def test_the_supernode_command_starts_flowers_supernode():
+    namespace: dict = {}
+    statement = fi.SUPERNODE_COMMAND.replace("flower_supernode()", "")
+    exec(statement, namespace)  # noqa: S102 - our own constant, without the call
+    from flwr.supernode.cli import flower_supernode
+
+    assert namespace["flower_supernode"] is flower_supernode
