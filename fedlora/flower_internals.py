@@ -135,6 +135,10 @@ NODE_ID_LINE = "SuperNode ID:"
 CONNECTION_FAILED = "Failed to initialize the connection"
 #: ... because the key cannot be activated: not registered, or still connected
 NOT_ACTIVATED = "[code: 2004]"
+#: the SuperNode lost the server and retries ...
+RECONNECTING = "Connection attempt failed, retrying"
+#: ... and reached it again
+RECONNECTED = "Connection successful after"
 #: a message dropped because the server stopped its run
 RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
 

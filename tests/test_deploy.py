@@ -336,6 +336,29 @@ def test_a_site_reads_which_runs_the_server_stopped_from_its_supernode_log():
     assert stopped_runs("INFO:      Receiving: query message (ID: 3a4a)\n") == set()
 
 
+def test_a_site_says_when_the_server_goes_away_and_comes_back():
+    from types import SimpleNamespace
+
+    from fedlora.deploy.site import ServerWatch
+
+    said: list[str] = []
+    watch = ServerWatch(SimpleNamespace(name="alpha", server="localhost:9092"), said.append)
+    lines = [
+        "INFO :      SuperNode ID: 42",
+        "WARNING :   Connection attempt failed, retrying in 0.61 seconds",
+        "WARNING :   Connection attempt failed, retrying in 1.07 seconds",
+        "INFO :      Connection successful after 10.54 seconds and 5 tries.",
+        "INFO :      Received successfully",
+    ]
+    for line in lines:
+        watch.see(line)
+    assert said == [
+        "site alpha: lost the server localhost:9092; reconnecting (the site keeps its place "
+        "in the federation)",
+        "site alpha: the server is back after 0 s",
+    ]
+
+
 def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():
     """After a server restart, the SuperNode keeps a task for a message of the stopped run whose
     objects never arrive; Flower's pull retries it for up to two hours, and meanwhile the site
@@ -375,6 +398,7 @@ def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():
     assert not worker.is_alive(), "the pull of a stopped run's message is still retrying"
     assert len(outcome) == 1 and isinstance(outcome[0], RunGone), outcome
     assert asked == [42, 42]
+
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
@@ -665,6 +689,9 @@ def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
     for site in SITES:  # this federation's updates: each round at most once
         rounds = [e["round"] for e in audit(root, site)[before[site] :]]
         assert len(rounds) == len(set(rounds)) and 3 in rounds, (site, rounds)
+        site_log = procs.log(f"site-{site}")  # its operator heard of the server's absence
+        assert f"site {site}: lost the server" in site_log, site_log[-2000:]
+        assert f"site {site}: the server is back after" in site_log, site_log[-2000:]
 
 
 # (before the next test, which kills a site daemon of the shared kit for good)

@@ -39,6 +39,7 @@ def test_the_supernode_still_logs_the_lines_the_site_daemon_reads():
     """The site daemon reads its SuperNode's log for its node id, a refused key and a run
     stopped under a message: each line must still be written by the installed flwr."""
     from flwr.supercore.error.base import ApiErrorCode
+    from flwr.supercore.retry import http_retry
     from flwr.supernode import fleet_http_connection, start_client_internal
 
     supernode = inspect.getsource(start_client_internal)
@@ -47,6 +48,9 @@ def test_the_supernode_still_logs_the_lines_the_site_daemon_reads():
     assert fi.CONNECTION_FAILED in connection, "port fi.CONNECTION_FAILED"
     assert '"[code: {flower_error.code}]' in connection, "port fi.NOT_ACTIVATED"
     assert fi.NOT_ACTIVATED == f"[code: {ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED}]"
+    retry = inspect.getsource(http_retry)
+    assert f'"{fi.RECONNECTING} in %.2f seconds"' in retry, "port fi.RECONNECTING"
+    assert f'"{fi.RECONNECTED} %.2f seconds' in retry, "port fi.RECONNECTED"
     logged = re.findall(r'"(Run ID %s is not in `RUNNING` status\. Ignoring[^"]*)"', supernode)
     assert len(logged) == 2, "port fi.RUN_NOT_RUNNING (the message and the reply case)"
     for line in logged:

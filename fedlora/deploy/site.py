@@ -37,6 +37,8 @@ from fedlora.flower_internals import (
     CONNECTION_FAILED,
     NODE_ID_LINE,
     NOT_ACTIVATED,
+    RECONNECTED,
+    RECONNECTING,
     RUN_NOT_RUNNING,
     SUPERNODE_COMMAND,
 )
@@ -222,6 +224,37 @@ def _toml_str(value: str) -> str:
     return f'"{escaped}"'
 
 
+def server_presence(line: str) -> bool | None:
+    """What a SuperNode log line says about the server: lost (False), reached (True), or
+    nothing (None)."""
+    if RECONNECTING in line:
+        return False
+    if RECONNECTED in line or NODE_ID_LINE in line:
+        return True
+    return None
+
+
+class ServerWatch:
+    """Tells the site's operator when the server goes away and when it is back."""
+
+    def __init__(self, settings: SiteSettings, log: Callable[[str], None]) -> None:
+        self.settings, self.log = settings, log
+        self.away_since: float | None = None
+
+    def see(self, line: str) -> None:
+        presence = server_presence(line)
+        if presence is False and self.away_since is None:
+            self.away_since = time.monotonic()
+            self.log(
+                f"site {self.settings.name}: lost the server {self.settings.server}; "
+                "reconnecting (the site keeps its place in the federation)"
+            )
+        elif presence and self.away_since is not None:
+            away = time.monotonic() - self.away_since
+            self.log(f"site {self.settings.name}: the server is back after {away:.0f} s")
+            self.away_since = None
+
+
 def stopped_runs(log_text: str) -> set[int]:
     """The runs that a SuperNode's log says the server has stopped."""
     return {int(run_id) for run_id in RUN_NOT_RUNNING.findall(log_text)}
@@ -302,6 +335,7 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     node = SuperNode(settings)
     delay = 1.0
     refused_since: float | None = None
+    watch = ServerWatch(settings, log)
     try:
         while not stop.requested:
             if not wait_for_server(settings, stop, log):
@@ -314,6 +348,7 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
             while not stop.requested and node.exited() is None:
                 for line in node.new_output():
                     lines.append(line)
+                    watch.see(line)
                     if NODE_ID_LINE in line:
                         node_id = line.split(NODE_ID_LINE)[1].strip()
                         log(f"site {settings.name}: connected (node {node_id})")
