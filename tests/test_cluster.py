@@ -6,6 +6,7 @@ names the keys that differ."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -88,17 +89,43 @@ def test_the_cli_refuses_an_unreachable_cluster_before_loading_anything(tmp_path
     assert time.monotonic() - started < 60
 
 
+def stop_tree(proc: subprocess.Popen) -> None:
+    """End `proc` and every process under it (the head's GCS, raylet and workers), and only
+    those: `ray stop` would end every Ray instance on the machine, other users' included."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        tree = psutil.Process(proc.pid)
+        procs = [*tree.children(recursive=True), tree]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=15)
+
+
 @pytest.mark.cluster
 def test_simulation_on_a_running_ray_cluster(tmp_path):
-    """`ray start --head` on 127.0.0.1, a tiny federation attached to it, `ray stop` always."""
+    """`ray start --head --block` on 127.0.0.1, a tiny federation attached to it, the head's
+    processes ended afterwards whatever happened."""
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    head = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
     head += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    log = (tmp_path / "head.log").open("w")
+    proc = subprocess.Popen(head, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "head.log"
+            ).read_text()[-2000:]
+            time.sleep(0.5)
         out = tmp_path / "run"
         done = subprocess.run(
             [str(Path(sys.executable).with_name("fedlora")), "simulate", "--model", "tiny-random"]
@@ -115,7 +142,8 @@ def test_simulation_on_a_running_ray_cluster(tmp_path):
         assert summary["rounds"] == 1 and summary["clients"] == 2
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=60)
+        stop_tree(proc)
+        log.close()
 
 
 # --- resume and precision -----------------------------------------------------------------------
