@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -310,3 +311,19 @@ def test_server_check_of_threshold_majority_still_holds():
     keys = {i: SecAggClient.create(1, i, 2).public_keys() for i in range(4)}
     with pytest.raises(ValueError, match="exceed half"):
         server.receive_keys(keys)
+
+
+def test_a_spent_budget_under_secure_aggregation_tells_the_server_no_number(
+    tiny_cfg, task_identity
+):
+    """Under secure aggregation a site's epsilon tells its size (sample level) or how often it
+    took part (Poisson participation): a site that stops at its budget says only that."""
+    cfg = tiny_cfg(privacy={"level": "sample", "max_epsilon": 0.01}, secure={"enabled": True})
+    grid = LocalGrid(cfg, 3)
+    with pytest.raises(SecureRoundFailed) as failed:  # no site is left to sum
+        run_secure(grid, cfg, 1)
+    failures = str(failed.value).split("Site failures: ")[1].split("; ")
+    assert len(failures) == 3, failed.value
+    for failure in failures:  # "site 0, train: BudgetExhausted: [privacy budget exhausted] ..."
+        assert "[privacy budget exhausted] site" in failure, failure
+        assert not re.search(r"\d\.\d|epsilon", failure.split("exhausted]", 1)[1]), failure

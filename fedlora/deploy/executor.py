@@ -151,7 +151,11 @@ class TaskRunner:
                     reply_to=message,
                 )
                 status = SubStatus.FAILED
-                self.log(f"{message.metadata.message_type} failed: {type(exc).__name__}: {exc}")
+                local = getattr(exc, "local_detail", "")  # what the server is not told
+                self.log(
+                    f"{message.metadata.message_type} failed: {type(exc).__name__}: {exc}"
+                    + (f" ({local})" if local else "")
+                )
             push_message(client, reply, context)
             push_task_output(client, context, status, details)
             self.handled += 1

@@ -10,16 +10,21 @@ from fedlora.privacy.accounting import Entry, Spend, default_delta, epsilon, noi
 
 
 class BudgetExhausted(Exception):
-    """A site refuses a round that would take it past privacy.max_epsilon."""
+    """A site refuses a round that would take it past privacy.max_epsilon.
+
+    Its text, which travels to the server, carries no number: under secure aggregation a
+    site's epsilon would tell the server its size (sample level) or how often it took part
+    (Poisson participation). The numbers stay in `local_detail`, for the site's own log."""
 
     MARK = "[privacy budget exhausted]"
 
     def __init__(self, site: int, spent: float, next_epsilon: float, budget: float) -> None:
         self.site, self.spent = site, spent
-        super().__init__(
-            f"{self.MARK} site {site}: epsilon spent {spent:.3g}; the next round would reach "
-            f"{next_epsilon:.3g} > privacy.max_epsilon = {budget:g}"
+        self.local_detail = (
+            f"epsilon spent {spent:.3g}; the next round would reach {next_epsilon:.3g} > "
+            f"privacy.max_epsilon = {budget:g}"
         )
+        super().__init__(f"{self.MARK} site {site}")
 
 
 @dataclass(frozen=True)
