@@ -740,3 +740,75 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["clients"] for r in rows[1:]] == [2, 2]
     assert "a site failed" in procs.log("server-b")
+
+
+@deploy
+def test_the_kits_as_shipped_run_a_federation(tmp_path):
+    """server/ and clients/ copied as their READMEs say (certificates, each site's own key pair,
+    its public half in the server's site-keys/), with only what every operator edits: the
+    addresses, each site's name and data, and (to keep this test short) the base model and the
+    number of rounds. Secure aggregation with DP-SGD, as the kits ship, passes every site's
+    policy and runs a round."""
+    import shutil
+
+    from fedlora.model import resolve_model
+    from fedlora.secure.certs import Layout, make_certs
+
+    resolve_model("tiny-random", log=lambda _: None)
+    repo = Path(__file__).resolve().parents[1]
+    port = free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server_toml = (repo / "server" / "server.example.toml").read_text()
+    assert 'address = "0.0.0.0:9092"' in server_toml
+    (server_dir / "server.toml").write_text(
+        server_toml.replace('address = "0.0.0.0:9092"', f'address = "127.0.0.1:{port}"')
+    )
+    make_certs(server_dir / "certs", server_names=["localhost"], server_ips=["127.0.0.1"], sites=[])
+    write_rows(server_dir / "eval.jsonl", seed=99)
+    (server_dir / "site-keys").mkdir()
+    site_toml = (repo / "clients" / "site.example.toml").read_text()
+    procs = Processes(tmp_path)
+    names = ["general-hospital", "st-marys", "university-clinic"]
+    try:
+        for i, name in enumerate(names):
+            site = tmp_path / name
+            make_certs(site / "keys", server_names=[], server_ips=[], sites=[name])
+            shutil.copy(
+                Layout(site / "keys").site_public_key(name),
+                server_dir / "site-keys" / f"{name}.pub",
+            )
+            shutil.copy(server_dir / "certs" / "ca.pem", site / "ca.pem")
+            (site / "data").mkdir()
+            write_rows(site / "data" / "train.jsonl", seed=i)
+            text = site_toml.replace('"st-marys"', f'"{name}"').replace("/st-marys/", f"/{name}/")
+            text = text.replace('"fl.example.org:9092"', f'"localhost:{port}"')
+            (site / "site.toml").write_text(text)
+            procs.fedlora(f"site-{name}", "client", "--config", str(site / "site.toml"))
+        server = procs.fedlora(
+            "server",
+            "server",
+            "--config",
+            str(server_dir / "server.toml"),
+            "--set",
+            "model.name=tiny-random",
+            "--set",
+            "federation.rounds=1",
+        )
+        assert server.wait(timeout=FEDERATION_TIMEOUT) == 0, procs.log("server")[-3000:]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(procs.log("server")[-3000:]) from None
+    finally:
+        procs.kill_all()
+    out = server_dir / "runs" / "federation-1"
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 3, rows
+    summary = json.loads((out / "summary.json").read_text())
+    privacy = summary["privacy"]  # under secure aggregation only the sites' mean is known
+    assert privacy["level"] == "sample" and privacy["max_epsilon"] is None
+    assert 0 < privacy["epsilon_mean"] <= 8
+    for name in names:  # each site sent one masked update, under its own policy
+        sent = [
+            json.loads(line) for line in (tmp_path / name / "audit.jsonl").read_text().splitlines()
+        ]
+        assert [e["message"] for e in sent if "records" in e] == ["train.secagg"], sent
