@@ -308,7 +308,7 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     the global adapter (which the server holds) being the reference."""
     import torch
 
-    from fedlora.apps.client import site_local_steps
+    from fedlora.apps.contribution import site_local_steps
     from fedlora.model import load_adapter_arrays
     from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism

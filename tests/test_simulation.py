@@ -12,7 +12,8 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from fedlora.apps import records as R
-from fedlora.apps.client import site_local_steps, site_state_dir, train_reply
+from fedlora.apps.client import train_reply
+from fedlora.apps.contribution import site_local_steps, site_state_dir
 from fedlora.apps.server import Federation, check_contribution
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import load_config

@@ -45,7 +45,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedlora.apps import records as R
-from fedlora.apps.client import (
+from fedlora.apps.contribution import (
     refusal_reply,
     site_id,
     site_state_dir,

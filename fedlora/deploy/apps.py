@@ -23,7 +23,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records as R
-from fedlora.apps.client import STATE_DIR, make_client_app
+from fedlora.apps.client import make_client_app
+from fedlora.apps.contribution import STATE_DIR
 from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings, load_site
