@@ -308,8 +308,8 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     the global adapter (which the server holds) being the reference."""
     import torch
 
+    from fedlora.adapter import load_adapter_arrays
     from fedlora.apps.contribution import site_local_steps
-    from fedlora.model import load_adapter_arrays
     from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism
     from fedlora.privacy.secrets import simulated_secret
@@ -394,7 +394,7 @@ def _load_adapter(model, folder: Path) -> None:
 
 
 def _adapter_arrays(model) -> dict[str, np.ndarray]:
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
 
     return adapter_arrays(model)
 

@@ -414,7 +414,7 @@ def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
 def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
     """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
     plot of a finished run."""
-    from fedlora.model import save_adapter
+    from fedlora.adapter import save_adapter
 
     save_adapter(runtime.model, federation.global_arrays, work / "adapter")
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

@@ -345,7 +345,7 @@ def train_content(global_arrays, round_: int) -> RecordDict:
 def simulated(tmp_path_factory, tiny_cfg_at):
     from flwr.simulation import run_simulation
 
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
     from fedlora.runtime import build_runtime
     from fedlora.simulate import backend_config, quiet_engines
 

@@ -11,13 +11,14 @@ import pytest
 from peft import PeftModel
 from safetensors.numpy import load_file
 
+from fedlora.adapter import LORA_MARKERS, adapter_arrays, add_lora, lora_arrays
 from fedlora.apps import records as R
 from fedlora.apps.client import train_reply
 from fedlora.apps.contribution import site_local_steps, site_state_dir
 from fedlora.apps.server import Federation, check_contribution
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import load_config
-from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base, lora_arrays
+from fedlora.model import load_base
 from fedlora.report import Reporter
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate

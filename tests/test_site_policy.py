@@ -88,7 +88,7 @@ def round_content(round_: int, arrays: dict[str, np.ndarray]) -> RecordDict:
 
 
 def global_adapter(cfg) -> dict[str, np.ndarray]:
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
     from fedlora.runtime import get_runtime
 
     return adapter_arrays(get_runtime(cfg).model)

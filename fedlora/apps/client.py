@@ -14,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import transport
+from fedlora.adapter import load_adapter_arrays
 from fedlora.apps import records as R
 from fedlora.apps.contribution import (
     STATE_DIR,
@@ -26,7 +27,6 @@ from fedlora.apps.contribution import (
 )
 from fedlora.apps.secure import secure_stage_reply
 from fedlora.config import Config
-from fedlora.model import load_adapter_arrays
 from fedlora.privacy.policy import BudgetExhausted
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 from fedlora.strategies.base import TrainingTerms

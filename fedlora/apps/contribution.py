@@ -18,13 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedlora import transport
-from fedlora.apps import records as R
-from fedlora.apps.site_state import RoundsTaken, SiteStore
-from fedlora.checkpoint import run_state_dir
-from fedlora.config import Config, TrainConfig
-from fedlora.deploy import runconfig
-from fedlora.errors import FedloraError
-from fedlora.model import (
+from fedlora.adapter import (
     adapter_arrays,
     adapter_parameters,
     load_adapter_arrays,
@@ -32,6 +26,12 @@ from fedlora.model import (
     restore_lora,
     truncate_lora,
 )
+from fedlora.apps import records as R
+from fedlora.apps.site_state import RoundsTaken, SiteStore
+from fedlora.checkpoint import run_state_dir
+from fedlora.config import Config, TrainConfig
+from fedlora.deploy import runconfig
+from fedlora.errors import FedloraError
 from fedlora.privacy import secrets
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
 from fedlora.privacy.dpsgd import DPSGD, count_units

@@ -20,12 +20,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import checkpoint, transport
+from fedlora.adapter import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import records as R
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.interrupt import StopSwitch
-from fedlora.model import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.privacy.client_level import add_gaussian, private_keys
 from fedlora.privacy.policy import BudgetExhausted, amplification, client_mechanism, spend
 from fedlora.report import Reporter
