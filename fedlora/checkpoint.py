@@ -38,12 +38,6 @@ _FREE_KEYS = (
 )
 
 
-def run_state_dir(out: Path) -> Path:
-    """Where a run's server and site state lives: inside its `.partial` results folder, which
-    is renamed to `out` (and the state removed) only when the run has finished."""
-    return out.with_name(out.name + ".partial") / "state"
-
-
 def shaping_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Everything in a config that shapes the result (not where it is written or computed)."""
     kept = {
@@ -73,27 +67,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key} ({a.get(key)!r} -> {b.get(key)!r})")
     return out
-
-
-def settle_precision(cfg, bf16: bool, resumed_out: Path | None) -> bool:
-    """Write the resolved model.precision into `cfg` (so the effective config and every worker
-    carry the decision, not "auto") and return it. A resumed run whose precision was "auto"
-    takes the decision of the run it continues (from its saved config.toml): the same machine
-    decides the same, but a run moved to another machine must not switch half-way; an explicit
-    precision that differs from the saved one is refused by the fingerprint, naming the key."""
-    decided = "bf16" if bf16 else "fp32"
-    if resumed_out is not None and cfg.model.precision == "auto":
-        import tomllib
-
-        saved = resumed_out.with_name(resumed_out.name + ".partial") / "config.toml"
-        try:
-            previous = tomllib.loads(saved.read_text()).get("model", {}).get("precision")
-        except (OSError, tomllib.TOMLDecodeError):
-            previous = None
-        if previous in ("bf16", "fp32"):
-            decided = previous
-    cfg.model.precision = decided
-    return decided == "bf16"
 
 
 @dataclass

@@ -266,7 +266,7 @@ def test_a_plain_train_to_a_site_that_requires_secure_aggregation_is_refused(
 def grid_state(cfg):
     from pathlib import Path
 
-    from fedlora.checkpoint import run_state_dir
+    from fedlora.results import run_state_dir
 
     return run_state_dir(Path(cfg.run.out)) / "sites"
 

@@ -28,7 +28,6 @@ from fedlora.adapter import (
 )
 from fedlora.apps import records as R
 from fedlora.apps.site_state import RoundsTaken, SiteStore
-from fedlora.checkpoint import run_state_dir
 from fedlora.config import Config, TrainConfig
 from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
@@ -43,6 +42,7 @@ from fedlora.privacy.policy import (
     spend,
 )
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
+from fedlora.results import run_state_dir
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, scalar
