@@ -26,6 +26,8 @@ Arrays = dict[str, np.ndarray]
 
 FILE = "checkpoint.npz"
 _META = "__meta__"
+#: the state file that names the latest round begun (see mark_started)
+STARTED_FILE = "round-started.txt"
 
 #: config sections that may differ between the interrupted and the resumed run
 _FREE_SECTIONS = ("run",)
@@ -144,3 +146,35 @@ def load(
     return Checkpoint(
         meta["round"], arrays, meta["rows"], meta["fingerprint"], meta["extra"], meta.get("config")
     )
+
+
+def save_federation(
+    state_dir: Path,
+    cfg_dict: dict[str, Any],
+    round_: int,
+    arrays: dict[str, Arrays],
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> None:
+    """Save a federation's state after `round_`, fingerprinted by what shapes its result."""
+    fingerprint = config_fingerprint(cfg_dict)
+    save(state_dir, Checkpoint(round_, arrays, rows, fingerprint, extra, shaping_config(cfg_dict)))
+
+
+def load_federation(state_dir: Path, cfg_dict: dict[str, Any]) -> Checkpoint | None:
+    """The saved state of this configuration's federation (None: nothing saved); another
+    configuration's is refused, naming the keys that differ."""
+    return load(state_dir, config_fingerprint(cfg_dict), shaping_config(cfg_dict))
+
+
+def mark_started(state_dir: Path, round_: int) -> None:
+    """Persist "round r started" before its first message: sites take part in a round once,
+    so a resumed server does not repeat a round it may have started."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STARTED_FILE).write_text(str(round_))
+
+
+def started_round(state_dir: Path) -> int:
+    """The latest round begun (-1: none)."""
+    path = state_dir / STARTED_FILE
+    return int(path.read_text()) if path.exists() else -1

@@ -18,7 +18,7 @@ from pathlib import Path
 from fedlora import checkpoint
 from fedlora.config import Config, write_config
 from fedlora.errors import FedloraError
-from fedlora.privacy.policy import amplification
+from fedlora.privacy.server import privacy_summary
 from fedlora.report import plot_metrics
 
 #: the suffix of a results folder while its run is going
@@ -146,39 +146,6 @@ def precision_name(bf16: bool) -> str:
     return "bf16 autocast" if bf16 else "fp32"
 
 
-def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
-    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon. A
-    site spends only in the rounds it is in (or, self-selecting, asked), and reports its whole
-    spend each time, so its latest report is current; a site that was in no round spent 0."""
-    if cfg.privacy.level == "none":
-        return {"level": "none", "max_epsilon": None}
-    sites: dict[str, dict] = {
-        str(s): {"epsilon": 0.0, "steps": 0} for s in range(cfg.federation.clients)
-    }
-    for row in rows:
-        sites.update(row.get("privacy", {}))
-    if cfg.secure.enabled and cfg.privacy.level == "sample":  # epsilons depend on a site's rows
-        means = [row["epsilon_mean"] for row in rows if "epsilon_mean" in row]
-        return {
-            "level": "sample",
-            "accountant": cfg.privacy.accountant,
-            "max_epsilon": None,  # kept at each site (its audit log): only their sum is sent
-            "epsilon_mean": means[-1] if means else None,
-            "budget": cfg.privacy.max_epsilon or None,
-            "exhausted": sorted(federation.exhausted),
-        }
-    return {
-        "level": cfg.privacy.level,
-        "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,
-        "amplification": amplification(cfg) if cfg.privacy.level == "client" else None,
-        "accountant": cfg.privacy.accountant,
-        "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
-        "budget": cfg.privacy.max_epsilon or None,
-        "exhausted": sorted(federation.exhausted),
-        "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
-    }
-
-
 def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
     """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
     plot of a finished run."""
@@ -214,7 +181,7 @@ def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: s
     }
     if federation.personalization:
         summary["personalization"] = federation.personalization
-    summary["privacy"] = privacy_summary(cfg, federation, rows)
+    summary["privacy"] = privacy_summary(cfg, rows, federation.exhausted)
     summary["secure_aggregation"] = cfg.secure.enabled
     summary["secrets"] = secrets
     if federation.stopped:

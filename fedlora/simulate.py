@@ -171,11 +171,10 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     out = results_dir(cfg)
     if resume:
         resume_dir(cfg)
-        from fedlora.apps.server import STARTED_FILE
         from fedlora.apps.site_state import forget_unfinished_rounds
 
         state = run_state_dir(out)
-        forget_unfinished_rounds(state, checkpoint.saved_round(state), STARTED_FILE)
+        forget_unfinished_rounds(state, checkpoint.saved_round(state), checkpoint.STARTED_FILE)
     else:
         check_out(out)
         if not restart:

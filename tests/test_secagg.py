@@ -14,8 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.apps import records as R
 from fedlora.apps.client import make_client_app
 from fedlora.apps.contribution import secure_stats, site_id, train_contribution
+from fedlora.apps.discovery import discover_sites
 from fedlora.apps.secure import UNMASK, secure_sum
-from fedlora.apps.server import discover_sites
 from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import SitePolicy
 from fedlora.secure.secagg import (

@@ -84,7 +84,8 @@ def test_a_round_in_bfloat16_sends_half_the_bytes_and_reports_the_error(
     from fedlora.adapter import adapter_arrays
     from fedlora.apps import records as R
     from fedlora.apps.client import train_reply
-    from fedlora.apps.server import Federation, RoundInputs
+    from fedlora.apps.collect import RoundInputs
+    from fedlora.apps.server import Federation
     from fedlora.report import Reporter
     from fedlora.runtime import build_runtime
 

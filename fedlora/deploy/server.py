@@ -172,7 +172,8 @@ def serve(
         check_no_saved_state(out)
     cfg.run.out = str(out)
     shared = shared_config(cfg)  # before the server settles its own precision: sites settle theirs
-    from fedlora.apps.server import Federation, dropout_warning
+    from fedlora.apps.collect import dropout_warning
+    from fedlora.apps.server import Federation
     from fedlora.deploy.link import (
         Link,
         node_names,
