@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import transport
 from fedlora.adapter import load_adapter_arrays
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.apps.contribution import (
     STATE_DIR,
     derive_seed,
@@ -36,7 +36,8 @@ from fedlora.train import evaluate, local_train
 def query_reply(msg: Message, context: Context) -> Message:
     """Tell the server which site this node is (it assigns work by site, not by node id)."""
     return Message(
-        RecordDict({R.SITE_METRICS: MetricRecord({R.SITE_ID: site_id(context)})}), reply_to=msg
+        RecordDict({records.SITE_METRICS: MetricRecord({records.SITE_ID: site_id(context)})}),
+        reply_to=msg,
     )
 
 
@@ -46,7 +47,7 @@ def train_reply(
     """Plain aggregation: the contribution travels in the clear (inside TLS). A site whose
     privacy budget is spent says so instead (the server then leaves it out); a request the
     site's policy refuses is answered with the reason, before any training."""
-    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
+    round_ = int(msg.content[records.ROUND_CONFIG][records.ROUND])
     policy = policy or SitePolicy.mirroring(cfg)
     try:
         policy.check_request(cfg, secure=False)
@@ -56,16 +57,22 @@ def train_reply(
         return refusal_reply(msg, site_id(context), round_, exc.reason)
     except BudgetExhausted as exc:
         status = MetricRecord(
-            {R.SITE_ID: exc.site, R.EXHAUSTED: 1, R.PRIVACY + "epsilon": exc.spent}
+            {
+                records.SITE_ID: exc.site,
+                records.EXHAUSTED: 1,
+                records.PRIVACY + "epsilon": exc.spent,
+            }
         )
-        return Message(RecordDict({R.SITE_METRICS: status}), reply_to=msg)
+        return Message(RecordDict({records.SITE_METRICS: status}), reply_to=msg)
     # vectors travel as transport.dtype (float32: the adapter's own precision); the server
     # sums in float64
     sent = transport.encode(contribution, cfg.transport.dtype)
     if cfg.transport.dtype != "float32":
         error = transport.round_trip_error(contribution, transport.decode(sent))
-        metrics = MetricRecord(dict(metrics) | {R.TRANSPORT_ERROR: error})
-    content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
+        metrics = MetricRecord(dict(metrics) | {records.TRANSPORT_ERROR: error})
+    content = RecordDict(
+        {records.CONTRIBUTION: records.to_record(sent), records.SITE_METRICS: metrics}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -74,38 +81,50 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     site's own held-out share. The personalised adapter is kept at the site (a standard peft
     adapter, see fedlora.lifecycle.personal_adapter_dir); nothing but these metrics leaves it."""
     site = site_id(context)
-    rt = site_runtime(cfg, context)
-    steps = int(msg.content[R.ROUND_CONFIG][R.PERSONALIZE_STEPS])
-    global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
-    held_out = rt.encoder.encode_all([rt.dataset.test[i] for i in rt.test_parts[site]])
-    metrics: dict[str, float | int] = {R.SITE_ID: site, R.HELD_OUT_ROWS: len(held_out)}
-    load_adapter_arrays(rt.model, global_arrays)
+    runtime = site_runtime(cfg, context)
+    steps = int(msg.content[records.ROUND_CONFIG][records.PERSONALIZE_STEPS])
+    global_arrays = records.from_record(msg.content[records.GLOBAL_ADAPTER])
+    held_out = runtime.encoder.encode_all(
+        [runtime.dataset.test[i] for i in runtime.test_parts[site]]
+    )
+    metrics: dict[str, float | int] = {records.SITE_ID: site, records.HELD_OUT_ROWS: len(held_out)}
+    load_adapter_arrays(runtime.model, global_arrays)
     if held_out:
-        before = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
-        metrics |= {R.GLOBAL_LOSS: before.loss, R.GLOBAL_ACCURACY: before.accuracy or 0.0}
+        before = evaluate(
+            runtime.model, runtime.encoder, held_out, runtime.pad_id, bf16=runtime.bf16
+        )
+        metrics |= {
+            records.GLOBAL_LOSS: before.loss,
+            records.GLOBAL_ACCURACY: before.accuracy or 0.0,
+        }
     seed = derive_seed(cfg.run.seed, cfg.federation.rounds + 1, site)
     torch.manual_seed(seed)
     local_train(
-        rt.model,
-        rt.site_rows(site),
+        runtime.model,
+        runtime.site_rows(site),
         steps,
         cfg.train,
         TrainingTerms(),
         np.random.default_rng(seed),
-        rt.pad_id,
-        bf16=rt.bf16,
+        runtime.pad_id,
+        bf16=runtime.bf16,
     )
     if held_out:
-        after = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
-        metrics |= {R.PERSONAL_LOSS: after.loss, R.PERSONAL_ACCURACY: after.accuracy or 0.0}
+        after = evaluate(
+            runtime.model, runtime.encoder, held_out, runtime.pad_id, bf16=runtime.bf16
+        )
+        metrics |= {
+            records.PERSONAL_LOSS: after.loss,
+            records.PERSONAL_ACCURACY: after.accuracy or 0.0,
+        }
     from fedlora.lifecycle import personal_adapter_dir, save_site_adapter
 
     own_state = context.node_config.get(STATE_DIR)
     save_site_adapter(
-        rt.model,
+        runtime.model,
         personal_adapter_dir(site, cfg.run.out, None if own_state is None else str(own_state)),
     )
-    return Message(RecordDict({R.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({records.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
@@ -127,11 +146,11 @@ def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
         return personalize_reply(cfg, msg, context)
 
     # secure aggregation: "query.secagg" (key and unmasking stages), "train.secagg" (masked input)
-    @app.query(R.SECAGG_ACTION)
+    @app.query(records.SECAGG_ACTION)
     def secagg_query(msg: Message, context: Context) -> Message:
         return secure_stage_reply(cfg, msg, context, policy)
 
-    @app.train(R.SECAGG_ACTION)
+    @app.train(records.SECAGG_ACTION)
     def secagg_train(msg: Message, context: Context) -> Message:
         return secure_stage_reply(cfg, msg, context, policy)
 

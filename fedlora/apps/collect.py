@@ -18,7 +18,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import transport
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.apps.discovery import exchange
 from fedlora.apps.secure import secure_sum
 from fedlora.config import Config
@@ -45,6 +45,11 @@ class RoundInputs:
 
 
 def secure_threshold(cfg: Config, sampled: int) -> int:
+    """The secure-aggregation threshold t of a round of `sampled` sites: the shares that rebuild
+    a site's secrets, so the fewest surviving inputs the round's sum may hold. secure.threshold,
+    else the larger of federation.min_clients and two thirds of the sampled sites (SecAgg needs
+    a majority). Each site splits its distributed noise over its session's t
+    (fedlora.privacy.client_level.noise_shares)."""
     if cfg.secure.threshold:
         return min(cfg.secure.threshold, sampled)
     return min(sampled, max(cfg.federation.min_clients, math.ceil(2 * sampled / 3)))
@@ -55,8 +60,8 @@ def dropout_warning(cfg: Config, sites: int) -> str:
     sampled site ends the federation when one drops out ("" when a dropout is survivable)."""
     if not cfg.secure.enabled:
         return ""
-    fed = cfg.federation
-    sampled = min(sites, max(fed.min_clients, math.ceil(fed.fraction * sites)))
+    federation = cfg.federation
+    sampled = min(sites, max(federation.min_clients, math.ceil(federation.fraction * sites)))
     # a round needs the threshold's inputs, and the sites unmask no sum of fewer than min_cohort
     if max(secure_threshold(cfg, sampled), cfg.secure.min_cohort) < sampled:
         return ""
@@ -95,28 +100,28 @@ def read_plain_replies(replies: list[Message], global_arrays: Arrays) -> RoundIn
         replies,
         key=lambda m: (
             -1
-            if m.has_error() or R.SITE_METRICS not in m.content
-            else int(m.content[R.SITE_METRICS][R.SITE_ID])
+            if m.has_error() or records.SITE_METRICS not in m.content
+            else int(m.content[records.SITE_METRICS][records.SITE_ID])
         ),
     )
     for reply in replies:
         if reply.has_error():
             inputs.failures.append(reply.error.reason)
             continue
-        if R.REFUSAL in reply.content:
-            refusal = reply.content[R.REFUSAL]
-            inputs.refused[int(refusal[R.SITE_ID])] = str(refusal[R.REASON])
+        if records.REFUSAL in reply.content:
+            refusal = reply.content[records.REFUSAL]
+            inputs.refused[int(refusal[records.SITE_ID])] = str(refusal[records.REASON])
             continue
-        metrics = reply.content[R.SITE_METRICS]
-        if int(metrics.get(R.EXHAUSTED, 0)):
-            inputs.exhausted.append(int(metrics[R.SITE_ID]))
+        metrics = reply.content[records.SITE_METRICS]
+        if int(metrics.get(records.EXHAUSTED, 0)):
+            inputs.exhausted.append(int(metrics[records.SITE_ID]))
             continue
-        wire = R.from_record(reply.content[R.CONTRIBUTION])
+        wire = records.from_record(reply.content[records.CONTRIBUTION])
         arrays = transport.decode(wire)
         check_contribution(arrays, global_arrays)
         inputs.contributions.append(arrays)
         inputs.metrics.append(metrics)
-        inputs.bytes_up += R.payload_bytes(wire)
+        inputs.bytes_up += records.payload_bytes(wire)
     if inputs.contributions:
         inputs.sums = sum_contributions(inputs.contributions)
     return inputs
@@ -133,12 +138,12 @@ def collect_secure(
     the sites put inside them. Raises SecureRoundFailed (naming the refusals) when the session
     cannot complete."""
     result = secure_sum(grid, site_nodes, content, threshold, progress)
-    sums = {k: v for k, v in result.sums.items() if not k.startswith(R.STATS)}
+    sums = {k: v for k, v in result.sums.items() if not k.startswith(records.STATS)}
     inputs = RoundInputs(
         sums=sums,
         metrics=[result.metrics[s] for s in sorted(result.sites)],
         refused=result.refused,
-        stats={k: v for k, v in result.sums.items() if k.startswith(R.STATS)},
+        stats={k: v for k, v in result.sums.items() if k.startswith(records.STATS)},
         bytes_up=sum(result.bytes_up.values()),
         bytes_down=sum(result.bytes_down.values()),
     )

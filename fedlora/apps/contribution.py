@@ -26,13 +26,19 @@ from fedlora.adapter import (
     restore_lora,
     truncate_lora,
 )
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.apps.site_state import RoundsTaken, SiteStore
 from fedlora.config import Config, TrainConfig
 from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
 from fedlora.privacy import secrets
-from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
+from fedlora.privacy.client_level import (
+    add_gaussian,
+    clip_scale,
+    noise_shares,
+    private_keys,
+    site_noise_std,
+)
 from fedlora.privacy.dpsgd import DPSGD, count_units
 from fedlora.privacy.policy import (
     Mechanism,
@@ -125,32 +131,32 @@ def train_contribution(
     ride inside the contribution instead of in the clear metrics. `keep(round, state)` receives
     the site's new state instead of saving it (secure: saved once the input is accepted)."""
     site = site_id(context)
-    rt = site_runtime(cfg, context)
-    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
-    global_arrays = transport.decode(R.from_record(msg.content[R.GLOBAL_ADAPTER]))
-    broadcast = transport.decode(R.from_record(msg.content[R.BROADCAST]))
+    runtime = site_runtime(cfg, context)
+    round_ = int(msg.content[records.ROUND_CONFIG][records.ROUND])
+    global_arrays = transport.decode(records.from_record(msg.content[records.GLOBAL_ADAPTER]))
+    broadcast = transport.decode(records.from_record(msg.content[records.BROADCAST]))
     folder = site_state_dir(cfg, context)
     store = SiteStore(folder, site)
     saved = store.before(round_)
     ledger = [tuple(e) for e in saved.pop(LEDGER, np.zeros((0, 3))).tolist()]
     client_state = saved
     strategy = strategy_for(cfg)
-    load_adapter_arrays(rt.model, global_arrays)
+    load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     seed = derive_seed(cfg.run.seed, round_, site)
     secret = site_secret(cfg, context, folder)
     torch.manual_seed(seed)  # LoRA dropout
-    rows = rt.site_rows(site)
+    rows = runtime.site_rows(site)
     level = cfg.privacy.level
-    mech, dp = None, None
+    mechanism, dp_sgd = None, None
     if level == "sample":
-        mech = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
-        check_budget(cfg, mech, ledger, site)
-        dp = DPSGD.for_round(
-            mech.noise_multiplier,
-            mech.max_grad_norm,
-            mech.sample_rate,
+        mechanism = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
+        check_budget(cfg, mechanism, ledger, site)
+        dp_sgd = DPSGD.for_round(
+            mechanism.noise_multiplier,
+            mechanism.max_grad_norm,
+            mechanism.sample_rate,
             secret=secret,
             round_=round_,
             site=site,
@@ -158,35 +164,35 @@ def train_contribution(
             max_rows_per_unit=cfg.privacy.max_rows_per_unit,
         )
     elif level == "client":  # one release of the sum per round the site is in
-        mech = client_mechanism(cfg)
-        check_budget(cfg, mech, ledger, site)
-    if mech is not None:
-        policy.check_mechanism(mech)  # before any training
+        mechanism = client_mechanism(cfg)
+        check_budget(cfg, mechanism, ledger, site)
+    if mechanism is not None:
+        policy.check_mechanism(mechanism)  # before any training
     if level == "client" and cfg.privacy.client_noise == "distributed" and session is None:
         raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)
     truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
     optimizer, frozen = None, {}
     if truncated:
-        frozen = truncate_lora(rt.model, rank)
-        optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
-        mask_slot_gradients(optimizer, rt.model, rank)
+        frozen = truncate_lora(runtime.model, rank)
+        optimizer = make_optimizer(list(adapter_parameters(runtime.model).values()), cfg.train)
+        mask_slot_gradients(optimizer, runtime.model, rank)
     try:
         result = local_train(
-            rt.model,
+            runtime.model,
             rows,
             steps,
             cfg.train,
             terms,
             np.random.default_rng(seed),
-            rt.pad_id,
-            bf16=rt.bf16,
+            runtime.pad_id,
+            bf16=runtime.bf16,
             optimizer=optimizer,
-            dp=dp,
+            dp=dp_sgd,
         )
-        local = adapter_arrays(rt.model)
+        local = adapter_arrays(runtime.model)
     finally:
-        restore_lora(rt.model, frozen)  # the worker's next site needs the shared A intact
+        restore_lora(runtime.model, frozen)  # the worker's next site needs the shared A intact
     delta = {k: local[k] - global_arrays[k] for k in global_arrays}
     work = LocalWork(
         # client level: uniform weights, or a site's row count would change the sensitivity
@@ -198,11 +204,11 @@ def train_contribution(
     )
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
     values: dict[str, float | int] = {
-        R.SITE_ID: site,
-        R.TRAIN_LOSS: result.mean_loss,
-        R.LOCAL_STEPS: result.steps,
-        R.NUM_EXAMPLES: len(rows),
-        R.RANK: rank,
+        records.SITE_ID: site,
+        records.TRAIN_LOSS: result.mean_loss,
+        records.LOCAL_STEPS: result.steps,
+        records.NUM_EXAMPLES: len(rows),
+        records.RANK: rank,
     }
     # (under secure aggregation, which poisson needs, nothing of `values` but the site id
     # travels in the clear: secure_stats puts the loss and rows inside the sum)
@@ -210,25 +216,32 @@ def train_contribution(
         contribution, new_state = self_selection(
             cfg, secret, round_, site, contribution, new_state, client_state
         )
-    if mech is not None:
+    if mechanism is not None:
         if level == "client":
             keys = private_keys(contribution, strategy.private_prefixes)
-            scale = clip_scale(contribution, keys, mech.max_grad_norm)
+            scale = clip_scale(contribution, keys, mechanism.max_grad_norm)
             contribution, new_state = strategy.scale_private(
                 contribution, new_state, client_state, scale
             )
-            values[R.CLIP_SCALE] = scale
+            values[records.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
                 assert session is not None  # refused above
-                std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, session.threshold)
+                std = site_noise_std(
+                    mechanism.noise_multiplier,
+                    mechanism.max_grad_norm,
+                    noise_shares(session.threshold),
+                )
                 rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
                 contribution = add_gaussian(contribution, keys, std, rng)
-        ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
-        values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
+        ledger = [
+            *ledger,
+            (mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps_per_round),
+        ]
+        values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, ledger).items()}
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
     if session is not None:  # nothing per site in the clear: the statistics go into the sum
         contribution = contribution | secure_stats(values)
-        values = {R.SITE_ID: site}
+        values = {records.SITE_ID: site}
     (keep or store.save)(round_, new_state)
     return contribution, MetricRecord(values)
 
@@ -246,29 +259,29 @@ def self_selection(
     federation.fraction by its own secret coin. It has trained either way (its reply time does
     not tell) and sends either way: when the coin says no, zeros in the layout of a real
     contribution (noise is added to them as to any), keeping its old state, so that inside the
-    secure sum it changes nothing. R.PARTICIPANT (1 or 0) lets the server count the sites that
+    secure sum it changes nothing. records.PARTICIPANT (1 or 0) lets the server count the sites that
     took part from the sum alone."""
     takes_part = secrets.coin(secret, round_, site, cfg.federation.fraction)
     if not takes_part:
         contribution = {k: np.zeros_like(v) for k, v in contribution.items()}
         new_state = client_state
-    return contribution | {R.PARTICIPANT: scalar(float(takes_part))}, new_state
+    return contribution | {records.PARTICIPANT: scalar(float(takes_part))}, new_state
 
 
 def secure_stats(values: dict[str, float | int]) -> dict[str, np.ndarray]:
     """A site's statistics as shape-(1,) vectors of its contribution: under secure aggregation
     the server learns only their sums (the round's loss weighted by rows, the rows, and the
     epsilons), never one site's."""
-    rows = float(values[R.NUM_EXAMPLES])
+    rows = float(values[records.NUM_EXAMPLES])
     stats = {
-        R.STATS_LOSS: np.array([float(values[R.TRAIN_LOSS]) * rows]),
-        R.STATS_ROWS: np.array([rows]),
+        records.STATS_LOSS: np.array([float(values[records.TRAIN_LOSS]) * rows]),
+        records.STATS_ROWS: np.array([rows]),
     }
-    if R.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
-        epsilon = float(values[R.PRIVACY + "epsilon"])
+    if records.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
+        epsilon = float(values[records.PRIVACY + "epsilon"])
         finite = math.isfinite(epsilon)
-        stats[R.STATS_EPSILON] = np.array([epsilon if finite else 0.0])
-        stats[R.STATS_UNBOUNDED] = np.array([0.0 if finite else 1.0])
+        stats[records.STATS_EPSILON] = np.array([epsilon if finite else 0.0])
+        stats[records.STATS_UNBOUNDED] = np.array([0.0 if finite else 1.0])
     return stats
 
 
@@ -293,5 +306,5 @@ def site_secret(cfg: Config, context: Context, folder: Path) -> secrets.SiteSecr
 
 def refusal_reply(msg: Message, site: int, round_: int, reason: str) -> Message:
     """What a site answers a request its policy refuses: who, which round, why."""
-    record = ConfigRecord({R.SITE_ID: site, R.ROUND: round_, R.REASON: reason})
-    return Message(RecordDict({R.REFUSAL: record}), reply_to=msg)
+    record = ConfigRecord({records.SITE_ID: site, records.ROUND: round_, records.REASON: reason})
+    return Message(RecordDict({records.REFUSAL: record}), reply_to=msg)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.errors import FedloraError
 from fedlora.interrupt import StopSwitch
 
@@ -102,7 +102,7 @@ def discover_sites(
             if reply.has_error():
                 last_asked.pop(node, None)  # ask it again
                 continue
-            nodes[int(reply.content[R.SITE_METRICS][R.SITE_ID])] = node
+            nodes[int(reply.content[records.SITE_METRICS][records.SITE_ID])] = node
         if note is not None:
             # named sites (a deployment) are announced one by one; simulated ones only counted
             for k, site in enumerate(sorted(set(nodes) - before) if names else []):

@@ -20,8 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import checkpoint, transport
 from fedlora.adapter import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
-from fedlora.apps import collect
-from fedlora.apps import records as R
+from fedlora.apps import collect, records
 from fedlora.apps.collect import RoundInputs
 from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange
 from fedlora.apps.secure import SecureRoundFailed
@@ -85,9 +84,11 @@ class Federation:
 
     # --- evaluation of the global adapter -----------------------------------------------
     def evaluate_global(self) -> dict[str, object]:
-        rt = self.runtime
-        load_adapter_arrays(rt.model, self.global_arrays)
-        result = evaluate(rt.model, rt.encoder, self.eval_rows, rt.pad_id, bf16=rt.bf16)
+        runtime = self.runtime
+        load_adapter_arrays(runtime.model, self.global_arrays)
+        result = evaluate(
+            runtime.model, runtime.encoder, self.eval_rows, runtime.pad_id, bf16=runtime.bf16
+        )
         row: dict[str, object] = {"eval_loss": result.loss}
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
@@ -106,13 +107,13 @@ class Federation:
     def round_content(self, round_: int) -> RecordDict:
         """What every sampled site receives: the global adapter, the strategy's broadcast
         state and the round config."""
-        config: dict[str, int] = {R.ROUND: round_}
+        config: dict[str, int] = {records.ROUND: round_}
         global_wire, broadcast_wire = self.wire_down()
         return RecordDict(
             {
-                R.GLOBAL_ADAPTER: R.to_record(global_wire),
-                R.BROADCAST: R.to_record(broadcast_wire),
-                R.ROUND_CONFIG: ConfigRecord(config),
+                records.GLOBAL_ADAPTER: records.to_record(global_wire),
+                records.BROADCAST: records.to_record(broadcast_wire),
+                records.ROUND_CONFIG: ConfigRecord(config),
             }
         )
 
@@ -134,7 +135,7 @@ class Federation:
             )
             for s in sites
         ]
-        per_site = sum(R.payload_bytes(arrays) for arrays in self.wire_down())
+        per_site = sum(records.payload_bytes(arrays) for arrays in self.wire_down())
         return msgs, per_site * len(sites)
 
     def available_sites(self) -> list[int]:
@@ -172,7 +173,9 @@ class Federation:
         works = local_works(self.cfg, inputs)
         participants, error_mean, error_max = self.aggregate(inputs, works, round_)
         if inputs.stats:  # the sum of loss x rows over the sum of rows: the same weighted mean
-            train_loss = float(inputs.stats[R.STATS_LOSS][0] / inputs.stats[R.STATS_ROWS][0])
+            train_loss = float(
+                inputs.stats[records.STATS_LOSS][0] / inputs.stats[records.STATS_ROWS][0]
+            )
         else:
             train_loss = mean_train_loss(inputs.metrics, works)
         row: dict[str, object] = {
@@ -180,7 +183,7 @@ class Federation:
             "train_loss": train_loss,
             "clients": participants,
             # the sites whose update is in this round's aggregate (a dropped site is not)
-            "sites": sorted(int(m[R.SITE_ID]) for m in inputs.metrics),
+            "sites": sorted(int(m[records.SITE_ID]) for m in inputs.metrics),
             "agg_error_mean": error_mean,
             "agg_error_max": error_max,
         }
@@ -290,7 +293,7 @@ class Federation:
         return {
             "transport_error_down": inputs.transport_error_down,
             "transport_error_up": max(
-                (float(m.get(R.TRANSPORT_ERROR, 0.0)) for m in inputs.metrics), default=0.0
+                (float(m.get(records.TRANSPORT_ERROR, 0.0)) for m in inputs.metrics), default=0.0
             ),
         }
 
@@ -416,11 +419,13 @@ class Federation:
     def personalize(self, grid: Grid, nodes: dict[int, int]) -> None:
         steps = self.cfg.federation.personalize_steps
         content = {
-            R.ROUND_CONFIG: ConfigRecord({R.PERSONALIZE_STEPS: steps}),
+            records.ROUND_CONFIG: ConfigRecord({records.PERSONALIZE_STEPS: steps}),
         }
         msgs = [
             Message(
-                RecordDict(content | {R.GLOBAL_ADAPTER: R.to_record(self.global_arrays)}),
+                RecordDict(
+                    content | {records.GLOBAL_ADAPTER: records.to_record(self.global_arrays)}
+                ),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
             )
@@ -435,8 +440,8 @@ class Federation:
             if reply.has_error():
                 self.reporter.note(f"personalisation failed at a site: {reply.error.reason}")
                 continue
-            self.personalization.append(dict(reply.content[R.SITE_METRICS]))
-        self.personalization.sort(key=lambda r: r[R.SITE_ID])
+            self.personalization.append(dict(reply.content[records.SITE_METRICS]))
+        self.personalization.sort(key=lambda r: r[records.SITE_ID])
         self.reporter.note(personalization_table(self.personalization, steps))
 
 
@@ -446,15 +451,14 @@ def personalization_table(rows: list[dict[str, float]], steps: int) -> str:
         "rows; accuracy on its own held-out rows:",
         f"{'site':>4}  {'rows':>5}  {'global':>7}  {'personal':>8}  {'change':>7}",
     ]
-    for r in rows:
-        if R.GLOBAL_ACCURACY not in r:
-            lines.append(f"{int(r[R.SITE_ID]):>4}  {0:>5}  (no held-out rows)")
+    for site_row in rows:
+        site = int(site_row[records.SITE_ID])
+        if records.GLOBAL_ACCURACY not in site_row:
+            lines.append(f"{site:>4}  {0:>5}  (no held-out rows)")
             continue
-        g, p = r[R.GLOBAL_ACCURACY], r[R.PERSONAL_ACCURACY]
-        lines.append(
-            f"{int(r[R.SITE_ID]):>4}  {int(r[R.HELD_OUT_ROWS]):>5}  {g:>7.3f}  {p:>8.3f}  "
-            f"{p - g:>+7.3f}"
-        )
+        held_out = int(site_row[records.HELD_OUT_ROWS])
+        g, p = site_row[records.GLOBAL_ACCURACY], site_row[records.PERSONAL_ACCURACY]
+        lines.append(f"{site:>4}  {held_out:>5}  {g:>7.3f}  {p:>8.3f}  {p - g:>+7.3f}")
     return "\n".join(lines)
 
 
@@ -465,8 +469,8 @@ def local_works(cfg: Config, inputs: RoundInputs) -> list[LocalWork]:
         return []
     return [
         LocalWork(
-            num_examples=int(m[R.NUM_EXAMPLES]),
-            steps=int(m[R.LOCAL_STEPS]),
+            num_examples=int(m[records.NUM_EXAMPLES]),
+            steps=int(m[records.LOCAL_STEPS]),
             lr=cfg.train.lr,
             momentum=cfg.train.momentum,
             rank=site_rank(m, cfg.lora.r),
@@ -478,17 +482,17 @@ def local_works(cfg: Config, inputs: RoundInputs) -> list[LocalWork]:
 def participant_count(sums: Arrays) -> tuple[Arrays, int]:
     """Self-selected rounds: the sums without the participant coordinate, and how many sites
     took part (its sum; the masked zeros of the others add 0)."""
-    rest = {k: v for k, v in sums.items() if k != R.PARTICIPANT}
-    return rest, round(float(read_scalar(sums, R.PARTICIPANT)))
+    rest = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
+    return rest, round(float(read_scalar(sums, records.PARTICIPANT)))
 
 
 def mean_train_loss(metrics: list, works: list[LocalWork]) -> float | None:
     """The row-weighted mean of the sites' train losses; None when no site sends one (under
     self-selection a loss would tell who trained)."""
     pairs = [
-        (float(m[R.TRAIN_LOSS]), w.num_examples)
+        (float(m[records.TRAIN_LOSS]), w.num_examples)
         for m, w in zip(metrics, works, strict=True)
-        if R.TRAIN_LOSS in m
+        if records.TRAIN_LOSS in m
     ]
     if not pairs:
         return None
@@ -497,7 +501,7 @@ def mean_train_loss(metrics: list, works: list[LocalWork]) -> float | None:
 
 def site_rank(metrics, global_rank: int) -> int | None:
     """The rank a site reports it trained at; None when it is the global rank (all slots)."""
-    rank = int(metrics.get(R.RANK, global_rank))
+    rank = int(metrics.get(records.RANK, global_rank))
     if not 1 <= rank <= global_rank:
         raise FedloraError(f"A site reported rank {rank}, outside 1..{global_rank} (lora.r).")
     return None if rank == global_rank else rank

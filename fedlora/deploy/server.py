@@ -24,7 +24,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedlora import checkpoint
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
@@ -138,7 +138,7 @@ class VerifiedGrid(Grid):
             return True
         node = reply.metadata.src_node_id
         try:
-            index = int(reply.content[R.SITE_METRICS][R.SITE_ID])
+            index = int(reply.content[records.SITE_METRICS][records.SITE_ID])
             claimed = self.sites[index] if 0 <= index < len(self.sites) else f"number {index}"
         except (KeyError, TypeError, ValueError):
             claimed = "nobody"

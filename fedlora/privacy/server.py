@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.config import Config
 from fedlora.privacy.client_level import add_gaussian, private_keys
 from fedlora.privacy.policy import amplification, client_mechanism, spend
@@ -38,10 +38,12 @@ def reported_spends(cfg: Config, metrics: list) -> dict[str, dict]:
     per_site = {}
     for site_metrics in metrics:
         spent = {
-            k[len(R.PRIVACY) :]: site_metrics[k] for k in site_metrics if k.startswith(R.PRIVACY)
+            k[len(records.PRIVACY) :]: site_metrics[k]
+            for k in site_metrics
+            if k.startswith(records.PRIVACY)
         }
         spent |= {"level": cfg.privacy.level, "accountant": cfg.privacy.accountant}
-        per_site[str(int(site_metrics[R.SITE_ID]))] = spent
+        per_site[str(int(site_metrics[records.SITE_ID]))] = spent
     return per_site
 
 
@@ -72,14 +74,14 @@ def privacy_row(
     if cfg.privacy.level == "none":
         return {}
     if stats:
-        if R.STATS_EPSILON not in stats:
+        if records.STATS_EPSILON not in stats:
             return {}
         if cfg.privacy.level == "sample":
-            mean = float(stats[R.STATS_EPSILON][0]) / len(metrics)
-            if stats[R.STATS_UNBOUNDED][0] > 0:
+            mean = float(stats[records.STATS_EPSILON][0]) / len(metrics)
+            if stats[records.STATS_UNBOUNDED][0] > 0:
                 mean = float("inf")
             return {"privacy": {}, "epsilon_mean": mean, "exhausted": sorted(exhausted)}
-        per_site = recomputed_spends(cfg, [int(m[R.SITE_ID]) for m in metrics], rows)
+        per_site = recomputed_spends(cfg, [int(m[records.SITE_ID]) for m in metrics], rows)
     else:
         per_site = reported_spends(cfg, metrics)
     latest = epsilon_spent | latest_epsilons({"privacy": per_site})
