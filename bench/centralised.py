@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
+from fedlora.adapter import adapter_parameters
 from fedlora.config import load_config, parse_override
-from fedlora.model import adapter_parameters
 from fedlora.runtime import build_runtime
 from fedlora.strategies import TrainingTerms
 from fedlora.train import evaluate, local_train, make_optimizer

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import fedlora.train as train_module
+from fedlora.adapter import adapter_arrays, load_adapter_arrays
 from fedlora.aggregation import aggregate_factors
 from fedlora.config import load_config, parse_override
-from fedlora.model import adapter_arrays, load_adapter_arrays
 from fedlora.privacy import dpsgd
 from fedlora.privacy.policy import sample_mechanism, spend
 from fedlora.privacy.secrets import simulated_secret

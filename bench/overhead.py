@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora.apps.client import derive_seed, site_local_steps
+from fedlora.apps.contribution import derive_seed, site_local_steps
 from fedlora.config import load_config, parse_override
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate

@@ -253,18 +253,18 @@ def run_audit(
     from fedlora.runtime import build_runtime
 
     log(f"Loading base model {cfg.model.name} ...")
-    rt = build_runtime(cfg, log, threads=os.cpu_count() or 1)
-    _load_adapter(rt.model, source.adapter_dir)
-    scorer = _Scorer(rt)
-    global_arrays = _adapter_arrays(rt.model)
+    runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)
+    _load_adapter(runtime.model, source.adapter_dir)
+    scorer = _Scorer(runtime)
+    global_arrays = _adapter_arrays(runtime.model)
 
     sites: list[dict[str, Any]] = []
     pooled: dict[str, list[list[np.ndarray]]] = {a: [[], []] for a in ATTACKS}
     for k in range(cfg.federation.clients):
-        train_idx, test_idx = rt.train_parts[k], rt.test_parts[k]
+        train_idx, test_idx = runtime.train_parts[k], runtime.test_parts[k]
         mi, ni = balanced(len(train_idx), len(test_idx), rows, seed + k)
-        members = rt.encoder.encode_all([rt.dataset.train[train_idx[i]] for i in mi])
-        nonmembers = rt.encoder.encode_all([rt.dataset.test[test_idx[i]] for i in ni])
+        members = runtime.encoder.encode_all([runtime.dataset.train[train_idx[i]] for i in mi])
+        nonmembers = runtime.encoder.encode_all([runtime.dataset.test[test_idx[i]] for i in ni])
         log(f"Site {k}: scoring {len(members)} training and {len(nonmembers)} held-out rows ...")
         target = (scorer.losses(members), scorer.losses(nonmembers))
         base = (scorer.losses(members, False), scorer.losses(nonmembers, False))
@@ -277,7 +277,7 @@ def run_audit(
     report: dict[str, Any] = {
         "run": str(run_dir),
         "base_model": cfg.model.name,
-        "data": rt.dataset.name,
+        "data": runtime.dataset.name,
         "target": "global adapter",
         "reference_model": "the bare base model",
         "attacks": ATTACKS,
@@ -290,7 +290,7 @@ def run_audit(
     }
     if site_update is not None:
         report["site_update"] = _site_update(
-            rt, scorer, global_arrays, site_update, rows, draws, seed, log
+            runtime, scorer, global_arrays, site_update, rows, draws, seed, log
         )
     return report
 
@@ -303,22 +303,22 @@ def _scores(target: tuple, reference: tuple) -> dict[str, tuple[np.ndarray, np.n
     }
 
 
-def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dict[str, Any]:
+def _site_update(runtime, scorer, global_arrays, site, rows, draws, seed, log) -> dict[str, Any]:
     """Recompute site `site`'s plaintext update from the final global adapter and attack it,
     the global adapter (which the server holds) being the reference."""
     import torch
 
-    from fedlora.apps.client import site_local_steps
-    from fedlora.model import load_adapter_arrays
+    from fedlora.adapter import load_adapter_arrays
+    from fedlora.apps.contribution import site_local_steps
     from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism
     from fedlora.privacy.secrets import simulated_secret
     from fedlora.strategies import strategy_for
     from fedlora.train import local_train
 
-    cfg = rt.cfg
-    train_idx, test_idx = rt.train_parts[site], rt.test_parts[site]
-    site_rows = _Seen(rt.site_rows(site))
+    cfg = runtime.cfg
+    train_idx, test_idx = runtime.train_parts[site], runtime.test_parts[site]
+    site_rows = _Seen(runtime.site_rows(site))
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     update_seed = int(
         np.random.SeedSequence([cfg.run.seed, cfg.federation.rounds, site, seed]).generate_state(1)[
@@ -330,11 +330,11 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
     terms = strategy_for(cfg).training_terms({}, {}, global_arrays)
     dp = None
     if cfg.privacy.level == "sample":  # the site's DP-SGD, with noise of its own seed
-        mech = sample_mechanism(cfg, count_units(site_rows.rows), steps)
+        mechanism = sample_mechanism(cfg, count_units(site_rows.rows), steps)
         dp_args = {
-            "noise_multiplier": mech.noise_multiplier,
-            "max_grad_norm": mech.max_grad_norm,
-            "sample_rate": mech.sample_rate,
+            "noise_multiplier": mechanism.noise_multiplier,
+            "max_grad_norm": mechanism.max_grad_norm,
+            "sample_rate": mechanism.sample_rate,
             "secret": simulated_secret(update_seed, site),
             "round_": cfg.federation.rounds + 1,
             "site": site,
@@ -344,14 +344,14 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
         dp = DPSGD.for_round(**dp_args)
     log(f"Site {site}: recomputing its update ({steps} local steps from the global adapter) ...")
     local_train(
-        rt.model,
+        runtime.model,
         site_rows,
         steps,
         cfg.train,
         terms,
         np.random.default_rng(update_seed),
-        rt.pad_id,
-        bf16=rt.bf16,
+        runtime.pad_id,
+        bf16=runtime.bf16,
         dp=dp,
     )
     seen = sorted(site_rows.seen)
@@ -359,10 +359,10 @@ def _site_update(rt, scorer, global_arrays, site, rows, draws, seed, log) -> dic
         seen = sorted(drawn_rows(site_rows.rows, steps, dp_args))
     mi, ni = balanced(len(seen), len(test_idx), rows, seed + site)
     members = [site_rows.rows[seen[i]] for i in mi]
-    nonmembers = rt.encoder.encode_all([rt.dataset.test[test_idx[i]] for i in ni])
+    nonmembers = runtime.encoder.encode_all([runtime.dataset.test[test_idx[i]] for i in ni])
     log(f"Site {site}: scoring {len(members)} trained-on and {len(nonmembers)} held-out rows ...")
     target = (scorer.losses(members), scorer.losses(nonmembers))
-    load_adapter_arrays(rt.model, global_arrays)
+    load_adapter_arrays(runtime.model, global_arrays)
     reference = (scorer.losses(members), scorer.losses(nonmembers))
     return {
         "site": site,
@@ -394,7 +394,7 @@ def _load_adapter(model, folder: Path) -> None:
 
 
 def _adapter_arrays(model) -> dict[str, np.ndarray]:
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
 
     return adapter_arrays(model)
 

@@ -26,6 +26,8 @@ Arrays = dict[str, np.ndarray]
 
 FILE = "checkpoint.npz"
 _META = "__meta__"
+#: the state file that names the latest round begun (see mark_started)
+STARTED_FILE = "round-started.txt"
 
 #: config sections that may differ between the interrupted and the resumed run
 _FREE_SECTIONS = ("run",)
@@ -36,12 +38,6 @@ _FREE_KEYS = (
     ("federation", "ray_address"),
     ("federation", "workers"),
 )
-
-
-def run_state_dir(out: Path) -> Path:
-    """Where a run's server and site state lives: inside its `.partial` results folder, which
-    is renamed to `out` (and the state removed) only when the run has finished."""
-    return out.with_name(out.name + ".partial") / "state"
 
 
 def shaping_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -73,27 +69,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key} ({a.get(key)!r} -> {b.get(key)!r})")
     return out
-
-
-def settle_precision(cfg, bf16: bool, resumed_out: Path | None) -> bool:
-    """Write the resolved model.precision into `cfg` (so the effective config and every worker
-    carry the decision, not "auto") and return it. A resumed run whose precision was "auto"
-    takes the decision of the run it continues (from its saved config.toml): the same machine
-    decides the same, but a run moved to another machine must not switch half-way; an explicit
-    precision that differs from the saved one is refused by the fingerprint, naming the key."""
-    decided = "bf16" if bf16 else "fp32"
-    if resumed_out is not None and cfg.model.precision == "auto":
-        import tomllib
-
-        saved = resumed_out.with_name(resumed_out.name + ".partial") / "config.toml"
-        try:
-            previous = tomllib.loads(saved.read_text()).get("model", {}).get("precision")
-        except (OSError, tomllib.TOMLDecodeError):
-            previous = None
-        if previous in ("bf16", "fp32"):
-            decided = previous
-    cfg.model.precision = decided
-    return decided == "bf16"
 
 
 @dataclass
@@ -171,3 +146,35 @@ def load(
     return Checkpoint(
         meta["round"], arrays, meta["rows"], meta["fingerprint"], meta["extra"], meta.get("config")
     )
+
+
+def save_federation(
+    state_dir: Path,
+    cfg_dict: dict[str, Any],
+    round_: int,
+    arrays: dict[str, Arrays],
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any],
+) -> None:
+    """Save a federation's state after `round_`, fingerprinted by what shapes its result."""
+    fingerprint = config_fingerprint(cfg_dict)
+    save(state_dir, Checkpoint(round_, arrays, rows, fingerprint, extra, shaping_config(cfg_dict)))
+
+
+def load_federation(state_dir: Path, cfg_dict: dict[str, Any]) -> Checkpoint | None:
+    """The saved state of this configuration's federation (None: nothing saved); another
+    configuration's is refused, naming the keys that differ."""
+    return load(state_dir, config_fingerprint(cfg_dict), shaping_config(cfg_dict))
+
+
+def mark_started(state_dir: Path, round_: int) -> None:
+    """Persist "round r started" before its first message: sites take part in a round once,
+    so a resumed server does not repeat a round it may have started."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STARTED_FILE).write_text(str(round_))
+
+
+def started_round(state_dir: Path) -> int:
+    """The latest round begun (-1: none)."""
+    path = state_dir / STARTED_FILE
+    return int(path.read_text()) if path.exists() else -1

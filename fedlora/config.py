@@ -472,75 +472,105 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Refuse impossible numbers and combinations, naming the key to change."""
     _validate_hardware(cfg)
-    lo, tr, fe, st, da = cfg.lora, cfg.train, cfg.federation, cfg.strategy, cfg.data
-    _require(lo.r >= 1, f"lora.r must be at least 1 (got {lo.r}).")
-    _require(lo.alpha > 0, f"lora.alpha must be positive (got {lo.alpha}).")
-    _require(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1) (got {lo.dropout}).")
-    _require(bool(lo.target_modules()), "lora.targets is empty; use a preset such as 'qv'.")
-    _require(fe.clients >= 1, f"federation.clients must be at least 1 (got {fe.clients}).")
-    _require(fe.rounds >= 1, f"federation.rounds must be at least 1 (got {fe.rounds}).")
-    _require(0 < fe.fraction <= 1, f"federation.fraction must be in (0, 1] (got {fe.fraction}).")
+    lora, train, federation, strategy, data = (
+        cfg.lora,
+        cfg.train,
+        cfg.federation,
+        cfg.strategy,
+        cfg.data,
+    )
+    _require(lora.r >= 1, f"lora.r must be at least 1 (got {lora.r}).")
+    _require(lora.alpha > 0, f"lora.alpha must be positive (got {lora.alpha}).")
+    _require(0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1) (got {lora.dropout}).")
+    _require(bool(lora.target_modules()), "lora.targets is empty; use a preset such as 'qv'.")
     _require(
-        1 <= fe.min_clients,
-        f"federation.min_clients must be at least 1 (got {fe.min_clients}).",
+        federation.clients >= 1,
+        f"federation.clients must be at least 1 (got {federation.clients}).",
     )
     _require(
-        fe.min_clients <= fe.clients,
-        f"federation.min_clients ({fe.min_clients}) exceeds federation.clients ({fe.clients}).",
-    )
-    _require(fe.workers >= 0, f"federation.workers must be >= 0 (got {fe.workers}).")
-    _require(fe.personalize_steps >= 0, "federation.personalize_steps must be >= 0 (0 = off).")
-    _require(tr.local_steps >= 1, f"train.local_steps must be at least 1 (got {tr.local_steps}).")
-    _require(
-        0 <= tr.local_steps_spread < 1,
-        f"train.local_steps_spread must be in [0, 1) (got {tr.local_steps_spread}).",
-    )
-    _require(tr.batch_size >= 1, f"train.batch_size must be at least 1 (got {tr.batch_size}).")
-    _require(tr.lr > 0, f"train.lr must be positive (got {tr.lr}).")
-    _require(0 <= tr.momentum < 1, f"train.momentum must be in [0, 1) (got {tr.momentum}).")
-    _require(tr.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off).")
-    _require(tr.threads >= 1, f"train.threads must be at least 1 (got {tr.threads}).")
-    _require(
-        tr.accumulation >= 1,
-        f"train.accumulation must be at least 1 micro-batch per step (got {tr.accumulation}).",
-    )
-    _require(st.mu >= 0, f"strategy.mu must be >= 0 (got {st.mu}).")
-    _require(st.server_lr > 0, f"strategy.server_lr must be positive (got {st.server_lr}).")
-    _require(
-        0 <= st.server_momentum < 1,
-        f"strategy.server_momentum must be in [0, 1) (got {st.server_momentum}).",
+        federation.rounds >= 1, f"federation.rounds must be at least 1 (got {federation.rounds})."
     )
     _require(
-        st.server_optimizer == "sgd" or st.server_momentum == 0,
+        0 < federation.fraction <= 1,
+        f"federation.fraction must be in (0, 1] (got {federation.fraction}).",
+    )
+    _require(
+        1 <= federation.min_clients,
+        f"federation.min_clients must be at least 1 (got {federation.min_clients}).",
+    )
+    _require(
+        federation.min_clients <= federation.clients,
+        f"federation.min_clients ({federation.min_clients}) exceeds federation.clients "
+        f"({federation.clients}).",
+    )
+    _require(
+        federation.workers >= 0, f"federation.workers must be >= 0 (got {federation.workers})."
+    )
+    _require(
+        federation.personalize_steps >= 0, "federation.personalize_steps must be >= 0 (0 = off)."
+    )
+    _require(
+        train.local_steps >= 1, f"train.local_steps must be at least 1 (got {train.local_steps})."
+    )
+    _require(
+        0 <= train.local_steps_spread < 1,
+        f"train.local_steps_spread must be in [0, 1) (got {train.local_steps_spread}).",
+    )
+    _require(
+        train.batch_size >= 1, f"train.batch_size must be at least 1 (got {train.batch_size})."
+    )
+    _require(train.lr > 0, f"train.lr must be positive (got {train.lr}).")
+    _require(0 <= train.momentum < 1, f"train.momentum must be in [0, 1) (got {train.momentum}).")
+    _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off).")
+    _require(train.threads >= 1, f"train.threads must be at least 1 (got {train.threads}).")
+    _require(
+        train.accumulation >= 1,
+        f"train.accumulation must be at least 1 micro-batch per step (got {train.accumulation}).",
+    )
+    _require(strategy.mu >= 0, f"strategy.mu must be >= 0 (got {strategy.mu}).")
+    _require(
+        strategy.server_lr > 0, f"strategy.server_lr must be positive (got {strategy.server_lr})."
+    )
+    _require(
+        0 <= strategy.server_momentum < 1,
+        f"strategy.server_momentum must be in [0, 1) (got {strategy.server_momentum}).",
+    )
+    _require(
+        strategy.server_optimizer == "sgd" or strategy.server_momentum == 0,
         f'strategy.server_momentum is for server_optimizer = "sgd"; '
-        f'"{st.server_optimizer}" uses strategy.server_beta1 instead (set server_momentum = 0).',
+        f'"{strategy.server_optimizer}" uses strategy.server_beta1 instead '
+        "(set server_momentum = 0).",
     )
     for key in ("server_beta1", "server_beta2"):
-        beta = getattr(st, key)
+        beta = getattr(strategy, key)
         _require(0 <= beta < 1, f"strategy.{key} must be in [0, 1) (got {beta}).")
-    _require(st.server_tau > 0, f"strategy.server_tau must be positive (got {st.server_tau}).")
     _require(
-        da.dirichlet_alpha > 0,
-        f"data.dirichlet_alpha must be positive (got {da.dirichlet_alpha}).",
+        strategy.server_tau > 0,
+        f"strategy.server_tau must be positive (got {strategy.server_tau}).",
     )
     _require(
-        0 < da.test_fraction < 1,
-        f"data.test_fraction must be in (0, 1) (got {da.test_fraction}).",
+        data.dirichlet_alpha > 0,
+        f"data.dirichlet_alpha must be positive (got {data.dirichlet_alpha}).",
     )
-    _require(da.max_text_tokens >= 1, "data.max_text_tokens must be at least 1.")
-    _require(da.eval_rows >= 0, "data.eval_rows must be >= 0 (0 = all rows).")
+    _require(
+        0 < data.test_fraction < 1,
+        f"data.test_fraction must be in (0, 1) (got {data.test_fraction}).",
+    )
+    _require(data.max_text_tokens >= 1, "data.max_text_tokens must be at least 1.")
+    _require(data.eval_rows >= 0, "data.eval_rows must be >= 0 (0 = all rows).")
     # SCAFFOLD's option-II control variate (x - y_i) / (a_i * eta) and FedNova's normaliser a_i
     # are derived for (momentum) SGD; with Adam they would mix units and be silently wrong.
-    if st.name in ("scaffold", "fednova"):
+    if strategy.name in ("scaffold", "fednova"):
         _require(
-            tr.optimizer == "sgd",
-            f"strategy {st.name} is defined for local SGD (its correction assumes SGD steps); "
-            f'set train.optimizer = "sgd" (got {tr.optimizer!r}).',
+            train.optimizer == "sgd",
+            f"strategy {strategy.name} is defined for local SGD "
+            "(its correction assumes SGD steps); "
+            f'set train.optimizer = "sgd" (got {train.optimizer!r}).',
         )
     _validate_ranks(cfg)
-    if lo.aggregation == "svd":
+    if lora.aggregation == "svd":
         _require(
-            st.name != "scaffold",
+            strategy.name != "scaffold",
             'lora.aggregation = "svd" cannot run with strategy scaffold: the server '
             "re-factorises A and B every round, so control variates kept on the old factors no "
             'longer describe the same parameters; use lora.aggregation = "freeze-a" (exact, '
@@ -551,7 +581,7 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.run.trackers, str):  # --set run.trackers=tensorboard: one tracker
         cfg.run.trackers = [cfg.run.trackers] if cfg.run.trackers else []
     check_trackers(cfg.run.trackers)
-    if st.name == "fedprox" and st.mu == 0:
+    if strategy.name == "fedprox" and strategy.mu == 0:
         import warnings
 
         warnings.warn("strategy.mu = 0 makes FedProx identical to FedAvg.", stacklevel=2)
@@ -582,49 +612,51 @@ def _validate_hardware(cfg: Config) -> None:
     imported only when a choice needs it (the CLI stays fast for the common case)."""
     from fedlora.device import check_device_name, cuda_count, pick_device
 
-    mo, fe = cfg.model, cfg.federation
-    check_device_name(mo.device)
+    model, federation = cfg.model, cfg.federation
+    check_device_name(model.device)
     _require(
-        fe.gpus_per_client >= 0,
-        f"federation.gpus_per_client must be >= 0 (got {fe.gpus_per_client}).",
+        federation.gpus_per_client >= 0,
+        f"federation.gpus_per_client must be >= 0 (got {federation.gpus_per_client}).",
     )
     _require(
-        fe.gpus_per_client == 0 or mo.device != "cpu",
-        f"federation.gpus_per_client = {fe.gpus_per_client} gives each site a GPU share, but "
+        federation.gpus_per_client == 0 or model.device != "cpu",
+        f"federation.gpus_per_client = {federation.gpus_per_client} gives each site a GPU "
+        "share, but "
         'model.device = "cpu" keeps the model off it; use model.device = "auto" or "cuda", or '
         "gpus_per_client = 0.",
     )
     _require(
-        fe.gpus_per_client == 0 or mo.device in ("auto", "cuda", "cuda:0"),
-        f'model.device = "{mo.device}" with federation.gpus_per_client: Ray gives each site '
+        federation.gpus_per_client == 0 or model.device in ("auto", "cuda", "cuda:0"),
+        f'model.device = "{model.device}" with federation.gpus_per_client: Ray gives each site '
         "worker its own GPU, which the worker sees as cuda:0; use model.device = "
         '"auto" or "cuda".',
     )
-    needs_cuda = mo.device.startswith("cuda") or mo.quantization == "4bit"
-    needs_cuda = needs_cuda or (fe.gpus_per_client > 0 and not ray_address(cfg))
+    needs_cuda = model.device.startswith("cuda") or model.quantization == "4bit"
+    needs_cuda = needs_cuda or (federation.gpus_per_client > 0 and not ray_address(cfg))
     if not needs_cuda:
-        device = "cpu" if mo.device in ("auto", "cpu") else mo.device
+        device = "cpu" if model.device in ("auto", "cpu") else model.device
     else:
-        device = pick_device(mo.device, cuda_count())  # refuses cuda without CUDA
-        if fe.gpus_per_client > 0 and not ray_address(cfg):
+        device = pick_device(model.device, cuda_count())  # refuses cuda without CUDA
+        if federation.gpus_per_client > 0 and not ray_address(cfg):
             _require(
                 device.startswith("cuda"),
-                f"federation.gpus_per_client = {fe.gpus_per_client} asks for GPUs, and this "
+                f"federation.gpus_per_client = {federation.gpus_per_client} asks for GPUs, "
+                "and this "
                 "machine has no CUDA GPU (or torch was built without CUDA); use "
                 "gpus_per_client = 0, or federation.ray_address of a cluster with GPUs.",
             )
-    if mo.quantization != "none":
+    if model.quantization != "none":
         import importlib.util
 
         _require(
             importlib.util.find_spec("bitsandbytes") is not None,
-            f'model.quantization = "{mo.quantization}" needs the bitsandbytes package '
+            f'model.quantization = "{model.quantization}" needs the bitsandbytes package '
             "with a backend for this machine (a CUDA GPU, or its CPU backend where supported), "
             'and it is not installed here; use model.quantization = "none" (the full-precision '
             "base) or install bitsandbytes on a machine it supports.",
         )
         _require(
-            mo.quantization != "4bit" or device.startswith("cuda"),
+            model.quantization != "4bit" or device.startswith("cuda"),
             'model.quantization = "4bit" is refused on the CPU: there, bitsandbytes 4-bit (NF4) '
             "layers stop passing gradients to the adapter once the model has run an "
             "evaluation pass (measured with bitsandbytes 0.50.2), so training would silently do "
@@ -655,33 +687,34 @@ def ray_address(cfg: Config) -> str:
 
 def _validate_ranks(cfg: Config) -> None:
     """Mixed site ranks: every rank within the global one, the largest equal to it."""
-    lo, clients = cfg.lora, cfg.federation.clients
-    listed = parse_ranks(lo.site_ranks)
+    lora, clients = cfg.lora, cfg.federation.clients
+    listed = parse_ranks(lora.site_ranks)
     if not listed:
         return
     _require(
-        all(r >= 1 for r in listed), f"lora.site_ranks must be ranks >= 1 (got {lo.site_ranks!r})."
+        all(r >= 1 for r in listed),
+        f"lora.site_ranks must be ranks >= 1 (got {lora.site_ranks!r}).",
     )
     _require(
         len(listed) <= clients,
         f"lora.site_ranks lists {len(listed)} ranks for {clients} sites: the ranks after the "
         f"first {clients} would belong to no site; list at most {clients}.",
     )
-    used = lo.all_site_ranks(clients)
+    used = lora.all_site_ranks(clients)
     _require(
-        max(used) <= lo.r,
-        f"lora.site_ranks has rank {max(used)} above lora.r = {lo.r}: lora.r is the global "
+        max(used) <= lora.r,
+        f"lora.site_ranks has rank {max(used)} above lora.r = {lora.r}: lora.r is the global "
         f"adapter's rank, the largest any site trains; set lora.r = {max(used)}.",
     )
     _require(
-        max(used) == lo.r,
-        f"lora.r = {lo.r} but no site trains above rank {max(used)} (lora.site_ranks = "
-        f"{lo.site_ranks!r}): slots no site holds would never train; set lora.r = {max(used)}.",
+        max(used) == lora.r,
+        f"lora.r = {lora.r} but no site trains above rank {max(used)} (lora.site_ranks = "
+        f"{lora.site_ranks!r}): slots no site holds would never train; set lora.r = {max(used)}.",
     )
-    mixed = min(used) < lo.r
-    if mixed and lo.aggregation == "svd":
+    mixed = min(used) < lora.r
+    if mixed and lora.aggregation == "svd":
         _require(
-            lo.rank_rule == "zero-pad",
+            lora.rank_rule == "zero-pad",
             'lora.rank_rule = "partitioned" averages rank slots, but lora.aggregation = "svd" '
             "averages the sites' products B_i·A_i, which have no slots: svd's own answer to "
             "mixed ranks is to re-factorise the mean product to lora.r, each site taking the "
@@ -691,91 +724,95 @@ def _validate_ranks(cfg: Config) -> None:
 
 
 def _validate_privacy(cfg: Config) -> None:
-    pr, se, fe = cfg.privacy, cfg.secure, cfg.federation
-    _require(pr.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0.")
-    _require(pr.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 = use noise).")
-    _require(pr.max_grad_norm > 0, "privacy.max_grad_norm must be positive.")
-    _require(0 <= pr.delta < 1, "privacy.delta must be in [0, 1) (0 = 1/(10 n)).")
-    _require(pr.max_epsilon >= 0, "privacy.max_epsilon must be >= 0 (0 = no budget).")
+    privacy, secure, federation = cfg.privacy, cfg.secure, cfg.federation
+    _require(privacy.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0.")
+    _require(privacy.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 = use noise).")
+    _require(privacy.max_grad_norm > 0, "privacy.max_grad_norm must be positive.")
+    _require(0 <= privacy.delta < 1, "privacy.delta must be in [0, 1) (0 = 1/(10 n)).")
+    _require(privacy.max_epsilon >= 0, "privacy.max_epsilon must be >= 0 (0 = no budget).")
     _require(
-        bool(pr.unit.strip()),
+        bool(privacy.unit.strip()),
         'privacy.unit is empty; use "row" or the name of a column such as "patient_id".',
     )
     _require(
-        pr.unit == "row" or pr.level == "sample",
-        f"privacy.unit = {pr.unit!r} sets what DP-SGD protects; it needs privacy.level = "
-        f'"sample" (got {pr.level!r}), or set privacy.unit = "row".',
+        privacy.unit == "row" or privacy.level == "sample",
+        f"privacy.unit = {privacy.unit!r} sets what DP-SGD protects; it needs privacy.level = "
+        f'"sample" (got {privacy.level!r}), or set privacy.unit = "row".',
     )
     _require(
-        pr.max_rows_per_unit >= 1,
-        f"privacy.max_rows_per_unit must be at least 1 (got {pr.max_rows_per_unit}).",
+        privacy.max_rows_per_unit >= 1,
+        f"privacy.max_rows_per_unit must be at least 1 (got {privacy.max_rows_per_unit}).",
     )
     _require(
-        pr.physical_batch_size >= 1,
-        f"privacy.physical_batch_size must be at least 1 (got {pr.physical_batch_size}).",
+        privacy.physical_batch_size >= 1,
+        f"privacy.physical_batch_size must be at least 1 (got {privacy.physical_batch_size}).",
     )
-    _require(se.threshold >= 0, "secure.threshold must be >= 0 (0 = automatic).")
+    _require(secure.threshold >= 0, "secure.threshold must be >= 0 (0 = automatic).")
     _require(
-        se.threshold <= fe.clients,
-        f"secure.threshold ({se.threshold}) exceeds federation.clients ({fe.clients}).",
+        secure.threshold <= federation.clients,
+        f"secure.threshold ({secure.threshold}) exceeds federation.clients ({federation.clients}).",
     )
     _require(
-        fe.participation == "server" or se.enabled,
+        federation.participation == "server" or secure.enabled,
         'federation.participation = "poisson" hides who took part only inside a secure sum: '
         "without it the server sees which sites sent an update. Set secure.enabled = true, or "
         'use federation.participation = "server".',
     )
     _require(
-        se.min_cohort >= 2,
-        f"secure.min_cohort must be at least 2 (got {se.min_cohort}): a secure sum of one site "
+        secure.min_cohort >= 2,
+        f"secure.min_cohort must be at least 2 (got {secure.min_cohort}): a secure sum of one site "
         "is that site's update.",
     )
-    sampled = min(fe.clients, max(fe.min_clients, math.ceil(fe.fraction * fe.clients)))
-    if fe.participation == "poisson":  # every site is in the session
-        sampled = fe.clients
-    if se.enabled:
+    sampled = min(
+        federation.clients,
+        max(federation.min_clients, math.ceil(federation.fraction * federation.clients)),
+    )
+    if federation.participation == "poisson":  # every site is in the session
+        sampled = federation.clients
+    if secure.enabled:
         _require(
-            sampled >= se.min_cohort,
+            sampled >= secure.min_cohort,
             f"secure aggregation over {sampled} sites per round is refused: the minimum cohort "
-            f"is secure.min_cohort = {se.min_cohort} (with fewer, a site's update is nearly "
+            f"is secure.min_cohort = {secure.min_cohort} (with fewer, a site's update is nearly "
             "readable from the sum). Use more sites (federation.clients, federation.fraction, "
             "federation.min_clients) or, knowingly, a smaller secure.min_cohort.",
         )
-    if se.enabled and se.threshold:
+    if secure.enabled and secure.threshold:
         _require(
-            2 * se.threshold > sampled,
-            f"secure.threshold = {se.threshold} is not a majority of the {sampled} sites sampled "
+            2 * secure.threshold > sampled,
+            f"secure.threshold = {secure.threshold} is not a majority of the {sampled} "
+            "sites sampled "
             "per round: with 2t <= n a server could unmask a site by claiming the others "
             f"dropped. Use at least {sampled // 2 + 1}, or 0 (automatic).",
         )
     if cfg.lora.aggregation == "svd":
         _require(
-            pr.level != "client" and not se.enabled,
+            privacy.level != "client" and not secure.enabled,
             'lora.aggregation = "svd" needs every site\'s A and B in the clear (it multiplies '
             "them before averaging), which secure aggregation and client-level privacy forbid; "
             'use "freeze-a" (exact averaging as a plain sum) or "factors".',
         )
-    if pr.level == "none":
+    if privacy.level == "none":
         _require(
-            pr.max_epsilon == 0 and pr.target_epsilon == 0,
+            privacy.max_epsilon == 0 and privacy.target_epsilon == 0,
             "privacy.max_epsilon / privacy.target_epsilon need privacy.level = "
             '"sample" or "client".',
         )
         return
     _require(
-        pr.noise_multiplier > 0 or pr.target_epsilon > 0 or pr.max_epsilon == 0,
+        privacy.noise_multiplier > 0 or privacy.target_epsilon > 0 or privacy.max_epsilon == 0,
         "privacy.max_epsilon with noise_multiplier = 0 can never be met (epsilon is infinite "
         "without noise); set privacy.noise_multiplier or privacy.target_epsilon.",
     )
     _require(
-        fe.personalize_steps == 0,
+        federation.personalize_steps == 0,
         "federation.personalize_steps trains without privacy and reports scores that depend on "
         "the site's data; turn it off (0) under privacy.level = "
-        f'"{pr.level}".',
+        f'"{privacy.level}".',
     )
-    if pr.level == "client" and pr.client_noise == "distributed":
+    if privacy.level == "client" and privacy.client_noise == "distributed":
         _require(
-            se.enabled,
+            secure.enabled,
             'privacy.client_noise = "distributed" splits the noise across sites, so one site\'s '
             "update alone carries too little: it needs secure.enabled = true (the server then "
             'sees only the sum). Use client_noise = "central" without secure aggregation.',

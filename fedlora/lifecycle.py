@@ -391,8 +391,9 @@ def personal_adapter_dir(site: int, run_out: str, site_state: str | None = None)
         return Path(site_state) / PERSONAL_ADAPTER
     if not run_out:
         raise FedloraError("run.out must be set before sites personalise (simulate resolves it).")
-    out = Path(run_out).expanduser()
-    return site_adapter_dir(out.with_name(out.name + ".partial"), site)
+    from fedlora.results import work_dir
+
+    return site_adapter_dir(work_dir(Path(run_out).expanduser()), site)
 
 
 def save_site_adapter(model, folder: Path) -> Path:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedlora.adapter import add_lora
 from fedlora.config import Config
 from fedlora.data import Dataset, load_dataset, partition
 from fedlora.device import resolve_device
-from fedlora.model import add_lora, load_base, set_threads, use_bf16
+from fedlora.model import load_base, set_threads, use_bf16
 from fedlora.train import Encoded, Encoder
 
 

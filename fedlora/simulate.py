@@ -1,73 +1,40 @@
 """`fedlora simulate`: a whole federation on one machine, on Flower's simulation engine (Ray).
 
 Results go to `<out>.partial/` while the run is going and are moved to `<out>/` only when it
-has finished, so a folder without the suffix is always a complete result.
+has finished, so a folder without the suffix is always a complete result (fedlora.results).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 from fedlora import checkpoint, worker_log
-from fedlora.config import Config, ray_address, write_config
+from fedlora.config import Config, ray_address
 from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, StopSwitch, end_children, on_signals, signal_of
-from fedlora.privacy.policy import amplification
 from fedlora.privacy.secrets import SIMULATED
-from fedlora.report import Reporter, human_bytes, plot_metrics
+from fedlora.report import Reporter, human_bytes
+from fedlora.results import (
+    check_out,
+    check_partial,
+    close_results,
+    finish,
+    open_results,
+    precision_name,
+    results_dir,
+    resume_dir,
+    run_state_dir,
+    settle_precision,
+    work_dir,
+)
 from fedlora.trackers import open_trackers
-
-
-def results_dir(cfg: Config) -> Path:
-    if cfg.run.out:
-        return Path(cfg.run.out).expanduser()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.strategy.name}"
-
-
-def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FedloraError(
-            f"Results folder {out} already exists; choose another --out or remove it."
-        )
-
-
-def check_partial(out: Path) -> None:
-    """Saved rounds are the user's: a fresh run never deletes them without --restart."""
-    saved = checkpoint.saved_round(checkpoint.run_state_dir(out))
-    if saved is not None:
-        raise FedloraError(
-            f"{out.name}.partial holds an interrupted run with rounds 0-{saved} saved; resume it "
-            "with --resume, or remove it with --restart."
-        )
-
-
-def work_dir(out: Path) -> Path:
-    """Where a run writes until it has finished: `<out>.partial`."""
-    return out.with_name(out.name + ".partial")
-
-
-def prepare_out(out: Path, restart: bool = False) -> Path:
-    """Refuse to overwrite a result or an interrupted run's saved rounds (unless `restart`);
-    return the `.partial` working folder."""
-    check_out(out)
-    if not restart:
-        check_partial(out)
-    work = work_dir(out)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work
 
 
 def quiet_engines() -> None:
@@ -168,20 +135,6 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def resume_dir(cfg: Config) -> Path:
-    """The `.partial` folder of an interrupted run, which must hold a saved server state."""
-    if not cfg.run.out:
-        raise FedloraError("--resume needs --out: the results folder of the interrupted run.")
-    out = results_dir(cfg)
-    work = work_dir(out)
-    if not (checkpoint.run_state_dir(out) / checkpoint.FILE).exists():
-        raise FedloraError(
-            f"Nothing to resume: {work} holds no saved server state (it is saved after every "
-            "round; a run interrupted before round 0 finished starts afresh without --resume)."
-        )
-    return work
-
-
 def simulate(cfg: Config, log=print, resume: bool = False, restart: bool = False) -> Path:
     """Run the federation described by `cfg`; return the finished results folder. With
     `resume`, continue an interrupted run from its last saved round; with `restart`, replace
@@ -197,10 +150,9 @@ def simulate(cfg: Config, log=print, resume: bool = False, restart: bool = False
             switch.throw(signum)  # the round loop's thread saves nothing more
             stop_ray()
             end_children(switch)
-            work = None
-            if cfg.run.out:
-                work = work_dir(results_dir(cfg))
-            saved = None if work is None else checkpoint.saved_round(work / "state")
+            out = results_dir(cfg) if cfg.run.out else None
+            work = None if out is None else work_dir(out)
+            saved = None if out is None else checkpoint.saved_round(run_state_dir(out))
             raise Interrupted(signum, work, saved) from None
 
 
@@ -219,11 +171,10 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     out = results_dir(cfg)
     if resume:
         resume_dir(cfg)
-        from fedlora.apps.server import STARTED_FILE
         from fedlora.apps.site_state import forget_unfinished_rounds
 
-        state = checkpoint.run_state_dir(out)
-        forget_unfinished_rounds(state, checkpoint.saved_round(state), STARTED_FILE)
+        state = run_state_dir(out)
+        forget_unfinished_rounds(state, checkpoint.saved_round(state), checkpoint.STARTED_FILE)
     else:
         check_out(out)
         if not restart:
@@ -248,7 +199,7 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     # "auto" is decided once, here, and every site worker gets the decision (a cluster's nodes
     # may differ); a resumed run keeps the decision of the run it continues.
     requested = cfg.model.precision
-    runtime.bf16 = checkpoint.settle_precision(cfg, runtime.bf16, out if resume else None)
+    runtime.bf16 = settle_precision(cfg, runtime.bf16, out if resume else None)
     n_params = sum(p.numel() for p in runtime.model.parameters())
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(
@@ -276,7 +227,7 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
             cfg,
             runtime,
             reporter,
-            checkpoint.run_state_dir(out),
+            run_state_dir(out),
             switch,
         )
         finish(cfg, runtime, federation, work, time.perf_counter() - started, SIMULATED)
@@ -291,29 +242,6 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     finally:
         reporter.close()
     return close_results(out, work)
-
-
-def open_results(cfg: Config, out: Path, resume: bool, restart: bool = False) -> Path:
-    """The `.partial` working folder: the interrupted run's (resume), or a fresh one holding
-    the effective config. Shared with `fedlora server`."""
-    if resume:
-        return resume_dir(cfg)
-    work = prepare_out(out, restart)
-    write_config(cfg, work / "config.toml")
-    return work
-
-
-def close_results(out: Path, work: Path) -> Path:
-    """A finished run: drop its saved state and give the folder its final name."""
-    shutil.rmtree(checkpoint.run_state_dir(out))  # a finished result needs no saved state
-    if out.exists():
-        out.rmdir()
-    work.rename(out)
-    return out
-
-
-def precision_name(bf16: bool) -> str:
-    return "bf16 autocast" if bf16 else "fp32"
 
 
 def run_engine(
@@ -376,80 +304,3 @@ def start_ray(cfg: Config, log) -> None:
         init_args["log_to_driver"] = False
     ray.init(runtime_env=runtime_env, **init_args)
     log(f"Simulation engine started in {time.perf_counter() - started:.0f} s.")
-
-
-def privacy_summary(cfg: Config, federation, rows: list[dict]) -> dict:
-    """Each site's latest spend (enough to recompute its epsilon) and the largest epsilon. A
-    site spends only in the rounds it is in (or, self-selecting, asked), and reports its whole
-    spend each time, so its latest report is current; a site that was in no round spent 0."""
-    if cfg.privacy.level == "none":
-        return {"level": "none", "max_epsilon": None}
-    sites: dict[str, dict] = {
-        str(s): {"epsilon": 0.0, "steps": 0} for s in range(cfg.federation.clients)
-    }
-    for row in rows:
-        sites.update(row.get("privacy", {}))
-    if cfg.secure.enabled and cfg.privacy.level == "sample":  # epsilons depend on a site's rows
-        means = [row["epsilon_mean"] for row in rows if "epsilon_mean" in row]
-        return {
-            "level": "sample",
-            "accountant": cfg.privacy.accountant,
-            "max_epsilon": None,  # kept at each site (its audit log): only their sum is sent
-            "epsilon_mean": means[-1] if means else None,
-            "budget": cfg.privacy.max_epsilon or None,
-            "exhausted": sorted(federation.exhausted),
-        }
-    return {
-        "level": cfg.privacy.level,
-        "client_noise": cfg.privacy.client_noise if cfg.privacy.level == "client" else None,
-        "amplification": amplification(cfg) if cfg.privacy.level == "client" else None,
-        "accountant": cfg.privacy.accountant,
-        "max_epsilon": max((s["epsilon"] for s in sites.values()), default=0.0),
-        "budget": cfg.privacy.max_epsilon or None,
-        "exhausted": sorted(federation.exhausted),
-        "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
-    }
-
-
-def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
-    """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
-    plot of a finished run."""
-    from fedlora.model import save_adapter
-
-    save_adapter(runtime.model, federation.global_arrays, work / "adapter")
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    final, first = rows[-1], rows[0]
-    summary = {
-        "strategy": cfg.strategy.name,
-        "clients": cfg.federation.clients,
-        "rounds": cfg.federation.rounds,
-        "seed": cfg.run.seed,
-        "model": cfg.model.name,
-        "precision": precision_name(runtime.bf16),
-        "final": {
-            k: final.get(k)
-            for k in (
-                "eval_loss",
-                "eval_accuracy",
-                "eval_macro_f1",
-                "eval_perplexity",
-                "site_accuracy",
-            )
-        },
-        "round0": {
-            k: first.get(k)
-            for k in ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity")
-        },
-        "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
-        "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
-        "wall_seconds": wall,
-    }
-    if federation.personalization:
-        summary["personalization"] = federation.personalization
-    summary["privacy"] = privacy_summary(cfg, federation, rows)
-    summary["secure_aggregation"] = cfg.secure.enabled
-    summary["secrets"] = secrets
-    if federation.stopped:
-        summary["stopped"] = federation.stopped
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_metrics(rows, work / "metrics.png", f"{cfg.strategy.name}, {cfg.federation.clients} sites")

@@ -706,6 +706,7 @@ def audit_run(folder: Path, log: Callable[[str], None] = print) -> None:
 def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
     """Run every unfinished run of the plan in order; write the tables after each run and the
     plots at the end. Returns 0, or 1 when a run failed with a user error (recorded, not fatal)."""
+    from fedlora.results import work_dir
     from fedlora.simulate import simulate
 
     resumed = claim_folder(plan)
@@ -730,7 +731,7 @@ def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> int:
         left = len(pending) - len(durations)
         eta = _clock(sum(durations) / len(durations) * left) if durations else "?"
         log(f"\n=== {head} (elapsed {_clock(time.monotonic() - started)}, ETA {eta})")
-        partial = run.folder.with_name(run.folder.name + ".partial")
+        partial = work_dir(run.folder)
         if partial.exists():
             log(f"Removing the unfinished {partial} and running it again.")
             shutil.rmtree(partial)

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedlora.adapter import adapter_parameters
 from fedlora.config import TrainConfig
 from fedlora.data import Dataset, Example
 from fedlora.device import model_device
 from fedlora.errors import FedloraError
 from fedlora.metrics import macro_f1
-from fedlora.model import adapter_parameters
 from fedlora.privacy.dpsgd import DPSGD, PrivateSteps
 from fedlora.strategies.base import TrainingTerms
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.apps.client import site_local_steps
+from fedlora.adapter import adapter_parameters
+from fedlora.apps.contribution import site_local_steps
 from fedlora.config import load_config, parse_override
-from fedlora.model import adapter_parameters
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms

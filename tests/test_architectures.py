@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from fedlora.adapter import add_lora
 from fedlora.architectures import SHAPES, architecture_config, parameter_count, shape_of
 from fedlora.config import TARGET_PRESETS, LoraSettings
 from fedlora.errors import FedloraError
-from fedlora.model import add_lora, resolve_model
+from fedlora.model import resolve_model
 
 #: the parameter counts the releases publish (the models' safetensors index totals)
 PUBLISHED = {

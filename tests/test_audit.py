@@ -116,8 +116,8 @@ def test_audit_scores_the_saved_global_adapter(run_dir):
     """The attacked model holds exactly the run's saved adapter (not the LoRA initialisation)."""
     from safetensors.numpy import load_file
 
+    from fedlora.adapter import lora_arrays
     from fedlora.audit import _load_adapter, load_run
-    from fedlora.model import lora_arrays
     from fedlora.runtime import build_runtime
 
     source = load_run(str(run_dir))

@@ -20,6 +20,7 @@ import pytest
 from fedlora import checkpoint
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
+from fedlora.results import settle_precision
 from fedlora.simulate import backend_config, check_ray_address, worker_count
 
 
@@ -162,10 +163,10 @@ def test_a_resumed_auto_precision_keeps_the_interrupted_runs_decision(tmp_path, 
     out = partial_with_precision(tmp_path, saved)
     cfg = load_config(None, [{"model": {"precision": "auto"}}])
     # this process decided the other way (a busy machine, another machine)
-    assert checkpoint.settle_precision(cfg, saved != "bf16", out) is (saved == "bf16")
+    assert settle_precision(cfg, saved != "bf16", out) is (saved == "bf16")
     assert cfg.model.precision == saved
     fresh = load_config(None, [{"model": {"precision": "auto"}}])
-    assert checkpoint.settle_precision(fresh, True, None) is True
+    assert settle_precision(fresh, True, None) is True
     assert fresh.model.precision == "bf16"  # the effective config records the decision
 
 

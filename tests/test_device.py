@@ -14,9 +14,9 @@ import torch
 from safetensors.numpy import load_file
 
 from fedlora import device as fd
+from fedlora.adapter import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.privacy.client_level import add_gaussian
 from fedlora.privacy.dpsgd import DPSGD, PrivateSteps
 from fedlora.runtime import build_runtime

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedlora.apps import records as R
-from fedlora.apps.server import discover_sites
+from fedlora.apps.discovery import discover_sites
 
 
 class LateGrid:

@@ -20,7 +20,7 @@ import pytest
 from fedlora import checkpoint
 from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, resume_command
-from fedlora.simulate import prepare_out
+from fedlora.results import prepare_out, run_state_dir
 
 #: seconds a signalled run may take to end, and its processes to disappear after that
 GRACE = 10.0
@@ -46,7 +46,7 @@ def test_resume_command_keeps_the_arguments_and_names_the_folder(tmp_path):
 
 def save_rounds(out: Path, last: int) -> None:
     checkpoint.save(
-        checkpoint.run_state_dir(out),
+        run_state_dir(out),
         checkpoint.Checkpoint(last, {"global": {"w": np.zeros(2)}}, [], "f"),
     )
 
@@ -56,7 +56,7 @@ def test_fresh_run_refuses_saved_rounds_unless_restart(tmp_path):
     save_rounds(out, 3)
     with pytest.raises(FedloraError, match=r"rounds 0-3 saved.*--resume.*--restart"):
         prepare_out(out)
-    assert checkpoint.saved_round(checkpoint.run_state_dir(out)) == 3  # untouched
+    assert checkpoint.saved_round(run_state_dir(out)) == 3  # untouched
     work = prepare_out(out, restart=True)
     assert work.is_dir() and not any(work.iterdir())
     # a .partial without saved rounds (interrupted before round 0) is simply replaced

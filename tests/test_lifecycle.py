@@ -2,7 +2,7 @@
 paired test, multi-adapter generate, and the errors for adapters that do not fit.
 
 Everything runs on tiny-random with small hand-made "runs" (a config.toml and a non-zero LoRA
-adapter saved with fedlora.model.save_adapter), so no federation has to run here.
+adapter saved with fedlora.adapter.save_adapter), so no federation has to run here.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ EVAL_ROWS = 40
 
 def make_run(folder: Path, seed: int, scale: float = 0.5, **sections) -> Path:
     """A results folder as `fedlora simulate` leaves it, with LoRA B set to random values."""
+    from fedlora.adapter import adapter_arrays, add_lora, save_adapter
     from fedlora.config import write_config
-    from fedlora.model import adapter_arrays, add_lora, load_base, save_adapter
+    from fedlora.model import load_base
 
     cfg = make_tiny_cfg(folder.parent, {"run": {"out": str(folder), "seed": seed}}, **sections)
     base, _ = load_base(cfg.model.name, log=lambda _: None)

@@ -68,14 +68,14 @@ class _Grid:
 def test_server_says_who_it_is_waiting_for(monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.apps import server
+    from fedlora.apps import discovery
 
     for name in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
-    monkeypatch.setattr(server.time, "sleep", lambda _: None)
+    monkeypatch.setattr(discovery.time, "sleep", lambda _: None)
     lines: list[str] = []
     names = ["city", "st-marys", "north"]
-    nodes = server.discover_sites(_Grid(), 3, note=lines.append, names=names, every=0.0)
+    nodes = discovery.discover_sites(_Grid(), 3, note=lines.append, names=names, every=0.0)
     assert nodes == {0: 100, 1: 101, 2: 102}
     assert "site city connected (1 of 3)" in lines
     assert "2 of 3 sites connected; waiting for st-marys" in lines
@@ -83,7 +83,7 @@ def test_server_says_who_it_is_waiting_for(monkeypatch):
 
 
 def test_secure_aggregation_says_when_a_dropout_ends_the_federation():
-    from fedlora.apps.server import dropout_warning
+    from fedlora.apps.collect import dropout_warning
     from fedlora.config import load_config
 
     def cfg(**federation):

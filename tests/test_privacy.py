@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora.adapter import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.config import DataConfig, TrainConfig, load_config
 from fedlora.data import load_dataset
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.privacy import dpsgd
 from fedlora.privacy.accounting import default_delta, epsilon, noise_for_epsilon
 from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
@@ -173,7 +173,7 @@ def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
     import torch
     import torch.nn.functional as F
 
-    from fedlora.model import adapter_parameters
+    from fedlora.adapter import adapter_parameters
 
     rt, rows, start = site
     clip = 0.02

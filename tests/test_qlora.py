@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
+from fedlora.adapter import adapter_arrays
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
-from fedlora.model import adapter_arrays
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms

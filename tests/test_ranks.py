@@ -254,9 +254,9 @@ def test_a_lower_rank_site_trains_and_sends_its_leading_slice(
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedlora.adapter import adapter_arrays, lora_arrays
     from fedlora.apps import records as R
     from fedlora.apps.client import train_reply
-    from fedlora.model import adapter_arrays, lora_arrays
     from fedlora.runtime import get_runtime
 
     for field in ("_task_id", "_run_id", "_node_id"):

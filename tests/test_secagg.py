@@ -12,9 +12,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records as R
-from fedlora.apps.client import make_client_app, secure_stats, site_id, train_contribution
+from fedlora.apps.client import make_client_app
+from fedlora.apps.contribution import secure_stats, site_id, train_contribution
+from fedlora.apps.discovery import discover_sites
 from fedlora.apps.secure import UNMASK, secure_sum
-from fedlora.apps.server import discover_sites
 from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import SitePolicy
 from fedlora.secure.secagg import (
@@ -344,7 +345,7 @@ def train_content(global_arrays, round_: int) -> RecordDict:
 def simulated(tmp_path_factory, tiny_cfg_at):
     from flwr.simulation import run_simulation
 
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
     from fedlora.runtime import build_runtime
     from fedlora.simulate import backend_config, quiet_engines
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedlora.apps.client import STATE_DIR, site_secret
+from fedlora.apps.contribution import STATE_DIR, site_secret
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
 from fedlora.privacy import secrets
@@ -97,7 +97,7 @@ def test_why_not_torch_generators_their_cpu_seed_keeps_32_bits():
 
 def test_a_site_that_sits_out_sends_a_zero_of_the_same_layout_and_keeps_its_state():
     from fedlora.apps import records as R
-    from fedlora.apps.client import self_selection
+    from fedlora.apps.contribution import self_selection
     from fedlora.apps.server import participant_count
 
     cfg = load_config(

@@ -11,12 +11,15 @@ import pytest
 from peft import PeftModel
 from safetensors.numpy import load_file
 
+from fedlora.adapter import LORA_MARKERS, adapter_arrays, add_lora, lora_arrays
 from fedlora.apps import records as R
-from fedlora.apps.client import site_local_steps, site_state_dir, train_reply
-from fedlora.apps.server import Federation, check_contribution
+from fedlora.apps.client import train_reply
+from fedlora.apps.collect import check_contribution
+from fedlora.apps.contribution import site_local_steps, site_state_dir
+from fedlora.apps.server import Federation
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import load_config
-from fedlora.model import LORA_MARKERS, adapter_arrays, add_lora, load_base, lora_arrays
+from fedlora.model import load_base
 from fedlora.report import Reporter
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
@@ -422,7 +425,7 @@ def test_resume_without_saved_state_is_refused(tmp_path, tiny_cfg):
 
 def test_metrics_list_only_the_sites_that_contributed(tmp_path, tiny_cfg, monkeypatch):
     """A site that fails in a round is not among that round's `sites` in metrics.jsonl."""
-    from fedlora.apps.server import RoundInputs
+    from fedlora.apps.collect import RoundInputs
     from fedlora.strategies.base import sum_contributions
 
     real = Federation.collect_plain

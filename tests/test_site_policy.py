@@ -89,7 +89,7 @@ def round_content(round_: int, arrays: dict[str, np.ndarray]) -> RecordDict:
 
 
 def global_adapter(cfg) -> dict[str, np.ndarray]:
-    from fedlora.model import adapter_arrays
+    from fedlora.adapter import adapter_arrays
     from fedlora.runtime import get_runtime
 
     return adapter_arrays(get_runtime(cfg).model)
@@ -267,7 +267,7 @@ def test_a_plain_train_to_a_site_that_requires_secure_aggregation_is_refused(
 def grid_state(cfg):
     from pathlib import Path
 
-    from fedlora.checkpoint import run_state_dir
+    from fedlora.results import run_state_dir
 
     return run_state_dir(Path(cfg.run.out)) / "sites"
 

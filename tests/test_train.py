@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora.model import adapter_arrays, adapter_parameters, load_adapter_arrays
+from fedlora.adapter import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.runtime import build_runtime
 from fedlora.strategies.base import TrainingTerms
 from fedlora.train import (

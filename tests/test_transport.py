@@ -81,10 +81,11 @@ def test_a_round_in_bfloat16_sends_half_the_bytes_and_reports_the_error(
     as bfloat16 bit patterns, and both round-trip errors are at bfloat16's scale."""
     from flwr.app import Context, RecordDict
 
+    from fedlora.adapter import adapter_arrays
     from fedlora.apps import records as R
     from fedlora.apps.client import train_reply
-    from fedlora.apps.server import Federation, RoundInputs
-    from fedlora.model import adapter_arrays
+    from fedlora.apps.collect import RoundInputs
+    from fedlora.apps.server import Federation
     from fedlora.report import Reporter
     from fedlora.runtime import build_runtime
 

@@ -1,308 +1,44 @@
 """The site half of a round, as a Flower ClientApp (Message API).
 
 A site receives the global adapter and the strategy's broadcast state, trains locally, and
-replies with the strategy's already-weighted contribution vectors: LoRA tensors only.
+replies with the strategy's already-weighted contribution vectors: LoRA tensors only. The
+training itself is `fedlora.apps.contribution`'s (shared with the secure rounds of
+`fedlora.apps.secure`); this module answers the messages.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import transport
-from fedlora.apps import records as R
-from fedlora.apps.site_state import RoundsTaken, SiteStore
-from fedlora.checkpoint import run_state_dir
-from fedlora.config import Config, TrainConfig
-from fedlora.deploy import runconfig
-from fedlora.errors import FedloraError
-from fedlora.model import (
-    adapter_arrays,
-    adapter_parameters,
-    load_adapter_arrays,
-    mask_slot_gradients,
-    restore_lora,
-    truncate_lora,
+from fedlora.adapter import load_adapter_arrays
+from fedlora.apps import records
+from fedlora.apps.contribution import (
+    STATE_DIR,
+    derive_seed,
+    refusal_reply,
+    site_id,
+    site_runtime,
+    take_round,
+    train_contribution,
 )
-from fedlora.privacy import secrets
-from fedlora.privacy.client_level import add_gaussian, clip_scale, private_keys, site_noise_std
-from fedlora.privacy.dpsgd import DPSGD, count_units
-from fedlora.privacy.policy import (
-    BudgetExhausted,
-    Mechanism,
-    check_budget,
-    client_mechanism,
-    sample_mechanism,
-    spend,
-)
+from fedlora.apps.secure import secure_stage_reply
+from fedlora.config import Config
+from fedlora.privacy.policy import BudgetExhausted
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
-from fedlora.runtime import Runtime, get_runtime
-from fedlora.strategies import strategy_for
-from fedlora.strategies.base import LocalWork, TrainingTerms, scalar
-from fedlora.train import evaluate, local_train, make_optimizer
-
-if TYPE_CHECKING:
-    from fedlora.secure.secagg import SecAggClient
-
-
-def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
-    """Unequal local work: factors spread evenly over [1 - spread, 1 + spread] across sites."""
-    if n_sites < 2 or not train.local_steps_spread:
-        return train.local_steps
-    factor = 1 - train.local_steps_spread + 2 * train.local_steps_spread * site / (n_sites - 1)
-    return max(1, round(train.local_steps * factor))
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable seed for (run seed, round, site): same command, same numbers. Public (the
-    server knows every part): for LoRA dropout and plain batches, never for a value that
-    protects a site (those come from `site_secret`)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-#: node_config key naming a site daemon's state folder
-STATE_DIR = "state-dir"
-#: site state key of the privacy ledger: rows (noise multiplier, sample rate, steps)
-LEDGER = "privacy/ledger"
-
-
-def site_id(context: Context) -> int:
-    """A simulated site is its partition id; a site daemon is the position of its name in the
-    server's list of sites (fedlora.deploy.runconfig)."""
-    if runconfig.is_site_daemon(context.node_config):
-        return runconfig.site_index(context.node_config, context.run_config)
-    return int(context.node_config["partition-id"])
-
-
-def site_runtime(cfg: Config, context: Context) -> Runtime:
-    """A site daemon's cfg names its own data file, all of whose rows are its own."""
-    own = site_id(context) if runconfig.is_site_daemon(context.node_config) else None
-    return get_runtime(cfg, own_site=own)
-
-
-def site_state_dir(cfg: Config, context: Context) -> Path:
-    """A site daemon names its state folder in its node config; simulated sites keep theirs in
-    the server's state folder of the run (so `simulate --resume` finds them)."""
-    if STATE_DIR in context.node_config:
-        return Path(str(context.node_config[STATE_DIR]))
-    if not cfg.run.out:
-        raise FedloraError("run.out must be set before sites train (simulate resolves it).")
-    return run_state_dir(Path(cfg.run.out)) / "sites"
+from fedlora.strategies.base import TrainingTerms
+from fedlora.train import evaluate, local_train
 
 
 def query_reply(msg: Message, context: Context) -> Message:
     """Tell the server which site this node is (it assigns work by site, not by node id)."""
     return Message(
-        RecordDict({R.SITE_METRICS: MetricRecord({R.SITE_ID: site_id(context)})}), reply_to=msg
+        RecordDict({records.SITE_METRICS: MetricRecord({records.SITE_ID: site_id(context)})}),
+        reply_to=msg,
     )
-
-
-def take_round(cfg: Config, context: Context, round_: int) -> None:
-    """Once per (federation, round): a second request for a round this site has already taken
-    part in (a replay, or a new secure-aggregation session) is refused."""
-    if not RoundsTaken(site_state_dir(cfg, context), site_id(context)).take(round_):
-        raise PolicyRefused(
-            f"round {round_} already taken: this site contributes to each round once"
-        )
-
-
-def train_contribution(
-    cfg: Config,
-    msg: Message,
-    context: Context,
-    policy: SitePolicy,
-    *,
-    session: SecAggClient | None = None,
-    keep: Callable[[int, dict[str, np.ndarray]], None] | None = None,
-) -> tuple[dict[str, np.ndarray], MetricRecord]:
-    """Train on this site's rows from the global adapter in `msg`; return the strategy's
-    contribution (the vectors the server sums) and the site's metrics.
-
-    `session`: the secure-aggregation session the contribution will be masked in. The
-    distributed noise is then split over the session's own threshold t (the fewest inputs the
-    server can unmask, whatever it claims), and the site's statistics (loss, rows, epsilon)
-    ride inside the contribution instead of in the clear metrics. `keep(round, state)` receives
-    the site's new state instead of saving it (secure: saved once the input is accepted)."""
-    site = site_id(context)
-    rt = site_runtime(cfg, context)
-    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
-    global_arrays = transport.decode(R.from_record(msg.content[R.GLOBAL_ADAPTER]))
-    broadcast = transport.decode(R.from_record(msg.content[R.BROADCAST]))
-    folder = site_state_dir(cfg, context)
-    store = SiteStore(folder, site)
-    saved = store.before(round_)
-    ledger = [tuple(e) for e in saved.pop(LEDGER, np.zeros((0, 3))).tolist()]
-    client_state = saved
-    strategy = strategy_for(cfg)
-    load_adapter_arrays(rt.model, global_arrays)
-    terms = strategy.training_terms(broadcast, client_state, global_arrays)
-    steps = site_local_steps(cfg.train, site, cfg.federation.clients)
-    seed = derive_seed(cfg.run.seed, round_, site)
-    secret = site_secret(cfg, context, folder)
-    torch.manual_seed(seed)  # LoRA dropout
-    rows = rt.site_rows(site)
-    level = cfg.privacy.level
-    mech, dp = None, None
-    if level == "sample":
-        mech = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
-        check_budget(cfg, mech, ledger, site)
-        dp = DPSGD.for_round(
-            mech.noise_multiplier,
-            mech.max_grad_norm,
-            mech.sample_rate,
-            secret=secret,
-            round_=round_,
-            site=site,
-            physical_batch_size=cfg.privacy.physical_batch_size,
-            max_rows_per_unit=cfg.privacy.max_rows_per_unit,
-        )
-    elif level == "client":  # one release of the sum per round the site is in
-        mech = client_mechanism(cfg)
-        check_budget(cfg, mech, ledger, site)
-    if mech is not None:
-        policy.check_mechanism(mech)  # before any training
-    if level == "client" and cfg.privacy.client_noise == "distributed" and session is None:
-        raise PolicyRefused("distributed client-level noise needs secure aggregation")
-    rank = cfg.lora.site_rank(site)
-    truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
-    optimizer, frozen = None, {}
-    if truncated:
-        frozen = truncate_lora(rt.model, rank)
-        optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
-        mask_slot_gradients(optimizer, rt.model, rank)
-    try:
-        result = local_train(
-            rt.model,
-            rows,
-            steps,
-            cfg.train,
-            terms,
-            np.random.default_rng(seed),
-            rt.pad_id,
-            bf16=rt.bf16,
-            optimizer=optimizer,
-            dp=dp,
-        )
-        local = adapter_arrays(rt.model)
-    finally:
-        restore_lora(rt.model, frozen)  # the worker's next site needs the shared A intact
-    delta = {k: local[k] - global_arrays[k] for k in global_arrays}
-    work = LocalWork(
-        # client level: uniform weights, or a site's row count would change the sensitivity
-        num_examples=1 if level == "client" else len(rows),
-        steps=result.steps,
-        lr=cfg.train.lr,
-        momentum=cfg.train.momentum,
-        rank=rank if truncated else None,
-    )
-    contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
-    values: dict[str, float | int] = {
-        R.SITE_ID: site,
-        R.TRAIN_LOSS: result.mean_loss,
-        R.LOCAL_STEPS: result.steps,
-        R.NUM_EXAMPLES: len(rows),
-        R.RANK: rank,
-    }
-    # (under secure aggregation, which poisson needs, nothing of `values` but the site id
-    # travels in the clear: secure_stats puts the loss and rows inside the sum)
-    if cfg.federation.participation == "poisson":
-        contribution, new_state = self_selection(
-            cfg, secret, round_, site, contribution, new_state, client_state
-        )
-    if mech is not None:
-        if level == "client":
-            keys = private_keys(contribution, strategy.private_prefixes)
-            scale = clip_scale(contribution, keys, mech.max_grad_norm)
-            contribution, new_state = strategy.scale_private(
-                contribution, new_state, client_state, scale
-            )
-            values[R.CLIP_SCALE] = scale
-            if cfg.privacy.client_noise == "distributed":
-                assert session is not None  # refused above
-                std = site_noise_std(mech.noise_multiplier, mech.max_grad_norm, session.threshold)
-                rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
-                contribution = add_gaussian(contribution, keys, std, rng)
-        ledger = [*ledger, (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)]
-        values |= {R.PRIVACY + k: v for k, v in spend_numbers(cfg, mech, ledger).items()}
-        new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
-    if session is not None:  # nothing per site in the clear: the statistics go into the sum
-        contribution = contribution | secure_stats(values)
-        values = {R.SITE_ID: site}
-    (keep or store.save)(round_, new_state)
-    return contribution, MetricRecord(values)
-
-
-def self_selection(
-    cfg: Config,
-    secret: secrets.SiteSecret,
-    round_: int,
-    site: int,
-    contribution: dict[str, np.ndarray],
-    new_state: dict[str, np.ndarray],
-    client_state: dict[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """federation.participation = "poisson": the site takes part with probability
-    federation.fraction by its own secret coin. It has trained either way (its reply time does
-    not tell) and sends either way: when the coin says no, zeros in the layout of a real
-    contribution (noise is added to them as to any), keeping its old state, so that inside the
-    secure sum it changes nothing. R.PARTICIPANT (1 or 0) lets the server count the sites that
-    took part from the sum alone."""
-    takes_part = secrets.coin(secret, round_, site, cfg.federation.fraction)
-    if not takes_part:
-        contribution = {k: np.zeros_like(v) for k, v in contribution.items()}
-        new_state = client_state
-    return contribution | {R.PARTICIPANT: scalar(float(takes_part))}, new_state
-
-
-def secure_stats(values: dict[str, float | int]) -> dict[str, np.ndarray]:
-    """A site's statistics as shape-(1,) vectors of its contribution: under secure aggregation
-    the server learns only their sums (the round's loss weighted by rows, the rows, and the
-    epsilons), never one site's."""
-    rows = float(values[R.NUM_EXAMPLES])
-    stats = {
-        R.STATS_LOSS: np.array([float(values[R.TRAIN_LOSS]) * rows]),
-        R.STATS_ROWS: np.array([rows]),
-    }
-    if R.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
-        epsilon = float(values[R.PRIVACY + "epsilon"])
-        finite = math.isfinite(epsilon)
-        stats[R.STATS_EPSILON] = np.array([epsilon if finite else 0.0])
-        stats[R.STATS_UNBOUNDED] = np.array([0.0 if finite else 1.0])
-    return stats
-
-
-def spend_numbers(cfg: Config, mech: Mechanism, ledger: list) -> dict[str, float | int]:
-    """The numeric fields of this site's privacy spend (level and accountant are in the config)."""
-    return {
-        k: v
-        for k, v in spend(cfg, mech, ledger).as_dict().items()
-        if k not in ("level", "accountant")
-    }
-
-
-def site_secret(cfg: Config, context: Context, folder: Path) -> secrets.SiteSecret:
-    """The secret behind every random value that protects this site (fedlora.privacy.secrets).
-    A site daemon draws it from the OS CSPRNG once and keeps it in its state folder (noise the
-    server could regenerate would protect nothing); a simulated site derives it from the run
-    seed, so that simulations repeat."""
-    if STATE_DIR not in context.node_config:
-        return secrets.simulated_secret(cfg.run.seed, site_id(context))
-    return secrets.site_secret(folder)
-
-
-def refusal_reply(msg: Message, site: int, round_: int, reason: str) -> Message:
-    """What a site answers a request its policy refuses: who, which round, why."""
-    record = ConfigRecord({R.SITE_ID: site, R.ROUND: round_, R.REASON: reason})
-    return Message(RecordDict({R.REFUSAL: record}), reply_to=msg)
 
 
 def train_reply(
@@ -311,7 +47,7 @@ def train_reply(
     """Plain aggregation: the contribution travels in the clear (inside TLS). A site whose
     privacy budget is spent says so instead (the server then leaves it out); a request the
     site's policy refuses is answered with the reason, before any training."""
-    round_ = int(msg.content[R.ROUND_CONFIG][R.ROUND])
+    round_ = int(msg.content[records.ROUND_CONFIG][records.ROUND])
     policy = policy or SitePolicy.mirroring(cfg)
     try:
         policy.check_request(cfg, secure=False)
@@ -321,16 +57,22 @@ def train_reply(
         return refusal_reply(msg, site_id(context), round_, exc.reason)
     except BudgetExhausted as exc:
         status = MetricRecord(
-            {R.SITE_ID: exc.site, R.EXHAUSTED: 1, R.PRIVACY + "epsilon": exc.spent}
+            {
+                records.SITE_ID: exc.site,
+                records.EXHAUSTED: 1,
+                records.PRIVACY + "epsilon": exc.spent,
+            }
         )
-        return Message(RecordDict({R.SITE_METRICS: status}), reply_to=msg)
+        return Message(RecordDict({records.SITE_METRICS: status}), reply_to=msg)
     # vectors travel as transport.dtype (float32: the adapter's own precision); the server
     # sums in float64
     sent = transport.encode(contribution, cfg.transport.dtype)
     if cfg.transport.dtype != "float32":
         error = transport.round_trip_error(contribution, transport.decode(sent))
-        metrics = MetricRecord(dict(metrics) | {R.TRANSPORT_ERROR: error})
-    content = RecordDict({R.CONTRIBUTION: R.to_record(sent), R.SITE_METRICS: metrics})
+        metrics = MetricRecord(dict(metrics) | {records.TRANSPORT_ERROR: error})
+    content = RecordDict(
+        {records.CONTRIBUTION: records.to_record(sent), records.SITE_METRICS: metrics}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -339,38 +81,50 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     site's own held-out share. The personalised adapter is kept at the site (a standard peft
     adapter, see fedlora.lifecycle.personal_adapter_dir); nothing but these metrics leaves it."""
     site = site_id(context)
-    rt = site_runtime(cfg, context)
-    steps = int(msg.content[R.ROUND_CONFIG][R.PERSONALIZE_STEPS])
-    global_arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
-    held_out = rt.encoder.encode_all([rt.dataset.test[i] for i in rt.test_parts[site]])
-    metrics: dict[str, float | int] = {R.SITE_ID: site, R.HELD_OUT_ROWS: len(held_out)}
-    load_adapter_arrays(rt.model, global_arrays)
+    runtime = site_runtime(cfg, context)
+    steps = int(msg.content[records.ROUND_CONFIG][records.PERSONALIZE_STEPS])
+    global_arrays = records.from_record(msg.content[records.GLOBAL_ADAPTER])
+    held_out = runtime.encoder.encode_all(
+        [runtime.dataset.test[i] for i in runtime.test_parts[site]]
+    )
+    metrics: dict[str, float | int] = {records.SITE_ID: site, records.HELD_OUT_ROWS: len(held_out)}
+    load_adapter_arrays(runtime.model, global_arrays)
     if held_out:
-        before = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
-        metrics |= {R.GLOBAL_LOSS: before.loss, R.GLOBAL_ACCURACY: before.accuracy or 0.0}
+        before = evaluate(
+            runtime.model, runtime.encoder, held_out, runtime.pad_id, bf16=runtime.bf16
+        )
+        metrics |= {
+            records.GLOBAL_LOSS: before.loss,
+            records.GLOBAL_ACCURACY: before.accuracy or 0.0,
+        }
     seed = derive_seed(cfg.run.seed, cfg.federation.rounds + 1, site)
     torch.manual_seed(seed)
     local_train(
-        rt.model,
-        rt.site_rows(site),
+        runtime.model,
+        runtime.site_rows(site),
         steps,
         cfg.train,
         TrainingTerms(),
         np.random.default_rng(seed),
-        rt.pad_id,
-        bf16=rt.bf16,
+        runtime.pad_id,
+        bf16=runtime.bf16,
     )
     if held_out:
-        after = evaluate(rt.model, rt.encoder, held_out, rt.pad_id, bf16=rt.bf16)
-        metrics |= {R.PERSONAL_LOSS: after.loss, R.PERSONAL_ACCURACY: after.accuracy or 0.0}
+        after = evaluate(
+            runtime.model, runtime.encoder, held_out, runtime.pad_id, bf16=runtime.bf16
+        )
+        metrics |= {
+            records.PERSONAL_LOSS: after.loss,
+            records.PERSONAL_ACCURACY: after.accuracy or 0.0,
+        }
     from fedlora.lifecycle import personal_adapter_dir, save_site_adapter
 
     own_state = context.node_config.get(STATE_DIR)
     save_site_adapter(
-        rt.model,
+        runtime.model,
         personal_adapter_dir(site, cfg.run.out, None if own_state is None else str(own_state)),
     )
-    return Message(RecordDict({R.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({records.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
@@ -392,13 +146,11 @@ def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
         return personalize_reply(cfg, msg, context)
 
     # secure aggregation: "query.secagg" (key and unmasking stages), "train.secagg" (masked input)
-    from fedlora.apps.secure import secure_stage_reply  # it imports this module
-
-    @app.query(R.SECAGG_ACTION)
+    @app.query(records.SECAGG_ACTION)
     def secagg_query(msg: Message, context: Context) -> Message:
         return secure_stage_reply(cfg, msg, context, policy)
 
-    @app.train(R.SECAGG_ACTION)
+    @app.train(records.SECAGG_ACTION)
     def secagg_train(msg: Message, context: Context) -> Message:
         return secure_stage_reply(cfg, msg, context, policy)
 

@@ -44,8 +44,8 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from fedlora.apps import records as R
-from fedlora.apps.client import (
+from fedlora.apps import records
+from fedlora.apps.contribution import (
     refusal_reply,
     site_id,
     site_state_dir,
@@ -67,8 +67,8 @@ from fedlora.secure.secagg import (
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
-QUERY_SECAGG = f"{MessageType.QUERY}.{R.SECAGG_ACTION}"
-TRAIN_SECAGG = f"{MessageType.TRAIN}.{R.SECAGG_ACTION}"
+QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
+TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
 
 
 @dataclass
@@ -146,8 +146,8 @@ class _Exchange:
                     reason = reply.error.reason.strip().splitlines() or ["(no reason given)"]
                     self.failures.append(f"site {site}, {stage}: {reason[-1]}")
                     continue
-                if R.REFUSAL in reply.content:
-                    self.refused[site] = str(reply.content[R.REFUSAL][R.REASON])
+                if records.REFUSAL in reply.content:
+                    self.refused[site] = str(reply.content[records.REFUSAL][records.REASON])
                     continue
                 replies[site] = reply.content
                 self.bytes_up[stage] += record_bytes(reply.content)
@@ -169,7 +169,13 @@ class _Exchange:
 
 
 def _fields(stage: str, round_: int, **values: object) -> RecordDict:
-    return RecordDict({R.SECAGG: ConfigRecord({R.SECAGG_STAGE: stage, R.ROUND: round_} | values)})
+    return RecordDict(
+        {
+            records.SECAGG: ConfigRecord(
+                {records.SECAGG_STAGE: stage, records.ROUND: round_} | values
+            )
+        }
+    )
 
 
 def secure_sum(
@@ -192,13 +198,15 @@ def secure_sum(
     None = wait for every reply): a site that does not answer in time counts as dropped.
     Raises FedloraError when fewer than t sites remain at any stage.
     """
-    round_ = int(train_content[R.ROUND_CONFIG][R.ROUND])
+    round_ = int(train_content[records.ROUND_CONFIG][records.ROUND])
     ask = _Exchange(grid, site_nodes, on_progress, timeout)
     server = SecAggServer(threshold, value_bound)
     stage = KEYS
     try:
         check_threshold(threshold, len(site_nodes))
-        request = _fields(KEYS, round_, **{R.THRESHOLD: threshold, R.VALUE_BOUND: value_bound})
+        request = _fields(
+            KEYS, round_, **{records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
+        )
         replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
         keys = {}
         for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
@@ -213,16 +221,22 @@ def secure_sum(
             SHARE,
             round_,
             **{
-                R.SITES: list(peers),
-                R.C_PKS: [c for c, _ in peers.values()],
-                R.S_PKS: [s for _, s in peers.values()],
+                records.SITES: list(peers),
+                records.C_PKS: [c for c, _ in peers.values()],
+                records.S_PKS: [s for _, s in peers.values()],
             },
         )
         replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
         sent = ask.parse(
             SHARE,
             replies,
-            lambda c: dict(zip(c[R.SECAGG][R.PEERS], c[R.SECAGG][R.CIPHERTEXTS], strict=True)),
+            lambda c: dict(
+                zip(
+                    c[records.SECAGG][records.PEERS],
+                    c[records.SECAGG][records.CIPHERTEXTS],
+                    strict=True,
+                )
+            ),
         )
         routed = server.route_shares(sent)
 
@@ -230,9 +244,11 @@ def secure_sum(
         contents = {}
         for s, incoming in routed.items():
             content = copy.deepcopy(train_content)
-            content[R.SECAGG] = _fields(
-                MASK, round_, **{R.PEERS: list(incoming), R.CIPHERTEXTS: list(incoming.values())}
-            )[R.SECAGG]
+            content[records.SECAGG] = _fields(
+                MASK,
+                round_,
+                **{records.PEERS: list(incoming), records.CIPHERTEXTS: list(incoming.values())},
+            )[records.SECAGG]
             contents[s] = content
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
@@ -244,7 +260,9 @@ def secure_sum(
         survivors, dropped = server.receive_masked({s: m for s, (m, _, _) in inputs.items()})
 
         stage = UNMASK
-        request = _fields(UNMASK, round_, **{R.SURVIVORS: survivors, R.DROPPED: dropped})
+        request = _fields(
+            UNMASK, round_, **{records.SURVIVORS: survivors, records.DROPPED: dropped}
+        )
         replies = ask(UNMASK, {s: copy.deepcopy(request) for s in survivors})
         responses = ask.parse(UNMASK, replies, _read_unmask)
         total = server.unmask(responses)
@@ -277,24 +295,24 @@ class SecureRoundFailed(FedloraError):
 
 
 def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
-    f = content[R.SECAGG]
-    (site,), (c_pk,), (s_pk,) = f[R.SITES], f[R.C_PKS], f[R.S_PKS]
+    f = content[records.SECAGG]
+    (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
     return int(site), (bytes(c_pk), bytes(s_pk))
 
 
 def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
-    masked = content[R.SECAGG_MASKED][R.SECAGG_MASKED].numpy()
-    layout = Layout.from_config(content[R.SECAGG_LAYOUT])
+    masked = content[records.SECAGG_MASKED][records.SECAGG_MASKED].numpy()
+    layout = Layout.from_config(content[records.SECAGG_LAYOUT])
     if masked.dtype != np.uint64 or masked.shape != (layout.size,):
         raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.size}")
-    return masked, layout, content[R.SITE_METRICS]
+    return masked, layout, content[records.SITE_METRICS]
 
 
 def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    f = content[R.SECAGG]
+    f = content[records.SECAGG]
     return (
-        dict(zip(f[R.SURVIVORS], f[R.B_SHARES], strict=True)),
-        dict(zip(f[R.DROPPED], f[R.S_SHARES], strict=True)),
+        dict(zip(f[records.SURVIVORS], f[records.B_SHARES], strict=True)),
+        dict(zip(f[records.DROPPED], f[records.S_SHARES], strict=True)),
     )
 
 
@@ -304,13 +322,13 @@ def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes
 def secure_stage_reply(cfg: Config, msg: Message, context: Context, policy: SitePolicy) -> Message:
     """Answer one stage of the round's secure-aggregation session (see the module doc); a
     stage the site's policy refuses ends its session and is answered with the reason."""
-    fields = msg.content[R.SECAGG]
-    stage, round_ = str(fields[R.SECAGG_STAGE]), int(fields[R.ROUND])
+    fields = msg.content[records.SECAGG]
+    stage, round_ = str(fields[records.SECAGG_STAGE]), int(fields[records.ROUND])
     site = site_id(context)
     try:
         return _stage_reply(cfg, msg, context, policy, stage, round_, site)
     except PolicyRefused as exc:
-        for key in (R.SECAGG_STATE, R.PENDING_STATE):
+        for key in (records.SECAGG_STATE, records.PENDING_STATE):
             if key in context.state:
                 del context.state[key]
         return refusal_reply(msg, site, round_, exc.reason)
@@ -325,49 +343,59 @@ def _stage_reply(
     round_: int,
     site: int,
 ) -> Message:
-    fields = msg.content[R.SECAGG]
+    fields = msg.content[records.SECAGG]
     if stage == KEYS:
         policy.check_request(cfg, secure=True)
         take_round(cfg, context, round_)
         client = SecAggClient.create(
-            round_, site, int(fields[R.THRESHOLD]), float(fields[R.VALUE_BOUND])
+            round_, site, int(fields[records.THRESHOLD]), float(fields[records.VALUE_BOUND])
         )
         c_pk, s_pk = client.public_keys()
         reply = RecordDict(
-            {R.SECAGG: ConfigRecord({R.SITES: [site], R.C_PKS: [c_pk], R.S_PKS: [s_pk]})}
+            {
+                records.SECAGG: ConfigRecord(
+                    {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+                )
+            }
         )
     else:
         client = _load_session(context, round_)
         if stage == SHARE:
-            peers = zip(fields[R.SITES], fields[R.C_PKS], fields[R.S_PKS], strict=True)
+            peers = zip(
+                fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True
+            )
             received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
             policy.check_session(cohort=len(received), threshold=client.threshold)
             out = client.share_keys(received)
             reply = RecordDict(
-                {R.SECAGG: ConfigRecord({R.PEERS: list(out), R.CIPHERTEXTS: list(out.values())})}
+                {
+                    records.SECAGG: ConfigRecord(
+                        {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
+                    )
+                }
             )
         elif stage == MASK:
             reply = _masked_reply(cfg, msg, context, policy, client)
         elif stage == UNMASK:
-            policy.check_sum(len(fields[R.SURVIVORS]))
-            b, s = client.unmask(fields[R.SURVIVORS], fields[R.DROPPED])
+            policy.check_sum(len(fields[records.SURVIVORS]))
+            b, s = client.unmask(fields[records.SURVIVORS], fields[records.DROPPED])
             _commit_state(cfg, context, round_, site)  # this site's input is in the sum
-            fields_out = {R.SURVIVORS: list(b), R.B_SHARES: list(b.values())}
-            fields_out |= {R.DROPPED: list(s), R.S_SHARES: list(s.values())}
-            reply = RecordDict({R.SECAGG: ConfigRecord(fields_out)})
+            fields_out = {records.SURVIVORS: list(b), records.B_SHARES: list(b.values())}
+            fields_out |= {records.DROPPED: list(s), records.S_SHARES: list(s.values())}
+            reply = RecordDict({records.SECAGG: ConfigRecord(fields_out)})
         else:
             raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
     if client.stage == "done":
-        del context.state[R.SECAGG_STATE]  # the session's secrets go with it
+        del context.state[records.SECAGG_STATE]  # the session's secrets go with it
     else:
-        context.state[R.SECAGG_STATE] = ConfigRecord(client.to_state())
+        context.state[records.SECAGG_STATE] = ConfigRecord(client.to_state())
     return Message(reply, reply_to=msg)
 
 
 def _load_session(context: Context, round_: int) -> SecAggClient:
-    if R.SECAGG_STATE not in context.state:
+    if records.SECAGG_STATE not in context.state:
         raise SecAggError(f"no secure-aggregation session at this site for round {round_}")
-    client = SecAggClient.from_state(context.state[R.SECAGG_STATE])
+    client = SecAggClient.from_state(context.state[records.SECAGG_STATE])
     if client.session != round_:
         raise SecAggError(
             f"this site's secure-aggregation session is for round {client.session}, "
@@ -381,31 +409,33 @@ def _masked_reply(
 ) -> RecordDict:
     """Train as in a plaintext round, then mask the contribution. The new site state waits in
     ``context.state`` until the unmasking stage shows the input was summed."""
-    fields = msg.content[R.SECAGG]
+    fields = msg.content[records.SECAGG]
     pending: dict[str, Arrays] = {}
     contribution, metrics = train_contribution(
         cfg, msg, context, policy, session=client, keep=lambda _r, state: pending.update(state)
     )
     layout, masked = client.mask_input(
-        contribution, dict(zip(fields[R.PEERS], fields[R.CIPHERTEXTS], strict=True))
+        contribution, dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True))
     )
-    context.state[R.PENDING_STATE] = R.to_record(pending)
-    if R.STATS_EPSILON in contribution:  # for the site's own audit log, never sent
-        epsilon = float(contribution[R.STATS_EPSILON][0])
-        context.state[R.LOCAL_SPEND] = MetricRecord({R.PRIVACY + "epsilon": epsilon})
+    context.state[records.PENDING_STATE] = records.to_record(pending)
+    if records.STATS_EPSILON in contribution:  # for the site's own audit log, never sent
+        epsilon = float(contribution[records.STATS_EPSILON][0])
+        context.state[records.LOCAL_SPEND] = MetricRecord({records.PRIVACY + "epsilon": epsilon})
     return RecordDict(
         {
-            R.SECAGG_MASKED: ArrayRecord({R.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}),
-            R.SECAGG_LAYOUT: ConfigRecord(layout.to_config()),
-            R.SITE_METRICS: metrics,
+            records.SECAGG_MASKED: ArrayRecord(
+                {records.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}
+            ),
+            records.SECAGG_LAYOUT: ConfigRecord(layout.to_config()),
+            records.SITE_METRICS: metrics,
         }
     )
 
 
 def _commit_state(cfg: Config, context: Context, round_: int, site: int) -> None:
     """Save the state the site trained into once its masked input is in the sum."""
-    if R.PENDING_STATE not in context.state:
+    if records.PENDING_STATE not in context.state:
         raise SecAggError(f"site {site}: no trained state waiting for round {round_}")
-    state = R.from_record(context.state[R.PENDING_STATE])
-    del context.state[R.PENDING_STATE]
+    state = records.from_record(context.state[records.PENDING_STATE])
+    del context.state[records.PENDING_STATE]
     SiteStore(site_state_dir(cfg, context), site).save(round_, state)

@@ -22,8 +22,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.apps import records as R
-from fedlora.apps.client import STATE_DIR, make_client_app
+from fedlora.apps import records
+from fedlora.apps.client import make_client_app
+from fedlora.apps.contribution import STATE_DIR
 from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings, load_site
@@ -63,16 +64,16 @@ def payload_digest(arrays: dict[str, np.ndarray]) -> str:
 
 def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     """The audit line of a request this site's policy refused, else None."""
-    if reply.has_error() or R.REFUSAL not in reply.content:
+    if reply.has_error() or records.REFUSAL not in reply.content:
         return None
-    refusal = reply.content[R.REFUSAL]
+    refusal = reply.content[records.REFUSAL]
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "federation": federation,
         "run": msg.metadata.run_id,
-        "round": refusal[R.ROUND],
+        "round": refusal[records.ROUND],
         "message": msg.metadata.message_type,
-        "refused": refusal[R.REASON],
+        "refused": refusal[records.REASON],
     }
 
 
@@ -91,19 +92,23 @@ def audit_entry(
     if not arrays:
         return None
     metrics = {k: v for m in reply.content.metric_records.values() for k, v in m.items()}
-    if state is not None and R.LOCAL_SPEND in state and R.SECAGG_MASKED in reply.content:
-        metrics |= dict(state[R.LOCAL_SPEND])
-    config = msg.content.config_records.get(R.ROUND_CONFIG, {})
+    if (
+        state is not None
+        and records.LOCAL_SPEND in state
+        and records.SECAGG_MASKED in reply.content
+    ):
+        metrics |= dict(state[records.LOCAL_SPEND])
+    config = msg.content.config_records.get(records.ROUND_CONFIG, {})
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "federation": federation,
         "run": msg.metadata.run_id,
-        "round": config.get(R.ROUND),
+        "round": config.get(records.ROUND),
         "message": msg.metadata.message_type,
         "records": sorted(reply.content.array_records),
-        "bytes": R.payload_bytes(arrays),
+        "bytes": records.payload_bytes(arrays),
         "sha256": payload_digest(arrays),
-        "epsilon": metrics.get(R.PRIVACY + "epsilon"),
+        "epsilon": metrics.get(records.PRIVACY + "epsilon"),
         "secrets": SITE_CSPRNG,  # a site daemon's noise, batches and coin: its own secret
     }
 

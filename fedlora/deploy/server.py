@@ -24,15 +24,15 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedlora import checkpoint
-from fedlora.apps import records as R
+from fedlora.apps import records
 from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
-from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
-from fedlora.simulate import (
+from fedlora.results import (
+    check_no_saved_state,
     check_out,
     close_results,
     finish,
@@ -40,6 +40,8 @@ from fedlora.simulate import (
     precision_name,
     results_dir,
     resume_dir,
+    run_state_dir,
+    settle_precision,
 )
 from fedlora.trackers import open_trackers
 
@@ -136,7 +138,7 @@ class VerifiedGrid(Grid):
             return True
         node = reply.metadata.src_node_id
         try:
-            index = int(reply.content[R.SITE_METRICS][R.SITE_ID])
+            index = int(reply.content[records.SITE_METRICS][records.SITE_ID])
             claimed = self.sites[index] if 0 <= index < len(self.sites) else f"number {index}"
         except (KeyError, TypeError, ValueError):
             claimed = "nobody"
@@ -162,19 +164,16 @@ def serve(
     """Run the federation; return its finished results folder."""
     quiet()
     out = results_dir(cfg)
-    state = checkpoint.run_state_dir(out)
+    state = run_state_dir(out)
     if resume:
         resume_dir(cfg)
     else:
         check_out(out)
-        if (state / checkpoint.FILE).exists():
-            raise FedloraError(
-                f"{out.name}.partial holds the saved state of an interrupted federation; "
-                "continue it with --resume, or remove that folder to start afresh."
-            )
+        check_no_saved_state(out)
     cfg.run.out = str(out)
     shared = shared_config(cfg)  # before the server settles its own precision: sites settle theirs
-    from fedlora.apps.server import Federation, dropout_warning
+    from fedlora.apps.collect import dropout_warning
+    from fedlora.apps.server import Federation
     from fedlora.deploy.link import (
         Link,
         node_names,
@@ -191,7 +190,7 @@ def serve(
     log(f"Loading base model {cfg.model.name} ...")
     runtime = build_runtime(cfg, log, threads=os.cpu_count() or 1)
     # the server's own precision is part of its saved state: a resume keeps it or is refused
-    runtime.bf16 = checkpoint.settle_precision(cfg, runtime.bf16, out if resume else None)
+    runtime.bf16 = settle_precision(cfg, runtime.bf16, out if resume else None)
     n_lora = sum(p.numel() for p in runtime.model.parameters() if p.requires_grad)
     log(
         f"Strategy {cfg.strategy.name}, {cfg.federation.rounds} rounds, LoRA r={cfg.lora.r} on "

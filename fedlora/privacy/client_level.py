@@ -42,6 +42,14 @@ def add_gaussian(
     return out
 
 
-def site_noise_std(noise_multiplier: float, max_norm: float, threshold: int) -> float:
-    """Distributed noise per site: sigma C / sqrt(t), so t or more sites sum to >= (sigma C)^2."""
-    return noise_multiplier * max_norm / np.sqrt(threshold)
+def noise_shares(threshold: int) -> int:
+    """Over how many sites a site splits its distributed noise: the fewest inputs of any sum
+    the server can learn, which is the secure-aggregation threshold t of the site's own session
+    (the server can unmask no sum of fewer, whatever it claims)."""
+    return threshold
+
+
+def site_noise_std(noise_multiplier: float, max_norm: float, shares: int) -> float:
+    """Distributed noise per site: sigma C / sqrt(shares), so `shares` or more sites sum to
+    >= (sigma C)^2 (`shares`: see noise_shares)."""
+    return noise_multiplier * max_norm / np.sqrt(shares)

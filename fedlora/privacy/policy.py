@@ -39,14 +39,14 @@ class Mechanism:
 def sample_mechanism(cfg: Config, n_units: int, steps_per_round: int) -> Mechanism:
     """DP-SGD at one site: Poisson rate batch_size / n, delta from n; n counts the site's
     privacy units (its rows under privacy.unit = "row", else e.g. its patients)."""
-    pr = cfg.privacy
+    privacy = cfg.privacy
     q = min(1.0, cfg.train.batch_size / n_units)
-    delta = pr.delta or default_delta(n_units)
-    sigma = pr.noise_multiplier
-    if pr.target_epsilon:
+    delta = privacy.delta or default_delta(n_units)
+    sigma = privacy.noise_multiplier
+    if privacy.target_epsilon:
         total = steps_per_round * cfg.federation.rounds
-        sigma = noise_for_epsilon(pr.target_epsilon, delta, q, total, pr.accountant)
-    return Mechanism(sigma, q, delta, pr.max_grad_norm, steps_per_round)
+        sigma = noise_for_epsilon(privacy.target_epsilon, delta, q, total, privacy.accountant)
+    return Mechanism(sigma, q, delta, privacy.max_grad_norm, steps_per_round)
 
 
 #: what client-level accounting assumes about who took part in a round
@@ -66,13 +66,15 @@ def client_mechanism(cfg: Config) -> Mechanism:
     """Client level: one Gaussian release of the clipped sum per round. Accounted at sampling
     rate `federation.fraction` when sites self-select by secret coins; else at rate 1 for every
     round a site takes part in (see `amplification`)."""
-    pr = cfg.privacy
+    privacy = cfg.privacy
     q = cfg.federation.fraction if amplification(cfg) == POISSON_AMPLIFICATION else 1.0
-    delta = pr.delta or default_delta(cfg.federation.clients)
-    sigma = pr.noise_multiplier
-    if pr.target_epsilon:
-        sigma = noise_for_epsilon(pr.target_epsilon, delta, q, cfg.federation.rounds, pr.accountant)
-    return Mechanism(sigma, q, delta, pr.max_grad_norm, 1)
+    delta = privacy.delta or default_delta(cfg.federation.clients)
+    sigma = privacy.noise_multiplier
+    if privacy.target_epsilon:
+        sigma = noise_for_epsilon(
+            privacy.target_epsilon, delta, q, cfg.federation.rounds, privacy.accountant
+        )
+    return Mechanism(sigma, q, delta, privacy.max_grad_norm, 1)
 
 
 def spend(cfg: Config, mech: Mechanism, ledger: list[Entry]) -> Spend:

@@ -6,7 +6,7 @@ Every check looks at something the site sees or does itself: the run config it w
 TRAIN or a secure-aggregation session, and in a session the cohort and threshold it derives
 from the keys it received. Never a number the server only asserts. A request that breaks the
 policy raises `PolicyRefused` before any training; the site answers with the reason (see
-fedlora.apps.client.refusal_reply) and writes it to its audit log.
+fedlora.apps.contribution.refusal_reply) and writes it to its audit log.
 
 A site daemon reads its policy from site.toml `[policy]`; a simulation has no site.toml and
 plays every site with `SitePolicy.mirroring(cfg)`: the run config's own choices.
