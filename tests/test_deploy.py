@@ -812,3 +812,33 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
             json.loads(line) for line in (tmp_path / name / "audit.jsonl").read_text().splitlines()
         ]
         assert [e["message"] for e in sent if "records" in e] == ["train.secagg"], sent
+
+
+def test_a_site_cannot_answer_discovery_in_another_sites_name():
+    """The server maps a node to the site whose key the SuperLink authenticated; a query reply
+    claiming another site is dropped, however the replies are collected (discovery pulls them
+    as they come, a round sends and receives)."""
+    from types import SimpleNamespace
+
+    from flwr.app import MessageType
+
+    from fedlora.apps import records as R
+    from fedlora.deploy.server import VerifiedGrid
+
+    def reply(node: int, claimed_site: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            has_error=lambda: False,
+            metadata=SimpleNamespace(message_type=MessageType.QUERY, src_node_id=node),
+            content={R.SITE_METRICS: {R.SITE_ID: claimed_site}},
+        )
+
+    honest, impostor = reply(7, 0), reply(8, 0)  # node 8 holds beta's key, claims alpha
+    inner = SimpleNamespace(
+        pull_messages=lambda ids: [honest, impostor],
+        send_and_receive=lambda msgs, timeout=None: [honest, impostor],
+    )
+    notes: list[str] = []
+    grid = VerifiedGrid(inner, {7: "alpha", 8: "beta"}, ["alpha", "beta"], notes.append)
+    assert grid.pull_messages(["a", "b"]) == [honest]
+    assert grid.send_and_receive([], timeout=1) == [honest]
+    assert len(notes) == 1 and "node 8 (key of beta) claims to be site alpha" in notes[0]

@@ -19,12 +19,12 @@ from fedlora.errors import FedloraError
 from fedlora.interrupt import StopSwitch
 
 
-class StoppableGrid(Grid):
-    """The run's Grid, checking the stop switch before every call: every wait for the sites
-    polls it, so an interrupted loop stops within a poll interval."""
+class DelegatingGrid(Grid):
+    """A Grid that passes every call to the run's own Grid; a subclass overrides the calls it
+    watches (Flower's Grid is abstract, so every method is spelled out once, here)."""
 
-    def __init__(self, grid: Grid, switch: StopSwitch) -> None:
-        self.grid, self.switch = grid, switch
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -37,20 +37,41 @@ class StoppableGrid(Grid):
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self):
-        self.switch.check()
         return self.grid.get_node_ids()
 
     def push_messages(self, messages):
-        self.switch.check()
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids):
-        self.switch.check()
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
-        self.switch.check()
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class StoppableGrid(DelegatingGrid):
+    """The run's Grid, checking the stop switch before every call: every wait for the sites
+    polls it, so an interrupted loop stops within a poll interval."""
+
+    def __init__(self, grid: Grid, switch: StopSwitch) -> None:
+        super().__init__(grid)
+        self.switch = switch
+
+    def get_node_ids(self):
+        self.switch.check()
+        return super().get_node_ids()
+
+    def push_messages(self, messages):
+        self.switch.check()
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        self.switch.check()
+        return super().pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        self.switch.check()
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 def waiting_line(connected: list[int], expected: int, names: list[str]) -> str:

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from fedlora import checkpoint
 from fedlora.apps import records
+from fedlora.apps.discovery import DelegatingGrid
 from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
@@ -95,7 +96,7 @@ def federation_id(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
-class VerifiedGrid(Grid):
+class VerifiedGrid(DelegatingGrid):
     """The run's Grid, with one check: a site that names itself in a query reply must be the
     site whose key the SuperLink authenticated (no site can take another's place)."""
 
@@ -106,32 +107,17 @@ class VerifiedGrid(Grid):
         sites: list[str],
         note: Callable[[str], None],
     ) -> None:
-        self.grid, self.names, self.sites, self.note = grid, names, sites, note
+        super().__init__(grid)
+        self.names, self.sites, self.note = names, sites, note
         self.warned: set[int] = set()
 
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        return [r for r in super().pull_messages(message_ids) if self.ok(r)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return [r for r in self.grid.send_and_receive(messages, timeout=timeout) if self.ok(r)]
+        return [r for r in super().send_and_receive(messages, timeout=timeout) if self.ok(r)]
 
     def ok(self, reply: Message) -> bool:
         if reply.has_error() or reply.metadata.message_type != MessageType.QUERY:
