@@ -202,3 +202,41 @@ def test_sites_share_a_gpu_in_simulation(tmp_path, tiny_cfg):
     out = simulate(cfg, log=lambda _m: None)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] in ("bf16 autocast", "fp32") and summary["rounds"] == 1
+
+
+def private_federation_and_its_tools(tmp_path: Path, cfg) -> dict:
+    """A federation as `cfg` says, then `fedlora eval`, `generate` and `export --merge` of its
+    adapter (on the device "auto" picks): the summary, the tools' exit codes, the merged model."""
+    from fedlora.cli import main
+    from fedlora.simulate import simulate
+
+    out = simulate(cfg, log=lambda _m: None)
+    summary = json.loads((out / "summary.json").read_text())
+    merged = tmp_path / "merged"
+    codes = {
+        "eval": main(["eval", str(out), "--rows", "20", "--bootstrap", "50"]),
+        "generate": main(
+            ["generate", "Review: fine", "--adapter", f"g={out}", "--max-new-tokens", "3"]
+        ),  # fmt: skip
+        "export": main(["export", str(out), "--out", str(merged), "--merge"]),
+    }
+    return {"summary": summary, "codes": codes, "merged": merged}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_private_secure_federation_and_its_tools_run_on_a_gpu(tmp_path, tiny_cfg):
+    """DP-SGD (opacus's noise on the GPU) and secure aggregation on CUDA with
+    a GPU share per site, then eval / generate / export --merge on the GPU (device auto)."""
+    cfg = tiny_cfg(
+        federation={"clients": 3, "rounds": 1, "gpus_per_client": 0.25},
+        model={"device": "cuda"},
+        privacy={"level": "sample"},
+        secure={"enabled": True},
+        run={"out": str(tmp_path / "private")},
+    )
+    result = private_federation_and_its_tools(tmp_path, cfg)
+    assert result["summary"]["rounds"] == 1
+    assert result["summary"]["privacy"]["level"] == "sample"
+    assert result["codes"] == {"eval": 0, "generate": 0, "export": 0}
+    assert (result["merged"] / "config.json").is_file()

@@ -266,13 +266,14 @@ def test_tensors_follow_the_model_on_cuda(tiny_cfg, dtype):
     check_tensors_follow_the_model(rt_gpu)
 
 
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_a_4bit_base_trains_on_cuda(tiny_cfg):
+def test_a_quantised_base_trains_on_cuda(tiny_cfg, quantization):
     from fedlora.train import evaluate
 
     rt4 = build_runtime(
-        tiny_cfg(model={"device": "cuda", "quantization": "4bit"}, lora={"dropout": 0.0}),
+        tiny_cfg(model={"device": "cuda", "quantization": quantization}, lora={"dropout": 0.0}),
         log=quiet,
     )
     rows = rt4.site_rows(0)[:8]
