@@ -191,7 +191,7 @@ def test_distributed_noise_carries_the_accounted_variance_at_fraction_half():
 def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_identity):
     """Everything the server receives in a secure round with client-level DP: public keys,
     ciphertexts, masked uint64 vectors, layouts (names and shapes) and site ids; the round's
-    loss and epsilon only as sums (in the unmasked result)."""
+    epsilon only as a sum (in the unmasked result), and no train loss at all."""
     cfg = tiny_cfg(
         privacy={"level": "client", "client_noise": "distributed"}, secure={"enabled": True}
     )
@@ -218,8 +218,25 @@ def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_ide
                     else:  # site ids
                         assert key in (R.SITES, R.PEERS, R.SURVIVORS, R.DROPPED), key
                         assert all(isinstance(v, int) for v in items), key
-    assert result.sums[R.STATS_ROWS][0] > 0 and result.sums[R.STATS_LOSS][0] > 0
+    # under DP a site's loss (and the rows it is weighted by) never leaves the site, not even
+    # inside the sum: it is an unnoised statistic of its rows, outside the accounting
+    assert R.STATS_LOSS not in result.sums and R.STATS_ROWS not in result.sums
     assert result.sums[R.STATS_EPSILON][0] > 0
+
+
+@pytest.mark.parametrize("level", ["none", "sample", "client"])
+def test_a_site_under_dp_sends_no_train_loss_in_a_plaintext_round(tiny_cfg, task_identity, level):
+    """Under differential privacy a site's train loss is an unnoised statistic of its rows,
+    outside the accounting: it stays at the site (without DP it is reported as before)."""
+    cfg = tiny_cfg(privacy={"level": level})
+    grid = LocalGrid(cfg, 1, SitePolicy())
+    train = Message(
+        round_content(1, global_adapter(cfg)), dst_node_id=100, message_type=MessageType.TRAIN
+    )
+    (reply,) = grid.pull_messages(grid.push_messages([train]))
+    metrics = dict(reply.content[R.SITE_METRICS])
+    assert (R.TRAIN_LOSS in metrics) == (level == "none")
+    assert metrics[R.NUM_EXAMPLES] > 0
 
 
 def test_a_replayed_round_and_a_small_cohort_are_refused(tiny_cfg, task_identity):

@@ -205,11 +205,12 @@ def train_contribution(
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)
     values: dict[str, float | int] = {
         records.SITE_ID: site,
-        records.TRAIN_LOSS: result.mean_loss,
         records.LOCAL_STEPS: result.steps,
         records.NUM_EXAMPLES: len(rows),
         records.RANK: rank,
     }
+    if level == "none":  # under DP the loss is an unnoised statistic of the rows: it stays here
+        values[records.TRAIN_LOSS] = result.mean_loss
     # (under secure aggregation, which poisson needs, nothing of `values` but the site id
     # travels in the clear: secure_stats puts the loss and rows inside the sum)
     if cfg.federation.participation == "poisson":
@@ -270,13 +271,13 @@ def self_selection(
 
 def secure_stats(values: dict[str, float | int]) -> dict[str, np.ndarray]:
     """A site's statistics as shape-(1,) vectors of its contribution: under secure aggregation
-    the server learns only their sums (the round's loss weighted by rows, the rows, and the
-    epsilons), never one site's."""
-    rows = float(values[records.NUM_EXAMPLES])
-    stats = {
-        records.STATS_LOSS: np.array([float(values[records.TRAIN_LOSS]) * rows]),
-        records.STATS_ROWS: np.array([rows]),
-    }
+    the server learns only their sums (the round's loss weighted by rows and the rows, when
+    the site reports a loss at all; the epsilons), never one site's."""
+    stats = {}
+    if records.TRAIN_LOSS in values:
+        rows = float(values[records.NUM_EXAMPLES])
+        stats[records.STATS_LOSS] = np.array([float(values[records.TRAIN_LOSS]) * rows])
+        stats[records.STATS_ROWS] = np.array([rows])
     if records.PRIVACY + "epsilon" in values:  # an infinite epsilon (no noise) is counted apart
         epsilon = float(values[records.PRIVACY + "epsilon"])
         finite = math.isfinite(epsilon)

@@ -172,12 +172,7 @@ class Federation:
             return None  # budgets, not faults, ended the federation: `run` says so
         works = local_works(self.cfg, inputs)
         participants, error_mean, error_max = self.aggregate(inputs, works, round_)
-        if inputs.stats:  # the sum of loss x rows over the sum of rows: the same weighted mean
-            train_loss = float(
-                inputs.stats[records.STATS_LOSS][0] / inputs.stats[records.STATS_ROWS][0]
-            )
-        else:
-            train_loss = mean_train_loss(inputs.metrics, works)
+        train_loss = round_train_loss(self.cfg, inputs, works)
         row: dict[str, object] = {
             "round": round_,
             "train_loss": train_loss,
@@ -382,6 +377,11 @@ class Federation:
             self.reporter.note(
                 f"Client-level DP, sampling amplification: {amplification(self.cfg)}"
             )
+        if self.cfg.privacy.level != "none":
+            self.reporter.note(
+                "Train loss: not reported under differential privacy (a site's loss is an "
+                "unnoised statistic of its rows, outside the accounting); eval loss is."
+            )
         done = self.restore_state()
         if (begun := self.started_round()) > done:
             self.reporter.note(
@@ -465,7 +465,7 @@ def personalization_table(rows: list[dict[str, float]], steps: int) -> str:
 def local_works(cfg: Config, inputs: RoundInputs) -> list[LocalWork]:
     """Each contributing site's local work as it reported it: plaintext only (under secure
     aggregation no site reports its own numbers)."""
-    if inputs.stats:
+    if cfg.secure.enabled:
         return []
     return [
         LocalWork(
@@ -484,6 +484,17 @@ def participant_count(sums: Arrays) -> tuple[Arrays, int]:
     took part (its sum; the masked zeros of the others add 0)."""
     rest = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
     return rest, round(float(read_scalar(sums, records.PARTICIPANT)))
+
+
+def round_train_loss(cfg: Config, inputs: RoundInputs, works: list[LocalWork]) -> float | None:
+    """The round's row-weighted mean train loss; None where no site sends one: under
+    differential privacy (it would be an unnoised statistic of a site's rows, outside the
+    accounting) and under self-selection in plaintext (it would tell who trained)."""
+    if cfg.secure.enabled:  # the sum of loss x rows over the sum of rows: the same mean
+        if records.STATS_LOSS not in inputs.stats:
+            return None
+        return float(inputs.stats[records.STATS_LOSS][0] / inputs.stats[records.STATS_ROWS][0])
+    return mean_train_loss(inputs.metrics, works)
 
 
 def mean_train_loss(metrics: list, works: list[LocalWork]) -> float | None:
