@@ -14,11 +14,14 @@ Two scores per row, higher meaning "more likely a member":
 
 Targets: the global adapter of a results folder (what anyone who receives the model holds), and
 with `--site-update K` the plaintext update of site K as the server would see it without secure
-aggregation. A finished run keeps neither the global adapter before its last round nor the
-sites' updates, so the update is recomputed: site K trains `train.local_steps` steps on its own
-rows from the final global adapter with the run's settings, DP-SGD included (the update it would
-send in one more round). Its members are the rows that update was trained on (its batches),
-since an update depends on no other row; non-members are site K's held-out rows.
+aggregation. A run keeps the global adapter its last round began from (`last_round_start.
+safetensors`), and a simulated site's randomness comes from the run seed, so site K's update of
+that round is replayed exactly: the same rows, batches, dropout and DP-SGD noise from the same
+start (`tests/test_audit.py` checks that the replayed updates aggregate to the run's final
+adapter). A folder without that file (an older run) gets a recomputed update instead, labelled
+so: `train.local_steps` steps from the final adapter (the update of one more round). Members
+are the rows the update was trained on (its batches), since an update depends on no other row;
+non-members are site K's held-out rows.
 
 The statistics are pure functions (`auc`, `tpr_at_fpr`, `attack_metrics`); `run_audit` is the
 glue that scores a run's rows.
@@ -289,10 +292,33 @@ def run_audit(
         "all_sites": attack_report(all_scores, draws, seed),
     }
     if site_update is not None:
+        start = _round_start(source, site_update)
         report["site_update"] = _site_update(
-            runtime, scorer, global_arrays, site_update, rows, draws, seed, log
+            runtime, scorer, global_arrays, site_update, start, rows, draws, seed, log
         )
     return report
+
+
+def _round_start(source, site: int) -> tuple[int, dict[str, np.ndarray]] | None:
+    """(round, global adapter) of the run's last round when the results folder kept it and
+    site `site` took part in that round; refuses a site that did not."""
+    from fedlora.results import load_round_start
+
+    folder = source.cfg_path.parent
+    kept = load_round_start(folder)
+    if kept is None:
+        return None
+    round_ = kept[0]
+    rows = (folder / "metrics.jsonl").read_text().splitlines()
+    took_part = next(
+        json.loads(r).get("sites", []) for r in reversed(rows) if json.loads(r)["round"] == round_
+    )
+    if site not in took_part:
+        raise FedloraError(
+            f"--site-update {site}: site {site} did not take part in round {round_}, the last "
+            f"round, whose update the audit replays; its sites were {took_part}."
+        )
+    return kept
 
 
 def _scores(target: tuple, reference: tuple) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -303,13 +329,66 @@ def _scores(target: tuple, reference: tuple) -> dict[str, tuple[np.ndarray, np.n
     }
 
 
-def _site_update(runtime, scorer, global_arrays, site, rows, draws, seed, log) -> dict[str, Any]:
-    """Recompute site `site`'s plaintext update from the final global adapter and attack it,
-    the global adapter (which the server holds) being the reference."""
+def _site_update(
+    runtime, scorer, global_arrays, site, start, rows, draws, seed, log
+) -> dict[str, Any]:
+    """Site `site`'s plaintext update, attacked with the global adapter before it (which the
+    server holds) as the reference: replayed exactly from `start` = (round, the adapter that
+    round began from), or, without it, recomputed from the final adapter."""
+    from fedlora.adapter import load_adapter_arrays
+
+    cfg = runtime.cfg
+    test_idx = runtime.test_parts[site]
+    site_rows = _Seen(runtime.site_rows(site))
+    if start is not None:
+        round_, reference_arrays = start
+        run_seed = cfg.run.seed
+        target = f"replayed: the update site {site} sent in round {round_}"
+        log(f"Site {site}: replaying its update of round {round_} ...")
+    else:  # one more round from the final adapter, seeded apart from every past round
+        round_, reference_arrays = cfg.federation.rounds + 1, global_arrays
+        run_seed = int(
+            np.random.SeedSequence([cfg.run.seed, cfg.federation.rounds, site, seed])
+            .generate_state(1)[0]
+        )  # fmt: skip
+        target = "recomputed: local steps from the final global adapter (one more round)"
+        log(f"Site {site}: recomputing its update from the final global adapter ...")
+    load_adapter_arrays(runtime.model, reference_arrays)
+    steps, dp_args = replay_site_round(runtime, site_rows, site, round_, run_seed)
+    dp = dp_args is not None
+    seen = sorted(site_rows.seen)
+    if dp:  # DP-SGD reads every row to group units: its members are its draws
+        seen = sorted(drawn_rows(site_rows.rows, steps, dp_args))
+    mi, ni = balanced(len(seen), len(test_idx), rows, seed + site)
+    members = [site_rows.rows[seen[i]] for i in mi]
+    nonmembers = runtime.encoder.encode_all([runtime.dataset.test[test_idx[i]] for i in ni])
+    log(f"Site {site}: scoring {len(members)} trained-on and {len(nonmembers)} held-out rows ...")
+    updated = (scorer.losses(members), scorer.losses(nonmembers))
+    load_adapter_arrays(runtime.model, reference_arrays)
+    reference = (scorer.losses(members), scorer.losses(nonmembers))
+    return {
+        "site": site,
+        "target": f"{target}, {steps} local steps with the run's settings"
+        + (" (DP-SGD)" if dp else ""),
+        "reference_model": "the global adapter the update started from",
+        "members": "the rows of the site that the update was trained on (its batches)",
+        "trained_rows": len(seen),
+        "site_rows": len(runtime.train_parts[site]),
+        **attack_report(_scores(updated, reference), draws, seed),
+    }
+
+
+def replay_site_round(
+    runtime, rows: Sequence, site: int, round_: int, run_seed: int
+) -> tuple[int, dict[str, Any] | None]:
+    """Train site `site`'s round `round_` as a simulated site does (fedlora.apps.contribution):
+    its local steps, its dropout and batch seed, and under DP-SGD its Poisson batches and noise
+    from its secret, all derived from `run_seed`, from the adapter now in the model. Returns the
+    steps and the DP-SGD arguments (None without DP-SGD). SCAFFOLD, which needs saved control
+    variates, and lower-rank sites are refused before (check_site_update)."""
     import torch
 
-    from fedlora.adapter import load_adapter_arrays
-    from fedlora.apps.contribution import site_local_steps
+    from fedlora.apps.contribution import derive_seed, site_local_steps
     from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism
     from fedlora.privacy.secrets import simulated_secret
@@ -317,63 +396,29 @@ def _site_update(runtime, scorer, global_arrays, site, rows, draws, seed, log) -
     from fedlora.train import local_train
 
     cfg = runtime.cfg
-    train_idx, test_idx = runtime.train_parts[site], runtime.test_parts[site]
-    site_rows = _Seen(runtime.site_rows(site))
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
-    update_seed = int(
-        np.random.SeedSequence([cfg.run.seed, cfg.federation.rounds, site, seed]).generate_state(1)[
-            0
-        ]
-    )
-    torch.manual_seed(update_seed)
-    # a fresh site's terms (no saved client state); SCAFFOLD, which needs both, is refused
-    terms = strategy_for(cfg).training_terms({}, {}, global_arrays)
-    dp = None
-    if cfg.privacy.level == "sample":  # the site's DP-SGD, with noise of its own seed
-        mechanism = sample_mechanism(cfg, count_units(site_rows.rows), steps)
+    seed = derive_seed(run_seed, round_, site)
+    torch.manual_seed(seed)  # LoRA dropout
+    start = _adapter_arrays(runtime.model)
+    terms = strategy_for(cfg).training_terms({}, {}, start)  # no client state: not SCAFFOLD
+    dp_args = None
+    if cfg.privacy.level == "sample":
+        mechanism = sample_mechanism(cfg, count_units(rows), steps)
         dp_args = {
             "noise_multiplier": mechanism.noise_multiplier,
             "max_grad_norm": mechanism.max_grad_norm,
             "sample_rate": mechanism.sample_rate,
-            "secret": simulated_secret(update_seed, site),
-            "round_": cfg.federation.rounds + 1,
+            "secret": simulated_secret(run_seed, site),
+            "round_": round_,
             "site": site,
             "physical_batch_size": cfg.privacy.physical_batch_size,
             "max_rows_per_unit": cfg.privacy.max_rows_per_unit,
         }
-        dp = DPSGD.for_round(**dp_args)
-    log(f"Site {site}: recomputing its update ({steps} local steps from the global adapter) ...")
     local_train(
-        runtime.model,
-        site_rows,
-        steps,
-        cfg.train,
-        terms,
-        np.random.default_rng(update_seed),
-        runtime.pad_id,
-        bf16=runtime.bf16,
-        dp=dp,
-    )
-    seen = sorted(site_rows.seen)
-    if dp is not None:  # DP-SGD reads every row to group units: its members are its draws
-        seen = sorted(drawn_rows(site_rows.rows, steps, dp_args))
-    mi, ni = balanced(len(seen), len(test_idx), rows, seed + site)
-    members = [site_rows.rows[seen[i]] for i in mi]
-    nonmembers = runtime.encoder.encode_all([runtime.dataset.test[test_idx[i]] for i in ni])
-    log(f"Site {site}: scoring {len(members)} trained-on and {len(nonmembers)} held-out rows ...")
-    target = (scorer.losses(members), scorer.losses(nonmembers))
-    load_adapter_arrays(runtime.model, global_arrays)
-    reference = (scorer.losses(members), scorer.losses(nonmembers))
-    return {
-        "site": site,
-        "target": f"recomputed: {steps} local steps from the final global adapter with the "
-        "run's settings" + (" (DP-SGD)" if dp else ""),
-        "reference_model": "the global adapter",
-        "members": "the rows of the site that the update was trained on (its batches)",
-        "trained_rows": len(seen),
-        "site_rows": len(train_idx),
-        **attack_report(_scores(target, reference), draws, seed),
-    }
+        runtime.model, rows, steps, cfg.train, terms, np.random.default_rng(seed),
+        runtime.pad_id, bf16=runtime.bf16, dp=DPSGD.for_round(**dp_args) if dp_args else None,
+    )  # fmt: skip
+    return steps, dp_args
 
 
 def _load_adapter(model, folder: Path) -> None:

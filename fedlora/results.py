@@ -15,6 +15,8 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from fedlora import checkpoint
 from fedlora.config import Config, write_config
 from fedlora.errors import FedloraError
@@ -146,12 +148,41 @@ def precision_name(bf16: bool) -> str:
     return "bf16 autocast" if bf16 else "fp32"
 
 
+#: the global adapter the last round began from, as the sites received it
+ROUND_START = "last_round_start.safetensors"
+
+
+def save_round_start(work: Path, round_: int, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+        str(work / ROUND_START),
+        metadata={"round": str(round_)},
+    )
+
+
+def load_round_start(folder: Path) -> tuple[int, dict] | None:
+    """(round, arrays) of a results folder's last round start; None when it kept none."""
+    from safetensors import safe_open
+
+    path = folder / ROUND_START
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="numpy") as fh:
+        round_ = int(fh.metadata()["round"])
+        return round_, {k: fh.get_tensor(k) for k in fh.keys()}
+
+
 def finish(cfg: Config, runtime, federation, work: Path, wall: float, secrets: str) -> None:
     """Write the adapter, summary.json (`secrets`: where the sites' secrets came from) and the
     plot of a finished run."""
     from fedlora.adapter import save_adapter
 
     save_adapter(runtime.model, federation.global_arrays, work / "adapter")
+    if federation.round_start is not None:
+        round_, arrays = federation.round_start
+        save_round_start(work, round_, arrays)
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     final, first = rows[-1], rows[0]
     summary = {

@@ -89,13 +89,11 @@ def test_balanced_subsamples_the_larger_side():
 # ---------------------------------------------------------------- a real run, audited
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def small_run(folder: Path, **sections) -> Path:
     """3 sites, 2 rounds on 120 rows of a small data file (32 training, 8 held-out per site),
     so that the audits below score few rows."""
     from fedlora.simulate import simulate
 
-    folder = tmp_path_factory.mktemp("audit")
     words = ["fever", "rash", "cough", "pain", "nausea", "fatigue"]
     rows = [
         {"text": f"note {i}: {words[i % 6]} for {i % 7} days", "label": ["mild", "severe"][i % 2]}
@@ -103,8 +101,13 @@ def run_dir(tmp_path_factory) -> Path:
     ]
     data = folder / "notes.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = make_tiny_cfg(folder, data={"path": str(data), "eval_rows": 0})
+    cfg = make_tiny_cfg(folder, data={"path": str(data), "eval_rows": 0}, **sections)
     return simulate(cfg, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return small_run(tmp_path_factory.mktemp("audit"))
 
 
 def in_unit(metric: dict) -> bool:
@@ -149,6 +152,51 @@ def test_audit_command_reports_every_site(run_dir, tmp_path, capsys):
     upd = report["site_update"]
     assert upd["site"] == 1 and 0 < upd["trained_rows"] <= upd["site_rows"]
     assert upd["members"] <= upd["trained_rows"]
+
+
+def replayed_aggregate(run_dir: Path, round_: int) -> tuple[dict, dict]:
+    """The kept start of the run's last round plus the FedAvg average (weights = rows) of every
+    site's update replayed as round `round_`; and the run's final adapter."""
+    from fedlora.adapter import adapter_arrays, load_adapter_arrays
+    from fedlora.audit import _load_adapter, load_run, replay_site_round
+    from fedlora.results import load_round_start
+    from fedlora.runtime import build_runtime
+
+    source = load_run(str(run_dir))
+    rt = build_runtime(source.cfg, log=lambda _msg: None)
+    _, start = load_round_start(run_dir)
+    total = {k: np.zeros_like(v, dtype=np.float64) for k, v in start.items()}
+    weight = 0
+    for site in range(source.cfg.federation.clients):
+        load_adapter_arrays(rt.model, start)
+        replay_site_round(rt, rt.site_rows(site), site, round_, source.cfg.run.seed)
+        n = len(rt.site_rows(site))
+        for k, v in adapter_arrays(rt.model).items():
+            total[k] += n * (v.astype(np.float64) - start[k])
+        weight += n
+    _load_adapter(rt.model, source.adapter_dir)
+    final = adapter_arrays(rt.model)
+    return {k: start[k] + total[k] / weight for k in start}, final
+
+
+@pytest.mark.parametrize("privacy", ["none", "sample"])
+def test_replayed_updates_aggregate_to_the_runs_final_adapter(run_dir, tmp_path, privacy):
+    """--site-update replays exactly what each site sent in the last round: the replayed
+    updates, averaged as FedAvg does, added to the kept start of that round give the run's
+    final adapter (to float rounding: the audit trains with more threads than a worker), with
+    DP-SGD's batches and noise too. The same replay seeded as another round does not."""
+    from fedlora.results import load_round_start
+
+    if privacy != "none":
+        run_dir = small_run(tmp_path, privacy={"level": privacy, "noise_multiplier": 1.0})
+    last = load_round_start(run_dir)[0]
+    assert last == 2
+    replayed, final = replayed_aggregate(run_dir, last)
+    assert replayed.keys() == final.keys()
+    for k in final:
+        np.testing.assert_allclose(replayed[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    other, _ = replayed_aggregate(run_dir, last + 1)
+    assert any(not np.allclose(other[k], final[k], rtol=1e-4, atol=1e-6) for k in final)
 
 
 def test_site_update_under_dp_sgd(run_dir, tmp_path):

@@ -71,6 +71,9 @@ class Federation:
     switch: StopSwitch = field(default_factory=StopSwitch)
     #: the sites' names by site id, for what the operator reads (deployment); else the ids
     site_names: list[str] = field(default_factory=list)
+    #: (round, the global adapter as the sites received it) of the last round run here: kept
+    #: in the results folder so that `fedlora audit --site-update` replays that round exactly
+    round_start: tuple[int, Arrays] | None = None
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -167,6 +170,7 @@ class Federation:
         started = time.perf_counter()
         self.nodes = nodes
         chosen = self.sample(round_)
+        self.round_start = (round_, transport.decode(self.wire_down()[0]))
         inputs = self.collect(grid, chosen, round_)
         if not self.enough_contributed(inputs, chosen, round_):
             return None  # budgets, not faults, ended the federation: `run` says so
@@ -338,6 +342,9 @@ class Federation:
             "epsilon_spent": self.epsilon_spent,
             "noise_seed": self.noise_seed,
         }
+        if self.round_start is not None:
+            extra["round_start"] = self.round_start[0]
+            arrays["round_start"] = self.round_start[1]
         checkpoint.save_federation(
             self.state_dir, self.cfg.to_dict(), round_, arrays, self.reporter.rows, extra
         )
@@ -356,6 +363,8 @@ class Federation:
         self.exhausted = set(saved.extra.get("exhausted", []))
         self.epsilon_spent = dict(saved.extra.get("epsilon_spent", {}))
         self.noise_seed = saved.extra.get("noise_seed", self.noise_seed)
+        if "round_start" in saved.extra:
+            self.round_start = (int(saved.extra["round_start"]), saved.arrays["round_start"])
         self.reporter.restore(saved.rows)
         self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
         return saved.round
