@@ -46,6 +46,9 @@ def add_lora(base: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
+        # with base_model_name_or_path (the base's name_or_path): how a saved adapter names its
+        # base on any machine (fedlora.model.name_portably)
+        revision=getattr(base.config, "_commit_hash", None),
     )
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
@@ -156,4 +159,5 @@ def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path) -> None:
     """Write `arrays` as a standard peft adapter (loads with PeftModel.from_pretrained)."""
     load_adapter_arrays(model, arrays)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    # LoRA never trains the embeddings here; "auto" would look the base up on the hub
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)

