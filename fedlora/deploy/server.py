@@ -31,6 +31,7 @@ from fedlora.apps.discovery import DelegatingGrid
 from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
+from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
@@ -306,7 +307,10 @@ def revoke(
 
     link = Link(settings, insecure=False)
     try:
-        link.start()
+        try:
+            link.start()
+        except FedloraError as exc:  # most likely the server itself holds the port
+            raise FedloraError(f"{exc} Stop the server before --revoke.") from None
         for change in revoke_sites(link, names, settings.sites):
             log(f"Site keys: {change}.")
     finally:
