@@ -728,13 +728,26 @@ def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
 @deploy
 def test_a_site_left_out_takes_no_part_and_is_revoked_only_on_request(kit):
     """gamma left out of [sites]: its key stays registered (the next tests list it again) and
-    the federation runs with alpha and beta while gamma's daemon, connected, is never asked.
+    the federation runs with alpha and beta while gamma's daemon, running, is never asked.
     `--revoke gamma` revokes a key for good and serves nothing; a start that lists the revoked
     key is refused with the fix, before any results folder is begun."""
+    from dataclasses import replace
+
     from fedlora.deploy.link import Link, sync_sites
     from fedlora.deploy.settings import load_server
 
+    def register_every_site(config: Path) -> None:
+        """What a start listing all three does to the keys (here on a port no site dials)."""
+        settings, _ = load_server(config, [], insecure=False)
+        link = Link(replace(settings, port=free_port()), insecure=False)
+        link.start()
+        try:
+            sync_sites(link, settings.sites)
+        finally:
+            link.stop()
+
     root, port, procs = kit
+    register_every_site(server_toml(root, "server-all", port, "runs/all", PLAIN_FEDAVG))
     gamma = (procs.log("site-gamma").count("query handled"), len(audit(root, "gamma")))
     two = server_toml(root, "server-u", port, "runs/u", PLAIN_FEDAVG, sites=SITES[:2], rounds=1)
     server = procs.fedlora("server-u", "server", "--config", str(two))
@@ -748,13 +761,7 @@ def test_a_site_left_out_takes_no_part_and_is_revoked_only_on_request(kit):
     # revocation on a server of its own (no site dials it: a site daemon refused for over a
     # minute gives up, and the next tests need gamma's)
     every = server_toml(root, "server-v", free_port(), "runs/v", PLAIN_FEDAVG, state_dir="v")
-    settings, _ = load_server(every, [], insecure=False)
-    link = Link(settings, insecure=False)
-    link.start()
-    try:
-        sync_sites(link, settings.sites)
-    finally:
-        link.stop()
+    register_every_site(every)
     wrong = procs.fedlora("revoke-z", "server", "--config", str(every), "--revoke", "z")
     assert finished(wrong, procs, "revoke-z", 60) == 2
     text = procs.log("revoke-z")
