@@ -41,7 +41,8 @@ EXAMPLES: dict[str, str] = {
     "generate": "fedlora generate 'Review: works well. Condition:' --adapter run=runs/try",
     "sweep": "fedlora sweep --grid strategy=fedavg,scaffold --repeats 2 --rounds 5 --out sweeps/s",
     "certs": "fedlora certs pki --server-name fl.example.org --site st-marys --site city",
-    "server": "fedlora server --config server/server.toml",
+    "server": "fedlora server --config server/server.toml\n"
+    "  fedlora server --config server/server.toml --revoke st-marys",
     "client": "fedlora client --config clients/site.toml",
 }
 

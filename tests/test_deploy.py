@@ -141,9 +141,11 @@ def test_certs_in_the_formats_flower_loads(tmp_path):
 
 @deploy
 def test_registered_site_keys_follow_the_server_config(tmp_path):
-    """The SuperLink's key registry is made to match [sites] at every start: an unchanged key
-    keeps its node, a rotated key replaces the old one, a removed site loses its key."""
-    from fedlora.deploy.link import Link, node_names, sync_sites
+    """Every start registers the keys in [sites]: an unchanged key keeps its node, a rotated key
+    replaces the old one (revoked). A site left out keeps its key and comes back with it; only
+    an explicit revocation revokes a key otherwise, and a revoked key listed again is refused,
+    naming the fix."""
+    from fedlora.deploy.link import Link, node_names, revoke_sites, sync_sites
     from fedlora.deploy.settings import ServerSettings
     from fedlora.errors import FedloraError
     from fedlora.secure.certs import Layout, make_certs
@@ -167,12 +169,33 @@ def test_registered_site_keys_follow_the_server_config(tmp_path):
         first = {name: node for node, name in node_names(link).items()}
         assert sync_sites(link, keys) == []
         make_certs(layout.root, server_names=[], server_ips=[], sites=["a"], force=True)
-        assert sync_sites(link, keys) == ["removed the key of a", "registered the key of a"]
+        assert sync_sites(link, keys) == ["revoked the old key of a", "registered the key of a"]
         second = {name: node for node, name in node_names(link).items()}
         assert second["b"] == first["b"] and second["a"] != first["a"]
-        assert sync_sites(link, {"a": keys["a"]}) == ["removed the key of b"]
+
+        # b left out of [sites]: not revoked, and back with the same key and node
+        assert sync_sites(link, {"a": keys["a"]}) == [
+            "b is registered but not in [sites]: it takes no part (`--revoke b` revokes its key)"
+        ]
+        assert node_names(link) == {second["a"]: "a", second["b"]: "b"}
+        assert sync_sites(link, keys) == []
+        assert node_names(link) == {second["a"]: "a", second["b"]: "b"}
+        with pytest.raises(FedloraError, match="registered on this server for site b"):
+            sync_sites(link, {"a": keys["a"], "c": keys["b"]})  # one key, two names
+        with pytest.raises(FedloraError, match="Sites a and c list the same public key"):
+            sync_sites(link, {"a": keys["a"], "c": keys["a"]})
+
+        # explicit revocation: every name is checked before any key goes
+        unknown = r"Cannot revoke site 'z': no key is registered for it \(registered sites: a, b\)"
+        with pytest.raises(FedloraError, match=unknown):
+            revoke_sites(link, ["b", "z"], keys)
+        assert sorted(node_names(link).values()) == ["a", "b"]
+        (line,) = revoke_sites(link, ["b", "b"], keys)
+        assert line.startswith("revoked the key of b (still listed in [sites] with that key")
         assert sorted(node_names(link).values()) == ["a"]
-        with pytest.raises(FedloraError, match="stays revoked"):  # b's old key is revoked
+        with pytest.raises(FedloraError, match=r"already revoked \(registered sites: a\)"):
+            revoke_sites(link, ["b"], keys)
+        with pytest.raises(FedloraError, match="stays revoked.*--site b --force"):
             sync_sites(link, keys)
         make_certs(layout.root, server_names=[], server_ips=[], sites=["b"], force=True)
         assert sync_sites(link, keys) == ["registered the key of b"]  # b is back, new key
@@ -456,10 +479,18 @@ PLAIN_FEDAVG = {"train": {"local_steps": "2"}}
 
 
 def server_toml(
-    root: Path, name: str, port: int, out: str, sections: dict, **federation: int
+    root: Path,
+    name: str,
+    port: int,
+    out: str,
+    sections: dict,
+    *,
+    sites: tuple[str, ...] = SITES,
+    state_dir: str = "server-state",
+    **federation: int,
 ) -> Path:
     path = root / f"{name}.toml"
-    sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in SITES)
+    listed = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in sites)
     sections = sections | {
         "federation": {"rounds": "2"} | {k: str(v) for k, v in federation.items()}
     }
@@ -470,9 +501,9 @@ def server_toml(
     path.write_text(
         "[server]\n"
         f'address = "127.0.0.1:{port}"\n'
-        'state_dir = "server-state"\n'
+        f'state_dir = "{state_dir}"\n'
         'ca_cert = "certs/ca.pem"\ncert = "certs/server.pem"\nkey = "certs/server.key"\n\n'
-        f"[sites]\n{sites}\n"
+        f"[sites]\n{listed}\n"
         '[model]\nname = "tiny-random"\nprecision = "fp32"\n\n'
         '[data]\npath = "eval.jsonl"\neval_rows = 20\n\n'
         f"{body}"
@@ -694,6 +725,58 @@ def test_server_killed_in_round_2_resumes_without_repeating_it(kit):
         assert f"site {site}: the server is back after" in site_log, site_log[-2000:]
 
 
+@deploy
+def test_a_site_left_out_takes_no_part_and_is_revoked_only_on_request(kit):
+    """gamma left out of [sites]: its key stays registered (the next tests list it again) and
+    the federation runs with alpha and beta while gamma's daemon, running, is never asked.
+    `--revoke gamma` revokes a key for good and serves nothing; a start that lists the revoked
+    key is refused with the fix, before any results folder is begun."""
+    from dataclasses import replace
+
+    from fedlora.deploy.link import Link, sync_sites
+    from fedlora.deploy.settings import load_server
+
+    def register_every_site(config: Path) -> None:
+        """What a start listing all three does to the keys (here on a port no site dials)."""
+        settings, _ = load_server(config, [], insecure=False)
+        link = Link(replace(settings, port=free_port()), insecure=False)
+        link.start()
+        try:
+            sync_sites(link, settings.sites)
+        finally:
+            link.stop()
+
+    root, port, procs = kit
+    register_every_site(server_toml(root, "server-all", port, "runs/all", PLAIN_FEDAVG))
+    gamma = (procs.log("site-gamma").count("query handled"), len(audit(root, "gamma")))
+    two = server_toml(root, "server-u", port, "runs/u", PLAIN_FEDAVG, sites=SITES[:2], rounds=1)
+    server = procs.fedlora("server-u", "server", "--config", str(two))
+    assert finished(server, procs, "server-u", FEDERATION_TIMEOUT) == 0, procs.log("server-u")
+    text = procs.log("server-u")
+    assert "Site keys: gamma is registered but not in [sites]: it takes no part" in text, text
+    assert "waiting for 2 sites: alpha, beta." in text
+    assert [r["clients"] for r in metrics(root / "runs" / "u")[1:]] == [2]
+    assert (procs.log("site-gamma").count("query handled"), len(audit(root, "gamma"))) == gamma
+
+    # revocation on a server of its own (no site dials it: a site daemon refused for over a
+    # minute gives up, and the next tests need gamma's)
+    every = server_toml(root, "server-v", free_port(), "runs/v", PLAIN_FEDAVG, state_dir="v")
+    register_every_site(every)
+    wrong = procs.fedlora("revoke-z", "server", "--config", str(every), "--revoke", "z")
+    assert finished(wrong, procs, "revoke-z", 60) == 2
+    text = procs.log("revoke-z")
+    assert "Cannot revoke site 'z'" in text and "Traceback" not in text, text
+    assert "(registered sites: alpha, beta, gamma)." in text
+    revoke = procs.fedlora("revoke-gamma", "server", "--config", str(every), "--revoke", "gamma")
+    assert finished(revoke, procs, "revoke-gamma", 60) == 0, procs.log("revoke-gamma")
+    assert "Site keys: revoked the key of gamma (still listed" in procs.log("revoke-gamma")
+    again = procs.fedlora("server-v", "server", "--config", str(every))
+    assert finished(again, procs, "server-v", 60) == 2
+    text = procs.log("server-v")
+    assert "stays revoked" in text and "--site gamma --force" in text and "Traceback" not in text
+    assert not (root / "runs" / "v.partial").exists()
+
+
 # (before the next test, which kills a site daemon of the shared kit for good)
 @deploy
 def test_server_sigint_ends_within_seconds_with_the_resume_command(kit):
@@ -842,3 +925,50 @@ def test_a_site_cannot_answer_discovery_in_another_sites_name():
     assert grid.pull_messages(["a", "b"]) == [honest]
     assert grid.send_and_receive([], timeout=1) == [honest]
     assert len(notes) == 1 and "node 8 (key of beta) claims to be site alpha" in notes[0]
+
+
+def test_discovery_never_asks_a_registered_site_left_out_of_the_sites(monkeypatch):
+    """gamma's key stays registered when gamma is left out of [sites], and its daemon may be
+    connected: the server sees only the listed sites' nodes, so gamma is never asked which site
+    it is (it cannot answer, not being in the run's list, and an error reply is asked again at
+    once); the log says once that it is ignored."""
+    from types import SimpleNamespace
+
+    from flwr.app import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.apps import records as R
+    from fedlora.apps.discovery import discover_sites
+    from fedlora.deploy.server import VerifiedGrid
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    names, listed = {7: "alpha", 8: "beta", 9: "gamma"}, ["alpha", "beta"]
+    asked: list[int] = []
+
+    def push(messages) -> list[str]:
+        asked.extend(m.metadata.dst_node_id for m in messages)
+        return [f"q{m.metadata.dst_node_id}" for m in messages]
+
+    def reply(message_id: str) -> SimpleNamespace:
+        node = int(message_id[1:])
+        error = names[node] not in listed  # what an unlisted site daemon answers
+        return SimpleNamespace(
+            has_error=lambda: error,
+            metadata=SimpleNamespace(
+                message_type=MessageType.QUERY, src_node_id=node, reply_to_message_id=message_id
+            ),
+            content={} if error else {R.SITE_METRICS: {R.SITE_ID: listed.index(names[node])}},
+        )
+
+    inner = SimpleNamespace(
+        get_node_ids=lambda: [7, 9, 8],
+        push_messages=push,
+        pull_messages=lambda ids: [reply(i) for i in ids],
+    )
+    notes: list[str] = []
+    grid = VerifiedGrid(inner, names, listed, notes.append)
+    assert discover_sites(grid, 2, timeout=5.0, names=listed) == {0: 7, 1: 8}
+    assert sorted(asked) == [7, 8]
+    assert grid.get_node_ids() == [7, 8]
+    assert notes == ["node 9 (key of gamma) is connected but not in [sites]; ignored."]

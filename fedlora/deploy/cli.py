@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from fedlora.errors import FedloraError
+
 
 def add_deploy_commands(sub) -> None:
     certs = sub.add_parser(
@@ -45,8 +47,9 @@ def add_deploy_commands(sub) -> None:
     server = sub.add_parser(
         "server",
         help="run a federation's aggregation server (Flower SuperLink) for the listed sites",
-        description="Serve the federation in server.toml to its registered sites over TLS with "
-        "node authentication, and write the same results folder as `fedlora simulate`.",
+        description="Serve the federation in server.toml to the sites in its [sites] over TLS "
+        "with node authentication, and write the same results folder as `fedlora simulate`. "
+        "With --revoke, revoke site keys instead and exit.",
     )
     server.add_argument("--config", required=True, help="server.toml (see server/)")
     server.add_argument(
@@ -65,6 +68,15 @@ def add_deploy_commands(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a federation config key, e.g. --set federation.rounds=10 (repeatable)",
+    )
+    server.add_argument(
+        "--revoke",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="revoke the registered key of site NAME for good, then exit without serving "
+        "(repeatable); the site can come back only with a new key pair. A site merely left out "
+        "of [sites] keeps its key and takes no part",
     )
 
     client = sub.add_parser(
@@ -107,7 +119,18 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     _line_buffered()
 
+    if args.revoke and args.insecure:
+        raise FedloraError("--revoke acts on registered site keys; --insecure uses none.")
+    if args.revoke and args.resume:
+        raise FedloraError(
+            "--revoke only revokes and exits: run it first, then start the server with --resume."
+        )
     settings, cfg = load_server(Path(args.config).expanduser(), args.set, args.insecure)
+    if args.revoke:
+        from fedlora.deploy.server import revoke
+
+        revoke(settings, args.revoke)
+        return 0
     # SIGTERM (systemctl stop) ends the server like Ctrl-C: the partial results and the saved
     # state are kept for --resume
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -20,8 +20,10 @@ How fedlora runs its ServerApp against a SuperLink, and why (read from the flwr 
   status stay in one process, as in `fedlora simulate`; a SIGKILL takes everything down at once.
 - Site keys are registered through the Control API (what `flwr supernode register` does), with
   the site's name, into a SQLite database in the server's state folder, so they survive
-  restarts; the registry is made to match `[sites]` at every start (key rotation = edit the
-  file, restart).
+  restarts. Every start registers the keys listed in `[sites]` (key rotation = edit the file,
+  restart); a registered site left out of `[sites]` keeps its key and takes no part. Flower
+  refuses an unregistered key forever, so unregistering is done only on purpose: for a rotated
+  key, and by `fedlora server --revoke NAME`.
 """
 
 from __future__ import annotations
@@ -206,9 +208,21 @@ def public_key_bytes(path: Path) -> bytes:
 
 
 def sync_sites(link: Link, sites: dict[str, Path]) -> list[str]:
-    """Make the SuperLink's registered keys exactly the configured sites' keys; return what
-    changed. A site whose key is unchanged keeps its node id (and its connection)."""
-    wanted = {public_key_bytes(path): name for name, path in sites.items()}
+    """Register the listed sites' keys; return what changed, and the registered sites that are
+    not listed. `[sites]` chooses who takes part, not who is revoked: a registered site left
+    out keeps its key (the round loop ignores it) so that listing it again later just works.
+    Only a listed site's replaced key is unregistered (Flower then refuses it forever); a site
+    whose key is unchanged keeps its node id (and its connection). Everything is checked
+    before anything changes."""
+    wanted: dict[bytes, str] = {}
+    for name, path in sites.items():
+        key = public_key_bytes(path)
+        if key in wanted:
+            raise FedloraError(
+                f"Sites {wanted[key]} and {name} list the same public key ({path}): every site "
+                f"needs its own key pair (`fedlora certs DIR --site {name} --force`)."
+            )
+        wanted[key] = name
     changes: list[str] = []
     with link.control() as ctl:
         nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
@@ -216,20 +230,68 @@ def sync_sites(link: Link, sites: dict[str, Path]) -> list[str]:
             if node.status == NodeStatus.UNREGISTERED and _key(node) in wanted:
                 name = wanted[_key(node)]
                 raise FedloraError(
-                    f"The key of site {name} ({sites[name]}) was removed from this server "
-                    "before, and a removed key stays revoked: make the site a new key pair "
+                    f"The key of site {name} ({sites[name]}) was revoked on this server "
+                    "before, and a revoked key stays revoked: make the site a new key pair "
                     f"(`fedlora certs DIR --site {name} --force`) and list its auth.pub."
                 )
-        for node in registered_nodes(ctl):
-            key = _key(node)
-            if wanted.get(key) == node.name:
-                del wanted[key]
-                continue
-            ctl.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
-            changes.append(f"removed the key of {node.name or node.node_id}")
+        registered = [n for n in nodes if n.status != NodeStatus.UNREGISTERED]
+        for node in registered:
+            name = wanted.get(_key(node))
+            if name is not None and name != node.name:
+                raise FedloraError(
+                    f"The key listed for site {name} ({sites[name]}) is registered on this "
+                    f"server for site {node.name}: a key belongs to one site. Give {name} its "
+                    f"own key pair (`fedlora certs DIR --site {name} --force`)."
+                )
+        for node in sorted(registered, key=lambda n: n.name):
+            if _key(node) in wanted:
+                del wanted[_key(node)]  # unchanged: keeps its node id
+            elif node.name in sites:  # a rotated key: the old one goes for good
+                ctl.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+                changes.append(f"revoked the old key of {node.name}")
+            else:
+                changes.append(
+                    f"{node.name} is registered but not in [sites]: it takes no part "
+                    f"(`--revoke {node.name}` revokes its key)"
+                )
         for key, name in sorted(wanted.items(), key=lambda kv: kv[1]):
             ctl.RegisterNode(RegisterNodeRequest(public_key=key, name=name))
             changes.append(f"registered the key of {name}")
+    return changes
+
+
+def revoke_sites(link: Link, names: list[str], sites: dict[str, Path]) -> list[str]:
+    """Unregister the keys registered for `names`, for good: Flower keeps an unregistered key
+    as history and refuses it forever, so the site can only come back with a new key pair.
+    Every name is checked before any key is revoked; `sites` ([sites]) only adds a warning to
+    a site still listed with the key just revoked."""
+    changes: list[str] = []
+    with link.control() as ctl:
+        nodes = ctl.ListNodes(ListNodesRequest()).nodes_info
+        registered: dict[str, list] = {}
+        for node in nodes:
+            if node.status != NodeStatus.UNREGISTERED:
+                registered.setdefault(node.name, []).append(node)
+        for name in names:
+            if name not in registered:
+                revoked = any(n.name == name for n in nodes)
+                raise FedloraError(
+                    f"Cannot revoke site {name!r}: "
+                    + ("its key is already revoked" if revoked else "no key is registered for it")
+                    + f" (registered sites: {', '.join(sorted(registered)) or 'none'})."
+                )
+        for name in dict.fromkeys(names):
+            keys = set()
+            for node in registered[name]:
+                ctl.UnregisterNode(UnregisterNodeRequest(node_id=node.node_id))
+                keys.add(_key(node))
+            line = f"revoked the key of {name}"
+            if name in sites and public_key_bytes(sites[name]) in keys:
+                line += (
+                    f" (still listed in [sites] with that key: the server will not start until "
+                    f"{name}'s line is removed or names a new key pair)"
+                )
+            changes.append(line)
     return changes
 
 

@@ -1,7 +1,8 @@
 """`fedlora server`: run one federation on Flower's deployment engine.
 
 The SuperLink is served from this process (fedlora.deploy.link explains how and why), the
-registered site keys are made to match `[sites]`, the federation is started as a Flower run
+keys of the sites in `[sites]` are registered (a registered site left out stays registered and
+takes no part; `revoke` revokes keys on purpose), the federation is started as a Flower run
 whose bundle carries the federation's config to the sites, and the same `Federation` round
 loop as `fedlora simulate` drives it, writing the same results folder. The server state is saved
 after every round in `<out>.partial/state`; `--resume` continues from it after a crash (even
@@ -19,6 +20,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -29,6 +31,7 @@ from fedlora.apps.discovery import DelegatingGrid
 from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
+from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
@@ -45,6 +48,9 @@ from fedlora.results import (
     settle_precision,
 )
 from fedlora.trackers import open_trackers
+
+if TYPE_CHECKING:
+    from fedlora.deploy.link import Link
 
 #: inside the run's state folder: the id the sites keep this federation's state under
 FEDERATION_ID = "federation.id"
@@ -97,8 +103,10 @@ def federation_id(state_dir: Path) -> str:
 
 
 class VerifiedGrid(DelegatingGrid):
-    """The run's Grid, with one check: a site that names itself in a query reply must be the
-    site whose key the SuperLink authenticated (no site can take another's place)."""
+    """The run's Grid, with two checks on the registered key a node connected with: only the
+    nodes of listed sites are seen (a registered site left out of `[sites]` may connect, but
+    takes no part), and a site that names itself in a query reply must be the site whose key
+    the SuperLink authenticated (no site can take another's place)."""
 
     def __init__(
         self,
@@ -110,6 +118,24 @@ class VerifiedGrid(DelegatingGrid):
         super().__init__(grid)
         self.names, self.sites, self.note = names, sites, note
         self.warned: set[int] = set()
+        self.unlisted: set[int] = set()
+
+    def get_node_ids(self) -> list[int]:
+        """The connected nodes of listed sites. Discovery asks every node it is given which site
+        it is; an unlisted site cannot answer (it is not in the run's list) and would be asked
+        again and again."""
+        listed = []
+        for node in self.grid.get_node_ids():
+            name = self.names.get(node)
+            if name in self.sites:
+                listed.append(node)
+            elif node not in self.unlisted:
+                self.unlisted.add(node)
+                self.note(
+                    f"node {node} (key of {name or 'an unknown site'}) is connected but not in "
+                    "[sites]; ignored."
+                )
+        return listed
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [r for r in super().pull_messages(message_ids) if self.ok(r)]
@@ -150,7 +176,6 @@ def serve(
     """Run the federation; return its finished results folder."""
     quiet()
     out = results_dir(cfg)
-    state = run_state_dir(out)
     if resume:
         resume_dir(cfg)
     else:
@@ -158,18 +183,51 @@ def serve(
         check_no_saved_state(out)
     cfg.run.out = str(out)
     shared = shared_config(cfg)  # before the server settles its own precision: sites settle theirs
+    from fedlora.deploy.link import Link, stop_unfinished_runs, sync_sites
+
+    link = Link(settings, insecure)
+    try:
+        link.start()
+        # the site keys before the model loads: a key the registry refuses is reported in
+        # seconds, with no results folder begun
+        if insecure:
+            log(
+                "WARNING: --insecure: no TLS and no node authentication. Site updates cross "
+                "the network in the clear and any machine that reaches this port can join "
+                "as a site. Use it for rehearsals on a closed network only."
+            )
+        else:
+            for change in sync_sites(link, settings.sites):
+                log(f"Site keys: {change}.")
+        # at once: sites connect from now on, and a stale run's messages must not reach them
+        if stale := stop_unfinished_runs(link):
+            log(f"Stopped {stale} run(s) left by a previous server process.")
+        return _federate(
+            settings, cfg, link, shared, out, insecure=insecure, resume=resume, log=log
+        )
+    finally:
+        link.stop()
+
+
+def _federate(
+    settings: ServerSettings,
+    cfg: Config,
+    link: Link,
+    shared: str,
+    out: Path,
+    *,
+    insecure: bool,
+    resume: bool,
+    log: Callable[[str], None],
+) -> Path:
+    """Load the server's model, run the federation on the started SuperLink, finish its
+    results folder."""
     from fedlora.apps.collect import dropout_warning
     from fedlora.apps.server import Federation
-    from fedlora.deploy.link import (
-        Link,
-        node_names,
-        serverapp_task,
-        start_run,
-        stop_unfinished_runs,
-        sync_sites,
-    )
+    from fedlora.deploy.link import node_names, serverapp_task, start_run
     from fedlora.runtime import build_runtime, load_data
 
+    state = run_state_dir(out)
     dataset, _, _ = load_data(cfg, log)  # fail fast on the evaluation data
     log(f"Evaluation data: {dataset.name}, {len(dataset.test)} held-out rows.")
     started = time.perf_counter()
@@ -190,23 +248,10 @@ def serve(
         runconfig.SITES: json.dumps(names),
         runconfig.FEDERATION: federation_id(state),
     }
-    link = Link(settings, insecure)
     switch = StopSwitch()
     reporter = None
     try:
         with on_signals(switch):
-            link.start()
-            if insecure:
-                log(
-                    "WARNING: --insecure: no TLS and no node authentication. Site updates cross "
-                    "the network in the clear and any machine that reaches this port can join "
-                    "as a site. Use it for rehearsals on a closed network only."
-                )
-            else:
-                for change in sync_sites(link, settings.sites):
-                    log(f"Site keys: {change}.")
-            if stale := stop_unfinished_runs(link):
-                log(f"Stopped {stale} run(s) left by a previous server process.")
             run_id = start_run(link, run_config)
             mode = "plaintext" if insecure else "TLS, node authentication"
             log(
@@ -245,7 +290,28 @@ def serve(
         )
         raise
     finally:
-        link.stop()
         if reporter is not None:
             reporter.close()
     return close_results(out, work)
+
+
+def revoke(
+    settings: ServerSettings,
+    names: list[str],
+    log: Callable[[str], None] = print,
+) -> None:
+    """Revoke the registered keys of `names` for good, and serve nothing: revocation is an act
+    of its own, between federations (stop a running one first; `--resume` continues it)."""
+    quiet()
+    from fedlora.deploy.link import Link, revoke_sites
+
+    link = Link(settings, insecure=False)
+    try:
+        try:
+            link.start()
+        except FedloraError as exc:  # most likely the server itself holds the port
+            raise FedloraError(f"{exc} Stop the server before --revoke.") from None
+        for change in revoke_sites(link, names, settings.sites):
+            log(f"Site keys: {change}.")
+    finally:
+        link.stop()
