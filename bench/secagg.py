@@ -6,9 +6,12 @@ contribution the size of the default adapter (SmolLM2-135M, LoRA r=8 on q_proj a
 (what it sends), the server sums in float64. Secure: each site's four stages (keys, shares,
 masking, unmasking shares) and the server's (routing, summing, unmasking); with no dropout and
 with 10% of the sites dropped after sharing keys (the server then rebuilds their pairwise
-masks). Seconds are the median site and the server; bytes are payload (tensor data, keys,
-ciphertexts, 8 per site id) per site and at the server, both directions; the global adapter,
-sent down in both modes, is not counted.
+masks). Two contributions: "64-bit" is n_i * delta_i under the session's default bound 2^30
+(no DP: every value in 64 bits); "32-bit" is a client-level DP one, delta clipped to norm C = 1
+with weight 1, whose delta has the bound C (1 + 2^-20) and goes in 32 bits (the weight in 64).
+Seconds are the median site and the server; bytes are payload (tensor data, keys, ciphertexts,
+the layout, 8 per site id or number) per site and at the server, both directions; the global
+adapter, sent down in both modes, is not counted.
 
     python bench/secagg.py --sites 10,50
 """
@@ -22,7 +25,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedlora.secure.secagg import SecAggClient, SecAggServer, default_threshold
+from fedlora.secure.secagg import (
+    Layout,
+    SecAggClient,
+    SecAggServer,
+    clipped_range,
+    default_threshold,
+)
 from fedlora.strategies.base import sum_contributions
 
 SIZE = 460_800  # 30 layers x (A 8x576 + B 576x8 on q_proj, A 8x576 + B 192x8 on v_proj)
@@ -35,9 +44,24 @@ def timed(fn: Callable, *args):
     return out, time.perf_counter() - started
 
 
-def contribution(rng: np.random.Generator) -> dict[str, np.ndarray]:
+CLIP = 1.0
+BOUNDS = {"64-bit": None, "32-bit": {"delta": clipped_range(CLIP)}}  # key bounds per mode
+
+
+def contribution(rng: np.random.Generator, width: str) -> dict[str, np.ndarray]:
+    """n_i * delta_i and n_i (64-bit), or a clipped delta and weight 1 (32-bit)."""
+    if width == "32-bit":
+        delta = rng.normal(0, 1e-3, SIZE)
+        return {"delta": delta * min(1.0, CLIP / np.linalg.norm(delta)), "weight": np.ones(1)}
     n_i = float(rng.integers(100, 5000))
     return {"delta": n_i * rng.normal(0, 1e-3, SIZE), "weight": np.array([n_i])}
+
+
+def layout_bytes(layout: Layout) -> int:
+    """The layout as a round's byte count has it: its key names, and 8 bytes per number."""
+    config = layout.to_config()
+    numbers = sum(len(v) for k, v in config.items() if k != "keys")
+    return sum(map(len, config["keys"])) + 8 * numbers
 
 
 def plaintext(xs: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -58,7 +82,9 @@ def plaintext(xs: list[dict[str, np.ndarray]]) -> dict[str, float]:
     }
 
 
-def secure(xs: list[dict[str, np.ndarray]], dropped: int) -> dict[str, float]:
+def secure(
+    xs: list[dict[str, np.ndarray]], dropped: int, bounds: dict[str, float] | None
+) -> dict[str, float]:
     n = len(xs)
     t = default_threshold(n)
     site_s = dict.fromkeys(range(n), 0.0)
@@ -69,7 +95,7 @@ def secure(xs: list[dict[str, np.ndarray]], dropped: int) -> dict[str, float]:
     clients = {}
     for i in range(n):
         (clients[i], keys), s = timed(
-            lambda i: (c := SecAggClient.create(1, i, t), c.public_keys()), i
+            lambda i: (c := SecAggClient.create(1, i, t, key_bounds=bounds), c.public_keys()), i
         )
         site_s[i] += s
         up[i] += ID + sum(map(len, keys))
@@ -90,10 +116,10 @@ def secure(xs: list[dict[str, np.ndarray]], dropped: int) -> dict[str, float]:
         down[i] += sum(ID + len(c) for c in routed[i].values())
         if i in gone:
             continue
-        (_, masked[i]), s = timed(clients[i].mask_input, xs[i], routed[i])
+        (layout, masked[i]), s = timed(clients[i].mask_input, xs[i], routed[i])
         site_s[i] += s
-        up[i] += masked[i].nbytes + 40  # + the layout: two keys, ranks, dims
-    (survivors, lost), s = timed(server.receive_masked, masked)
+        up[i] += masked[i].nbytes + layout_bytes(layout)
+    (survivors, lost), s = timed(server.receive_masked, masked, layout)
     server_s += s
     responses = {}
     for i in survivors:
@@ -103,8 +129,10 @@ def secure(xs: list[dict[str, np.ndarray]], dropped: int) -> dict[str, float]:
         up[i] += sum(ID + len(v) for part in responses[i] for v in part.values())
     total, s = timed(server.unmask, responses)
     server_s += s
-    expected = np.concatenate([sum(xs[i][k] for i in survivors) for k in ("delta", "weight")])
-    assert np.allclose(total, expected, rtol=0, atol=1e-6), "secure sum differs from plain sum"
+    expected = layout.pack({k: sum(xs[i][k] for i in survivors) for k in ("delta", "weight")})
+    abs_sum = sum(np.abs(layout.pack(xs[i])) for i in survivors)
+    error = np.abs(total - expected)
+    assert np.all(error <= layout.error_bound(len(survivors), abs_sum)), "secure sum is off"
     return {
         "site_s": statistics.median(site_s[i] for i in survivors),
         "server_s": server_s,
@@ -134,12 +162,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sites.split(",")):
-        xs = [contribution(rng) for _ in range(n)]
-        rows = {
-            "plaintext": plaintext(xs),
-            "secure": secure(xs, 0),
-            f"secure, {n // 10} dropped": secure(xs, n // 10),
-        }
+        rows = {}
+        for width, bounds in BOUNDS.items():
+            xs = [contribution(rng, width) for _ in range(n)]
+            if not rows:
+                rows["plaintext"] = plaintext(xs)
+            rows[f"secure, {width}"] = secure(xs, 0, bounds)
+            rows[f"secure, {width}, {n // 10} dropped"] = secure(xs, n // 10, bounds)
         for mode, r in rows.items():
             print(
                 f"| {n} | {mode} | {r['site_s']:.3f} | {r['server_s']:.3f} | "

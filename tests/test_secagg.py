@@ -12,10 +12,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records as R
+from fedlora.apps import secure as secure_app
 from fedlora.apps.client import make_client_app
 from fedlora.apps.contribution import secure_stats, site_id, train_contribution
 from fedlora.apps.discovery import discover_sites
-from fedlora.apps.secure import UNMASK, secure_sum
+from fedlora.apps.secure import UNMASK, record_bytes, secure_sum
 from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import SitePolicy
 from fedlora.secure.secagg import (
@@ -26,6 +27,7 @@ from fedlora.secure.secagg import (
     SecAggError,
     SecAggServer,
     ValueOutOfRange,
+    clipped_range,
     combine_secret,
     encode_contribution,
     split_secret,
@@ -47,6 +49,79 @@ def test_scale_from_sites_and_bound_by_hand():
     assert encoded.tolist() == [3 * 2**27, 2**64 - 2**28, 0]
     with pytest.raises(SecAggError, match="lower the value bound"):
         FixedPoint.for_sites(10**6, 2.0**45)
+
+
+def test_width_from_sites_and_bound_at_the_boundary():
+    # 32 bits when f_32 = 30 - ceil(log2(N B)) >= 24, i.e. N B <= 64; else f_64 = 62 - ...
+    def fmt(n, bound):
+        fixed = FixedPoint.choose(n, bound)
+        return fixed.width, fixed.frac_bits
+
+    above_8 = math.nextafter(8.0, math.inf)
+    assert fmt(8, 8.0) == (32, 24)  # N B = 64 = 2^6: just fits
+    assert fmt(8, above_8) == (64, 55)  # N B = 64 (1 + 2^-52): 7 bits, 23 < 24 left
+    assert fmt(9, 8.0) == (64, 55)  # 72: 7 bits
+    assert fmt(64, 1.0) == (32, 24) and fmt(65, 1.0) == (64, 55)
+    assert fmt(10, 1.0) == (32, 26)  # 10 -> 4 bits
+    assert fmt(10, DEFAULT_VALUE_BOUND) == (64, 28)  # 10 * 2^30 -> 34 bits: as before
+    assert fmt(1, 2.0**-40) == (32, 70)  # a tiny bound: fine steps, no cap needed
+    # the clip range of client-level DP: C (1 + 2^-20) [+ 10 sigma with distributed noise]
+    assert clipped_range(1.0) == 1.0 + 2.0**-20
+    assert clipped_range(0.5, 0.25) == 0.5 + 2.0**-21 + 2.5
+    assert fmt(10, clipped_range(1.0)) == (32, 26)  # the default federation under client DP
+    assert fmt(63, clipped_range(1.0)) == (32, 24)
+    assert fmt(64, clipped_range(1.0)) == (64, 55)  # 64 (1 + 2^-20) > 2^6
+    # distributed noise, 10 sites, t = 7, sigma = 1: 1 + 10 / sqrt(7) = 4.78; N B = 47.8 -> 6
+    assert fmt(10, clipped_range(1.0, 1 / math.sqrt(7))) == (32, 24)
+    assert fmt(14, clipped_range(1.0, 1 / math.sqrt(7))) == (64, 55)  # 66.9 -> 7
+    with pytest.raises(SecAggError, match="at least 24"):
+        FixedPoint.for_sites(9, 8.0, width=32)
+    with pytest.raises(SecAggError, match="positive"):
+        clipped_range(0.0)
+
+
+def test_sum_at_the_boundary_is_exact_in_each_width():
+    """N values of +B or -B decode exactly: at N B = 64 (32 bits, f = 24), just above it (64
+    bits, f = 55) and at 8 * 2^30 (64 bits, f = 29)."""
+    above_8 = math.nextafter(8.0, 9.0)
+    for n, bound, width, frac_bits in [
+        (8, 8.0, 32, 24),
+        (8, above_8, 64, 55),
+        (8, DEFAULT_VALUE_BOUND, 64, 29),
+    ]:
+        fixed = FixedPoint.choose(n, bound)
+        assert (fixed.width, fixed.frac_bits) == (width, frac_bits)
+        for signs in ([1] * n, [-1] * n, [1] * (n - 1) + [-1]):
+            total = np.zeros(1, dtype=fixed.encode(np.zeros(1)).dtype)
+            for sign in signs:
+                total += fixed.encode(np.array([sign * bound]))  # wraps modulo 2^w
+            assert fixed.decode(total)[0] == sum(signs) * bound  # exact
+    # by hand: 8 values of 8 at f = 24 are 8 * 2^27 = 2^30 as int32, and 8 of 2^30 at f = 29
+    # are 2^62 as int64; one more fractional bit makes either 2^(w-1), one past the largest
+    # w-bit integer: it wraps to -2^(w-1). The guard bit in f = (w - 2) - ... is needed.
+    assert FixedPoint.choose(8, 8.0).encode(np.array([8.0, -8.0])).tolist() == [
+        2**27,
+        2**32 - 2**27,
+    ]
+    for n, bound, width, frac_bits in [(8, 8.0, 32, 25), (8, DEFAULT_VALUE_BOUND, 64, 30)]:
+        finer = FixedPoint(n, bound, frac_bits, width)
+        total = np.zeros(1, dtype=finer.encode(np.zeros(1)).dtype)
+        for _ in range(n):
+            total += finer.encode(np.array([bound]))
+        assert finer.decode(total)[0] == -n * bound
+
+
+def test_a_protocol_sum_at_the_boundary_is_exact():
+    """Eight sites at the bound of a 32-bit key (8, f = 24) and of a 64-bit one (2^30, f = 29):
+    masks, lanes and words add without a carry crossing a lane, and the sum is exact."""
+    n = 8
+    xs = {
+        i: {"delta/x": np.array([8.0, -8.0, 8.0 * (-1) ** i]), "weight": np.array([2.0**30])}
+        for i in range(n)
+    }
+    total, _, _, _, layout = run_protocol(n, 5, xs=xs, key_bounds={"delta/": 8.0})
+    assert layout.formats == ((32, 24), (64, 29))
+    assert total.tolist() == [64.0, -64.0, 0.0, 2.0**33]
 
 
 def fsum_columns(vectors: list[np.ndarray]) -> np.ndarray:
@@ -77,6 +152,47 @@ def test_extreme_values_do_not_wrap():
         for _ in range(n):
             total += fixed.encode(np.array([sign * DEFAULT_VALUE_BOUND]))
         assert fixed.decode(total)[0] == sign * n * DEFAULT_VALUE_BOUND
+
+
+def test_key_bounds_come_from_the_client_level_clip(tiny_cfg):
+    """Only client-level DP bounds the data-carrying vectors: C (1 + 2^-20), plus 10 sigma_site
+    with distributed noise (sigma_site = sigma C / sqrt(t)); weights and statistics keep the
+    session's bound, and without that clip every key does."""
+    clip = 0.5 * (1 + 2.0**-20)
+    bounds = secure_app.key_bounds
+    assert bounds(tiny_cfg(), 2) == {}
+    assert bounds(tiny_cfg(privacy={"level": "sample"}), 2) == {}
+    client = {"level": "client", "max_grad_norm": 0.5, "noise_multiplier": 2.0}
+    assert bounds(tiny_cfg(privacy=client), 2) == {"delta/": clip}
+    scaffold = tiny_cfg(privacy=client, strategy={"name": "scaffold"})
+    assert bounds(scaffold, 2) == {"delta/": clip, "dc/": clip}
+    distributed = tiny_cfg(
+        privacy=client | {"client_noise": "distributed"}, secure={"enabled": True}
+    )
+    assert bounds(distributed, 4) == {"delta/": clip + 10 * 2.0 * 0.5 / 2}  # t = 4: sqrt 2
+
+
+def test_a_32_bit_value_travels_in_4_bytes():
+    """Masked inputs are 64-bit words; 32-bit values fill them two at a time. Measured on the
+    message a site sends (record_bytes, as the round's byte counts) and on Flower's Array."""
+    from flwr.app import Array
+
+    xs = {i: {"delta/a": np.linspace(-1, 1, 1001), "weight": np.array([1.0])} for i in range(3)}
+    sizes = {}
+    for name, bounds in (("64-bit", None), ("32-bit", {"delta/": 1.0})):
+        server = SecAggServer(threshold=2)
+        clients = {i: SecAggClient.create(1, i, 2, key_bounds=bounds) for i in range(3)}
+        peers = server.receive_keys({i: c.public_keys() for i, c in clients.items()})
+        routed = server.route_shares({i: c.share_keys(peers) for i, c in clients.items()})
+        layout, y = clients[0].mask_input(xs[0], routed[0])
+        message = RecordDict({R.SECAGG_MASKED: ArrayRecord({R.SECAGG_MASKED: Array(y)})})
+        sizes[name] = (layout, y, record_bytes(message), len(Array(y).data))
+    layout, y, wire, data = sizes["32-bit"]
+    assert layout.formats == ((32, 28), (64, 30))  # 30 - ceil(log2 3), 62 - ceil(log2 3 2^30)
+    assert y.dtype == np.uint64 and y.shape == (1 + 501,)  # 1 word, then 1001 lanes + 1 pad
+    assert wire == 1001 * 4 + 4 + 8  # the weight in 8 bytes, half a word of padding
+    assert sizes["64-bit"][2] == 1002 * 8
+    assert sizes["64-bit"][3] - data == 1001 * 4 - 4  # Flower's bytes: the same difference
 
 
 def test_out_of_range_and_non_finite_values_are_refused():
@@ -138,16 +254,19 @@ def test_shamir_by_hand_and_at_random():
 # --- the protocol, in process -------------------------------------------------------------
 
 
-def contributions(n: int, rng: np.random.Generator) -> dict[int, dict[str, np.ndarray]]:
-    """FedAvg-like contributions: n_i * delta_i (n_i in the thousands) and n_i."""
+def contributions(
+    n: int, rng: np.random.Generator, clipped: bool = False
+) -> dict[int, dict[str, np.ndarray]]:
+    """FedAvg-like contributions: n_i * delta_i (n_i in the thousands) and n_i; `clipped`: as
+    under client-level DP, weight 1 and the deltas clipped jointly to L2 norm 1."""
     out = {}
     for i in range(n):
-        n_i = float(rng.integers(100, 5000))
-        out[i] = {
-            "delta/a": n_i * rng.normal(0, 1e-2, (8, 16)),
-            "delta/b": n_i * rng.normal(0, 1e-2, (16, 8)),
-            "weight": np.array([n_i]),
-        }
+        n_i = 1.0 if clipped else float(rng.integers(100, 5000))
+        a, b = rng.normal(0, 1e-2, (8, 16)), rng.normal(0, 1e-2, (16, 8))
+        if clipped:
+            norm = math.hypot(np.linalg.norm(a), np.linalg.norm(b))
+            a, b = a / max(1.0, norm), b / max(1.0, norm)
+        out[i] = {"delta/a": n_i * a, "delta/b": n_i * b, "weight": np.array([n_i])}
     return out
 
 
@@ -160,13 +279,19 @@ def run_protocol(
     silent_at_mask: tuple[int, ...] = (),
     silent_at_unmask: tuple[int, ...] = (),
     seed: int = 0,
+    xs: dict[int, dict[str, np.ndarray]] | None = None,
+    key_bounds: dict[str, float] | None = None,
 ):
     """All four stages; a site listed for a stage sends nothing from that stage on. Client state
-    goes through to_state / ConfigRecord / from_state between stages, as in Flower."""
+    goes through to_state / ConfigRecord / from_state between stages, as in Flower. Returns
+    the sum, the reference sum, the stated error bound, the survivors and the layout."""
     rng = np.random.default_rng(seed)
-    xs = contributions(n, rng)
+    xs = xs or contributions(n, rng, clipped=bool(key_bounds))
     server = SecAggServer(threshold=t)
-    clients = {i: SecAggClient.create(session=1, site=i, threshold=t) for i in range(n)}
+    clients = {
+        i: SecAggClient.create(session=1, site=i, threshold=t, key_bounds=key_bounds)
+        for i in range(n)
+    }
 
     def reload(i: int) -> SecAggClient:
         clients[i] = SecAggClient.from_state(ConfigRecord(clients[i].to_state()))
@@ -181,22 +306,34 @@ def run_protocol(
         if i not in silent_at_mask:
             layout, masked[i] = reload(i).mask_input(xs[i], routed[i])
             layouts.add(layout)
-    survivors, dropped = server.receive_masked(masked)
+    (layout,) = layouts
+    survivors, dropped = server.receive_masked(masked, layout)
     responses = {
         i: reload(i).unmask(survivors, dropped) for i in survivors if i not in silent_at_unmask
     }
     total = server.unmask(responses)
-    (layout,) = layouts
     expected = fsum_columns([layout.pack(xs[i]) for i in survivors])
     abs_sum = np.sum([np.abs(layout.pack(xs[i])) for i in survivors], axis=0)
-    return total, expected, server.fixed_point.error_bound(len(survivors), abs_sum), survivors
+    return total, expected, layout.error_bound(len(survivors), abs_sum), survivors, layout
+
+
+CLIP = {"delta/": clipped_range(1.0)}
 
 
 @pytest.mark.parametrize("n", [3, 10])
-def test_unmasked_sum_equals_plain_sum(n):
-    total, expected, bound, survivors = run_protocol(n, n // 2 + 1)
+@pytest.mark.parametrize("bounds", [None, CLIP, {"delta/a": clipped_range(1.0)}])
+def test_unmasked_sum_equals_plain_sum(n, bounds):
+    """All in 64 bits; clipped deltas in 32 bits (weights in 64); one tensor in 32 bits."""
+    total, expected, bound, survivors, layout = run_protocol(n, n // 2 + 1, key_bounds=bounds)
     assert survivors == list(range(n))
     assert np.all(np.abs(total - expected) <= bound)
+    widths = dict(zip(layout.keys, (w for w, _ in layout.formats), strict=True))
+    assert widths["weight"] == 64
+    assert widths["delta/a"] == (32 if bounds else 64)
+    assert widths["delta/b"] == (32 if bounds is CLIP else 64)
+    # the bound is not vacuous in 32 bits either: n rounding errors come close to it somewhere
+    step = math.ldexp(1.0, -layout.formats[0][1])
+    assert np.abs(total - expected)[:128].max() > 0.25 * n * step / 2
 
 
 @pytest.mark.parametrize(
@@ -209,8 +346,9 @@ def test_unmasked_sum_equals_plain_sum(n):
         ({"silent_at_mask": (3,), "silent_at_unmask": (6, 9)}, [0, 1, 2, 4, 5, 6, 7, 8, 9]),
     ],
 )
-def test_dropouts_down_to_threshold(drops, in_sum):
-    total, expected, bound, survivors = run_protocol(10, 6, **drops)
+@pytest.mark.parametrize("bounds", [None, CLIP])
+def test_dropouts_down_to_threshold(drops, in_sum, bounds):
+    total, expected, bound, survivors, _ = run_protocol(10, 6, key_bounds=bounds, **drops)
     assert survivors == in_sum
     assert np.all(np.abs(total - expected) <= bound)
 
@@ -229,21 +367,26 @@ def test_below_threshold_is_an_error(drops, stage):
         run_protocol(5, 3, **drops)
 
 
-def test_masked_input_reveals_nothing_of_the_update():
+@pytest.mark.parametrize("bound", [DEFAULT_VALUE_BOUND, 5.0])
+def test_masked_input_reveals_nothing_of_the_update(bound):
+    """In 64 bits (the default bound) and in 32-bit lanes (bound 5: 3 x 5 -> f = 26)."""
     n, size = 3, 100_000
-    fixed = FixedPoint.for_sites(n)
-    server = SecAggServer(threshold=2)
-    clients = {i: SecAggClient.create(session=1, site=i, threshold=2) for i in range(n)}
+    fixed = FixedPoint.choose(n, bound)
+    assert fixed.width == (64 if bound == DEFAULT_VALUE_BOUND else 32)
+    server = SecAggServer(threshold=2, value_bound=bound)
+    clients = {i: SecAggClient.create(1, i, 2, value_bound=bound) for i in range(n)}
     peers = server.receive_keys({i: c.public_keys() for i, c in clients.items()})
     routed = server.route_shares({i: c.share_keys(peers) for i, c in clients.items()})
     x = {"v": np.linspace(-5, 5, size)}  # a very structured update
     _, y = clients[0].mask_input(x, routed[0])
-    seen = fixed.decode(y)  # what the server would read as site 0's values
+    values = y if fixed.width == 64 else y.view(np.uint32)[:size]
+    seen = fixed.decode(values)  # what the server would read as site 0's values
     assert abs(np.corrcoef(seen, x["v"])[0, 1]) < 0.02
-    # uniform over the ring: only about 2^(f+1) B / 2^64 of them fall in the value range
+    # uniform over the ring: only about 2^(f+1) B / 2^w of them fall in the value range
     in_range = np.mean(np.abs(seen) <= fixed.value_bound)
-    assert in_range < 4 * 2.0 ** (fixed.frac_bits + 1) * fixed.value_bound / 2.0**64
-    top_byte = np.bincount((y >> np.uint64(56)).astype(np.int64), minlength=256)
+    assert in_range < 4 * 2.0 ** (fixed.frac_bits + 1) * fixed.value_bound / 2.0**fixed.width
+    top = (values >> values.dtype.type(fixed.width - 8)).astype(np.int64)
+    top_byte = np.bincount(top, minlength=256)
     chi2 = np.sum((top_byte - size / 256) ** 2 / (size / 256))
     assert chi2 < 400  # 255 degrees of freedom: about 255 +- 23 for uniform bytes
 

@@ -33,10 +33,12 @@ def rows(folder):
 
 
 def assert_secure_equals_plain(plain, secure) -> None:
-    """Plaintext sites send float32, secure ones fixed point with 2^-30 steps: both round at
-    ~1e-7 relative, far below anything training could amplify in two rounds. The secure run
-    reports no aggregation error: per-site factors are not visible, and its train loss comes
-    from the sites' summed statistics."""
+    """Plaintext sites send float32 (relative error 2^-24), secure ones fixed point: 64 bits
+    with 2^-29 steps at 3 sites here, or 32 bits with at least 24 fractional bits (the averaged
+    update off by at most 2^-25 = 3e-8 per element and round; FixedPoint.choose). Both are far
+    below the 1e-6 allowed here, and below anything training could amplify in two rounds. The
+    secure run reports no aggregation error: per-site factors are not visible, and its train
+    loss comes from the sites' summed statistics."""
     a, b = adapter(plain), adapter(secure)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
@@ -57,6 +59,24 @@ def test_secure_aggregation_matches_the_plaintext_federation(name, tmp_path, tin
     )
     assert_secure_equals_plain(plain, secure)
     assert json.loads((secure / "summary.json").read_text())["secure_aggregation"] is True
+
+
+def test_clipped_updates_travel_in_32_bits_and_match_the_plaintext_federation(tmp_path, tiny_cfg):
+    """Client-level DP clips each site's update to norm C = 1, so its deltas travel in 32 bits
+    (3 sites: f = 30 - ceil(log2(3 C)) = 28; weights and statistics stay in 64): the upload is
+    about the plaintext float32 one, not twice it, and the result equals the plaintext
+    federation's within the fixed-point error (the central noise is drawn alike in both runs:
+    its seed is the run seed)."""
+    sections = {"privacy": {"level": "client"}}
+    plain = simulate(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}), log=quiet)
+    secure = simulate(
+        tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
+        log=quiet,
+    )
+    assert_secure_equals_plain(plain, secure)
+    for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):
+        # keys, shares and the layout's key names add ~6 KB to the ~43 KB here; 64 bits: over 2x
+        assert x["bytes_up"] < y["bytes_up"] < 1.25 * x["bytes_up"]
 
 
 def test_distributed_client_noise_under_secure_aggregation(tmp_path, tiny_cfg):

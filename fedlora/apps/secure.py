@@ -10,9 +10,14 @@ One session per round, four stages, each one message to every site still in it a
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
-(keys and shapes) and each site's id; of the contributions only their sum. A site's training
-statistics (loss, rows, epsilon) are extra coordinates of its contribution, so the server learns
-their sums only.
+(keys, shapes, number formats) and each site's id; of the contributions only their sum. A site's
+training statistics (loss, rows, epsilon) are extra coordinates of its contribution, so the server
+learns their sums only.
+
+Each key travels in 32 or 64 bits, chosen from the cohort and the key's bound
+(``FixedPoint.choose``): the session's value bound, or a tighter one the federation's config
+guarantees (``key_bounds``: client-level DP clips the data-carrying vectors). The layout a site
+sends names each key's format; a site whose layout differs from the others' counts as dropped.
 
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
 sees itself: the request before it opens a session (and a round it took part in before is
@@ -55,6 +60,8 @@ from fedlora.apps.contribution import (
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
 from fedlora.errors import FedloraError
+from fedlora.privacy.client_level import noise_shares, site_noise_std
+from fedlora.privacy.policy import client_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
@@ -63,7 +70,9 @@ from fedlora.secure.secagg import (
     SecAggError,
     SecAggServer,
     check_threshold,
+    clipped_range,
 )
+from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
@@ -189,7 +198,8 @@ def secure_sum(
     timeout: float | None = None,
 ) -> SecureSum:
     """Run one round's training under secure aggregation with the sites `site_nodes` (site id ->
-    node id) and return the per-key SUM of their contributions.
+    node id) and return the per-key SUM of their contributions (each key summed in the width
+    the sites' layout names).
 
     `train_content` is what a plaintext TRAIN message carries (global adapter, broadcast, round
     config with the round number). `threshold` t: the fewest sites that must survive every
@@ -252,12 +262,16 @@ def secure_sum(
             contents[s] = content
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
-        if inputs:  # a site whose keys or shapes differ from the others' counts as dropped
+        layout = None  # a site whose keys, shapes or formats differ from the others' drops
+        if inputs:
             layout = Counter(lay for _, lay, _ in inputs.values()).most_common(1)[0][0]
             for s in [s for s, (_, lay, _) in inputs.items() if lay != layout]:
-                ask.failures.append(f"site {s}, {MASK}: its contribution's keys or shapes differ")
+                ask.failures.append(
+                    f"site {s}, {MASK}: its contribution's keys, shapes or number formats differ"
+                )
                 del inputs[s]
-        survivors, dropped = server.receive_masked({s: m for s, (m, _, _) in inputs.items()})
+        masked = {s: m for s, (m, _, _) in inputs.items()}
+        survivors, dropped = server.receive_masked(masked, layout)
 
         stage = UNMASK
         request = _fields(
@@ -303,8 +317,8 @@ def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
 def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
     masked = content[records.SECAGG_MASKED][records.SECAGG_MASKED].numpy()
     layout = Layout.from_config(content[records.SECAGG_LAYOUT])
-    if masked.dtype != np.uint64 or masked.shape != (layout.size,):
-        raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.size}")
+    if masked.dtype != np.uint64 or masked.shape != (layout.words,):
+        raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.words}")
     return masked, layout, content[records.SITE_METRICS]
 
 
@@ -347,8 +361,13 @@ def _stage_reply(
     if stage == KEYS:
         policy.check_request(cfg, secure=True)
         take_round(cfg, context, round_)
+        threshold = int(fields[records.THRESHOLD])
         client = SecAggClient.create(
-            round_, site, int(fields[records.THRESHOLD]), float(fields[records.VALUE_BOUND])
+            round_,
+            site,
+            threshold,
+            float(fields[records.VALUE_BOUND]),
+            key_bounds=key_bounds(cfg, threshold),
         )
         c_pk, s_pk = client.public_keys()
         reply = RecordDict(
@@ -390,6 +409,26 @@ def _stage_reply(
     else:
         context.state[records.SECAGG_STATE] = ConfigRecord(client.to_state())
     return Message(reply, reply_to=msg)
+
+
+def key_bounds(cfg: Config, threshold: int) -> dict[str, float]:
+    """Key prefix -> the largest |value| the federation's config guarantees for those keys,
+    tighter than the session's value bound: under client-level DP a site clips its private
+    vectors (the strategy's private prefixes) jointly to L2 norm C, so every coordinate is
+    within C, and with distributed noise adds N(0, sigma_site^2) to each (``clipped_range``).
+    Weights, counts and the statistics (rows, loss x rows, epsilon) have no such bound and keep
+    the session's. Every site derives the same from the config and the session's threshold t
+    (the noise is split over t, as in fedlora.apps.contribution)."""
+    if cfg.privacy.level != "client":
+        return {}
+    mechanism = client_mechanism(cfg)
+    std = 0.0
+    if cfg.privacy.client_noise == "distributed":
+        std = site_noise_std(
+            mechanism.noise_multiplier, mechanism.max_grad_norm, noise_shares(threshold)
+        )
+    bound = clipped_range(mechanism.max_grad_norm, std)
+    return dict.fromkeys(strategy_for(cfg).private_prefixes, bound)
 
 
 def _load_session(context: Context, round_: int) -> SecAggClient:

@@ -29,9 +29,10 @@ Protocol, one session per round, for the sites U0 the server chose and threshold
 2. share keys: each site draws a self-mask seed b_i, Shamir-shares b_i and its mask secret key
    s_i (t of |U1| shares reconstruct), and encrypts one pair of shares per peer under the
    c-key agreed with that peer. Senders of a complete set form U2 (|U2| >= t).
-3. masked input: each site i in U2 trains, encodes its vector x_i in fixed point modulo 2^64
-   and sends  y_i = x_i + PRG(b_i) + sum_{j in U2, j > i} PRG(s_ij) - sum_{j in U2, j < i}
-   PRG(s_ij)  (s_ij = the s-key agreed by i and j). Senders form U3 (|U3| >= t).
+3. masked input: each site i in U2 trains, encodes its vector x_i in fixed point modulo 2^w
+   (w = 32 or 64 per key, see below) and sends  y_i = x_i + PRG(b_i) + sum_{j in U2, j > i}
+   PRG(s_ij) - sum_{j in U2, j < i} PRG(s_ij)  (s_ij = the s-key agreed by i and j). Senders
+   form U3 (|U3| >= t).
 4. unmask: each survivor sends its shares of b_j for j in U3 and of s_j for j in U2 \\ U3, never
    both for one site. From t shares each, the server removes the survivors' self masks and the
    dropped sites' pairwise masks; the pairwise masks among survivors cancel in the sum.
@@ -43,22 +44,33 @@ what unmasking one site would take. A server that forges sites' public keys (an 
 is out of scope (Bonawitz et al.'s signed consistency round is not implemented); node
 authentication in deployment keeps unknown nodes out.
 
-Fixed point (``FixedPoint``): each value x with |x| <= B (the value bound) becomes
-round(x * 2^f) in two's complement modulo 2^64, f = 62 - ceil(log2(N * B)) for N sites, so the
-sum of N encoded values stays below 2^62 in magnitude and decodes without wrapping. A value
-beyond B (or not finite) raises ``ValueOutOfRange``; nothing is clipped. The decoded sum S' of
-m <= N inputs satisfies, per element,
+Fixed point (``FixedPoint``): each value x with |x| <= B (its key's bound) becomes
+q = round(x * 2^f) in two's complement modulo 2^w, w = 32 or 64 bits, with f = (w - 2) -
+ceil(log2(N * B)) for N sites, so the sum of N encoded values stays within 2^(w-2) + N/2 in
+magnitude and decodes without wrapping. ``FixedPoint.choose`` picks the width from N and B: 32
+bits when they leave at least 24 fractional bits (N * B <= 64), else 64; its docstring holds the
+overflow analysis and the error bound. A value beyond B (or not finite) raises
+``ValueOutOfRange`` naming its key; nothing is clipped. The decoded sum S' of m <= N inputs
+satisfies, per element,
 
     |S' - sum_i x_i| <= m * 2^-(f+1) + 2^-52 * sum_i |x_i|
 
-(m rounding errors of half a step when encoding; the second term is float64 rounding when the
-integer sum is turned back into a float, the same order as a float64 sum's own error).
-Trade-off: each doubling of B or of N costs one fractional bit. The default B = 2^30 covers
-n_i * delta_i for sites with up to millions of rows and FedNova's n_i * a_i up to 10^9. At
-N = 10 it leaves f = 28 (step 3.7e-9): a site's rounding error 2^-(f+1) is below float32's
-|x| 2^-24 (plaintext contributions travel as float32) for every |x| above 2^(23-f) = 0.03; at
-N = 100, f = 25 and the same holds above 0.25. A masked input costs 8 bytes per value, twice
-the plaintext float32.
+(m rounding errors of half a step when encoding; the second term is float64 rounding when a
+64-bit integer sum is turned back into a float, the same order as a float64 sum's own error).
+
+Bounds: the session's value bound B (default 2^30) covers every key; a site may give key prefixes
+a tighter bound that the federation's config guarantees to all (``clipped_range``: under
+client-level DP the data-carrying vectors are clipped to L2 norm C), so those keys can go in 32
+bits while counts and statistics keep 64. The default B = 2^30 covers n_i * delta_i for sites with
+up to millions of rows and FedNova's n_i * a_i up to 10^9, so it always needs 64 bits. At N = 10
+it leaves f = 28 (step 3.7e-9): a site's rounding error 2^-(f+1) is below float32's |x| 2^-24
+(plaintext contributions travel as float32) for every |x| above 2^(23-f) = 0.03; at N = 100,
+f = 25 and the same holds above 0.25. Each doubling of B or of N costs one fractional bit.
+
+On the wire a masked input is 64-bit words: the 64-bit values first (one word each, in key
+order), then the 32-bit values two to a word; sums and masks work modulo 2^64 on the first part
+and modulo 2^32 on each 32-bit lane of the second (``Layout.join``, ``ring_add``). A masked
+32-bit value costs 4 bytes, as much as plaintext float32; a 64-bit one twice that.
 """
 
 from __future__ import annotations
@@ -67,8 +79,9 @@ import base64
 import math
 import os
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import numpy as np
 from cryptography.fernet import InvalidToken
@@ -87,10 +100,19 @@ from fedlora.flower_internals import (
 
 DEFAULT_VALUE_BOUND = 2.0**30
 """Largest |value| a site may contribute unless the caller says otherwise (see module doc)."""
+WIDTHS = (32, 64)
+"""The moduli 2^w a value may be summed in."""
+PRECISION_BITS = 24
+"""A 32-bit format must keep at least this many fractional bits (``FixedPoint.choose``)."""
 MIN_FRAC_BITS = 16
-"""Refuse N * B so large that the fixed-point step would be coarser than 2^-16."""
+"""Refuse N * B so large that even 64 bits leave a step coarser than 2^-16."""
+CLIP_SLACK = 2.0**-20
+"""Relative room above a clip norm C for the float64 rounding of the clip (``clipped_range``)."""
+NOISE_SIGMAS = 10.0
+"""Gaussian noise is bounded at this many standard deviations (``clipped_range``)."""
 
-_SUM_BITS = 62  # |sum of N encoded values| <= 2^62 + N/2 < 2^63: int64 decoding never wraps
+_SIGNED = {32: np.int32, 64: np.int64}
+_UNSIGNED = {32: np.uint32, 64: np.uint64}
 _KEY_BYTES = 32
 _PRIME = 2**521 - 1  # Shamir's field: a Mersenne prime above every 32-byte secret
 _SHARE_BYTES = 4 + 66  # x (4 bytes) and f(x) < 2^521 (66 bytes), big-endian
@@ -114,29 +136,105 @@ class ValueOutOfRange(SecAggError):
 # --- fixed point ----------------------------------------------------------------------------
 
 
+def _ceil_log2(x: Fraction) -> int:
+    """The least k with 2^k >= x > 0, computed exactly (a float log2 can round across k)."""
+    k = x.numerator.bit_length() - x.denominator.bit_length()
+    while Fraction(2) ** k < x:
+        k += 1
+    while Fraction(2) ** (k - 1) >= x:
+        k -= 1
+    return k
+
+
+def _frac_bits(num_sites: int, value_bound: float, width: int) -> int:
+    """f = (w - 2) - ceil(log2(N * B)): the finest scale with N * B * 2^f <= 2^(w-2)."""
+    if width not in WIDTHS:
+        raise SecAggError(f"width must be one of {WIDTHS}, got {width}")
+    if num_sites < 1:
+        raise SecAggError(f"num_sites must be >= 1, got {num_sites}")
+    if not (math.isfinite(value_bound) and value_bound > 0):
+        raise SecAggError(f"value_bound must be a positive number, got {value_bound}")
+    return width - 2 - _ceil_log2(num_sites * Fraction(value_bound))
+
+
+def decode_ints(total: np.ndarray, frac_bits: int) -> np.ndarray:
+    """The float64 value of a sum of encoded values: uint32 or uint64 read as two's complement
+    of its own width, times 2^-f."""
+    total = np.asarray(total)
+    if total.dtype not in (np.uint32, np.uint64):
+        raise SecAggError(f"encoded values must be uint32 or uint64, got {total.dtype}")
+    as_int = total.view(_SIGNED[8 * total.dtype.itemsize])
+    return np.ldexp(as_int.astype(np.float64), -frac_bits)
+
+
 @dataclass(frozen=True)
 class FixedPoint:
-    """Float64 <-> integers modulo 2^64 with `frac_bits` fractional bits, safe for the sum of
-    `num_sites` values of magnitude <= `value_bound`."""
+    """Float64 <-> integers modulo 2^`width` with `frac_bits` fractional bits, safe for the sum
+    of `num_sites` values of magnitude <= `value_bound`."""
 
     num_sites: int
     value_bound: float
     frac_bits: int
+    width: int = 64
 
     @classmethod
-    def for_sites(cls, num_sites: int, value_bound: float = DEFAULT_VALUE_BOUND) -> FixedPoint:
-        """The finest scale that cannot overflow: f = 62 - ceil(log2(N * B))."""
-        if num_sites < 1:
-            raise SecAggError(f"num_sites must be >= 1, got {num_sites}")
-        if not (math.isfinite(value_bound) and value_bound > 0):
-            raise SecAggError(f"value_bound must be a positive number, got {value_bound}")
-        frac_bits = _SUM_BITS - math.ceil(math.log2(num_sites * value_bound))
+    def for_sites(
+        cls, num_sites: int, value_bound: float = DEFAULT_VALUE_BOUND, width: int = 64
+    ) -> FixedPoint:
+        """The finest scale at `width` bits that cannot overflow: f = (w - 2) - ceil(log2(N B))
+        (the analysis is in ``choose``). 64 bits: refused below MIN_FRAC_BITS; 32 bits:
+        refused below PRECISION_BITS or for N >= 2^31 (``choose`` then takes 64)."""
+        frac_bits = _frac_bits(num_sites, value_bound, width)
+        if width == 32 and (frac_bits < PRECISION_BITS or num_sites >= 2**31):
+            raise SecAggError(
+                f"value_bound {value_bound:g} with {num_sites} sites leaves {frac_bits} "
+                f"fractional bits in 32 bits (at least {PRECISION_BITS} needed)"
+            )
         if frac_bits < MIN_FRAC_BITS:
             raise SecAggError(
                 f"value_bound {value_bound:g} with {num_sites} sites leaves {frac_bits} "
                 f"fractional bits (at least {MIN_FRAC_BITS} needed): lower the value bound"
             )
-        return cls(num_sites, float(value_bound), frac_bits)
+        return cls(num_sites, float(value_bound), frac_bits, width)
+
+    @classmethod
+    def choose(cls, num_sites: int, value_bound: float = DEFAULT_VALUE_BOUND) -> FixedPoint:
+        """The format for summing N = `num_sites` values with |x| <= B = `value_bound`: 32 bits
+        when f_32 = 30 - ceil(log2(N B)) >= PRECISION_BITS = 24, i.e. N B <= 2^6 = 64; else
+        64 bits with f_64 = 62 - ceil(log2(N B)) (refused below MIN_FRAC_BITS = 16). Every
+        party derives it from N (the sites that advertised keys) and B (the session's bound, or
+        a key's bound from the federation's config), so all sum in the same ring.
+
+        Why the sum cannot wrap, at width w with f = (w - 2) - ceil(log2(N B)): 2^f <=
+        2^(w-2) / (N B). A value is checked |x| <= B (never clipped) and encoded as q =
+        rint(x 2^f), so |q| <= B 2^f + 1/2; the sum of m <= N of them, masks removed (they
+        cancel modulo 2^w), has |sum q| <= N B 2^f + N/2 <= 2^(w-2) + N/2 < 2^(w-1) (N <
+        2^(w-1)). So the sum modulo 2^w, read as a w-bit two's complement integer, is the exact
+        integer sum: nothing wraps, whatever the signs. (One bit of guard: with f + 1 the sum of
+        N values equal to B is 2^(w-1) when N B is a power of two, one past the largest int_w.)
+
+        Error per element of the decoded sum S' = 2^-f sum q of m inputs: each q is off from
+        x 2^f by at most 1/2, so
+          w = 32: |S' - sum x| <= m 2^-(f+1), exactly that (an int32 is exact in float64);
+          w = 64: |S' - sum x| <= m 2^-(f+1) + 2^-52 sum |x| (float64 rounding of an int64).
+        FedAvg, FedProx and SCAFFOLD divide the summed vectors by a summed weight of at least m
+        (n_i >= 1, 1 per site under client-level DP; SCAFFOLD's c by the number of sites), so
+        their averaged update is off by at most 2^-(f+1) per element, 2^-25 = 3.0e-8 at worst
+        in 32 bits (FedNova's by tau_eff, its mean local steps, times that).
+
+        Why 24 bits: plaintext rounds send float32, whose 24-bit significand rounds a value in
+        [0.5, 1) (the top of the default client-level clip range, C = 1) by up to 2^-25, the
+        same as the fixed point at f = 24; and the federation tests hold a secure run equal to
+        the plaintext one within 1e-6 per adapter entry over two rounds, which 2^-25 per round
+        meets 16 times over (tests/test_secure_federation.py; measured there under client-level
+        DP in 32 bits: the adapters differ by at most 1.2e-7, one float32 ulp of entries near
+        1.8, the eval loss by 4e-9 relative). Examples: B = 2^30 (the default) needs 64 bits
+        from N = 1; a clip norm C = 1 gives 32 bits (f = 26) at N = 10 and up to N = 63
+        (f = 24)."""
+        try:
+            return cls.for_sites(num_sites, value_bound, 32)
+        except SecAggError:
+            return cls.for_sites(num_sites, value_bound, 64)
 
     @property
     def step(self) -> float:
@@ -144,7 +242,8 @@ class FixedPoint:
         return math.ldexp(1.0, -self.frac_bits)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        """round(x * 2^f) as uint64 (two's complement); out-of-bound or non-finite -> error."""
+        """round(x * 2^f) as uint32 or uint64 (two's complement of the width); out-of-bound or
+        non-finite -> error."""
         x = np.asarray(values, dtype=np.float64)
         bad = ~np.isfinite(x) | (np.abs(x) > self.value_bound)
         if bad.any():
@@ -154,17 +253,32 @@ class FixedPoint:
                 f"range [-{self.value_bound:g}, {self.value_bound:g}] ({int(bad.sum())} values "
                 "in all): raise the value bound"
             )
-        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
+        ints = np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64)
+        return ints.astype(_SIGNED[self.width]).view(_UNSIGNED[self.width])
 
     def decode(self, total: np.ndarray) -> np.ndarray:
-        """The float64 value of a sum of at most `num_sites` encoded vectors (mod 2^64)."""
-        as_int = np.asarray(total, dtype=np.uint64).view(np.int64)
-        return np.ldexp(as_int.astype(np.float64), -self.frac_bits)
+        """The float64 value of a sum of at most `num_sites` encoded vectors (mod 2^width)."""
+        return decode_ints(np.asarray(total, dtype=_UNSIGNED[self.width]), self.frac_bits)
 
     def error_bound(self, count: int, abs_sum: np.ndarray | float) -> np.ndarray:
         """Per-element bound on |decoded sum - exact sum| for `count` inputs whose absolute
-        values sum to `abs_sum`: count * 2^-(f+1) + 2^-52 * abs_sum (module doc)."""
+        values sum to `abs_sum`: count * 2^-(f+1) + 2^-52 * abs_sum (module doc; the second
+        term, zero for a 32-bit sum itself, also covers a float64 reference sum's rounding)."""
         return count * self.step / 2 + np.ldexp(np.asarray(abs_sum, dtype=np.float64), -52)
+
+
+def clipped_range(max_norm: float, noise_std: float = 0.0) -> float:
+    """A bound on every coordinate of a vector clipped to L2 norm C = `max_norm`, plus N(0,
+    `noise_std`^2) per coordinate: C (1 + 2^-20) + 10 noise_std. A coordinate of a clipped
+    vector is at most its norm; the slack covers the float64 rounding of the clip (relative
+    d 2^-53, under 1e-10 for a million values). A Gaussian draw exceeds 10 standard deviations
+    with probability 2 Phi(-10) = 1.5e-23: once in 10^15 runs of 10^8 noised coordinates, and
+    then that site fails with ValueOutOfRange naming the key (never clipped, never wrapped)."""
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise SecAggError(f"max_norm must be a positive number, got {max_norm}")
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise SecAggError(f"noise_std must be a number >= 0, got {noise_std}")
+    return max_norm * (1 + CLIP_SLACK) + NOISE_SIGMAS * noise_std
 
 
 # --- contribution dict <-> one vector ----------------------------------------------------------
@@ -172,10 +286,12 @@ class FixedPoint:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which key sits where in the packed vector: keys sorted, each array flattened (C order)."""
+    """Which key sits where in the packed vector: keys sorted, each array flattened (C order);
+    once encoded, each key's number format (width, frac_bits)."""
 
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    formats: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
@@ -218,36 +334,114 @@ class Layout:
         """The key whose values include packed position `index` (to name it in errors)."""
         return self.keys[int(np.searchsorted(np.cumsum(self.sizes), index, side="right"))]
 
+    # the wire: 64-bit words, the 64-bit values first, then the 32-bit ones two to a word ------
+    def _formats(self) -> tuple[tuple[int, int], ...]:
+        if len(self.formats) != len(self.keys):
+            raise SecAggError("the layout has no number format for every key")
+        return self.formats
+
+    def count(self, width: int) -> int:
+        """How many values are encoded in `width` bits."""
+        return sum(n for (w, _), n in zip(self._formats(), self.sizes, strict=True) if w == width)
+
+    @property
+    def words(self) -> int:
+        """Length of the masked input in 64-bit words: 8 bytes per 64-bit value, 4 per 32-bit."""
+        return self.count(64) + (self.count(32) + 1) // 2
+
+    def join(self, wide: np.ndarray, narrow: np.ndarray) -> np.ndarray:
+        """The words of the wire from the uint64 values and the uint32 values (one word of
+        padding half empty when their number is odd)."""
+        narrow = np.asarray(narrow, dtype=np.uint32)
+        if narrow.size % 2:
+            narrow = np.append(narrow, np.uint32(0))
+        return np.concatenate([np.asarray(wide, dtype=np.uint64), narrow.view(np.uint64)])
+
+    def split(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the words as (uint64 values, uint32 lanes incl. any padding lane): writing
+        to them writes to `words`."""
+        if words.dtype != np.uint64 or words.shape != (self.words,):
+            raise SecAggError(
+                f"masked input is {words.dtype} {words.shape}, the layout needs uint64 "
+                f"({self.words},)"
+            )
+        wide = self.count(64)
+        return words[:wide], words[wide:].view(np.uint32)
+
+    def error_bound(self, count: int, abs_sum: np.ndarray) -> np.ndarray:
+        """``FixedPoint.error_bound`` per packed position, each key at its own scale."""
+        steps = np.repeat([math.ldexp(1.0, -f) for _, f in self._formats()], self.sizes)
+        return count * steps / 2 + np.ldexp(np.asarray(abs_sum, dtype=np.float64), -52)
+
     def to_config(self) -> dict[str, list[str] | list[int]]:
-        """Plain lists for a Flower ConfigRecord: keys, ranks and concatenated dimensions."""
+        """Plain lists for a Flower ConfigRecord: keys, ranks, concatenated dimensions, and
+        each key's width and fractional bits."""
         return {
             "keys": list(self.keys),
             "ranks": [len(s) for s in self.shapes],
             "dims": [d for s in self.shapes for d in s],
+            "widths": [w for w, _ in self.formats],
+            "frac_bits": [f for _, f in self.formats],
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> Layout:
         keys, ranks, dims = list(config["keys"]), list(config["ranks"]), list(config["dims"])
+        widths, frac_bits = list(config["widths"]), list(config["frac_bits"])
         if len(ranks) != len(keys) or sum(ranks) != len(dims):
             raise SecAggError("malformed layout: keys, ranks and dims do not match")
+        if len(widths) != len(frac_bits) or (widths and len(widths) != len(keys)):
+            raise SecAggError("malformed layout: keys, widths and frac_bits do not match")
+        if any(w not in WIDTHS for w in widths):
+            raise SecAggError(f"malformed layout: widths must be in {WIDTHS}, got {widths}")
         ends = np.cumsum(ranks, dtype=int)
         shapes = tuple(tuple(dims[e - r : e]) for r, e in zip(ranks, ends, strict=True))
-        return cls(tuple(keys), shapes)
+        formats = tuple((int(w), int(f)) for w, f in zip(widths, frac_bits, strict=True))
+        return cls(tuple(keys), shapes, formats)
 
 
 def encode_contribution(
-    fixed: FixedPoint, arrays: Mapping[str, np.ndarray]
+    fixed: FixedPoint | Callable[[str], FixedPoint], arrays: Mapping[str, np.ndarray]
 ) -> tuple[Layout, np.ndarray]:
-    """Pack and encode a contribution dict; an out-of-range error names the offending key."""
+    """Pack and encode a contribution dict into the words of the wire (module doc), each key in
+    its format (`fixed`, or `fixed(key)`); an out-of-range error names the offending key."""
     layout = Layout.of(arrays)
-    vector = layout.pack(arrays)
-    try:
-        return layout, fixed.encode(vector)
-    except ValueOutOfRange as err:
-        bad = ~np.isfinite(vector) | (np.abs(vector) > fixed.value_bound)
-        key = layout.key_at(int(np.flatnonzero(bad)[0]))
-        raise ValueOutOfRange(f"contribution {key!r}: {err}") from None
+    layout.pack(arrays)  # checks the shapes
+    formats = {k: fixed(k) if callable(fixed) else fixed for k in layout.keys}
+    parts: dict[int, list[np.ndarray]] = {32: [], 64: []}
+    for key in layout.keys:
+        try:
+            parts[formats[key].width].append(formats[key].encode(np.ravel(arrays[key])))
+        except ValueOutOfRange as err:
+            raise ValueOutOfRange(f"contribution {key!r}: {err}") from None
+    layout = replace(
+        layout, formats=tuple((formats[k].width, formats[k].frac_bits) for k in layout.keys)
+    )
+    wide = np.concatenate(parts[64]) if parts[64] else np.zeros(0, np.uint64)
+    narrow = np.concatenate(parts[32]) if parts[32] else np.zeros(0, np.uint32)
+    return layout, layout.join(wide, narrow)
+
+
+def ring_add(layout: Layout, total: np.ndarray, other: np.ndarray, subtract: bool = False) -> None:
+    """total += other (or -=) in place, word by word modulo 2^64 over the 64-bit values and
+    lane by lane modulo 2^32 over the 32-bit ones (no carry between two lanes of a word)."""
+    for a, b in zip(layout.split(total), layout.split(other), strict=True):
+        if subtract:
+            a -= b
+        else:
+            a += b
+
+
+def decode_sum(layout: Layout, words: np.ndarray) -> np.ndarray:
+    """The float64 packed vector (key order) of a summed, unmasked input, each key decoded in
+    its own format."""
+    segments = dict(zip((64, 32), layout.split(words), strict=True))
+    offsets = {64: 0, 32: 0}
+    out = []
+    for (width, frac_bits), n in zip(layout._formats(), layout.sizes, strict=True):
+        out.append(decode_ints(segments[width][offsets[width] : offsets[width] + n], frac_bits))
+        offsets[width] += n
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 # --- primitives -----------------------------------------------------------------------------
@@ -361,17 +555,28 @@ class SecAggClient:
     s_sk: bytes
     seed: bytes  # b_i, the self-mask seed
     stage: str = "keys"
+    #: key prefix -> a tighter bound than value_bound that the federation's config guarantees
+    key_bounds: dict[str, float] = field(default_factory=dict)
     peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1, self included
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's share of its own (b_i, s_i)
     shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from U2: (b_j, s_j)
 
     @classmethod
     def create(
-        cls, session: int, site: int, threshold: int, value_bound: float = DEFAULT_VALUE_BOUND
+        cls,
+        session: int,
+        site: int,
+        threshold: int,
+        value_bound: float = DEFAULT_VALUE_BOUND,
+        key_bounds: Mapping[str, float] | None = None,
     ) -> SecAggClient:
+        """`key_bounds`: key prefix -> bound for the keys that start with it (the longest
+        matching prefix wins), in place of `value_bound`; see ``FixedPoint.choose``."""
         if threshold < 1:
             raise SecAggError(f"threshold must be >= 1, got {threshold}")
-        FixedPoint.for_sites(1, value_bound)  # validate the bound early
+        key_bounds = {str(k): float(b) for k, b in (key_bounds or {}).items()}
+        for bound in (value_bound, *key_bounds.values()):
+            FixedPoint.choose(1, bound)  # validate the bounds early
         return cls(
             session=session,
             site=site,
@@ -380,6 +585,7 @@ class SecAggClient:
             c_sk=new_private_key(),
             s_sk=new_private_key(),
             seed=os.urandom(_KEY_BYTES),
+            key_bounds=key_bounds,
         )
 
     def public_keys(self) -> PublicKeys:
@@ -395,7 +601,17 @@ class SecAggClient:
 
     @property
     def fixed_point(self) -> FixedPoint:
-        return FixedPoint.for_sites(len(self.peers), self.value_bound)
+        """The format of the keys under the session's value bound."""
+        return FixedPoint.choose(len(self.peers), self.value_bound)
+
+    def bound(self, key: str) -> float:
+        """The largest |value| `key` may hold: its longest prefix's bound, else value_bound."""
+        prefixes = [p for p in self.key_bounds if key.startswith(p)]
+        return self.key_bounds[max(prefixes, key=len)] if prefixes else self.value_bound
+
+    def fixed_point_for(self, key: str) -> FixedPoint:
+        """The format `key` is encoded in: chosen from the cohort U1 and the key's bound."""
+        return FixedPoint.choose(len(self.peers), self.bound(key))
 
     def share_keys(self, peers: Mapping[int, PublicKeys]) -> dict[int, bytes]:
         """Stage 2: Shamir-share (b_i, s_i) among U1; one ciphertext per other site."""
@@ -424,7 +640,8 @@ class SecAggClient:
         self, contribution: Mapping[str, np.ndarray], ciphertexts: Mapping[int, bytes]
     ) -> tuple[Layout, np.ndarray]:
         """Stage 3: keep the shares U2 sent, then y_i = encode(x_i) + masks (module doc).
-        Returns the layout (sent in the clear: keys and shapes) and y_i."""
+        Returns the layout (sent in the clear: keys, shapes and number formats) and y_i, the
+        words of the wire."""
         self._expect("shared")
         if len(ciphertexts) + 1 < self.threshold:
             raise SecAggError(
@@ -443,14 +660,11 @@ class SecAggClient:
             if (src, dst) != (j, self.site):
                 raise SecAggError(f"site {self.site}: a share from {j} claims {src} -> {dst}")
             shares[j] = (b_share, s_share)
-        layout, encoded = encode_contribution(self.fixed_point, contribution)
-        masked = encoded + mask(self.seed, encoded.size)
+        layout, masked = encode_contribution(self.fixed_point_for, contribution)
+        ring_add(layout, masked, mask(self.seed, masked.size))
         for j in shares:
-            pair = pairwise_mask(self.s_sk, self.peers[j][1], encoded.size)
-            if j > self.site:
-                masked += pair
-            else:
-                masked -= pair
+            pair = pairwise_mask(self.s_sk, self.peers[j][1], masked.size)
+            ring_add(layout, masked, pair, subtract=j < self.site)
         self.shares = shares
         self.stage = "masked"
         return layout, masked
@@ -494,6 +708,8 @@ class SecAggClient:
             "share_ids": senders,
             "b_shares": [self.shares[j][0] for j in senders],
             "s_shares": [self.shares[j][1] for j in senders],
+            "bound_prefixes": list(self.key_bounds),
+            "bound_values": list(self.key_bounds.values()),
         }
 
     @classmethod
@@ -513,6 +729,10 @@ class SecAggClient:
             peers={int(j): (bytes(c), bytes(s)) for j, c, s in peers},
             own_shares=(bytes(own[0]), bytes(own[1])),
             shares={int(j): (bytes(b), bytes(s)) for j, b, s in shares},
+            key_bounds={
+                str(k): float(b)
+                for k, b in zip(state["bound_prefixes"], state["bound_values"], strict=True)
+            },
         )
 
 
@@ -529,6 +749,7 @@ class SecAggServer:
     peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1
     sharers: list[int] = field(default_factory=list)  # U2
     survivors: list[int] = field(default_factory=list)  # U3
+    layout: Layout | None = None  # the keys, shapes and number formats of the inputs
     masked_sum: np.ndarray | None = None
 
     def _enough(self, what: str, sites: Iterable[int]) -> list[int]:
@@ -542,7 +763,8 @@ class SecAggServer:
 
     @property
     def fixed_point(self) -> FixedPoint:
-        return FixedPoint.for_sites(len(self.peers), self.value_bound)
+        """The format of the keys under the session's value bound."""
+        return FixedPoint.choose(len(self.peers), self.value_bound)
 
     def receive_keys(self, keys: Mapping[int, PublicKeys]) -> dict[int, PublicKeys]:
         """Stage 1: U1 = the sites that advertised keys; returns what every site gets."""
@@ -560,42 +782,49 @@ class SecAggServer:
         self.sharers = self._enough("shared keys", complete)
         return {j: {i: sent[i][j] for i in self.sharers if i != j} for j in self.sharers}
 
-    def receive_masked(self, masked: Mapping[int, np.ndarray]) -> tuple[list[int], list[int]]:
-        """Stage 3: add the masked inputs of U3 (mod 2^64); returns (survivors, dropped)."""
+    def receive_masked(
+        self, masked: Mapping[int, np.ndarray], layout: Layout | None
+    ) -> tuple[list[int], list[int]]:
+        """Stage 3: add the masked inputs of U3, all in `layout` (modulo 2^64 or 2^32 per
+        value, ``ring_add``); returns (survivors, dropped)."""
         arrived = {i: np.asarray(y) for i, y in masked.items() if i in self.sharers}
         self.survivors = self._enough("sent masked inputs", arrived)
-        sizes = {y.shape for y in arrived.values()}
-        if len(sizes) != 1 or any(y.dtype != np.uint64 for y in arrived.values()):
-            raise SecAggError(f"masked inputs differ in shape or type: {sorted(sizes)}")
-        total = np.zeros(sizes.pop(), dtype=np.uint64)
+        if layout is None:
+            raise SecAggError("masked inputs without a layout")
+        sizes = {(str(y.dtype), y.shape) for y in arrived.values()}
+        if sizes != {("uint64", (layout.words,))}:
+            raise SecAggError(
+                f"masked inputs differ in shape or type: {sorted(sizes)}, the layout needs "
+                f"uint64 ({layout.words},)"
+            )
+        total = np.zeros(layout.words, dtype=np.uint64)
         for i in self.survivors:
-            total += arrived[i]
+            ring_add(layout, total, arrived[i])
+        self.layout = layout
         self.masked_sum = total
         return list(self.survivors), sorted(set(self.sharers) - set(self.survivors))
 
     def unmask(
         self, responses: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]
     ) -> np.ndarray:
-        """Stage 4: from the survivors' (b shares, s shares), the float64 sum of U3's inputs."""
-        if self.masked_sum is None:
+        """Stage 4: from the survivors' (b shares, s shares), the float64 sum of U3's inputs
+        (packed in the layout's key order)."""
+        if self.masked_sum is None or self.layout is None:
             raise SecAggError("unmask before the masked inputs arrived")
         responders = self._enough("sent unmasking shares", set(responses) & set(self.survivors))
         dropped = sorted(set(self.sharers) - set(self.survivors))
         total = self.masked_sum.copy()
         for j in self.survivors:
             b_j = self._combine(j, [responses[r][0].get(j) for r in responders])
-            total -= mask(b_j, total.size)
+            ring_add(self.layout, total, mask(b_j, total.size), subtract=True)
         for d in dropped:
             s_d = self._combine(d, [responses[r][1].get(d) for r in responders])
             if public_key(s_d) != self.peers[d][1]:
                 raise SecAggError(f"the shares of dropped site {d} rebuild a wrong mask key")
             for j in self.survivors:  # j added +PRG(s_jd) if d > j, -PRG(s_jd) if d < j
                 pair = pairwise_mask(s_d, self.peers[j][1], total.size)
-                if d > j:
-                    total -= pair
-                else:
-                    total += pair
-        return self.fixed_point.decode(total)
+                ring_add(self.layout, total, pair, subtract=d > j)
+        return decode_sum(self.layout, total)
 
     def _combine(self, site: int, shares: list[bytes | None]) -> bytes:
         given = [s for s in shares if s]
