@@ -79,7 +79,8 @@ SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with 
 DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
 B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
 S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
-SECAGG_MASKED = "secagg_masked"  # ArrayRecord: a site's masked input (uint64 modulo 2^64)
+#: ArrayRecord: a site's masked input, uint64 words (64-bit values, then 32-bit lanes two a word)
+SECAGG_MASKED = "secagg_masked"
 SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
 PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
