@@ -20,8 +20,10 @@ def test_short_default_federation_learns(tmp_path):
     cfg = load_config(
         None,
         [
-            {"federation": {"clients": 3, "rounds": 3}},
-            {"data": {"eval_rows": 150}},
+            # two sites, two rounds, texts cut to 32 tokens: a few minutes on a CPU without
+            # bf16 matrix units (4.28 -> 0.90 eval loss, accuracy 0.56 -> 0.65 on 100 rows)
+            {"federation": {"clients": 2, "rounds": 2}},
+            {"data": {"eval_rows": 100, "max_text_tokens": 32}},
             {"run": {"out": str(tmp_path / "run")}},
         ],
     )
