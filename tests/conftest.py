@@ -57,6 +57,7 @@ def tiny_cfg_at():
 #: what a test (or a fixture it uses) calls when it starts a Ray simulation or real processes
 _ENGINE_CALLS = (
     "simulate(",
+    "run_federation(",
     "run_simulation(",
     "run_sweep(",
     "subprocess",

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from in_process import run_federation
 
 from fedlora.adapter import adapter_arrays, adapter_parameters, load_adapter_arrays
 from fedlora.config import DataConfig, TrainConfig, load_config
@@ -525,7 +526,7 @@ def test_every_strategy_runs_under_a_privacy_level(name, level, tmp_path, tiny_c
         STRATEGY_SECTIONS[name],
         privacy={"level": level, "noise_multiplier": 0.8},
     )
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)  # in this process: what the combination computes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["level"] == level
     assert len(summary["privacy"]["sites"]) == cfg.federation.clients

@@ -307,14 +307,14 @@ def test_mixed_ranks_under_differential_privacy(level, rule, tiny_cfg):
     rest of those slots) and under client-level DP (the per-slot weights are public counts)."""
     import json
 
-    from fedlora.simulate import simulate
+    from in_process import run_federation
 
     cfg = tiny_cfg(
         lora={"r": 2, "site_ranks": "1,2", "rank_rule": rule},
         privacy={"level": level},
         federation={"rounds": 1},
     )
-    out = simulate(cfg, log=lambda *_a, **_k: None)
+    out = run_federation(cfg)  # in this process: what the combination computes
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["clients"] == 3 and 0 < last["epsilon_max"] < float("inf")
     assert last["agg_error_max"] is not None

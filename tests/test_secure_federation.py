@@ -1,5 +1,9 @@
 """Secure aggregation inside whole federations: every strategy, the same numbers as in the
-clear (within the fixed-point bound), and with differential privacy on top."""
+clear (within the fixed-point bound), and with differential privacy on top.
+
+The federations run in this process (`in_process.run_federation`: the same round loop, site
+code and secure protocol over Flower messages, without Ray), except the FedAvg pair, which runs
+on the simulation engine like every `fedlora simulate`."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from in_process import run_federation
 from safetensors.numpy import load_file
 
 from fedlora.simulate import simulate
@@ -22,6 +27,10 @@ STRATEGIES = {
 
 def quiet(*_args, **_kwargs) -> None:
     pass
+
+
+def engine(cfg):
+    return simulate(cfg, log=quiet)
 
 
 def adapter(folder):
@@ -52,10 +61,10 @@ def assert_secure_equals_plain(plain, secure) -> None:
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_secure_aggregation_matches_the_plaintext_federation(name, tmp_path, tiny_cfg):
     sections = {"strategy": {"name": name}} | STRATEGIES[name]
-    plain = simulate(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}), log=quiet)
-    secure = simulate(
+    run = engine if name == "fedavg" else run_federation
+    plain = run(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}))
+    secure = run(
         tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
-        log=quiet,
     )
     assert_secure_equals_plain(plain, secure)
     assert json.loads((secure / "summary.json").read_text())["secure_aggregation"] is True
@@ -68,10 +77,9 @@ def test_clipped_updates_travel_in_32_bits_and_match_the_plaintext_federation(tm
     federation's within the fixed-point error (the central noise is drawn alike in both runs:
     its seed is the run seed)."""
     sections = {"privacy": {"level": "client"}}
-    plain = simulate(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}), log=quiet)
-    secure = simulate(
+    plain = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}))
+    secure = run_federation(
         tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
-        log=quiet,
     )
     assert_secure_equals_plain(plain, secure)
     for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):
@@ -83,8 +91,8 @@ def test_distributed_client_noise_under_secure_aggregation(tmp_path, tiny_cfg):
     """Client-level DP with the noise split across the sites: runs, reports the federation's
     epsilon, and the noise makes the result differ from the noiseless one."""
     base = {"privacy": {"level": "client", "client_noise": "distributed", "max_grad_norm": 0.5}}
-    noisy = simulate(
-        tiny_cfg(base, secure={"enabled": True}, run={"out": str(tmp_path / "noisy")}), log=quiet
+    noisy = run_federation(
+        tiny_cfg(base, secure={"enabled": True}, run={"out": str(tmp_path / "noisy")})
     )
     summary = json.loads((noisy / "summary.json").read_text())
     assert summary["privacy"]["client_noise"] == "distributed"
@@ -94,7 +102,7 @@ def test_distributed_client_noise_under_secure_aggregation(tmp_path, tiny_cfg):
         secure={"enabled": True},
         run={"out": str(tmp_path / "quiet")},
     )
-    noiseless = simulate(quiet_cfg, log=quiet)
+    noiseless = run_federation(quiet_cfg)
     a, b = adapter(noisy), adapter(noiseless)
     assert any(not np.allclose(a[k], b[k], atol=1e-4) for k in a)
 
@@ -108,7 +116,7 @@ def test_freeze_a_composes_with_secure_aggregation(privacy, tmp_path, tiny_cfg):
         secure={"enabled": True},
         privacy={"level": privacy},
     )
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     last = rows(out)[-1]
     assert last["clients"] == cfg.federation.clients and last["agg_error_mean"] is None
 
@@ -122,10 +130,9 @@ def test_rank_rules_under_secure_aggregation_match_the_plaintext_federation(
     the plaintext one within the fixed-point rounding, as for equal ranks above."""
     lora = {"lora": {"r": 4, "site_ranks": "1,2,4", "rank_rule": rule}}
     sections = {"strategy": {"name": name}} | STRATEGIES[name] | lora
-    plain = simulate(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}), log=quiet)
-    secure = simulate(
+    plain = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}))
+    secure = run_federation(
         tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
-        log=quiet,
     )
     assert_secure_equals_plain(plain, secure)
     assert rows(plain)[-1]["agg_error_max"] is not None

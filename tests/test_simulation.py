@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from in_process import run_federation
 from peft import PeftModel
 from safetensors.numpy import load_file
 
@@ -295,7 +296,7 @@ def test_freeze_a_sends_only_b_and_aggregates_exactly(tmp_path, tiny_cfg):
                 {"lora": {"aggregation": mode}, "run": {"out": str(tmp_path / mode)}},
             ],
         )
-        out = simulate(cfg, log=quiet)
+        out = run_federation(cfg)  # in this process: what the modes compute
         runs[mode] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
         runs[mode + "-adapter"] = adapter
@@ -324,7 +325,7 @@ def test_svd_aggregation_runs_and_reports_truncation_error(tmp_path, tiny_cfg, s
         train={"optimizer": "sgd", "lr": 0.5, "local_steps_spread": 0.5},
         federation={"rounds": 1},
     )
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)  # in this process: what the mode computes
     row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert 0 <= row["agg_error_mean"] <= row["agg_error_max"] < 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -345,7 +346,10 @@ def matrix_refusal(strategy: str, mode: str, rule: str) -> str | None:
 def test_compatibility_matrix_cell(tmp_path, strategy, mode, rule):
     """The README's strategy x aggregation x rank-rule matrix: each cell runs, or is refused
     with a reason. Every cell has mixed ranks (sites of rank 1 and 2, global rank 2), which
-    exercises the equal-rank path too (the rank-2 site)."""
+    exercises the equal-rank path too (the rank-2 site). The sites run in this process (the
+    same round loop and site code; the engine itself is what the other tests here run)."""
+    from in_process import run_federation
+
     from fedlora.errors import FedloraError
 
     train = {"local_steps": 1} | ({} if strategy in ("fedavg", "fedprox") else SGD)
@@ -367,7 +371,7 @@ def test_compatibility_matrix_cell(tmp_path, strategy, mode, rule):
         with pytest.raises(FedloraError, match=reason):
             load_config(None, overrides)
         return
-    out = simulate(load_config(None, overrides), log=quiet)
+    out = run_federation(load_config(None, overrides))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["round"] == 1 and rows[-1]["agg_error_max"] is not None
     if mode == "freeze-a":  # exact per slot under either rule

@@ -8,16 +8,15 @@ server receives."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from in_process import LocalGrid
 
 from fedlora.apps import records as R
-from fedlora.apps.client import make_client_app
 from fedlora.apps.secure import SecureRoundFailed, secure_sum
 from fedlora.apps.site_state import RoundsTaken, SiteStore
 from fedlora.errors import FedloraError
@@ -34,48 +33,6 @@ def task_identity(monkeypatch):
 
     for name in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
-
-
-class LocalGrid:
-    """A Grid whose nodes are ClientApps in this process; `received` is the server's whole
-    view: every reply's content, in arrival order."""
-
-    def __init__(self, cfg, sites: int, policy: SitePolicy | None = None) -> None:
-        self.app = make_client_app(cfg, policy)
-        self.contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": sites},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(sites)
-        }
-        self.replies: dict[str, Message] = {}
-        self.received: list[RecordDict] = []
-        self.ids = itertools.count()
-
-    def push_messages(self, msgs: list[Message]) -> list[str]:
-        out = []
-        for msg in msgs:
-            msg_id = f"m{next(self.ids)}"
-            msg.metadata.__dict__["_message_id"] = msg_id
-            try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as exc:  # what Flower does with a raising ClientApp
-                from flwr.app import Error
-
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            reply.metadata.__dict__["_reply_to_message_id"] = msg_id
-            self.replies[msg_id] = reply
-            out.append(msg_id)
-        return out
-
-    def pull_messages(self, ids: list[str]) -> list[Message]:
-        replies = [self.replies.pop(i) for i in ids if i in self.replies]
-        self.received += [r.content for r in replies if not r.has_error()]
-        return replies
 
 
 def round_content(round_: int, arrays: dict[str, np.ndarray]) -> RecordDict:
