@@ -176,6 +176,10 @@ class TrainConfig:
     #: recompute activations in the backward pass instead of keeping them (less memory for a
     #: large base, about a third more compute).
     gradient_checkpointing: bool = False
+    #: classify task: each batch draws its answers uniformly from those the site holds, then
+    #: a row of that answer (with replacement), so rare answers weigh as much as common ones in
+    #: the site's update. Not under DP-SGD, whose accounting assumes Poisson batches.
+    class_balance: bool = False
 
 
 @dataclass
@@ -578,6 +582,17 @@ def validate(cfg: Config) -> None:
         )
     _validate_privacy(cfg)
     _validate_transport(cfg)
+    if cfg.train.class_balance:
+        _require(
+            cfg.data.task == "classify",
+            "train.class_balance balances the answers of a classify task; data.task = "
+            '"text" has none. Set train.class_balance = false.',
+        )
+        _require(
+            cfg.privacy.level != "sample",
+            "train.class_balance draws batches by answer, but DP-SGD's accounting assumes "
+            'Poisson batches: use one of them (privacy.level = "sample" or class balance).',
+        )
     if isinstance(cfg.run.trackers, str):  # --set run.trackers=tensorboard: one tracker
         cfg.run.trackers = [cfg.run.trackers] if cfg.run.trackers else []
     check_trackers(cfg.run.trackers)

@@ -120,9 +120,19 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False)
 
 
 def batches(
-    rows: Sequence[Encoded], batch_size: int, rng: np.random.Generator
+    rows: Sequence[Encoded], batch_size: int, rng: np.random.Generator, balanced: bool = False
 ) -> Iterator[list[Encoded]]:
-    """Endless shuffled passes over the rows (a new permutation each epoch)."""
+    """Endless shuffled passes over the rows (a new permutation each epoch); `balanced`
+    (train.class_balance): each row of a batch is of an answer drawn uniformly from those the
+    rows hold, then a row of that answer, drawn with replacement."""
+    if balanced:
+        by_label: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_label.setdefault(row.label, []).append(i)
+        groups = [np.array(idx) for _, idx in sorted(by_label.items())]
+        while True:
+            picks = rng.integers(len(groups), size=batch_size)
+            yield [rows[int(rng.choice(groups[g]))] for g in picks]
     while True:
         order = rng.permutation(len(rows))
         for start in range(0, len(order), batch_size):
@@ -178,7 +188,7 @@ def local_train(
     private = PrivateSteps(model, optimizer, dp, rows, steps) if dp else None
     model.train()
     total, batches_seen = 0.0, 0
-    stream = batches(rows, cfg.batch_size, rng)
+    stream = batches(rows, cfg.batch_size, rng, cfg.class_balance)
     try:
         for _ in range(steps):
             loss = _gradient(model, params, stream, cfg, private, pad_id, bf16)

@@ -249,3 +249,36 @@ def test_evaluate_predictions_match_full_answer_scores(rt):
                 logp = rt.model(input_ids=ids).logits[0].log_softmax(-1)
                 scores.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(cand)))
             assert (int(np.argmax(scores)) == row.label) == ok
+
+
+def test_class_balanced_batches_draw_every_answer_alike():
+    """90 / 9 / 1 rows of three answers: plain batches follow the rows (about 90% of the first
+    answer), balanced ones draw each answer a third of the time, the single rare row included.
+    Tolerance: 3,000 draws, a proportion's standard error is at most 0.009."""
+    from fedlora.train import Encoded, batches
+
+    rows = [Encoded([1, 2], 1, label) for label in [0] * 90 + [1] * 9 + [2]]
+    rng = np.random.default_rng(0)
+
+    def shares(balanced: bool) -> np.ndarray:
+        stream = batches(rows, 8, rng, balanced)
+        drawn = [r.label for _ in range(375) for r in next(stream)]
+        return np.bincount(drawn, minlength=3) / len(drawn)
+
+    np.testing.assert_allclose(shares(False), [0.9, 0.09, 0.01], atol=0.03)
+    np.testing.assert_allclose(shares(True), [1 / 3] * 3, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "sections, words",
+    [
+        ({"privacy": {"level": "sample"}}, "Poisson batches"),
+        ({"data": {"task": "text"}}, 'data.task = "text"'),
+    ],
+)
+def test_class_balance_is_refused_where_it_cannot_hold(sections, words):
+    from fedlora.config import load_config
+    from fedlora.errors import FedloraError
+
+    with pytest.raises(FedloraError, match=words):
+        load_config(None, [{"train": {"class_balance": True}}, sections])
