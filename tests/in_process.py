@@ -1,11 +1,11 @@
-"""A federation whose sites are ClientApps in the test's own process: the same round loop
-(`Federation`), the same site code (`make_client_app`) and the same results folder as
-`fedlora simulate`, without Ray or Flower's simulation engine.
+"""Federations whose sites are ClientApps in the test's own process: `fedlora simulate` with
+its engine swapped (`engine_in_process`): the same settings, round loop (`Federation`), site
+code (`make_client_app`), logs and results folder, without Ray or Flower's simulation engine.
 
-For tests of what a combination of settings computes (every strategy x aggregation x rank
-rule, say), where starting the engine for each case costs half a minute and shows nothing the
-engine's own tests (`simulate`, on real Ray workers) do not. `LocalGrid` also records the
-server's whole view of a round.
+For tests of what a run computes or records (every strategy x aggregation x rank rule, privacy
+accounting, sweeps, trackers), where starting the engine for each case costs half a minute and
+shows nothing the engine's own tests (`simulate` on real Ray workers, the CLI and deployment
+processes) do not. `LocalGrid` also records the server's whole view of a round.
 """
 
 from __future__ import annotations
@@ -79,30 +79,34 @@ def task_identity():
             setattr(TaskIdentity, name, value)
 
 
-def run_federation(cfg) -> Path:
-    """Run `cfg`'s federation in this process; return its finished results folder."""
+def local_engine(cfg, runtime, reporter, state_dir: Path, switch=None):
+    """`fedlora.simulate.run_engine` without Ray: the sites are ClientApps in this process."""
     from fedlora.apps.server import Federation
-    from fedlora.privacy.secrets import SIMULATED
-    from fedlora.report import Reporter
-    from fedlora.results import (
-        check_out,
-        close_results,
-        finish,
-        open_results,
-        results_dir,
-        run_state_dir,
-    )
-    from fedlora.runtime import build_runtime
+    from fedlora.interrupt import StopSwitch
 
-    out = results_dir(cfg)
-    check_out(out)
-    cfg.run.out = str(out)
-    runtime = build_runtime(cfg, log=lambda _msg: None)
-    work = open_results(cfg, out, resume=False)
-    reporter = Reporter(work, total_rounds=cfg.federation.rounds)
-    federation = Federation(cfg, runtime, reporter, run_state_dir(out))
+    federation = Federation(cfg, runtime, reporter, state_dir, switch=switch or StopSwitch())
     with task_identity():
-        federation.run(LocalGrid(cfg, cfg.federation.clients, SitePolicy.mirroring(cfg)))
-    finish(cfg, runtime, federation, work, 0.0, SIMULATED)
-    reporter.close()
-    return close_results(out, work)
+        federation.run(LocalGrid(cfg, cfg.federation.clients))
+    return federation
+
+
+@contextmanager
+def engine_in_process():
+    """`fedlora.simulate.simulate` (and so `sweep`) runs its federations in this process: the
+    same settings, logs, results folder and summary; only the engine differs."""
+    import fedlora.simulate
+
+    saved = fedlora.simulate.run_engine
+    fedlora.simulate.run_engine = local_engine
+    try:
+        yield
+    finally:
+        fedlora.simulate.run_engine = saved
+
+
+def run_federation(cfg, log=lambda _msg: None, **options) -> Path:
+    """`simulate(cfg, log, **options)` in this process; return its finished results folder."""
+    from fedlora.simulate import simulate
+
+    with engine_in_process():
+        return simulate(cfg, log=log, **options)

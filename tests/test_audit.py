@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_tiny_cfg
+from in_process import run_federation
 
 from fedlora.audit import (
     FPRS,
@@ -92,8 +93,6 @@ def test_balanced_subsamples_the_larger_side():
 def small_run(folder: Path, **sections) -> Path:
     """3 sites, 2 rounds on 120 rows of a small data file (32 training, 8 held-out per site),
     so that the audits below score few rows."""
-    from fedlora.simulate import simulate
-
     words = ["fever", "rash", "cough", "pain", "nausea", "fatigue"]
     rows = [
         {"text": f"note {i}: {words[i % 6]} for {i % 7} days", "label": ["mild", "severe"][i % 2]}
@@ -102,7 +101,7 @@ def small_run(folder: Path, **sections) -> Path:
     data = folder / "notes.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_tiny_cfg(folder, data={"path": str(data), "eval_rows": 0}, **sections)
-    return simulate(cfg, log=lambda _msg: None)
+    return run_federation(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -613,37 +613,6 @@ def test_secure_aggregation_matches_the_plaintext_federation(kit):
         np.testing.assert_allclose(secure[key], clear[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-SECURE_FEDNOVA = {
-    "strategy": {"name": '"fednova"'},
-    "train": {
-        "optimizer": '"sgd"',
-        "lr": "0.5",
-        "momentum": "0.9",
-        "local_steps": "2",
-        "local_steps_spread": "0.5",
-    },
-    "secure": {"enabled": "true"},
-}
-
-
-@deploy
-def test_fednova_under_secure_aggregation_matches_the_plaintext_federation(kit):
-    """FedNova (unequal local work, momentum) over the real daemons: the masked sums give the
-    plaintext federation's adapter."""
-    root, port, procs = kit
-    plain = SECURE_FEDNOVA | {"secure": {"enabled": "false"}}
-    for name, sections in (("n-secure", SECURE_FEDNOVA), ("n-plain", plain)):
-        config = server_toml(root, f"server-{name}", port, f"runs/{name}", sections)
-        server = procs.fedlora(f"server-{name}", "server", "--config", str(config))
-        assert finished(server, procs, f"server-{name}", FEDERATION_TIMEOUT) == 0, procs.log(
-            f"server-{name}"
-        )
-    assert [r["clients"] for r in metrics(root / "runs" / "n-secure")[1:]] == [3, 3]
-    secure, clear = adapter(root / "runs" / "n-secure"), adapter(root / "runs" / "n-plain")
-    for key in clear:
-        np.testing.assert_allclose(secure[key], clear[key], rtol=1e-4, atol=1e-6, err_msg=key)
-
-
 @deploy
 def test_tls_site_refuses_an_insecure_server(kit):
     root, _, procs = kit

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_cfg
+from in_process import run_federation
 
 from fedlora import lifecycle
 from fedlora.cli import main
@@ -491,11 +492,9 @@ def test_old_run_configs_are_read_with_a_note(tmp_path, runs):
 @pytest.fixture(scope="module")
 def personalised(tmp_path_factory):
     """A real (tiny) federation: 1 round, then 3 personalisation steps at each of 3 sites."""
-    from fedlora.simulate import simulate
-
     root = tmp_path_factory.mktemp("personalised")
     cfg = make_tiny_cfg(root, federation={"rounds": 1, "personalize_steps": 3})
-    return simulate(cfg, log=lambda _: None)
+    return run_federation(cfg)
 
 
 def alone(adapter: Path, rows, encoder) -> RowScores:

@@ -24,7 +24,6 @@ from fedlora.privacy.dpsgd import DPSGD, cap_units, count_units, privacy_units
 from fedlora.privacy.policy import Mechanism, client_mechanism, sample_mechanism
 from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
-from fedlora.simulate import simulate
 from fedlora.strategies import make_strategy
 from fedlora.strategies.base import C_I, DC, DELTA, LocalWork, TrainingTerms
 from fedlora.train import Encoded, local_train
@@ -433,7 +432,7 @@ def test_report_lets_anyone_recompute_each_sites_epsilon(tmp_path, tiny_cfg):
     from opacus.accountants import RDPAccountant
 
     cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.2})
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["privacy"]["level"] == "sample"
@@ -470,7 +469,7 @@ def test_server_chosen_sample_every_sites_epsilon_is_current_and_unamplified(
         privacy={"level": "client", "noise_multiplier": 1.0},
     )
     lines: list[str] = []
-    out = simulate(cfg, log=lines.append)
+    out = run_federation(cfg, log=lines.append)
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     privacy = summary["privacy"]
@@ -496,7 +495,7 @@ def test_sites_stop_at_their_budget_and_the_run_says_so(tmp_path, tiny_cfg):
         privacy={"level": "sample", "noise_multiplier": 1.0, "max_epsilon": 0.95},
         federation={"rounds": 4},
     )
-    out = simulate(cfg, log=quiet)  # round 1 spends ~0.91 per site; round 2 would pass 0.95
+    out = run_federation(cfg)  # round 1 spends ~0.91 per site; round 2 would pass 0.95
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
@@ -556,7 +555,7 @@ def test_a_federation_accounts_each_site_per_patient(tmp_path, tiny_cfg):
         privacy={"level": "sample", "noise_multiplier": 1.0, "unit": "patient_id"},
         train={"batch_size": 4},
     )
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     spends = json.loads((out / "summary.json").read_text())["privacy"]["sites"]
     dataset, train_parts, _ = load_data(cfg, log=quiet)
     for site, part in enumerate(train_parts):

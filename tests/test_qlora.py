@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
+from in_process import run_federation
 
 from fedlora.adapter import adapter_arrays
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
 from fedlora.runtime import build_runtime
-from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms
 from fedlora.train import evaluate, local_train
 
@@ -44,9 +44,7 @@ def test_an_8bit_base_trains_the_adapter_after_an_evaluation_pass(tiny_cfg):
 
 @needs_bnb
 def test_a_federation_on_an_8bit_base(tmp_path, tiny_cfg):
-    out = simulate(
-        tiny_cfg(model={"quantization": "8bit"}, train={"lr": 0.05}), log=lambda _m: None
-    )
+    out = run_federation(tiny_cfg(model={"quantization": "8bit"}, train={"lr": 0.05}))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

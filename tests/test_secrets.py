@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from in_process import run_federation
 
 from fedlora.apps.contribution import STATE_DIR, site_secret
 from fedlora.config import load_config
@@ -139,7 +140,6 @@ def test_self_selected_sites_are_accounted_with_amplification_and_hidden_in_the_
     import json
 
     from fedlora.privacy.accounting import default_delta, epsilon
-    from fedlora.simulate import simulate
 
     sites, rounds = 3, 2
 
@@ -156,7 +156,7 @@ def test_self_selected_sites_are_accounted_with_amplification_and_hidden_in_the_
         secure={"enabled": True},
         run={"seed": seed},
     )
-    out = simulate(cfg, log=lambda _m: None)
+    out = run_federation(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["sites"] for r in rows] == [[0, 1, 2]] * rounds  # everyone asked, everyone sent

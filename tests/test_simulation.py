@@ -1,5 +1,6 @@
-"""Integration: whole federations on Flower's simulation engine (tiny-random, 3 sites x 2
-rounds), the results folder they leave, reproducibility, and what a site actually sends."""
+"""Integration: whole federations (tiny-random, 3 sites x 2 rounds) on Flower's simulation
+engine, or in this process where the engine is not the subject (tests/in_process.py), the
+results folder they leave, reproducibility, and what a site actually sends."""
 
 from __future__ import annotations
 
@@ -55,14 +56,20 @@ def quiet(_msg: str) -> None:
     pass
 
 
+#: strategies whose runs go through Flower's simulation engine (Ray workers); the others run
+#: in this process (what they compute is the subject, and the engine is the same code's)
+ON_THE_ENGINE = {"fedavg", REPEATED}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_cfg_at):
-    """name -> (config, results folder): one simulation per strategy, REPEATED twice."""
+    """name -> (config, results folder): one run per strategy, REPEATED twice on the engine."""
     out = {}
     for name in [*STRATEGY_OVERRIDES, REPEATED]:
         key = name if name not in out else name + "-again"
         cfg = strategy_cfg(tiny_cfg_at, tmp_path_factory.mktemp(key), name)
-        out[key] = (cfg, simulate(cfg, log=quiet))
+        run = simulate if name in ON_THE_ENGINE else run_federation
+        out[key] = (cfg, run(cfg, log=quiet))
     return out
 
 
@@ -248,7 +255,7 @@ def test_plain_text_task_reports_perplexity(tmp_path, tiny_cfg):
     lines = [f"Patient {i} reports mild symptoms after dose {i % 4}." for i in range(40)]
     data.write_text("\n".join(json.dumps({"text": t}) for t in lines) + "\n")
     cfg = tiny_cfg(data={"path": str(data), "task": "text", "eval_rows": 0}, train={"lr": 5e-3})
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -260,7 +267,7 @@ def test_plain_text_task_reports_perplexity(tmp_path, tiny_cfg):
 def test_client_sampling_fraction_and_minimum(tmp_path, tiny_cfg):
     """federation.fraction = 0.3 of 4 sites with min_clients = 2: two sites per round, seeded."""
     cfg = tiny_cfg(federation={"clients": 4, "fraction": 0.3, "min_clients": 2})
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(r["clients"] == 2 and len(r["sites"]) == 2 for r in rows)
     assert all(set(r["sites"]) <= {0, 1, 2, 3} for r in rows)
@@ -268,7 +275,7 @@ def test_client_sampling_fraction_and_minimum(tmp_path, tiny_cfg):
 
 def test_personalisation_reports_global_and_personal_accuracy_per_site(tmp_path, tiny_cfg):
     cfg = tiny_cfg(federation={"personalize_steps": 3, "rounds": 1})
-    out = simulate(cfg, log=quiet)
+    out = run_federation(cfg)
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["personalization"]
     assert [int(r["site"]) for r in rows] == [0, 1, 2]
@@ -389,7 +396,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_cfg,
         "train": SGD,
         "federation": {"rounds": 3},
     }
-    whole = simulate(tiny_cfg(sections, run={"out": str(tmp_path / "whole")}), log=quiet)
+    whole = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "whole")}))
 
     cfg = tiny_cfg(sections, run={"out": str(tmp_path / "cut")})
     real_round = Federation.run_round
@@ -401,11 +408,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_cfg,
 
     monkeypatch.setattr(Federation, "run_round", dies_in_round_2)
     with pytest.raises(RuntimeError, match="server killed"):
-        simulate(cfg, log=quiet)
+        run_federation(cfg)
     partial = tmp_path / "cut.partial"
     assert [r["round"] for r in metrics(partial)] == [0, 1]
     monkeypatch.setattr(Federation, "run_round", real_round)
-    resumed = simulate(cfg, log=quiet, resume=True)
+    resumed = run_federation(cfg, resume=True)
 
     assert not (resumed / "state").exists()
     assert [r["round"] for r in metrics(resumed)] == [0, 1, 2, 3]
@@ -445,7 +452,7 @@ def test_metrics_list_only_the_sites_that_contributed(tmp_path, tiny_cfg, monkey
         return inputs
 
     monkeypatch.setattr(Federation, "collect_plain", site_1_fails_in_round_1)
-    out = simulate(tiny_cfg(federation={"min_clients": 2}), log=quiet)
+    out = run_federation(tiny_cfg(federation={"min_clients": 2}))
     rows = metrics(out)
     assert rows[1]["sites"] == [0, 2] and rows[1]["clients"] == 2
     assert rows[2]["sites"] == [0, 1, 2]

@@ -1,20 +1,22 @@
 """`fedlora sweep`: grid parsing and its errors, the per-point mean ± std table (hand-computed),
-and a real 2-point x 2-repeat sweep on tiny-random that is run again and resumes."""
+and a real 2-point x 2-repeat sweep on tiny-random that is run again and resumes (the command
+and its federations in this process: tests/in_process.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import TINY_BASE
+from in_process import engine_in_process
 
-from fedlora.cli import SIMULATE_FLAGS
+from fedlora.cli import SIMULATE_FLAGS, main
 from fedlora.errors import FedloraError
 from fedlora.sweep import (
     aggregate,
@@ -34,9 +36,12 @@ from fedlora.sweep import (
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "fedlora.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    """`fedlora ARGS` run in `cwd` as the command line would, in this process."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), engine_in_process():
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(list(args))
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def grid(*texts: str):

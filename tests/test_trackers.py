@@ -8,6 +8,7 @@ import importlib.util
 import json
 
 import pytest
+from in_process import run_federation
 
 from fedlora.config import load_config
 from fedlora.errors import FedloraError
@@ -53,12 +54,10 @@ def test_a_run_writes_readable_tensorboard_events(tmp_path, tiny_cfg, monkeypatc
     """Also runs in bfloat16 transport, whose per-round error must reach the trackers too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedlora.simulate import simulate
-
     trackers = ["tensorboard", "mlflow"] if HAS_MLFLOW else ["tensorboard"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = tiny_cfg(run={"trackers": trackers}, transport={"dtype": "bfloat16"})
-    out = simulate(cfg, log=lambda _m: None)
+    out = run_federation(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     events = EventAccumulator(str(out / TENSORBOARD_DIR))
