@@ -288,8 +288,9 @@ def test_a_quantised_base_trains_on_cuda(tiny_cfg, quantization):
 
 def test_two_runs_with_auto_precision_are_bit_identical(tmp_path, tiny_cfg):
     """model.precision = "auto" decides the same every time on a machine, and the effective
-    config records what it decided."""
-    from fedlora.simulate import simulate
+    config records what it decided. (The runs are in this process: that the engine repeats a
+    run exactly is test_simulation's test_same_config_same_numbers.)"""
+    from in_process import run_federation
 
     outs = []
     for name in ("a", "b"):
@@ -298,7 +299,7 @@ def test_two_runs_with_auto_precision_are_bit_identical(tmp_path, tiny_cfg):
             federation={"clients": 2, "rounds": 1},
             run={"out": str(tmp_path / name)},
         )
-        outs.append(Path(simulate(cfg, log=quiet)))
+        outs.append(Path(run_federation(cfg)))
     decided = "bf16" if fd.cpu_has_bf16_matrix_units() else "fp32"
     for out in outs:
         assert f'precision = "{decided}"' in (out / "config.toml").read_text()

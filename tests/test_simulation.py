@@ -68,8 +68,8 @@ def runs(tmp_path_factory, tiny_cfg_at):
     for name in [*STRATEGY_OVERRIDES, REPEATED]:
         key = name if name not in out else name + "-again"
         cfg = strategy_cfg(tiny_cfg_at, tmp_path_factory.mktemp(key), name)
-        run = simulate if name in ON_THE_ENGINE else run_federation
-        out[key] = (cfg, run(cfg, log=quiet))
+        on_the_engine = name in ON_THE_ENGINE
+        out[key] = (cfg, simulate(cfg, log=quiet) if on_the_engine else run_federation(cfg))
     return out
 
 
