@@ -3,8 +3,8 @@
 The federation's round loop may run in a thread the signal cannot reach (Flower's simulation
 runs the ServerApp in one), so a signal throws a `StopSwitch` that the loop checks before every
 exchange with the sites and before it reports and saves a round. Reporting and saving happen
-under the switch's lock: a round is either wholly saved before the switch is thrown, or not at
-all, so nothing is saved after the interruption is announced.
+inside `StopSwitch.saving()`: a round is either wholly saved before the switch is thrown, or not
+at all, so nothing is saved after the interruption is announced, and nothing reported is unsaved.
 """
 
 from __future__ import annotations
@@ -34,11 +34,31 @@ class StopSwitch:
         self.signum = 0
         #: this process's child processes when the signal came (Ray's helpers and workers)
         self.children: list = []
+        #: the thread inside `saving()`, and whether a signal it handled waits for the save
+        self.saver: int | None = None
+        self.deferred = False
 
     def throw(self, signum: int) -> None:
         with self.lock:  # waits for a round being saved: it is saved wholly, or not at all
             self.signum = self.signum or int(signum)
             self.event.set()
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Report and save a round wholly or not at all. A signal handled in another thread
+        waits for the lock; one handled in this very thread (the deployed server's round loop
+        runs in the main thread, where handlers run, and the lock is re-entrant) is deferred
+        by `on_signals` and takes effect once the round is saved."""
+        with self.lock:
+            self.check()
+            self.saver = threading.get_ident()
+            try:
+                yield
+            finally:
+                self.saver = None
+        if self.deferred:
+            self.deferred = False
+            raise KeyboardInterrupt
 
     @property
     def thrown(self) -> bool:
@@ -63,6 +83,9 @@ def on_signals(switch: StopSwitch) -> Iterator[None]:
         switch.throw(signum)
         if first:
             switch.children = psutil.Process().children(recursive=True)
+            if switch.saver == threading.get_ident():  # inside `saving()`: after the save
+                switch.deferred = True
+                return
             raise KeyboardInterrupt
 
     old = {sig: signal.signal(sig, handle) for sig in SIGNALS}

@@ -19,7 +19,7 @@ import pytest
 
 from fedlora import checkpoint
 from fedlora.errors import FedloraError
-from fedlora.interrupt import Interrupted, resume_command
+from fedlora.interrupt import Interrupted, Stopped, StopSwitch, on_signals, resume_command
 from fedlora.results import prepare_out, run_state_dir
 
 #: seconds a signalled run may take to end, and its processes to disappear after that
@@ -42,6 +42,24 @@ def test_resume_command_keeps_the_arguments_and_names_the_folder(tmp_path):
     ]
     before = Interrupted(signal.SIGTERM, None, None)
     assert before.exit_code == 143 and "nothing to resume" in str(before)
+
+
+def test_a_signal_in_the_thread_saving_a_round_takes_effect_after_the_save():
+    """The deployed server's round loop runs in the main thread, where signal handlers run: a
+    Ctrl-C between reporting a round and saving it waits for the save (it once cut the save,
+    so `fedlora server` announced one round fewer than metrics.jsonl held)."""
+    switch = StopSwitch()
+    steps = []
+    with pytest.raises(KeyboardInterrupt), on_signals(switch):
+        with switch.saving():
+            steps.append("reported")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs here, in this thread
+            steps.append("saved")
+    assert steps == ["reported", "saved"] and switch.signum == signal.SIGINT
+    with pytest.raises(Stopped), switch.saving():  # nothing is saved after the announcement
+        steps.append("a round after the signal")
+    assert steps == ["reported", "saved"]
 
 
 def save_rounds(out: Path, last: int) -> None:

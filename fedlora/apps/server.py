@@ -370,10 +370,9 @@ class Federation:
         return saved.round
 
     def keep_round(self, row: dict[str, object]) -> None:
-        """Report and save a finished round, unless an interruption was announced: under the
-        switch's lock, so a round is saved wholly before the announcement or not at all."""
-        with self.switch.lock:
-            self.switch.check()
+        """Report and save a finished round, unless an interruption was announced: a round is
+        saved wholly before the announcement or not at all (`StopSwitch.saving`)."""
+        with self.switch.saving():
             self.reporter.round(row)
             self.save_state(int(row["round"]))  # type: ignore[call-overload]
 
