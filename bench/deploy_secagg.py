@@ -1,9 +1,11 @@
-"""Secure-aggregation overhead per round in a real deployment: `fedlora server` and three
+"""Secure-aggregation overhead per round in a real deployment: `fedlora server` and `--sites`
 `fedlora client` site daemons as separate processes on 127.0.0.1, over TLS with node
 authentication (certificates and site keys from `fedlora certs`).
 
-The same federation runs twice, plaintext (`secure.enabled = false`) then secure (`true`), with
-the same seed, model, data and settings: FedAvg, `--rounds` rounds, `--local-steps` local
+The same federation runs in both modes, plaintext (`secure.enabled = false`) and secure
+(`true`), `--repeats` times, the order alternating from one repeat to the next (plaintext
+first, then secure first, ...) so that a drift in the machine's load hits both alike; same
+seed, model, data and settings: FedAvg, `--rounds` rounds, `--local-steps` local
 steps of batch 8 per site, one torch thread per site, evaluation of the global adapter on
 `--eval-rows` held-out rows after every round. Each mode gets a fresh server and fresh site
 daemons (each on a free port, with its own state), so both start equally cold. Every process
@@ -14,14 +16,17 @@ From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 
 the initial adapter): the mean of "seconds" (one round at the server, from sending the train
 messages to the end of the evaluation), and the mean "bytes_up" / "bytes_down" (tensor payload
 of the round, all sites together; under secure aggregation the four SecAgg stages: keys,
-shares, masked inputs, unmasking shares). Then secure / plaintext ratios, as a markdown table.
+shares, masked inputs, unmasking shares). Then a markdown table: each mode's seconds per round
+(mean ± sample std over repeats, and each repeat's mean), bytes, and secure / plaintext: the
+ratio of the means and the median of the per-repeat ratios.
 
 Everything is written to a temporary folder that is deleted at the end (`--keep` keeps it and
 prints where); every process started is stopped at the end, whatever happened. The base model
 comes from the fedlora cache (`$FEDLORA_CACHE`), as for any fedlora command.
 
     python bench/deploy_secagg.py --rounds 3
-    python bench/deploy_secagg.py --model SmolLM2-135M-Instruct --rounds 2
+    python bench/deploy_secagg.py --model SmolLM2-135M-Instruct --sites 10 --local-steps 6 \
+        --rounds 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SITES = ("alpha", "beta", "gamma")
 MODES = (("plaintext", False), ("secure", True))
 WORDS = {
     "positive": ["great", "helped", "better", "relief", "calm"],
@@ -126,11 +130,15 @@ class Processes:
             self.stop(proc)
 
 
-def make_certs(root: Path, timeout: float) -> None:
-    """The federation CA, the server certificate for localhost / 127.0.0.1 and the three
-    sites' node-authentication key pairs, with `fedlora certs`."""
+def site_names(count: int) -> list[str]:
+    return [f"site{i:02d}" for i in range(1, count + 1)]
+
+
+def make_certs(root: Path, sites: list[str], timeout: float) -> None:
+    """The federation CA, the server certificate for localhost / 127.0.0.1 and every site's
+    node-authentication key pair, with `fedlora certs`."""
     args = ["certs", "certs", "--server-name", "localhost", "--server-ip", "127.0.0.1"]
-    for site in SITES:
+    for site in sites:
         args += ["--site", site]
     subprocess.run(
         [sys.executable, "-m", "fedlora.cli", *args],
@@ -159,7 +167,7 @@ def site_toml(root: Path, mode: str, site: str, port: int) -> Path:
 
 def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.Namespace) -> Path:
     path = root / f"server-{mode}.toml"
-    sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in SITES)
+    sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in site_names(args.sites))
     path.write_text(
         "[server]\n"
         f'address = "127.0.0.1:{port}"\n'
@@ -170,7 +178,7 @@ def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.N
         f'[data]\npath = "eval.jsonl"\ntest_path = "eval.jsonl"\neval_rows = {args.eval_rows}\n\n'
         f"[train]\nlocal_steps = {args.local_steps}\n\n"
         '[strategy]\nname = "fedavg"\n\n'
-        f"[federation]\nrounds = {args.rounds}\nmin_clients = {len(SITES)}\n\n"
+        f"[federation]\nrounds = {args.rounds}\nmin_clients = {args.sites}\n\n"
         f"[secure]\nenabled = {'true' if secure else 'false'}\n\n"
         f'[run]\nseed = {args.seed}\nout = "runs/{mode}"\n'
     )
@@ -194,7 +202,7 @@ def federation(
         )
         if server.poll() is not None:
             raise RuntimeError(f"the {mode} server exited:\n{procs.log(name)[-3000:]}")
-        for site in SITES:
+        for site in site_names(args.sites):
             site_config = site_toml(root, mode, site, port)
             sites.append(
                 procs.fedlora(f"site-{mode}-{site}", "client", "--config", site_config.name)
@@ -242,21 +250,28 @@ def per_round(rows: list[dict], rounds: int) -> PerRound:
     )
 
 
-def table(results: dict[str, PerRound]) -> str:
+def table(results: dict[str, list[PerRound]]) -> str:
+    """Seconds per round per mode over repeats, bytes, and the secure / plaintext ratios."""
     plain, secure = results["plaintext"], results["secure"]
     lines = [
-        "| mode | s / round (mean, rounds 1..) | per round | bytes up / round | "
-        "bytes down / round |",
+        "| mode | s / round, mean ± std over repeats | each repeat (mean of its rounds) | "
+        "bytes up / round | bytes down / round |",
         "|---|---|---|---|---|",
     ]
-    for mode, r in results.items():
-        each = ", ".join(f"{s:.2f}" for s in r.each)
+    for mode, runs in results.items():
+        means = [r.seconds for r in runs]
+        spread = statistics.stdev(means) if len(means) > 1 else 0.0
+        each = ", ".join(f"{m:.1f}" for m in means)
         lines.append(
-            f"| {mode} | {r.seconds:.2f} | {each} | {r.bytes_up:,.0f} | {r.bytes_down:,.0f} |"
+            f"| {mode} | {statistics.mean(means):.1f} ± {spread:.1f} | {each} | "
+            f"{runs[0].bytes_up:,.0f} | {runs[0].bytes_down:,.0f} |"
         )
+    ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(r.seconds for r in plain)
+    paired = statistics.median(s.seconds / p.seconds for s, p in zip(secure, plain, strict=True))
     lines.append(
-        f"| secure / plaintext | {secure.seconds / plain.seconds:.2f}x | "
-        f"| {secure.bytes_up / plain.bytes_up:.2f}x | {secure.bytes_down / plain.bytes_down:.2f}x |"
+        f"| secure / plaintext | {ratio:.2f}x (median of the per-repeat ratios {paired:.2f}x) | "
+        f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
+        f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
     )
     return "\n".join(lines)
 
@@ -264,6 +279,8 @@ def table(results: dict[str, PerRound]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per federation (3)")
+    parser.add_argument("--sites", type=int, default=3, help="site daemons (3)")
+    parser.add_argument("--repeats", type=int, default=1, help="federations per mode (1)")
     parser.add_argument("--model", default="tiny-random", help="base model (tiny-random)")
     parser.add_argument("--precision", default="fp32", help="model.precision (fp32)")
     parser.add_argument("--local-steps", type=int, default=2, help="local steps per round (2)")
@@ -284,16 +301,21 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="fedlora-deploy-secagg-"))
     procs = Processes(root)
     try:
-        make_certs(root, timeout=120)
-        for i, site in enumerate(SITES):
+        sites = site_names(args.sites)
+        make_certs(root, sites, timeout=120)
+        for i, site in enumerate(sites):
             write_rows(root / f"{site}.jsonl", seed=i, n=args.rows)
         write_rows(root / "eval.jsonl", seed=99, n=max(args.eval_rows, 1))
-        results: dict[str, PerRound] = {}
-        for mode, secure in MODES:
-            rows = federation(root, procs, mode, secure, args)
-            results[mode] = per_round(rows, args.rounds)
+        results: dict[str, list[PerRound]] = {mode: [] for mode, _ in MODES}
+        for repeat in range(args.repeats):
+            order = MODES if repeat % 2 == 0 else MODES[::-1]
+            for mode, secure in order:
+                rows = federation(root, procs, f"{mode}-{repeat + 1}", secure, args)
+                results[mode].append(per_round(rows, args.rounds))
+                each = ", ".join(f"{x:.1f}" for x in results[mode][-1].each)
+                print(f"{mode} {repeat + 1}: s / round {each}", file=sys.stderr)
         print(
-            f"{args.model}, {len(SITES)} site daemons + server on 127.0.0.1 (TLS, node auth), "
+            f"{args.model}, {args.sites} site daemons + server on 127.0.0.1 (TLS, node auth), "
             f"fedavg, {args.rounds} rounds x {args.local_steps} local steps, "
             f"precision {args.precision}, seed {args.seed}\n"
         )

@@ -73,6 +73,7 @@ from fedlora.flower_internals import (
     fab_to_proto,
     run_from_proto,
     runtime_client,
+    wait_longer_for_sqlite_locks,
 )
 from fedlora.secure.certs import load_site_public_key
 
@@ -131,6 +132,7 @@ class Link:
     def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        wait_longer_for_sqlite_locks()
         config = SuperLinkLifespanConfig(
             control_address="",  # Flower's legacy gRPC Control API stays off
             health_server_address=None,
