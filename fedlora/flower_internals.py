@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from importlib.metadata import version
 
+import httpx
+
 WRITTEN_FOR = "1.41.0"
 
 try:
@@ -122,6 +124,7 @@ __all__ = [
     "run_from_proto",
     "share_keys_plaintext_concat",
     "share_keys_plaintext_separate",
+    "wait_for_slow_answers",
     "wait_longer_for_sqlite_locks",
 ]
 
@@ -168,6 +171,20 @@ def runtime_client(grid: HttpGrid) -> RuntimeHttpClient:
     """The Runtime API client inside Flower's `HttpGrid` (Flower's own ServerApp runtime claims
     the task input through it the same way)."""
     return grid._runtime_client  # noqa: SLF001 - private by design, see the module docstring
+
+
+#: how long the server waits for its own SuperLink to answer a Runtime API request: longer
+#: than SQLite may wait for a lock (SQLITE_BUSY_SECONDS)
+RUNTIME_REQUEST_SECONDS = 2 * SQLITE_BUSY_SECONDS + 60
+
+
+def wait_for_slow_answers(client: RuntimeHttpClient) -> None:
+    """Flower's HTTP clients give up on a request after 30 s and send it again. A request
+    that waits for SQLite's lock longer than that is then processed twice: on a loaded
+    server (10 site daemons on two cores) the retried push of a round's messages left nine
+    of ten sites' replies "Message Unavailable" and the round failed. The server's requests go
+    to its own process over loopback: waiting is always right there."""
+    client._client.timeout = httpx.Timeout(RUNTIME_REQUEST_SECONDS)  # noqa: SLF001
 
 
 def installed_version() -> str:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import fedlora
 from fedlora import flower_internals as fi
-from fedlora.deploy.link import Link, public_key_bytes
+from fedlora.deploy.link import Link, public_key_bytes, serverapp_task, start_run
 from fedlora.deploy.settings import ServerSettings
 
 #: Flower's public app API, which any module may use
@@ -112,3 +112,20 @@ def _site_public_key(path: Path) -> Path:
         key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
     return path
+
+
+def test_the_servers_requests_to_its_superlink_wait_longer_than_sqlite_may(tmp_path):
+    """A Runtime API request given up on (Flower: after 30 s) is sent again while the first
+    is still waiting for SQLite's lock, and the two collide (a retried push of a round's
+    messages lost nine of ten sites' replies). The federation's grid waits longer than the
+    SuperLink's SQLite may."""
+    link = Link(ServerSettings("127.0.0.1", 0, tmp_path, None, None, None, {}), insecure=True)
+    link.start()
+    try:
+        run_id = start_run(link, {"fedlora-config": "{}"})
+        with serverapp_task(link, run_id) as grid:
+            timeout = fi.runtime_client(grid)._client.timeout  # noqa: SLF001
+            assert timeout.read > fi.SQLITE_BUSY_SECONDS
+            assert timeout.write > fi.SQLITE_BUSY_SECONDS
+    finally:
+        link.stop()

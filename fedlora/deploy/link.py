@@ -73,6 +73,7 @@ from fedlora.flower_internals import (
     fab_to_proto,
     run_from_proto,
     runtime_client,
+    wait_for_slow_answers,
     wait_longer_for_sqlite_locks,
 )
 from fedlora.secure.certs import load_site_public_key
@@ -376,6 +377,7 @@ def serverapp_task(link: Link, run_id: int, timeout: float = 60.0) -> Iterator[H
         acquirer.close()
     grid = HttpGrid(link.private_address, True, None, token=res.token)
     client = runtime_client(grid)
+    wait_for_slow_answers(client)
     task_input = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task_input.task_id
     TaskIdentity.run_id = task_input.run.run_id
