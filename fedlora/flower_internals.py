@@ -6,7 +6,7 @@ fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr
 - the deployment server (`fedlora/deploy/link.py`) serves the SuperLink's FastAPI app inside
   its own process, claims the run's ServerApp task itself and drives the federation with
   `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process),
-  and lets the SuperLink's SQLite wait longer for a lock than Flower's 5 s;
+  lets the SuperLink's SQLite wait longer for a lock than Flower's 5 s and waits for its answers;
 - the site daemon (`fedlora/deploy/executor.py`, `fedlora/deploy/site.py`) claims the
   SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
   loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
@@ -136,7 +136,7 @@ def wait_longer_for_sqlite_locks(seconds: float = SQLITE_BUSY_SECONDS) -> None:
     """Flower's SQL states (SuperLink: links, objects, runs) set SQLite's busy_timeout to 5 s
     on every new connection, from `sql_mixin.SQLITE_PRAGMAS`. A write that waits longer for
     another writer fails with "database is locked" and the request with HTTP 500: on a loaded
-    server (10 site daemons training on two cores, each pushing a 5 MB update) the server's
+    server (10 site daemons training on two cores, each pushing a 1.8 MB update) the server's
     pull of the replies failed so and the round was lost. Raise the timeout for the
     connections opened after this call (the SuperLink opens its own at start)."""
     millis = str(int(seconds * 1000))
@@ -181,9 +181,9 @@ RUNTIME_REQUEST_SECONDS = 2 * SQLITE_BUSY_SECONDS + 60
 def wait_for_slow_answers(client: RuntimeHttpClient) -> None:
     """Flower's HTTP clients give up on a request after 30 s and send it again. A request
     that waits for SQLite's lock longer than that is then processed twice: on a loaded
-    server (10 site daemons on two cores) the retried push of a round's messages left nine
-    of ten sites' replies "Message Unavailable" and the round failed. The server's requests go
-    to its own process over loopback: waiting is always right there."""
+    server (10 site daemons on two cores) a round failed with nine of ten sites' replies
+    "Message Unavailable" right after such a resend, and ran through with this wait. The
+    server's requests go to its own process over loopback: waiting is always right there."""
     client._client.timeout = httpx.Timeout(RUNTIME_REQUEST_SECONDS)  # noqa: SLF001
 
 

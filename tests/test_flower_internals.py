@@ -76,7 +76,7 @@ def test_the_supernode_command_starts_flowers_supernode():
 
 def test_the_superlink_database_waits_out_a_long_write_lock(tmp_path):
     """The SuperLink keeps its state in SQLite, and Flower gives up on a locked database after
-    5 s (busy_timeout). On a loaded server (10 site daemons training on two cores, 5 MB
+    5 s (busy_timeout). On a loaded server (10 site daemons training on two cores, 1.8 MB
     updates) a write took longer, the server's pull of the sites' replies got HTTP 500
     "database is locked" and the round was lost. fedlora's embedded SuperLink waits longer:
     a write blocked by another writer for 7 s goes through."""
@@ -116,8 +116,8 @@ def _site_public_key(path: Path) -> Path:
 
 def test_the_servers_requests_to_its_superlink_wait_longer_than_sqlite_may(tmp_path):
     """A Runtime API request given up on (Flower: after 30 s) is sent again while the first
-    is still waiting for SQLite's lock, and the two collide (a retried push of a round's
-    messages lost nine of ten sites' replies). The federation's grid waits longer than the
+    is still waiting for SQLite's lock, and the two collide (a round lost nine of ten sites'
+    replies right after such a resend). The federation's grid waits longer than the
     SuperLink's SQLite may."""
     link = Link(ServerSettings("127.0.0.1", 0, tmp_path, None, None, None, {}), insecure=True)
     link.start()
