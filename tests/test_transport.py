@@ -116,3 +116,34 @@ def test_a_round_in_bfloat16_sends_half_the_bytes_and_reports_the_error(
     global_arrays = adapter_arrays(rt.model)
     sent = transport.decode(down)
     assert 0 < transport.round_trip_error(global_arrays, sent) < 2.0**-8
+
+
+def test_a_record_travels_as_a_handful_of_objects_whatever_the_number_of_arrays():
+    """Flower sends every Array of a record as objects of their own, each one request through
+    the SuperLink: the default adapter's 120 tensors were 242 objects per message, and at 10
+    site daemons on two cores plaintext rounds took 2.3x secure ones (whose masked input is
+    one array). A record is one packed array; it comes back exactly, dtypes and shapes kept."""
+    from flwr.app import RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedlora.apps import records as R
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"layer{i}.{m}.lora_{ab}": rng.normal(size=(8, 12) if ab == "A" else (6, 8)).astype(
+            np.float32
+        )
+        for i in range(30)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
+    arrays |= {"stats/rows": np.array([37.0]), "wire/bf16": np.arange(7, dtype=np.uint16)}
+    record = R.to_record(arrays)
+    assert len(get_all_nested_objects(RecordDict({"update": record}))) <= 4
+    back = R.from_record(record)
+    assert list(back) == list(arrays)
+    for key, value in arrays.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        np.testing.assert_array_equal(back[key], value)
+        assert back[key].flags.writeable
+    assert R.from_record(R.to_record({})) == {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -48,14 +51,38 @@ HELD_OUT_ROWS = "held_out_rows"
 PERSONALIZE_STEPS = "personalize_steps"
 
 
+#: the one Array of a record: a JSON header (keys, dtypes, shapes), then every array's bytes
+PACKED = "packed"
+
+
 def to_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord(
-        array_dict={k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    )
+    """All arrays as one byte Array. Flower sends every Array of a record as objects of their
+    own, each one request through the SuperLink (and, at a site, its SuperNode): the default
+    adapter's 120 tensors were 242 objects per message, and with 10 site daemons on two cores
+    plaintext rounds took 2.3x as long as secure ones, whose masked input is one array."""
+    if not arrays:
+        return ArrayRecord()
+    parts = [np.ascontiguousarray(v) for v in arrays.values()]
+    header = json.dumps(
+        [[k, v.dtype.str, list(v.shape)] for k, v in zip(arrays, parts, strict=True)]
+    ).encode()
+    data = b"".join([len(header).to_bytes(8, "little"), header, *(v.tobytes() for v in parts)])
+    return ArrayRecord(array_dict={PACKED: Array.from_numpy_ndarray(np.frombuffer(data, np.uint8))})
 
 
 def from_record(record: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in record.items()}
+    if not record:
+        return {}
+    data = record[PACKED].numpy().tobytes()
+    size = int.from_bytes(data[:8], "little")
+    offset = 8 + size
+    arrays: Arrays = {}
+    for key, dtype, shape in json.loads(data[8:offset]):
+        dtype, count = np.dtype(dtype), math.prod(shape)
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        arrays[key] = flat.reshape(shape).copy()
+        offset += count * dtype.itemsize
+    return arrays
 
 
 def payload_bytes(arrays: Arrays) -> int:
