@@ -121,7 +121,7 @@ def test_a_round_in_bfloat16_sends_half_the_bytes_and_reports_the_error(
 def test_a_record_travels_as_a_handful_of_objects_whatever_the_number_of_arrays():
     """Flower sends every Array of a record as objects of their own, each one request through
     the SuperLink: the default adapter's 120 tensors were 242 objects per message, and at 10
-    site daemons on two cores plaintext rounds took 2.3x secure ones (whose masked input is
+    site daemons on two cores plaintext rounds took 2x secure ones (whose masked input is
     one array). A record is one packed array; it comes back exactly, dtypes and shapes kept."""
     from flwr.app import RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects

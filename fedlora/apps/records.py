@@ -59,7 +59,7 @@ def to_record(arrays: Arrays) -> ArrayRecord:
     """All arrays as one byte Array. Flower sends every Array of a record as objects of their
     own, each one request through the SuperLink (and, at a site, its SuperNode): the default
     adapter's 120 tensors were 242 objects per message, and with 10 site daemons on two cores
-    plaintext rounds took 2.3x as long as secure ones, whose masked input is one array."""
+    plaintext rounds took twice as long as secure ones, whose masked input is one array."""
     if not arrays:
         return ArrayRecord()
     parts = [np.ascontiguousarray(v) for v in arrays.values()]
