@@ -147,3 +147,23 @@ def test_a_record_travels_as_a_handful_of_objects_whatever_the_number_of_arrays(
         np.testing.assert_array_equal(back[key], value)
         assert back[key].flags.writeable
     assert R.from_record(R.to_record({})) == {}
+
+
+def test_the_audit_log_digests_the_tensors_a_site_sent_not_their_packing():
+    """clients/README: the audit line's sha256 is over every tensor sent (name, dtype, shape,
+    bytes), so that anyone holding the tensors gets the same digest; packing must not change
+    it, nor the bytes."""
+    from flwr.app import Message, Metadata, RecordDict
+
+    from fedlora.apps import records as R
+    from fedlora.deploy.apps import audit_entry, payload_digest
+
+    arrays = sample()
+    meta = Metadata(1, "m1", 2, 0, "", "1", 0.0, 1e9, "train", 0, 0)
+    msg = Message(RecordDict(), metadata=meta)
+    reply_meta = Metadata(1, "r1", 0, 2, "m1", "1", 0.0, 1e9, "train", 0, 0)
+    reply = Message(RecordDict({R.CONTRIBUTION: R.to_record(arrays)}), metadata=reply_meta)
+    entry = audit_entry(msg, reply, "federation")
+    sent = {f"{R.CONTRIBUTION}/{k}": v for k, v in arrays.items()}
+    assert entry["sha256"] == payload_digest(sent)
+    assert entry["bytes"] == R.payload_bytes(arrays)

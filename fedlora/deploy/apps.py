@@ -77,6 +77,14 @@ def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     }
 
 
+def tensors(record) -> dict[str, np.ndarray]:
+    """The tensors of a record as sent: a packed record's own (records.to_record), else its
+    arrays (the masked input of secure aggregation is one array, not packed)."""
+    if records.PACKED in record:
+        return records.from_record(record)
+    return {key: array.numpy() for key, array in record.items()}
+
+
 def audit_entry(
     msg: Message, reply: Message, federation: str, state: RecordDict | None = None
 ) -> dict | None:
@@ -85,9 +93,9 @@ def audit_entry(
     if reply.has_error():
         return None
     arrays = {
-        f"{record}/{key}": array.numpy()
-        for record, arrays in reply.content.array_records.items()
-        for key, array in arrays.items()
+        f"{name}/{key}": array
+        for name, record in reply.content.array_records.items()
+        for key, array in tensors(record).items()
     }
     if not arrays:
         return None
