@@ -5,8 +5,7 @@ fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr
 
 - the deployment server (`fedlora/deploy/link.py`) serves the SuperLink's FastAPI app inside
   its own process, claims the run's ServerApp task itself and drives the federation with
-  `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process),
-  lets the SuperLink's SQLite wait longer for a lock than Flower's 5 s and waits for its answers;
+  `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process);
 - the site daemon (`fedlora/deploy/executor.py`, `fedlora/deploy/site.py`) claims the
   SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
   loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
@@ -24,8 +23,6 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import version
-
-import httpx
 
 WRITTEN_FOR = "1.41.0"
 
@@ -57,7 +54,6 @@ try:
         PushTaskOutputRequest,
         SendTaskHeartbeatRequest,
     )
-    from flwr.supercore import sql_mixin
     from flwr.supercore.constant import NodeStatus, TaskType
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.fab import Fab
@@ -124,27 +120,7 @@ __all__ = [
     "run_from_proto",
     "share_keys_plaintext_concat",
     "share_keys_plaintext_separate",
-    "wait_for_slow_answers",
-    "wait_longer_for_sqlite_locks",
 ]
-
-#: how long the SuperLink's SQLite waits for another writer before it fails the request
-SQLITE_BUSY_SECONDS = 120
-
-
-def wait_longer_for_sqlite_locks(seconds: float = SQLITE_BUSY_SECONDS) -> None:
-    """Flower's SQL states (SuperLink: links, objects, runs) set SQLite's busy_timeout to 5 s
-    on every new connection, from `sql_mixin.SQLITE_PRAGMAS`. A write that waits longer for
-    another writer fails with "database is locked" and the request with HTTP 500: on a loaded
-    server (10 site daemons training on two cores, each pushing a 1.8 MB update) the server's
-    pull of the replies failed so and the round was lost. Raise the timeout for the
-    connections opened after this call (the SuperLink opens its own at start)."""
-    millis = str(int(seconds * 1000))
-    sql_mixin.SQLITE_PRAGMAS = tuple(
-        (name, millis if name == "busy_timeout" else value)
-        for name, value in sql_mixin.SQLITE_PRAGMAS
-    )
-
 
 #: the command line that starts Flower's SuperNode (`flower-supernode`) with this interpreter
 SUPERNODE_COMMAND = (
@@ -171,20 +147,6 @@ def runtime_client(grid: HttpGrid) -> RuntimeHttpClient:
     """The Runtime API client inside Flower's `HttpGrid` (Flower's own ServerApp runtime claims
     the task input through it the same way)."""
     return grid._runtime_client  # noqa: SLF001 - private by design, see the module docstring
-
-
-#: how long the server waits for its own SuperLink to answer a Runtime API request: longer
-#: than SQLite may wait for a lock (SQLITE_BUSY_SECONDS)
-RUNTIME_REQUEST_SECONDS = 2 * SQLITE_BUSY_SECONDS + 60
-
-
-def wait_for_slow_answers(client: RuntimeHttpClient) -> None:
-    """Flower's HTTP clients give up on a request after 30 s and send it again. A request
-    that waits for SQLite's lock longer than that is then processed twice: on a loaded
-    server (10 site daemons on two cores) a round failed with nine of ten sites' replies
-    "Message Unavailable" right after such a resend, and ran through with this wait. The
-    server's requests go to its own process over loopback: waiting is always right there."""
-    client._client.timeout = httpx.Timeout(RUNTIME_REQUEST_SECONDS)  # noqa: SLF001
 
 
 def installed_version() -> str:

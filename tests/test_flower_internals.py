@@ -3,18 +3,10 @@
 import ast
 import inspect
 import re
-import sqlite3
-import threading
-import time
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 import fedlora
 from fedlora import flower_internals as fi
-from fedlora.deploy.link import Link, public_key_bytes, serverapp_task, start_run
-from fedlora.deploy.settings import ServerSettings
 
 #: Flower's public app API, which any module may use
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")
@@ -72,60 +64,3 @@ def test_the_supernode_command_starts_flowers_supernode():
     from flwr.supernode.cli import flower_supernode
 
     assert namespace["flower_supernode"] is flower_supernode
-
-
-def test_the_superlink_database_waits_out_a_long_write_lock(tmp_path):
-    """The SuperLink keeps its state in SQLite, and Flower gives up on a locked database after
-    5 s (busy_timeout). On a loaded server (10 site daemons training on two cores, 1.8 MB
-    updates) a write took longer, the server's pull of the sites' replies got HTTP 500
-    "database is locked" and the round was lost. fedlora's embedded SuperLink waits longer:
-    a write blocked by another writer for 7 s goes through."""
-    settings = ServerSettings("127.0.0.1", 0, tmp_path, None, None, None, {})
-    link = Link(settings, insecure=True)
-    link.start()
-    try:
-        database = tmp_path / "superlink.db"
-        locked = threading.Event()
-
-        def hold_the_write_lock() -> None:
-            other = sqlite3.connect(database, isolation_level=None)
-            other.execute("BEGIN IMMEDIATE")
-            locked.set()
-            time.sleep(7)
-            other.execute("COMMIT")
-            other.close()
-
-        holder = threading.Thread(target=hold_the_write_lock)
-        holder.start()
-        assert locked.wait(10)
-        key = _site_public_key(tmp_path / "site.pub")
-        with link.control() as ctl:  # a write: the Control API registers a site key
-            ctl.RegisterNode(fi.RegisterNodeRequest(public_key=public_key_bytes(key), name="a"))
-        holder.join()
-    finally:
-        link.stop()
-
-
-def _site_public_key(path: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP384R1()).public_key()
-    path.write_bytes(
-        key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    return path
-
-
-def test_the_servers_requests_to_its_superlink_wait_longer_than_sqlite_may(tmp_path):
-    """A Runtime API request given up on (Flower: after 30 s) is sent again while the first
-    is still waiting for SQLite's lock, and the two collide (a round lost nine of ten sites'
-    replies right after such a resend). The federation's grid waits longer than the
-    SuperLink's SQLite may."""
-    link = Link(ServerSettings("127.0.0.1", 0, tmp_path, None, None, None, {}), insecure=True)
-    link.start()
-    try:
-        run_id = start_run(link, {"fedlora-config": "{}"})
-        with serverapp_task(link, run_id) as grid:
-            timeout = fi.runtime_client(grid)._client.timeout  # noqa: SLF001
-            assert timeout.read > fi.SQLITE_BUSY_SECONDS
-            assert timeout.write > fi.SQLITE_BUSY_SECONDS
-    finally:
-        link.stop()

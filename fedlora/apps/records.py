@@ -71,6 +71,7 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> Arrays:
+    """The arrays of a `to_record` record, in their order, as writable copies."""
     if not record:
         return {}
     data = record[PACKED].numpy().tobytes()

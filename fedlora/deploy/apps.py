@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -77,7 +77,7 @@ def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
     }
 
 
-def tensors(record) -> dict[str, np.ndarray]:
+def tensors(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The tensors of a record as sent: a packed record's own (records.to_record), else its
     arrays (the masked input of secure aggregation is one array, not packed)."""
     if records.PACKED in record:

@@ -73,8 +73,6 @@ from fedlora.flower_internals import (
     fab_to_proto,
     run_from_proto,
     runtime_client,
-    wait_for_slow_answers,
-    wait_longer_for_sqlite_locks,
 )
 from fedlora.secure.certs import load_site_public_key
 
@@ -133,7 +131,6 @@ class Link:
     def start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        wait_longer_for_sqlite_locks()
         config = SuperLinkLifespanConfig(
             control_address="",  # Flower's legacy gRPC Control API stays off
             health_server_address=None,
@@ -377,7 +374,6 @@ def serverapp_task(link: Link, run_id: int, timeout: float = 60.0) -> Iterator[H
         acquirer.close()
     grid = HttpGrid(link.private_address, True, None, token=res.token)
     client = runtime_client(grid)
-    wait_for_slow_answers(client)
     task_input = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task_input.task_id
     TaskIdentity.run_id = task_input.run.run_id
