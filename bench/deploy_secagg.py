@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,18 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.deploy.ports import free_port
+
 MODES = (("plaintext", False), ("secure", True))
 WORDS = {
     "positive": ["great", "helped", "better", "relief", "calm"],
     "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
     "neutral": ["okay", "mixed", "average", "fine", "unsure"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_rows(path: Path, seed: int, n: int) -> None:

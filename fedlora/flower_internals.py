@@ -139,6 +139,9 @@ NOT_ACTIVATED = "[code: 2004]"
 RECONNECTING = "Connection attempt failed, retrying"
 #: ... and reached it again
 RECONNECTED = "Connection successful after"
+#: the SuperNode is ending (it may then hang in its interpreter's shutdown: seen after giving up
+#: on a TLS error)
+SUPERNODE_ENDED = "SuperNode terminated gracefully."
 #: a message dropped because the server stopped its run
 RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
 

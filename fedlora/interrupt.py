@@ -10,8 +10,10 @@ at all, so nothing is saved after the interruption is announced, and nothing rep
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 import psutil
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: how long a server may take to stop after a signal before it is ended hard
+STOP_GRACE = 15.0
 
 
 class Stopped(Exception):
@@ -69,11 +73,42 @@ class StopSwitch:
             raise Stopped(f"stopped by {signal.Signals(self.signum).name}")
 
 
+def end_hard_after(signum: int, grace: float = STOP_GRACE) -> None:
+    """End this process `grace` seconds from now unless it has ended by then.
+
+    Python drops an exception raised inside a garbage-collection callback or a `__del__`
+    ("Exception ignored in ..."), and the KeyboardInterrupt of a signal is no exception to
+    that: a server that got SIGTERM while starting went on to wait for its sites as if nothing
+    had happened. A timer started by the first signal bounds the stop whatever the main thread
+    is doing. Nothing is lost by it: every round is saved atomically (a SIGKILL loses nothing
+    either), and the normal path ends long before."""
+
+    def end() -> None:
+        print(
+            f"fedlora: interrupted ({signal.Signals(signum).name}); still running {grace:.0f} s "
+            "after the signal, so ended now (saved rounds are kept: --resume continues them).",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    timer = threading.Timer(grace, end)
+    timer.daemon = True
+    timer.start()
+
+
+def interrupt_bounded(signum: int, frame: object) -> None:
+    """A signal handler: KeyboardInterrupt now, and an end within `STOP_GRACE` seconds."""
+    end_hard_after(signum, STOP_GRACE)
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def on_signals(switch: StopSwitch) -> Iterator[None]:
+def on_signals(switch: StopSwitch, grace: float | None = None) -> Iterator[None]:
     """SIGINT and SIGTERM throw `switch` and raise KeyboardInterrupt in the main thread (also
     where the shell started this process with SIGINT ignored); the old handlers come back at
-    the end. Only in the main thread: elsewhere signals cannot be handled."""
+    the end. With `grace`, the first signal also ends the process hard that many seconds later
+    (`end_hard_after`). Only in the main thread: elsewhere signals cannot be handled."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -82,6 +117,8 @@ def on_signals(switch: StopSwitch) -> Iterator[None]:
         first = not switch.thrown
         switch.throw(signum)
         if first:
+            if grace is not None:
+                end_hard_after(signum, grace)
             switch.children = psutil.Process().children(recursive=True)
             if switch.saver == threading.get_ident():  # inside `saving()`: after the save
                 switch.deferred = True

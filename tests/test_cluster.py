@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from fedlora import checkpoint
 from fedlora.config import load_config
+from fedlora.deploy.ports import free_port
 from fedlora.errors import FedloraError
 from fedlora.results import settle_precision
 from fedlora.simulate import backend_config, check_ray_address, worker_count
@@ -57,12 +57,6 @@ def test_gpus_on_a_cluster_are_not_checked_against_this_machine(monkeypatch):
         None, [{"federation": {"ray_address": "10.0.0.5:6379", "gpus_per_client": 0.5}}]
     )
     assert backend_config(cfg)["client_resources"]["num_gpus"] == 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_unreachable_cluster_fails_within_seconds_naming_it():

@@ -30,6 +30,8 @@ import httpx
 import numpy as np
 import pytest
 
+from fedlora.deploy.ports import free_port
+
 #: real server and site processes (or a real SuperLink); the other tests here are pure and
 #: belong to the fast tier
 deploy = pytest.mark.deploy
@@ -42,12 +44,6 @@ WORDS = {
     "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
     "neutral": ["okay", "mixed", "average", "fine", "unsure"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_rows(path: Path, seed: int, n: int = 40) -> None:
@@ -380,6 +376,46 @@ def test_a_site_says_when_the_server_goes_away_and_comes_back():
         "in the federation)",
         "site alpha: the server is back after 0 s",
     ]
+
+
+def test_a_supernode_that_says_it_ends_but_hangs_is_ended(tmp_path):
+    """Flower's SuperNode, giving up on a server that answered without TLS, logged that it
+    terminated and then hung in its interpreter's shutdown: the daemon waited on it for ever
+    and its site never rejoined. One that says it ends is ended after a grace."""
+    from types import SimpleNamespace
+
+    from fedlora.deploy.site import SuperNode
+    from fedlora.flower_internals import SUPERNODE_ENDED
+
+    node = SuperNode(SimpleNamespace(state_dir=tmp_path))
+    with node.log_path.open("wb") as log:
+        node.proc = subprocess.Popen(
+            [sys.executable, "-c", f"print({SUPERNODE_ENDED!r}, flush=True)\nwhile True: pass"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: SUPERNODE_ENDED in node.log_path.read_text(), 30, "the line")
+        assert node.exited() is None  # within the grace it may still be ending by itself
+        assert any(SUPERNODE_ENDED in line for line in node.new_output())
+        assert node.exited(grace=0.0) is not None
+    finally:
+        node.proc.kill()
+        node.proc.wait()
+
+
+def test_a_port_chosen_to_listen_on_later_is_one_nothing_else_is_handed():
+    """A server's port chosen now and listened on later (the next server on the same address)
+    was once taken in between by another process's port-0 listener, a plaintext one: the sites
+    dialling it gave up on the TLS error. Outgoing connections and port-0 listeners take their
+    ports from the ephemeral range; a chosen port lies below it and is free."""
+    from fedlora.deploy.ports import ephemeral_start
+
+    for _ in range(20):
+        port = free_port()
+        assert 1024 < port < ephemeral_start()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():

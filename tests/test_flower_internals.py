@@ -46,6 +46,7 @@ def test_the_supernode_still_logs_the_lines_the_site_daemon_reads():
     connection = inspect.getsource(fleet_http_connection)
     assert f'"{fi.NODE_ID_LINE} %s"' in supernode, "port fi.NODE_ID_LINE"
     assert fi.CONNECTION_FAILED in connection, "port fi.CONNECTION_FAILED"
+    assert f'exit_message="{fi.SUPERNODE_ENDED}"' in supernode, "port fi.SUPERNODE_ENDED"
     assert '"[code: {flower_error.code}]' in connection, "port fi.NOT_ACTIVATED"
     assert fi.NOT_ACTIVATED == f"[code: {ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED}]"
     retry = inspect.getsource(http_retry)

@@ -69,6 +69,49 @@ def save_rounds(out: Path, last: int) -> None:
     )
 
 
+#: a process whose main thread is nearly always inside a `__del__`, where Python drops the
+#: KeyboardInterrupt a signal raises ("Exception ignored in ..."), as a fedlora server did once
+#: inside a garbage-collection callback while starting
+LOSES_INTERRUPTS = """
+import signal, sys, time
+from fedlora import interrupt
+interrupt.STOP_GRACE = float(sys.argv[1])
+signal.signal(signal.SIGTERM, interrupt.interrupt_bounded)
+
+class Busy:
+    def __del__(self):
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:
+            pass
+
+print("ready", flush=True)
+while True:
+    Busy()
+"""
+
+
+def test_a_lost_interrupt_still_ends_the_server_within_its_grace():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOSES_INTERRUPTS, "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read()
+    assert "Exception ignored" in stderr  # the interrupt was lost, as in the server
+    assert "interrupted (SIGTERM); still running 2 s after the signal, so ended now" in stderr
+
+
 def test_fresh_run_refuses_saved_rounds_unless_restart(tmp_path):
     out = tmp_path / "run"
     save_rounds(out, 3)

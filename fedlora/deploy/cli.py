@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedlora.errors import FedloraError
+from fedlora.interrupt import interrupt_bounded
 
 
 def add_deploy_commands(sub) -> None:
@@ -132,8 +133,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         revoke(settings, args.revoke)
         return 0
     # SIGTERM (systemctl stop) ends the server like Ctrl-C: the partial results and the saved
-    # state are kept for --resume
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # state are kept for --resume; and it ends within seconds even where the interrupt is lost
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt_bounded)
     from fedlora.deploy.server import serve
 
     out = serve(settings, cfg, insecure=args.insecure, resume=args.resume)

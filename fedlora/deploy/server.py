@@ -32,7 +32,7 @@ from fedlora.config import Config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
-from fedlora.interrupt import Interrupted, StopSwitch, on_signals, signal_of
+from fedlora.interrupt import STOP_GRACE, Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
 from fedlora.report import Reporter, human_bytes
 from fedlora.results import (
@@ -251,7 +251,7 @@ def _federate(
     switch = StopSwitch()
     reporter = None
     try:
-        with on_signals(switch):
+        with on_signals(switch, grace=STOP_GRACE):
             run_id = start_run(link, run_config)
             mode = "plaintext" if insecure else "TLS, node authentication"
             log(

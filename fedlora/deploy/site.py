@@ -31,6 +31,7 @@ from collections.abc import Callable
 import httpx
 
 from fedlora.deploy import runconfig
+from fedlora.deploy.ports import free_port
 from fedlora.deploy.settings import SiteSettings
 from fedlora.errors import FedloraError
 from fedlora.flower_internals import (
@@ -41,10 +42,13 @@ from fedlora.flower_internals import (
     RECONNECTING,
     RUN_NOT_RUNNING,
     SUPERNODE_COMMAND,
+    SUPERNODE_ENDED,
 )
 
 BACKOFF_MAX = 60.0
 PROBE_TIMEOUT = 10.0
+#: how long a SuperNode that said it is ending may take to exit before it is ended
+ENDING_GRACE = 10.0
 
 
 class ServerAway(Exception):
@@ -115,12 +119,6 @@ def _speaks_tls(settings: SiteSettings) -> bool:
         return False
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _die_with_parent() -> None:
     """Linux: the SuperNode gets SIGTERM when this process dies, even by SIGKILL, so it
     disconnects (the server then knows the site is gone) instead of lingering."""
@@ -139,6 +137,7 @@ class SuperNode:
         self._log_offset = 0
         self._stopped_runs: set[int] = set()
         self._stopped_offset = 0
+        self._ending_since: float | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -166,6 +165,7 @@ class SuperNode:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._stopped_offset = self._log_offset
         self._stopped_runs = set()
+        self._ending_since = None
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SUPERNODE_COMMAND, *args],
@@ -180,8 +180,18 @@ class SuperNode:
     def runtime_address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
+    def exited(self, grace: float = ENDING_GRACE) -> int | None:
+        """Its exit code, or None while it runs. One that said it is ending but still runs
+        after `grace` is ended here: Flower's SuperNode can hang in its shutdown after giving
+        up on the server, and the daemon would wait on it for ever."""
+        if self.proc is None:
+            return None
+        code = self.proc.poll()
+        ending = self._ending_since is not None and time.monotonic() - self._ending_since > grace
+        if code is None and ending:
+            self.stop()
+            code = self.proc.poll()
+        return code
 
     def new_output(self) -> list[str]:
         """Lines the SuperNode logged since the last call."""
@@ -191,7 +201,10 @@ class SuperNode:
             fh.seek(self._log_offset)
             data = fh.read()
         self._log_offset += len(data)
-        return data.decode(errors="replace").splitlines()
+        lines = data.decode(errors="replace").splitlines()
+        if self._ending_since is None and any(SUPERNODE_ENDED in line for line in lines):
+            self._ending_since = time.monotonic()
+        return lines
 
     def stopped_runs_seen(self) -> set[int]:
         """The runs that this SuperNode said the server stopped while one of their messages was
