@@ -149,6 +149,46 @@ def test_a_record_travels_as_a_handful_of_objects_whatever_the_number_of_arrays(
     assert R.from_record(R.to_record({})) == {}
 
 
+def test_a_malformed_record_is_a_clear_error_not_a_decoding_crash():
+    """A record that to_record did not write (a faulty or hostile site) must stop the server
+    with what is wrong, not a JSON or buffer error; a negative shape must not read the rest of
+    the buffer as one tensor (numpy's count=-1)."""
+    import json
+
+    from flwr.app import Array, ArrayRecord
+
+    from fedlora.apps import records as R
+    from fedlora.errors import FedloraError
+
+    def packed(header: object, payload: bytes) -> ArrayRecord:
+        head = json.dumps(header).encode()
+        data = len(head).to_bytes(8, "little") + head + payload
+        return ArrayRecord({R.PACKED: Array.from_numpy_ndarray(np.frombuffer(data, np.uint8))})
+
+    good = R.to_record({"a/q_proj.lora_A": np.ones((2, 3), np.float32)})
+    data = good[R.PACKED].numpy().tobytes()
+    cases = {
+        "truncated": ArrayRecord(
+            {R.PACKED: Array.from_numpy_ndarray(np.frombuffer(data[:-4], np.uint8))}
+        ),
+        "trailing bytes": packed([["x", "<f4", [1]]], b"\0" * 8),
+        "negative shape": packed([["x", "<f4", [-1]]], b"\0" * 8),
+        "object dtype": packed([["x", "|O", [1]]], b"\0" * 8),
+        "not json": ArrayRecord(
+            {
+                R.PACKED: Array.from_numpy_ndarray(
+                    np.frombuffer(b"\x05" + b"\0" * 7 + b"{{{{{", np.uint8)
+                )
+            }
+        ),
+        "no packed array": ArrayRecord({"other": Array.from_numpy_ndarray(np.ones(2))}),
+    }
+    for what, record in cases.items():
+        with pytest.raises(FedloraError, match="Malformed tensor record"):
+            R.from_record(record)
+            pytest.fail(what)
+
+
 def test_the_audit_log_digests_the_tensors_a_site_sent_not_their_packing():
     """clients/README: the audit line's sha256 is over every tensor sent (name, dtype, shape,
     bytes), so that anyone holding the tensors gets the same digest; packing must not change

@@ -116,7 +116,10 @@ def read_plain_replies(replies: list[Message], global_arrays: Arrays) -> RoundIn
         if int(metrics.get(records.EXHAUSTED, 0)):
             inputs.exhausted.append(int(metrics[records.SITE_ID]))
             continue
-        wire = records.from_record(reply.content[records.CONTRIBUTION])
+        try:
+            wire = records.from_record(reply.content[records.CONTRIBUTION])
+        except FedloraError as exc:
+            raise FedloraError(f"Site {int(metrics[records.SITE_ID])}'s update: {exc}") from None
         arrays = transport.decode(wire)
         check_contribution(arrays, global_arrays)
         inputs.contributions.append(arrays)

@@ -8,6 +8,8 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedlora.errors import FedloraError
+
 Arrays = dict[str, np.ndarray]
 
 # server -> site
@@ -71,18 +73,31 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> Arrays:
-    """The arrays of a `to_record` record, in their order, as writable copies."""
+    """The arrays of a `to_record` record, in their order, as writable copies. A record that is
+    not one (a faulty or hostile sender) raises FedloraError saying so, never a stray
+    decoding error."""
     if not record:
         return {}
-    data = record[PACKED].numpy().tobytes()
-    size = int.from_bytes(data[:8], "little")
-    offset = 8 + size
-    arrays: Arrays = {}
-    for key, dtype, shape in json.loads(data[8:offset]):
-        dtype, count = np.dtype(dtype), math.prod(shape)
-        flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-        arrays[key] = flat.reshape(shape).copy()
-        offset += count * dtype.itemsize
+    try:
+        data = record[PACKED].numpy().tobytes()
+        size = int.from_bytes(data[:8], "little")
+        offset = 8 + size
+        arrays: Arrays = {}
+        for key, dtype, shape in json.loads(data[8:offset]):
+            dtype = np.dtype(dtype)
+            if not all(isinstance(n, int) and n >= 0 for n in shape) or dtype.hasobject:
+                raise ValueError(f"tensor {key!r}: shape {shape}, dtype {dtype}")
+            count = math.prod(shape)
+            flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+            arrays[str(key)] = flat.reshape(shape).copy()
+            offset += count * dtype.itemsize
+        if offset != len(data):
+            raise ValueError(f"{len(data) - offset} bytes past the last tensor")
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise FedloraError(
+            f"Malformed tensor record ({type(exc).__name__}: {exc}): not one that fedlora's "
+            "to_record wrote (a faulty sender, or one of another fedlora version)."
+        ) from None
     return arrays
 
 
