@@ -88,12 +88,13 @@ class Processes:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def kill_all(self) -> None:
-        for proc in self.procs:
+    def kill_all(self, since: int = 0) -> None:
+        """End every process started (from the `since`-th on), gently first."""
+        for proc in self.procs[since:]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.terminate()
-        for proc in self.procs:
+        for proc in self.procs[since:]:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -485,6 +486,19 @@ def kit(tmp_path_factory):
         procs.fedlora(f"site-{site}", "client", "--config", f"site-{site}.toml")
     yield root, port, procs
     procs.kill_all()
+
+
+@pytest.fixture(autouse=True)
+def end_what_the_test_started(request):
+    """The servers and sites a test of the shared kit started end with it, passed or failed: a
+    server left running by a failed test held the kit's port and failed the next tests too."""
+    if "kit" not in request.fixturenames:
+        yield
+        return
+    procs = request.getfixturevalue("kit")[2]
+    since = len(procs.procs)
+    yield
+    procs.kill_all(since)
 
 
 def site_toml(root: Path, stem: str, port: int, **overrides: str | None) -> Path:
