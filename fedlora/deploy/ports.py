@@ -15,6 +15,7 @@ from pathlib import Path
 
 #: Linux's default ephemeral range starts here (IANA's starts at 49152)
 DEFAULT_EPHEMERAL_START = 32768
+#: above the ports services reserve below it (Ray's workers take 10002-19999 by default)
 LOWEST = 20000
 TRIES = 200
 
@@ -30,7 +31,7 @@ def ephemeral_start() -> int:
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now, outside the ephemeral range (so it stays free until used)."""
     top = ephemeral_start()
-    low = min(LOWEST, top // 2)
+    low = LOWEST if top - LOWEST >= 1000 else 1024  # a kernel set to start its range low
     # the system's randomness: a test or a run may have seeded `random` the same in two processes
     for port in random.SystemRandom().sample(range(low, top), min(TRIES, top - low)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
