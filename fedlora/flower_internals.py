@@ -29,7 +29,12 @@ WRITTEN_FOR = "1.41.0"
 try:
     # the deployment server: SuperLink app, Control and Runtime APIs, task identity
     from flwr.cli.build import build_fab_from_files
-    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.common.constant import (
+        HEARTBEAT_DEFAULT_INTERVAL,
+        HEARTBEAT_PATIENCE,
+        ErrorCode,
+        SubStatus,
+    )
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
     from flwr.common.secure_aggregation.secaggplus_utils import (
         share_keys_plaintext_concat,
@@ -57,7 +62,6 @@ try:
     from flwr.supercore.constant import NodeStatus, TaskType
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.fab import Fab
-    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -82,11 +86,11 @@ except ImportError as exc:  # pragma: no cover - only with another flwr than the
     ) from exc
 
 __all__ = [
+    "TASK_TTL",
     "AcquireTaskRequest",
     "ControlHttpClient",
     "ErrorCode",
     "Fab",
-    "HeartbeatSender",
     "HttpGrid",
     "ListNodesRequest",
     "ListRunsRequest",
@@ -146,6 +150,10 @@ SUPERNODE_ENDED = "SuperNode terminated gracefully."
 RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
 
 
+#: how long a SuperLink or SuperNode keeps a claimed task whose heartbeats stopped (60 s)
+TASK_TTL = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+
+
 def runtime_client(grid: HttpGrid) -> RuntimeHttpClient:
     """The Runtime API client inside Flower's `HttpGrid` (Flower's own ServerApp runtime claims
     the task input through it the same way)."""
@@ -165,7 +173,7 @@ def version_problem() -> str | None:
         f"flwr {installed} is installed; fedlora's use of Flower internals was written for "
         f"flwr {WRITTEN_FOR}. Re-check every private use in fedlora/flower_internals.py (the "
         "SuperLink app and lifespan, the Runtime and Control API requests, HttpGrid's runtime "
-        "client, TaskIdentity, HeartbeatSender, run_clientapp's pull/push functions, the "
+        "client, TaskIdentity, the task heartbeat's lifetime, run_clientapp's pull/push functions, the "
         "SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, then set "
         "WRITTEN_FOR."
     )

@@ -419,6 +419,94 @@ def test_a_port_chosen_to_listen_on_later_is_one_nothing_else_is_handed():
             sock.bind(("127.0.0.1", port))
 
 
+@deploy
+def test_the_servers_task_outlives_the_superlinks_heartbeat_window(tmp_path, monkeypatch):
+    """The SuperLink drops a task none of whose heartbeats got through for TASK_TTL (60 s), and
+    Flower then SIGINTs the server: three missed beats of Flower's 20 s sender on a busy machine
+    ended federations. Here the window is shrunk to 3 s: the server's task is still held after
+    several windows, and a task the SuperLink has dropped is refused and said so."""
+    from flwr.supercore.corestate import sql_corestate
+
+    from fedlora.deploy import heartbeat
+    from fedlora.deploy.link import Link, serverapp_task, start_run
+    from fedlora.deploy.settings import ServerSettings
+    from fedlora.flower_internals import AcquireTaskRequest, RuntimeHttpClient, TaskType
+    from fedlora.secure.certs import Layout, make_certs
+
+    monkeypatch.setattr(sql_corestate, "HEARTBEAT_DEFAULT_INTERVAL", 1.5)  # a 3 s window
+    monkeypatch.setattr(heartbeat, "TASK_TTL", 3.0)
+    layout = Layout(tmp_path / "certs")
+    make_certs(layout.root, server_names=["localhost"], server_ips=[], sites=[])
+    settings = ServerSettings(
+        host="127.0.0.1",
+        port=free_port(),
+        state_dir=tmp_path / "state",
+        ca_cert=layout.ca_cert,
+        cert=layout.server_cert,
+        key=layout.server_key,
+        sites={},
+    )
+    link = Link(settings, insecure=False)
+    link.start()
+    lines: list[str] = []
+    try:
+        with serverapp_task(link, start_run(link, {}), lines.append) as grid:
+            time.sleep(8.0)
+            token = grid._token  # noqa: SLF001 - the test checks the task the grid holds
+            assert heartbeat.TaskHeartbeat(link.private_address, token, "test").beat() is True
+        assert lines == []
+
+        # a claimed task whose input is never pulled lapses after half the window
+        acquirer = RuntimeHttpClient(f"http://{link.private_address}")
+        run_id = start_run(link, {})
+        deadline = time.monotonic() + 30
+        while not (
+            res := acquirer.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
+            )
+        ).HasField("task"):
+            assert time.monotonic() < deadline, "the SuperLink handed out no task"
+            time.sleep(0.2)
+        acquirer.close()
+        assert res.task.run_id == run_id
+        dropped = heartbeat.TaskHeartbeat(
+            link.private_address, res.token, "test", lambda: lines.append("refused"), every=2.5
+        )
+        with dropped:
+            time.sleep(4.0)
+        assert dropped.refused and lines == ["refused"]
+    finally:
+        link.stop()
+
+
+def test_a_site_claims_no_task_before_its_training_code_is_loaded(monkeypatch):
+    """Flower drops a claimed task whose input is not pulled within 30 s; a daemon that imported
+    torch only after its first claim had its first reply refused (401) on a busy machine."""
+    from types import SimpleNamespace
+
+    from fedlora.deploy import executor
+
+    def slow_import():
+        time.sleep(1.0)
+        return lambda message, context: message
+
+    claims: list[bool] = []
+    fake = SimpleNamespace(
+        AcquireTask=lambda request: (
+            claims.append(runner.app is not None) or SimpleNamespace(HasField=lambda field: False)
+        ),
+        close=lambda: None,
+    )
+    monkeypatch.setattr(executor, "_import_app", slow_import)
+    monkeypatch.setattr(executor, "_client", lambda address, token=None: fake)
+    lines: list[str] = []
+    runner = executor.TaskRunner(lines.append)
+    runner.load_in_background()
+    assert runner.poll("127.0.0.1:1") is False
+    assert claims == [True], "a task was claimed before the training code was loaded"
+    assert any("training code loaded" in line for line in lines)
+
+
 def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():
     """After a server restart, the SuperNode keeps a task for a message of the stopped run whose
     objects never arrive; Flower's pull retries it for up to two hours, and meanwhile the site
@@ -463,7 +551,7 @@ def test_a_site_stops_pulling_a_message_of_a_run_the_server_stopped():
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Key material, data, configs, and the three site daemons (started before any server:
-    they wait for it)."""
+    they wait for it, with their training code loaded)."""
     from fedlora.model import resolve_model
     from fedlora.secure.certs import make_certs
 
@@ -484,6 +572,12 @@ def kit(tmp_path_factory):
     for site in SITES:
         site_toml(root, site, port)
         procs.fedlora(f"site-{site}", "client", "--config", f"site-{site}.toml")
+    for site in SITES:  # three torch imports at once would slow the first server's start
+        wait_for(
+            lambda site=site: "training code loaded" in procs.log(f"site-{site}"),
+            180,
+            f"site {site} to load its training code",
+        )
     yield root, port, procs
     procs.kill_all()
 

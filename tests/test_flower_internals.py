@@ -65,3 +65,15 @@ def test_the_supernode_command_starts_flowers_supernode():
     from flwr.supernode.cli import flower_supernode
 
     assert namespace["flower_supernode"] is flower_supernode
+
+
+def test_the_task_lifetime_is_the_one_the_superlink_and_supernode_keep():
+    """fedlora's task heartbeat beats TASK_TTL / 12 apart: the lifetime must still be what the
+    SuperLink (SQLite state) and the SuperNode (in-memory state) give a heartbeat."""
+    from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    for state in (SqlCoreState, InMemoryCoreState):
+        source = inspect.getsource(state.acknowledge_task_heartbeat)
+        assert "timedelta(seconds=HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)" in source
+    assert fi.TASK_TTL == 60

@@ -19,6 +19,7 @@ that stopped: see `runs_served`); the site daemon then starts a fresh SuperNode.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,17 +27,17 @@ import httpx
 from flwr.app import Error, Message
 
 from fedlora.deploy import runconfig
+from fedlora.deploy.heartbeat import TaskHeartbeat
 from fedlora.errors import FedloraError
 from fedlora.flower_internals import (
+    TASK_TTL,
     AcquireTaskRequest,
     ErrorCode,
-    HeartbeatSender,
     PullObjectRequest,
     PullObjectResponse,
     RuntimeHttpClient,
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
-    SendTaskHeartbeatRequest,
     SubStatus,
     TaskType,
     pull_task_input,
@@ -69,13 +70,6 @@ def _client(address: str, token: str | None = None) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(address, True, None, interceptors=interceptors)
 
 
-def _heartbeat(client: RuntimeHttpClient) -> bool:
-    try:
-        return client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
-    except httpx.HTTPError:
-        return False
-
-
 class RunGone(RuntimeError):
     """The message being pulled belongs to a run the server has stopped: it will never arrive."""
 
@@ -97,17 +91,46 @@ def give_up_on_stopped_runs(client: RuntimeHttpClient, run_stopped: RunStopped) 
     client.PullObject = pull  # type: ignore[method-assign]
 
 
+def _import_app() -> App:
+    from fedlora.deploy.apps import client_app
+
+    return client_app
+
+
 class TaskRunner:
-    """Claims and runs one task at a time; `poll` returns whether it ran one."""
+    """Claims and runs one task at a time; `poll` returns whether it ran one.
+
+    The training code (torch, transformers) is imported before the first claim, not after it:
+    Flower drops a claimed task whose input is not pulled within 30 s, and the import alone can
+    take longer on a busy machine, so the first round's reply was refused (401)."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.log = log
-        self.app: App | None = None  # imported when the first message arrives (torch)
+        self.app: App | None = None
+        self._loader: threading.Thread | None = None
         self.handled = 0
         #: runs with a task claimed from the current SuperNode
         self.runs_served: set[int] = set()
         #: a claimed task ended without a reply: the SuperNode's lock step is broken
         self.out_of_step = False
+
+    def load_in_background(self) -> None:
+        """Start importing the training code while the daemon connects."""
+
+        def load() -> None:
+            started = time.perf_counter()
+            self.app = _import_app()
+            self.log(f"training code loaded in {time.perf_counter() - started:.1f} s")
+
+        self._loader = threading.Thread(target=load, name="load-training-code", daemon=True)
+        self._loader.start()
+
+    def _ready(self) -> App:
+        if self._loader is not None:
+            self._loader.join()
+        if self.app is None:  # not started, or it failed: import here, where errors surface
+            self.app = _import_app()
+        return self.app
 
     def new_queue(self) -> None:
         """A fresh SuperNode: nothing claimed from it yet, in step."""
@@ -115,6 +138,7 @@ class TaskRunner:
         self.out_of_step = False
 
     def poll(self, address: str, run_stopped: RunStopped = lambda run_id: False) -> bool:
+        self._ready()
         client = _client(address)
         try:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -129,19 +153,22 @@ class TaskRunner:
         return True
 
     def run(self, address: str, token: str, run_stopped: RunStopped) -> None:
-        if self.app is None:
-            from fedlora.deploy.apps import client_app
-
-            self.app = client_app
+        app = self._ready()
         started = time.perf_counter()
         client = _client(address, token)
         give_up_on_stopped_runs(client, run_stopped)
-        heartbeat = HeartbeatSender(lambda: _heartbeat(client))
-        heartbeat.start()
+
+        def refused() -> None:
+            self.log(
+                f"the SuperNode dropped this message's task: none of its heartbeats got through "
+                f"for {TASK_TTL:.0f} s (this machine was too busy to answer in time)"
+            )
+
+        heartbeat = TaskHeartbeat(address, token, "flwr-clientapp", refused).start()
         try:
             message, context, _, _ = pull_task_input(client)
             try:
-                reply = self.app(message, context)
+                reply = app(message, context)
                 status, details = SubStatus.COMPLETED, ""
             except Exception as exc:  # the server learns why; the daemon carries on
                 site = str(context.node_config.get(runconfig.SITE_NAME, "?"))

@@ -34,7 +34,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +42,14 @@ import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 
+from fedlora.deploy.heartbeat import TaskHeartbeat
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
 from fedlora.flower_internals import (
+    TASK_TTL,
     AcquireTaskRequest,
     ControlHttpClient,
     Fab,
-    HeartbeatSender,
     HttpGrid,
     ListNodesRequest,
     ListRunsRequest,
@@ -59,7 +60,6 @@ from fedlora.flower_internals import (
     RegisterNodeRequest,
     RuntimeHttpClient,
     RuntimeVersionHttpInterceptor,
-    SendTaskHeartbeatRequest,
     StartRunRequest,
     StopRunRequest,
     SubStatus,
@@ -353,7 +353,9 @@ def start_run(link: Link, run_config: dict[str, str]) -> int:
 
 
 @contextlib.contextmanager
-def serverapp_task(link: Link, run_id: int, timeout: float = 60.0) -> Iterator[HttpGrid]:
+def serverapp_task(
+    link: Link, run_id: int, log: Callable[[str], None] = print, timeout: float = 60.0
+) -> Iterator[HttpGrid]:
     """Claim the run's ServerApp task (what `flwr-serverapp` does), keep it alive with
     heartbeats, yield a Grid on it, and report the outcome when the block ends."""
     acquirer = RuntimeHttpClient.from_server_address(
@@ -379,25 +381,22 @@ def serverapp_task(link: Link, run_id: int, timeout: float = 60.0) -> Iterator[H
     TaskIdentity.run_id = task_input.run.run_id
     TaskIdentity.node_id = task_input.context.node_id
     grid.set_run(run_from_proto(task_input.run))
-    heartbeat = HeartbeatSender(lambda: _heartbeat(client))
-    heartbeat.start()
+
+    def refused() -> None:
+        log(
+            f"The SuperLink dropped this server's federation task: none of its heartbeats got "
+            f"through for {TASK_TTL:.0f} s (this machine was too busy to answer in time)."
+        )
+
     status, details = SubStatus.FAILED, "The fedlora server stopped."
     try:
-        yield grid
+        with TaskHeartbeat(link.private_address, res.token, "flwr-serverapp", refused):
+            yield grid
         status, details = SubStatus.COMPLETED, ""
     except BaseException as exc:
         details = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        heartbeat.stop()
         with contextlib.suppress(httpx.HTTPError):
             client.PushTaskOutput(PushTaskOutputRequest(sub_status=status, details=details))
         grid.close()
-
-
-def _heartbeat(client: RuntimeHttpClient) -> bool:
-    """Flower's own task heartbeat raises SIGINT when refused; here a refusal is just a miss."""
-    try:
-        return client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
-    except httpx.HTTPError:
-        return False

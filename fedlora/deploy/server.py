@@ -265,7 +265,7 @@ def _federate(
                 total_rounds=cfg.federation.rounds,
                 trackers=open_trackers(cfg.run.trackers, work, cfg.to_dict()),
             )
-            with serverapp_task(link, run_id) as grid:
+            with serverapp_task(link, run_id, log) as grid:
                 federation = Federation(
                     cfg,
                     runtime,

@@ -345,6 +345,7 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
             "can read this site's updates. Use it for rehearsals only."
         )
     runner = TaskRunner(log)
+    runner.load_in_background()
     node = SuperNode(settings)
     delay = 1.0
     refused_since: float | None = None
