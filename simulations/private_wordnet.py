@@ -21,10 +21,10 @@ study can be stopped and continued a cell or a seed at a time:
     python simulations/private_wordnet.py --report-only                # tables and plot
     python simulations/private_wordnet.py --reduced --seeds 0        # private-wordnet-reduced
 
-`--reduced` is the version a CPU affords (about an hour on 2 cores without bf16 units, by the
-measured step times): the same model, data and 10 sites, 3 rounds, 150 held-out rows, 48 rows
-per site and round in every cell (DP-SGD: one logical batch of 48), and by default only the
-cells nonprivate, dp-eps8, dp-eps1 and client-eps8.
+`--reduced` is the version a CPU affords (63 minutes measured on 2 cores without bf16 units):
+the same model, data and 10 sites, 3 rounds, 150 held-out rows, 48 rows per site and round in
+every cell (DP-SGD: one logical batch of 48), and by default only the cells nonprivate,
+dp-eps8, dp-eps1 and client-eps8.
 Far fewer rows pass through each site than in the full study, so it shows whether the privacy
 levels learn at all at that budget, not the full study's verdict. `--smoke` runs the chosen
 cells on the tiny-random model (3 sites, 1 round): minutes, to check the script end to end; its
