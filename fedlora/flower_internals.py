@@ -173,7 +173,7 @@ def version_problem() -> str | None:
         f"flwr {installed} is installed; fedlora's use of Flower internals was written for "
         f"flwr {WRITTEN_FOR}. Re-check every private use in fedlora/flower_internals.py (the "
         "SuperLink app and lifespan, the Runtime and Control API requests, HttpGrid's runtime "
-        "client, TaskIdentity, the task heartbeat's lifetime, run_clientapp's pull/push functions, the "
-        "SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, then set "
-        "WRITTEN_FOR."
+        "client, TaskIdentity, a task heartbeat's lifetime, run_clientapp's pull/push "
+        "functions, the SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, "
+        "then set WRITTEN_FOR."
     )

@@ -27,10 +27,9 @@ import httpx
 from flwr.app import Error, Message
 
 from fedlora.deploy import runconfig
-from fedlora.deploy.heartbeat import TaskHeartbeat
+from fedlora.deploy.heartbeat import TaskHeartbeat, dropped
 from fedlora.errors import FedloraError
 from fedlora.flower_internals import (
-    TASK_TTL,
     AcquireTaskRequest,
     ErrorCode,
     PullObjectRequest,
@@ -159,10 +158,7 @@ class TaskRunner:
         give_up_on_stopped_runs(client, run_stopped)
 
         def refused() -> None:
-            self.log(
-                f"the SuperNode dropped this message's task: none of its heartbeats got through "
-                f"for {TASK_TTL:.0f} s (this machine was too busy to answer in time)"
-            )
+            self.log(dropped("the SuperNode dropped this message's task"))
 
         heartbeat = TaskHeartbeat(address, token, "flwr-clientapp", refused).start()
         try:

@@ -31,6 +31,14 @@ BEATS_PER_TTL = 12
 REQUEST_TIMEOUT = 10.0
 
 
+def dropped(what: str) -> str:
+    """What to say when the task was dropped (`what` names it and who dropped it)."""
+    return (
+        f"{what}: none of its heartbeats got through for {TASK_TTL:.0f} s (this machine was too "
+        "busy to answer in time)"
+    )
+
+
 class TaskHeartbeat:
     """Beats for the task whose token it holds until `stop`; `refused` says whether the
     SuperLink or SuperNode has dropped the task (then `on_refused` was called once)."""

@@ -42,11 +42,10 @@ import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 
-from fedlora.deploy.heartbeat import TaskHeartbeat
+from fedlora.deploy.heartbeat import TaskHeartbeat, dropped
 from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
 from fedlora.flower_internals import (
-    TASK_TTL,
     AcquireTaskRequest,
     ControlHttpClient,
     Fab,
@@ -383,10 +382,7 @@ def serverapp_task(
     grid.set_run(run_from_proto(task_input.run))
 
     def refused() -> None:
-        log(
-            f"The SuperLink dropped this server's federation task: none of its heartbeats got "
-            f"through for {TASK_TTL:.0f} s (this machine was too busy to answer in time)."
-        )
+        log(dropped("The SuperLink dropped this server's federation task") + ".")
 
     status, details = SubStatus.FAILED, "The fedlora server stopped."
     try:
