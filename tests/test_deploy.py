@@ -137,27 +137,33 @@ def test_certs_in_the_formats_flower_loads(tmp_path):
 
 
 @deploy
+def link_settings(root: Path, layout):
+    """A SuperLink on a free loopback port with the certificates of `layout`, state under root."""
+    from fedlora.deploy.settings import ServerSettings
+
+    return ServerSettings(
+        host="127.0.0.1",
+        port=free_port(),
+        state_dir=root / "state",
+        ca_cert=layout.ca_cert,
+        cert=layout.server_cert,
+        key=layout.server_key,
+        sites={},
+    )
+
+
 def test_registered_site_keys_follow_the_server_config(tmp_path):
     """Every start registers the keys in [sites]: an unchanged key keeps its node, a rotated key
     replaces the old one (revoked). A site left out keeps its key and comes back with it; only
     an explicit revocation revokes a key otherwise, and a revoked key listed again is refused,
     naming the fix."""
     from fedlora.deploy.link import Link, node_names, revoke_sites, sync_sites
-    from fedlora.deploy.settings import ServerSettings
     from fedlora.errors import FedloraError
     from fedlora.secure.certs import Layout, make_certs
 
     layout = Layout(tmp_path / "certs")
     make_certs(layout.root, server_names=["localhost"], server_ips=[], sites=["a", "b"])
-    settings = ServerSettings(
-        host="127.0.0.1",
-        port=free_port(),
-        state_dir=tmp_path / "state",
-        ca_cert=layout.ca_cert,
-        cert=layout.server_cert,
-        key=layout.server_key,
-        sites={},
-    )
+    settings = link_settings(tmp_path, layout)
     keys = {"a": layout.site_public_key("a"), "b": layout.site_public_key("b")}
     link = Link(settings, insecure=False)
     link.start()
@@ -429,7 +435,6 @@ def test_the_servers_task_outlives_the_superlinks_heartbeat_window(tmp_path, mon
 
     from fedlora.deploy import heartbeat
     from fedlora.deploy.link import Link, serverapp_task, start_run
-    from fedlora.deploy.settings import ServerSettings
     from fedlora.flower_internals import AcquireTaskRequest, RuntimeHttpClient, TaskType
     from fedlora.secure.certs import Layout, make_certs
 
@@ -437,15 +442,7 @@ def test_the_servers_task_outlives_the_superlinks_heartbeat_window(tmp_path, mon
     monkeypatch.setattr(heartbeat, "TASK_TTL", 3.0)
     layout = Layout(tmp_path / "certs")
     make_certs(layout.root, server_names=["localhost"], server_ips=[], sites=[])
-    settings = ServerSettings(
-        host="127.0.0.1",
-        port=free_port(),
-        state_dir=tmp_path / "state",
-        ca_cert=layout.ca_cert,
-        cert=layout.server_cert,
-        key=layout.server_key,
-        sites={},
-    )
+    settings = link_settings(tmp_path, layout)
     link = Link(settings, insecure=False)
     link.start()
     lines: list[str] = []
