@@ -22,7 +22,10 @@ deployment tests (`pytest -m deploy`), and port what fails.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from importlib.metadata import version
+
+import httpx
 
 WRITTEN_FOR = "1.41.0"
 
@@ -177,3 +180,18 @@ def version_problem() -> str | None:
         "functions, the SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, "
         "then set WRITTEN_FOR."
     )
+
+
+def raise_when_refused(grid: HttpGrid, error: Callable[[], Exception]) -> None:
+    """Make `grid` raise `error()` when the SuperLink refuses its token (401: the task was
+    dropped), where Flower's retry SIGINTs its own process and waits to be killed. Call it before
+    the grid's first request: the retry policy is read when the grid connects."""
+    invoker = grid._retry_invoker  # noqa: SLF001 - private by design, see the module docstring
+    flowers = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+            raise error() from exc
+        return flowers(exc) if flowers else False
+
+    invoker.should_giveup = should_giveup

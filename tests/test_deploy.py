@@ -476,6 +476,34 @@ def test_the_servers_task_outlives_the_superlinks_heartbeat_window(tmp_path, mon
         link.stop()
 
 
+@deploy
+def test_a_dropped_server_task_is_an_error_not_a_sigint(tmp_path, monkeypatch):
+    """Once the SuperLink has dropped the server's task, its next Grid call is refused (401);
+    Flower's retry answers that by SIGINTing its own process, so the federation ended as
+    "interrupted" after the server had said why. The call raises a FedloraError instead."""
+    from flwr.supercore.corestate import sql_corestate
+
+    from fedlora.deploy import heartbeat
+    from fedlora.deploy.link import Link, serverapp_task, start_run
+    from fedlora.errors import FedloraError
+    from fedlora.secure.certs import Layout, make_certs
+
+    monkeypatch.setattr(sql_corestate, "HEARTBEAT_DEFAULT_INTERVAL", 1.5)  # a 3 s window
+    monkeypatch.setattr(heartbeat, "TASK_TTL", 3.0)
+    monkeypatch.setattr(heartbeat, "BEATS_PER_TTL", 0.05)  # one beat a minute: starved
+    layout = Layout(tmp_path / "certs")
+    make_certs(layout.root, server_names=["localhost"], server_ips=[], sites=[])
+    link = Link(link_settings(tmp_path, layout), insecure=False)
+    link.start()
+    try:
+        with pytest.raises(FedloraError, match="dropped this server's federation task"):
+            with serverapp_task(link, start_run(link, {}), print) as grid:
+                time.sleep(6.0)
+                grid.get_node_ids()
+    finally:
+        link.stop()
+
+
 def test_a_site_claims_no_task_before_its_training_code_is_loaded(monkeypatch):
     """Flower drops a claimed task whose input is not pulled within 30 s; a daemon that imported
     torch only after its first claim had its first reply refused (401) on a busy machine."""

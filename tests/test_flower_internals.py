@@ -77,3 +77,34 @@ def test_the_task_lifetime_is_the_one_the_superlink_and_supernode_keep():
         source = inspect.getsource(state.acknowledge_task_heartbeat)
         assert "timedelta(seconds=HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)" in source
     assert fi.TASK_TTL == 60
+
+
+def test_a_refused_grid_token_raises_the_given_error_and_other_statuses_keep_flowers_policy():
+    """Flower's retry SIGINTs its own process on a 401; `raise_when_refused` makes the Grid
+    raise instead, and leaves the rest of Flower's policy (retry a 503, give up on a 404)."""
+    import httpx
+    import pytest
+
+    grid = fi.HttpGrid("127.0.0.1:9", True, None, token="t")
+    fi.raise_when_refused(grid, lambda: RuntimeError("task dropped"))
+    invoker = grid._retry_invoker  # noqa: SLF001 - the policy raise_when_refused changed
+
+    def status(code: int) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", "http://127.0.0.1:9")
+        return httpx.HTTPStatusError("", request=request, response=httpx.Response(code))
+
+    def fails_with(*codes: int):
+        left = list(codes)
+
+        def call() -> str:
+            if left:
+                raise status(left.pop(0))
+            return "answered"
+
+        return call
+
+    with pytest.raises(RuntimeError, match="task dropped"):
+        invoker.invoke(fails_with(401))
+    assert invoker.invoke(fails_with(503)) == "answered"
+    with pytest.raises(httpx.HTTPStatusError):
+        invoker.invoke(fails_with(404))

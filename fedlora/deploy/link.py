@@ -70,6 +70,7 @@ from fedlora.flower_internals import (
     build_fab_from_files,
     create_app,
     fab_to_proto,
+    raise_when_refused,
     run_from_proto,
     runtime_client,
 )
@@ -374,6 +375,8 @@ def serverapp_task(
     finally:
         acquirer.close()
     grid = HttpGrid(link.private_address, True, None, token=res.token)
+    why = dropped("The SuperLink dropped this server's federation task") + "."
+    raise_when_refused(grid, lambda: FedloraError(why))
     client = runtime_client(grid)
     task_input = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task_input.task_id
@@ -381,12 +384,9 @@ def serverapp_task(
     TaskIdentity.node_id = task_input.context.node_id
     grid.set_run(run_from_proto(task_input.run))
 
-    def refused() -> None:
-        log(dropped("The SuperLink dropped this server's federation task") + ".")
-
     status, details = SubStatus.FAILED, "The fedlora server stopped."
     try:
-        with TaskHeartbeat(link.private_address, res.token, "flwr-serverapp", refused):
+        with TaskHeartbeat(link.private_address, res.token, "flwr-serverapp", lambda: log(why)):
             yield grid
         status, details = SubStatus.COMPLETED, ""
     except BaseException as exc:
