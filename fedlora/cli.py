@@ -13,6 +13,7 @@ from typing import Any
 from fedlora.deploy.cli import DEPLOY_COMMANDS, add_deploy_commands
 from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, resume_command
+from fedlora.quiet import quiet_libraries
 
 #: flags that are shortcuts for config keys
 SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
@@ -552,18 +553,6 @@ def resume_hint(command: str, argv: list[str], exc: Interrupted) -> str:
             shlex.join(["fedlora", *[a for a in argv if a != "--resume"], "--resume"])
         )
     return exc.describe(None)
-
-
-def quiet_libraries() -> None:
-    """The console shows fedlora's output: libraries' notices about optional kernels and their
-    own deprecations are not the user's business (errors still surface as errors)."""
-    import logging
-    import warnings
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module="transformers")
-        warnings.filterwarnings("ignore", category=category, module="torch")
 
 
 def main(argv: list[str] | None = None) -> int:

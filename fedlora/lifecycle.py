@@ -23,6 +23,7 @@ from typing import Any
 
 from fedlora.config import Config, load_config
 from fedlora.errors import FedloraError
+from fedlora.quiet import quiet_libraries
 from fedlora.readers import decode
 
 Log = Callable[[str], None]
@@ -298,19 +299,6 @@ def _layer_count(linears: dict[str, tuple[int, int]]) -> int:
 
 
 # --- One base model, many adapters ------------------------------------------------------------
-
-
-def quiet_libraries() -> None:
-    import os
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 class AdapterBank:

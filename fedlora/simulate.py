@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from fedlora import checkpoint, worker_log
@@ -20,6 +19,7 @@ from fedlora.data import partition_summary
 from fedlora.errors import FedloraError
 from fedlora.interrupt import Interrupted, StopSwitch, end_children, on_signals, signal_of
 from fedlora.privacy.secrets import SIMULATED
+from fedlora.quiet import quiet_libraries
 from fedlora.report import Reporter, human_bytes
 from fedlora.results import (
     check_out,
@@ -39,25 +39,16 @@ from fedlora.trackers import open_trackers
 
 def quiet_engines() -> None:
     """Loopback-only Ray without telemetry or noisy logs (set before Ray or Flower start)."""
+    quiet_libraries()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray binds to 127.0.0.1
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # a signal ends the run with fedlora's one line, not a stack dump from Ray's C++ core
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray workers inherit the environment: keep library chatter out of the round table
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def worker_count(cfg: Config, gpus: int | None = None) -> int:

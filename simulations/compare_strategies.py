@@ -21,6 +21,7 @@ import numpy as np
 from fedlora.adapter import adapter_parameters
 from fedlora.apps.contribution import site_local_steps
 from fedlora.config import load_config, parse_override
+from fedlora.quiet import quiet_libraries
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms
@@ -36,6 +37,7 @@ CONFIGS = {
 
 
 def centralised(overrides: list[dict], samples: int) -> dict:
+    quiet_libraries()
     cfg = load_config(None, overrides)
     cfg.train.threads = 2
     rt = build_runtime(cfg, log=lambda _: None)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.config import load_config, parse_override
+from fedlora.quiet import quiet_libraries
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms
@@ -60,6 +61,7 @@ def step_seconds_and_size(cfg, repeats: int = 3) -> tuple[float, int, str]:
 
 
 def main() -> None:
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="simulations/results/targets")
     parser.add_argument("--presets", default=",".join(PRESETS))

@@ -12,12 +12,10 @@ SIGKILL), and without `--resume` an interrupted federation's state is never over
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +32,7 @@ from fedlora.deploy.settings import ServerSettings
 from fedlora.errors import FedloraError
 from fedlora.interrupt import STOP_GRACE, Interrupted, StopSwitch, on_signals, signal_of
 from fedlora.privacy.secrets import SITE_CSPRNG
+from fedlora.quiet import quiet_libraries
 from fedlora.report import Reporter, human_bytes
 from fedlora.results import (
     check_no_saved_state,
@@ -54,22 +53,6 @@ if TYPE_CHECKING:
 
 #: inside the run's state folder: the id the sites keep this federation's state under
 FEDERATION_ID = "federation.id"
-
-
-def quiet() -> None:
-    """No telemetry, no update checks, no progress bars or per-request logs (set before the
-    libraries load): the server's round table and the site's one line per message are the
-    output."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("flwr", "uvicorn", "uvicorn.error"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def shared_config(cfg: Config) -> str:
@@ -174,7 +157,7 @@ def serve(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the federation; return its finished results folder."""
-    quiet()
+    quiet_libraries()
     out = results_dir(cfg)
     if resume:
         resume_dir(cfg)
@@ -302,7 +285,7 @@ def revoke(
 ) -> None:
     """Revoke the registered keys of `names` for good, and serve nothing: revocation is an act
     of its own, between federations (stop a running one first; `--resume` continues it)."""
-    quiet()
+    quiet_libraries()
     from fedlora.deploy.link import Link, revoke_sites
 
     link = Link(settings, insecure=False)

@@ -334,9 +334,9 @@ def wait_for_server(
 def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     """The daemon's life: probe, start the SuperNode, run messages until told to stop."""
     from fedlora.deploy.executor import TaskRunner
-    from fedlora.deploy.server import quiet
+    from fedlora.quiet import quiet_libraries
 
-    quiet()
+    quiet_libraries()
     stop = Stop()
     stop.install()
     if settings.insecure:
