@@ -74,7 +74,13 @@ def run_centralised(seed: int, common: list[str], out: Path) -> dict:
             * cfg.train.local_steps
             * cfg.train.batch_size
         )
+        print(
+            f"centralised, seed {seed}: {samples // cfg.train.batch_size} steps on the pooled "
+            "rows (no output until it is done) ...",
+            flush=True,
+        )
         result = centralised(overrides, samples)
+        print(f"centralised, seed {seed}: {result['wall_seconds']:.0f} s", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             json.dumps(
