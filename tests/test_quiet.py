@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,13 +20,23 @@ from fedlora.runtime import build_runtime
 build_runtime(load_config(None, [{"model": {"name": "tiny-random"}}]), log=lambda _: None)
 """
 
+#: what quiet_libraries and the simulation set in the environment: a test earlier in this
+#: process may have set them, and the child would inherit them
+QUIET_ENV = (
+    "TRANSFORMERS_VERBOSITY",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "TQDM_DISABLE",
+    "PYTHONWARNINGS",
+)
+
 
 @pytest.mark.parametrize("mode", ["loud", "quiet"])
 def test_loading_a_base_says_nothing_after_quiet_libraries(mode):
     """Without it, loading a base prints transformers' progress bar and a deprecation notice
     (the control: so the quiet run's empty stderr means something)."""
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
     res = subprocess.run(
-        [sys.executable, "-c", LOAD, mode], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LOAD, mode], capture_output=True, text=True, env=env, timeout=300
     )
     assert res.returncode == 0, res.stderr
     if mode == "loud":
