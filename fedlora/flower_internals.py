@@ -5,7 +5,8 @@ fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr
 
 - the deployment server (`fedlora/deploy/link.py`) serves the SuperLink's FastAPI app inside
   its own process, claims the run's ServerApp task itself and drives the federation with
-  `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process);
+  `HttpGrid` (so that the results folder, the exit status and Ctrl-C stay in one process),
+  whose retry policy it changes for one answer: a refused token is an error, not a SIGINT;
 - the site daemon (`fedlora/deploy/executor.py`, `fedlora/deploy/site.py`) claims the
   SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
   loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
