@@ -136,7 +136,6 @@ def test_certs_in_the_formats_flower_loads(tmp_path):
     assert layout.ca_cert.read_bytes() == ca_before  # the CA is never replaced
 
 
-@deploy
 def link_settings(root: Path, layout):
     """A SuperLink on a free loopback port with the certificates of `layout`, state under root."""
     from fedlora.deploy.settings import ServerSettings
@@ -152,6 +151,7 @@ def link_settings(root: Path, layout):
     )
 
 
+@deploy
 def test_registered_site_keys_follow_the_server_config(tmp_path):
     """Every start registers the keys in [sites]: an unchanged key keeps its node, a rotated key
     replaces the old one (revoked). A site left out keeps its key and comes back with it; only
