@@ -4,13 +4,14 @@ authentication (certificates and site keys from `fedlora certs`).
 
 The same federation runs in both modes, plaintext (`secure.enabled = false`) and secure
 (`true`), `--repeats` times, the order alternating from one repeat to the next (plaintext
-first, then secure first, ...) so that a drift in the machine's load hits both alike; same
-seed, model, data and settings: FedAvg, `--rounds` rounds, `--local-steps` local
-steps of batch 8 per site, one torch thread per site, evaluation of the global adapter on
-`--eval-rows` held-out rows after every round. Each mode gets a fresh server and fresh site
-daemons (each on a free port, with its own state), so both start equally cold. Every process
-runs on this machine: the network is loopback, so the seconds are compute (training, masking,
-secret sharing, unmasking, evaluation) and the protocol's message round trips, not bandwidth.
+first, then secure first, ...; the poll intervals' order too) so that a drift in the machine's
+load hits both alike; same seed, model, data and settings: FedAvg, `--rounds` rounds,
+`--local-steps` local steps of batch 8 per site, one torch thread per site, evaluation of the
+global adapter on `--eval-rows` held-out rows after every round. Each mode gets a fresh server
+and fresh site daemons (each on a free port, with its own state), so both start equally cold.
+Every process runs on this machine: the network is loopback, so the seconds are compute
+(training, masking, secret sharing, unmasking, evaluation) and the protocol's message round
+trips, not bandwidth.
 
 From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 only evaluates
 the initial adapter): the mean of "seconds" (one round at the server, from sending the train
@@ -20,6 +21,11 @@ shares, masked inputs, unmasking shares). Then a markdown table: each mode's sec
 (mean ± sample std over repeats, and each repeat's mean), bytes, and secure / plaintext: the
 ratio of the means and the median of the per-repeat ratios.
 
+`--poll-intervals 3,0.5` runs both modes at each site poll interval (`site.poll_interval`:
+the seconds a site waits before asking again when the server had no message for it; 3 s is
+Flower's own wait), every interval in every repeat, and gives a secure / plaintext line per
+interval.
+
 Everything is written to a temporary folder that is deleted at the end (`--keep` keeps it and
 prints where); every process started is stopped at the end, whatever happened. The base model
 comes from the fedlora cache (`$FEDLORA_CACHE`), as for any fedlora command.
@@ -27,6 +33,7 @@ comes from the fedlora cache (`$FEDLORA_CACHE`), as for any fedlora command.
     python bench/deploy_secagg.py --rounds 3
     python bench/deploy_secagg.py --model SmolLM2-135M-Instruct --sites 10 --local-steps 6 \
         --rounds 2 --repeats 3
+    python bench/deploy_secagg.py --sites 10 --repeats 2 --poll-intervals 3,1,0.5
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.deploy.ports import free_port
+from fedlora.deploy.settings import DEFAULT_POLL_INTERVAL
 
 MODES = (("plaintext", False), ("secure", True))
 WORDS = {
@@ -145,7 +153,7 @@ def make_certs(root: Path, sites: list[str], timeout: float) -> None:
     )
 
 
-def site_toml(root: Path, mode: str, site: str, port: int) -> Path:
+def site_toml(root: Path, mode: str, site: str, port: int, poll_interval: float) -> Path:
     path = root / f"site-{mode}-{site}.toml"
     path.write_text(
         "[site]\n"
@@ -154,6 +162,7 @@ def site_toml(root: Path, mode: str, site: str, port: int) -> Path:
         'ca_cert = "certs/ca.pem"\n'
         f'auth_key = "certs/sites/{site}/auth.key"\n'
         f'state_dir = "state-{mode}-{site}"\n'
+        f"poll_interval = {poll_interval}\n"
         "threads = 1\n\n"
         f'[data]\npath = "{site}.jsonl"\n'
     )
@@ -181,7 +190,12 @@ def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.N
 
 
 def federation(
-    root: Path, procs: Processes, mode: str, secure: bool, args: argparse.Namespace
+    root: Path,
+    procs: Processes,
+    mode: str,
+    secure: bool,
+    poll_interval: float,
+    args: argparse.Namespace,
 ) -> list[dict]:
     """One federation with a fresh server and fresh site daemons; its metrics.jsonl rows."""
     port = free_port()
@@ -198,7 +212,7 @@ def federation(
         if server.poll() is not None:
             raise RuntimeError(f"the {mode} server exited:\n{procs.log(name)[-3000:]}")
         for site in site_names(args.sites):
-            site_config = site_toml(root, mode, site, port)
+            site_config = site_toml(root, mode, site, port, poll_interval)
             sites.append(
                 procs.fedlora(f"site-{mode}-{site}", "client", "--config", site_config.name)
             )
@@ -245,9 +259,9 @@ def per_round(rows: list[dict], rounds: int) -> PerRound:
     )
 
 
-def table(results: dict[str, list[PerRound]]) -> str:
-    """Seconds per round per mode over repeats, bytes, and the secure / plaintext ratios."""
-    plain, secure = results["plaintext"], results["secure"]
+def table(results: dict[str, list[PerRound]], intervals: list[float]) -> str:
+    """Seconds per round per mode (and poll interval) over repeats, bytes, and the secure /
+    plaintext ratios per poll interval."""
     lines = [
         "| mode | s / round, mean ± std over repeats | each repeat (mean of its rounds) | "
         "bytes up / round | bytes down / round |",
@@ -261,14 +275,26 @@ def table(results: dict[str, list[PerRound]]) -> str:
             f"| {mode} | {statistics.mean(means):.1f} ± {spread:.1f} | {each} | "
             f"{runs[0].bytes_up:,.0f} | {runs[0].bytes_down:,.0f} |"
         )
-    ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(r.seconds for r in plain)
-    paired = statistics.median(s.seconds / p.seconds for s, p in zip(secure, plain, strict=True))
-    lines.append(
-        f"| secure / plaintext | {ratio:.2f}x (median of the per-repeat ratios {paired:.2f}x) | "
-        f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
-        f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
-    )
+    for interval in intervals:
+        plain = results[label("plaintext", interval, intervals)]
+        secure = results[label("secure", interval, intervals)]
+        ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(
+            r.seconds for r in plain
+        )
+        paired = statistics.median(
+            s.seconds / p.seconds for s, p in zip(secure, plain, strict=True)
+        )
+        lines.append(
+            f"| {label('secure / plaintext', interval, intervals)} | {ratio:.2f}x (median of "
+            f"the per-repeat ratios {paired:.2f}x) | "
+            f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
+            f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
+        )
     return "\n".join(lines)
+
+
+def label(mode: str, interval: float, intervals: list[float]) -> str:
+    return mode if len(intervals) == 1 else f"{mode}, poll {interval:g} s"
 
 
 def main() -> int:
@@ -286,8 +312,14 @@ def main() -> int:
     parser.add_argument(
         "--start-timeout", type=float, default=300.0, help="seconds for a server to listen (300)"
     )
+    parser.add_argument(
+        "--poll-intervals",
+        default=str(DEFAULT_POLL_INTERVAL),
+        help=f"comma list of site.poll_interval seconds ({DEFAULT_POLL_INTERVAL})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    intervals = [float(x) for x in args.poll_intervals.split(",")]
 
     from fedlora.model import resolve_model
 
@@ -301,20 +333,26 @@ def main() -> int:
         for i, site in enumerate(sites):
             write_rows(root / f"{site}.jsonl", seed=i, n=args.rows)
         write_rows(root / "eval.jsonl", seed=99, n=max(args.eval_rows, 1))
-        results: dict[str, list[PerRound]] = {mode: [] for mode, _ in MODES}
+        results: dict[str, list[PerRound]] = {
+            label(mode, interval, intervals): [] for interval in intervals for mode, _ in MODES
+        }
         for repeat in range(args.repeats):
             order = MODES if repeat % 2 == 0 else MODES[::-1]
-            for mode, secure in order:
-                rows = federation(root, procs, f"{mode}-{repeat + 1}", secure, args)
-                results[mode].append(per_round(rows, args.rounds))
-                each = ", ".join(f"{x:.1f}" for x in results[mode][-1].each)
-                print(f"{mode} {repeat + 1}: s / round {each}", file=sys.stderr)
+            by_interval = list(enumerate(intervals))
+            for i, interval in by_interval if repeat % 2 == 0 else by_interval[::-1]:
+                for mode, secure in order:
+                    name = f"{mode}-{i}-{repeat + 1}"
+                    rows = federation(root, procs, name, secure, interval, args)
+                    runs = results[label(mode, interval, intervals)]
+                    runs.append(per_round(rows, args.rounds))
+                    each = ", ".join(f"{x:.1f}" for x in runs[-1].each)
+                    print(f"{name} (poll {interval:g} s): s / round {each}", file=sys.stderr)
         print(
             f"{args.model}, {args.sites} site daemons + server on 127.0.0.1 (TLS, node auth), "
             f"fedavg, {args.rounds} rounds x {args.local_steps} local steps, "
             f"precision {args.precision}, seed {args.seed}\n"
         )
-        print(table(results))
+        print(table(results, intervals))
     finally:
         procs.stop_all()
         if args.keep:

@@ -10,7 +10,8 @@ fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr
 - the site daemon (`fedlora/deploy/executor.py`, `fedlora/deploy/site.py`) claims the
   SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
   loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
-  nobody else (its node id, a refused key, a run stopped under a message);
+  nobody else (its node id, a refused key, a run stopped under a message), and it shortens the
+  SuperNode's fixed wait after a pull that found no message (`run_supernode`);
 - secure aggregation (`fedlora/secure/secagg.py`) reuses Flower's SecAgg+ key-share encoding
   and its symmetric encryption.
 
@@ -23,6 +24,9 @@ deployment tests (`pytest -m deploy`), and port what fails.
 from __future__ import annotations
 
 import re
+import sys
+import time
+import types
 from collections.abc import Callable
 from importlib.metadata import version
 
@@ -77,6 +81,7 @@ try:
     from flwr.superlink.config_loader import SuperLinkLifespanConfig
     from flwr.superlink.grid import HttpGrid
     from flwr.superlink.main import create_app
+    from flwr.supernode import start_client_internal
     from flwr.supernode.runtime.run_clientapp import (
         pull_task_input,
         push_message,
@@ -130,10 +135,37 @@ __all__ = [
     "share_keys_plaintext_separate",
 ]
 
-#: the command line that starts Flower's SuperNode (`flower-supernode`) with this interpreter
+#: seconds Flower's SuperNode sleeps after a pull that found no message (`time.sleep(3)` in
+#: the loop of `start_client_internal`, a constant there)
+FLOWER_IDLE_WAIT = 3
+
+
+def run_supernode(idle_wait: float, args: list[str]) -> None:
+    """Run Flower's SuperNode (`flower-supernode ARGS`) in this process, sleeping `idle_wait`
+    seconds after a pull that found no message where Flower sleeps 3 s.
+
+    Every message of a round reaches a site that is idle up to that long after the server sent
+    it, and the round goes on when the last site answers: a plaintext round has one message
+    stage per site, a secure round four (keys, shares, masked input, unmasking), so at 3 s the
+    wait alone adds up to 9 s to each secure round. Flower has no setting for it; this swaps
+    the `time` that the SuperNode's loop module sees for a copy whose `sleep` turns 3 s into
+    `idle_wait` and leaves every other wait as it is."""
+    sleep = time.sleep
+    patched = types.ModuleType("time", time.__doc__)
+    patched.__dict__.update(vars(time))
+    patched.sleep = lambda seconds: sleep(idle_wait if seconds == FLOWER_IDLE_WAIT else seconds)
+    start_client_internal.time = patched  # type: ignore[attr-defined]
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *args]
+    flower_supernode()
+
+
+#: the command line that starts Flower's SuperNode with this interpreter: `python -c
+#: SUPERNODE_COMMAND IDLE_WAIT ARGS...` (`run_supernode`)
 SUPERNODE_COMMAND = (
-    "import sys; from flwr.supernode.cli import flower_supernode; "
-    "sys.argv[0] = 'flower-supernode'; flower_supernode()"
+    "import sys; from fedlora.flower_internals import run_supernode; "
+    "run_supernode(float(sys.argv[1]), sys.argv[2:])"
 )
 
 # What the SuperNode's log says, read by the site daemon.

@@ -207,7 +207,7 @@ def test_registered_site_keys_follow_the_server_config(tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from fedlora.deploy.settings import load_server, load_site
+    from fedlora.deploy.settings import DEFAULT_POLL_INTERVAL, load_server, load_site
     from fedlora.errors import FedloraError
     from fedlora.secure.certs import make_certs
 
@@ -231,6 +231,16 @@ def test_config_errors_name_the_key(tmp_path):
     site.write_text('[site]\nname = "a"\nserver = "localhost:9092"\n[train]\nlr = 1.0\n')
     with pytest.raises(FedloraError, match=r"\[train\]"):
         load_site(site)
+    head = '[site]\nname = "a"\nserver = "localhost:9092"\ninsecure = true\n'
+    data = '[data]\npath = "a.jsonl"\n'
+    site.write_text(head + data)
+    assert load_site(site).poll_interval == DEFAULT_POLL_INTERVAL
+    site.write_text(head + "poll_interval = 2\n" + data)
+    assert load_site(site).poll_interval == 2.0
+    for bad in ("0", "-1", "61", "true", '"fast"'):
+        site.write_text(head + f"poll_interval = {bad}\n" + data)
+        with pytest.raises(FedloraError, match="site.poll_interval .* from 0.05 to 60"):
+            load_site(site)
 
 
 def test_what_a_site_trains_with(tmp_path):

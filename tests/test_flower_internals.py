@@ -3,6 +3,7 @@
 import ast
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import fedlora
@@ -58,13 +59,42 @@ def test_the_supernode_still_logs_the_lines_the_site_daemon_reads():
         assert fi.RUN_NOT_RUNNING.search(line.replace("%s", "123", 1)).group(1) == "123"
 
 
-def test_the_supernode_command_starts_flowers_supernode():
-    namespace: dict = {}
-    statement = fi.SUPERNODE_COMMAND.replace("flower_supernode()", "")
-    exec(statement, namespace)  # noqa: S102 - our own constant, without the call
-    from flwr.supernode.cli import flower_supernode
+def test_the_supernode_command_runs_the_supernode_with_the_sites_idle_wait(monkeypatch):
+    """`python -c SUPERNODE_COMMAND WAIT ARGS...` hands WAIT and ARGS to run_supernode."""
+    calls = []
+    monkeypatch.setattr(fi, "run_supernode", lambda wait, args: calls.append((wait, args)))
+    monkeypatch.setattr(sys, "argv", ["-c", "0.25", "--superlink", "localhost:9092"])
+    exec(fi.SUPERNODE_COMMAND, {})  # noqa: S102 - our own constant
+    assert calls == [(0.25, ["--superlink", "localhost:9092"])]
 
-    assert namespace["flower_supernode"] is flower_supernode
+
+def test_the_supernode_sleeps_the_sites_idle_wait_after_an_empty_pull_and_nothing_else(
+    monkeypatch,
+):
+    """Flower's SuperNode loop sleeps FLOWER_IDLE_WAIT after a pull that found no message;
+    run_supernode turns that one sleep into the site's wait and starts flower-supernode."""
+    import time
+
+    from flwr.supernode import cli, start_client_internal
+
+    source = inspect.getsource(start_client_internal)
+    idle = re.findall(r"if run_id is None:\s+#[^\n]*\n\s+time\.sleep\((\d+)\)", source)
+    assert idle == [str(fi.FLOWER_IDLE_WAIT)], "port fi.FLOWER_IDLE_WAIT / fi.run_supernode"
+    waits = re.findall(r"time\.sleep\(([^)]*)\)", source)
+    assert waits.count(str(fi.FLOWER_IDLE_WAIT)) == 1, "another 3 s wait would shrink too"
+
+    slept, started = [], []
+    monkeypatch.setattr(start_client_internal, "time", time)  # undone after the test
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    fi.run_supernode(0.25, ["--insecure"])
+    assert started == [["flower-supernode", "--insecure"]]
+    loop_time = start_client_internal.time
+    loop_time.sleep(fi.FLOWER_IDLE_WAIT)
+    loop_time.sleep(0.5)
+    assert slept == [0.25, 0.5]
+    assert loop_time is not time and loop_time.monotonic is time.monotonic  # time untouched
 
 
 def test_the_task_lifetime_is_the_one_the_superlink_and_supernode_keep():

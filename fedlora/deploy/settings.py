@@ -35,10 +35,15 @@ SITE_KEYS = {
     "audit_log",
     "insecure",
     "threads",
+    "poll_interval",
 }
 SITE_DATA_KEYS = {"path", "test_path", "test_fraction"}
 SITE_PRIVACY_KEYS = {"max_epsilon"}
 SITE_MODEL_KEYS = {"device"}
+DEFAULT_POLL_INTERVAL = 0.5
+"""Seconds a site waits before asking the server again when it had no message (Flower's
+SuperNode: 3 s). Every message stage of a round waits up to this long at the last site to ask:
+see BENCHMARKS.md, "Secure aggregation overhead per round", for the measurement."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class SiteSettings:
     path: Path  # the site.toml itself
     device: str = "auto"  # the site's model.device (its own hardware, never the server's)
     policy: SitePolicy = SitePolicy()  # what this site accepts, whatever the server asks
+    poll_interval: float = DEFAULT_POLL_INTERVAL  # s between asks for a message when idle
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -195,6 +201,12 @@ def load_site(path: Path) -> SiteSettings:
     threads = site.get("threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise FedloraError(f"site.threads in {path} must be 0 (every core) or more.")
+    poll = site.get("poll_interval", DEFAULT_POLL_INTERVAL)
+    if isinstance(poll, bool) or not isinstance(poll, int | float) or not 0.05 <= poll <= 60:
+        raise FedloraError(
+            f"site.poll_interval in {path} must be a number of seconds from 0.05 to 60 "
+            f"(got {poll!r}; default {DEFAULT_POLL_INTERVAL})."
+        )
     policy_table = dict(values.get("policy", {}))
     if not isinstance(values.get("policy", {}), dict):
         raise FedloraError(f"{path}: [policy] must be a table.")
@@ -227,6 +239,7 @@ def load_site(path: Path) -> SiteSettings:
         path=path.resolve(),
         device=device,
         policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
+        poll_interval=float(poll),
     )
 
 

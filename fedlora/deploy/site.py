@@ -168,7 +168,7 @@ class SuperNode:
         self._ending_since = None
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SUPERNODE_COMMAND, *args],
+                [sys.executable, "-c", SUPERNODE_COMMAND, str(s.poll_interval), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
