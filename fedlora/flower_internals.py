@@ -146,10 +146,9 @@ def run_supernode(idle_wait: float, args: list[str]) -> None:
 
     Every message of a round reaches a site that is idle up to that long after the server sent
     it, and the round goes on when the last site answers: a plaintext round has one message
-    stage per site, a secure round four (keys, shares, masked input, unmasking), so at 3 s the
-    wait alone adds up to 9 s to each secure round. Flower has no setting for it; this swaps
-    the `time` that the SuperNode's loop module sees for a copy whose `sleep` turns 3 s into
-    `idle_wait` and leaves every other wait as it is."""
+    stage per site, a secure round four (keys, shares, masked input, unmasking). Flower has no
+    setting for it; this swaps the `time` that the SuperNode's loop module sees for a copy whose
+    `sleep` turns 3 s into `idle_wait` and leaves every other wait as it is."""
     sleep = time.sleep
     patched = types.ModuleType("time", time.__doc__)
     patched.__dict__.update(vars(time))
