@@ -209,8 +209,8 @@ def version_problem() -> str | None:
         f"flwr {WRITTEN_FOR}. Re-check every private use in fedlora/flower_internals.py (the "
         "SuperLink app and lifespan, the Runtime and Control API requests, HttpGrid's runtime "
         "client, TaskIdentity, a task heartbeat's lifetime, run_clientapp's pull/push "
-        "functions, the SuperNode's log lines, SecAgg+ key shares), run `pytest -m deploy`, "
-        "then set WRITTEN_FOR."
+        "functions, the SuperNode's log lines and idle sleep, SecAgg+ key shares), run "
+        "`pytest -m deploy`, then set WRITTEN_FOR."
     )
 
 
