@@ -1,7 +1,8 @@
 """Server-side aggregation time per round for each `lora.aggregation` mode, at 10 and 100 sites.
 
-Synthetic contributions with the default adapter's shapes (SmolLM2-135M: 30 layers, LoRA r=8 on
-q_proj 576->576 and v_proj 576->192), FedAvg weights. Times the server's own functions
+Synthetic contributions with the shapes of SmolLM2-135M's q/v adapter (30 layers, LoRA r=8 on
+q_proj 576->576 and v_proj 576->192; the default until the learning study made it o_proj),
+FedAvg weights. Times the server's own functions
 (fedlora.aggregation), including the factor-averaging error it reports each round. Medians of
 --repeats, the modes alternating. "svd" is the path the server takes (a QR of the stacked
 factors), "svd-dense" the dense d x k products and full SVDs it replaced (still used with

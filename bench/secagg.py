@@ -1,8 +1,8 @@
 """Secure-aggregation overhead per round against plaintext summation, at 10 and 50 sites.
 
 The pure protocol (fedlora.secure.secagg), all sites simulated in one process, on a random
-contribution the size of the default adapter (SmolLM2-135M, LoRA r=8 on q_proj and v_proj:
-460,800 values) plus the FedAvg weight. Plaintext: each site casts its contribution to float32
+contribution the size of SmolLM2-135M's LoRA r=8 adapter on q_proj and v_proj (460,800
+values; the default until the learning study, whose winner o_proj has 276,480) plus the FedAvg weight. Plaintext: each site casts its contribution to float32
 (what it sends), the server sums in float64. Secure: each site's four stages (keys, shares,
 masking, unmasking shares) and the server's (routing, summing, unmasking); with no dropout and
 with 10% of the sites dropped after sharing keys (the server then rebuilds their pairwise

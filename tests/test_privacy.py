@@ -115,7 +115,8 @@ def test_one_round_without_amplification_costs_2_55_at_noise_1_and_delta_1_60():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_cfg_at):
-    cfg = tiny_cfg_at(tmp_path_factory.mktemp("dp"), lora={"dropout": 0.0})
+    # q/v: enough coordinates for the noise statistics below
+    cfg = tiny_cfg_at(tmp_path_factory.mktemp("dp"), lora={"dropout": 0.0, "targets": "qv"})
     rt = build_runtime(cfg, log=quiet)
     return rt, rt.site_rows(0)[:12], adapter_arrays(rt.model)
 

@@ -31,8 +31,8 @@ def test_an_8bit_base_trains_the_adapter_after_an_evaluation_pass(tiny_cfg):
 
     cfg = tiny_cfg(model={"quantization": "8bit"}, train={"lr": 0.05})
     rt = build_runtime(cfg, log=lambda _m: None)
-    q_proj = rt.model.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj.base_layer, bnb.nn.Linear8bitLt)
+    o_proj = rt.model.base_model.model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj.base_layer, bnb.nn.Linear8bitLt)
     rows = rt.site_rows(0)
     before = adapter_arrays(rt.model)
     first = evaluate(rt.model, rt.encoder, rows[:16], rt.pad_id)

@@ -132,7 +132,7 @@ def test_local_train_lowers_the_loss(fresh):
         after = float(batch_loss(rt.model, rows, rt.pad_id))
     assert result.steps == 40
     assert np.isfinite(result.mean_loss)
-    assert after < before - 0.5, (before, after)
+    assert after < before - 0.3, (before, after)  # o_proj alone levels off 0.42 below here
     assert not rt.model.training  # left in eval mode
 
 
