@@ -200,7 +200,8 @@ def plot(rows: list[dict], results: list[dict], path: Path) -> None:
             seeds = [p[key] for p in results if p["cell"] == r["cell"]]
             ax.plot([i] * len(seeds), seeds, "k.", ms=5)
         for c, style in zip(ceilings, ("--", "-."), strict=False):
-            ax.axhline(c[key][0], color="k", ls=style, label=f"{c['cell']}, same samples")
+            adapter = "" if CEILINGS[c["cell"]] else " (q/v, the study's base)"
+            ax.axhline(c[key][0], color="k", ls=style, label=f"{c['cell']}{adapter}, same samples")
         round0 = np.mean([p["round0"][key] for p in results if "round0" in p])
         ax.axhline(round0, color="tab:red", ls=":", label="round 0")
         ax.set_xticks(x, [r["cell"] for r in cells], rotation=30, ha="right", fontsize=8)
