@@ -1,17 +1,17 @@
 """Secure-aggregation overhead per round against plaintext summation, at 10 and 50 sites.
 
 The pure protocol (fedlora.secure.secagg), all sites simulated in one process, on a random
-contribution the size of SmolLM2-135M's LoRA r=8 adapter on q_proj and v_proj (460,800
-values; the default until the learning study, whose winner o_proj has 276,480) plus the FedAvg weight. Plaintext: each site casts its contribution to float32
-(what it sends), the server sums in float64. Secure: each site's four stages (keys, shares,
-masking, unmasking shares) and the server's (routing, summing, unmasking); with no dropout and
-with 10% of the sites dropped after sharing keys (the server then rebuilds their pairwise
-masks). Two contributions: "64-bit" is n_i * delta_i under the session's default bound 2^30
-(no DP: every value in 64 bits); "32-bit" is a client-level DP one, delta clipped to norm C = 1
-with weight 1, whose delta has the bound C (1 + 2^-20) and goes in 32 bits (the weight in 64).
-Seconds are the median site and the server; bytes are payload (tensor data, keys, ciphertexts,
-the layout, 8 per site id or number) per site and at the server, both directions; the global
-adapter, sent down in both modes, is not counted.
+contribution the size of SmolLM2-135M's LoRA r=8 adapter on q_proj and v_proj (460,800 values;
+the default until the learning study, whose winner o_proj has 276,480) plus the FedAvg weight.
+Plaintext: each site casts its contribution to float32 (what it sends), the server sums in
+float64. Secure: each site's four stages (keys, shares, masking, unmasking shares) and the
+server's (routing, summing, unmasking); with no dropout and with 10% of the sites dropped after
+sharing keys (the server then rebuilds their pairwise masks). Two contributions: "64-bit" is n_i
+* delta_i under the session's default bound 2^30 (no DP: every value in 64 bits); "32-bit" is a
+client-level DP one, delta clipped to norm C = 1 with weight 1, whose delta has the bound C (1 +
+2^-20) and goes in 32 bits (the weight in 64). Seconds are the median site and the server; bytes
+are payload (tensor data, keys, ciphertexts, the layout, 8 per site id or number) per site and
+at the server, both directions; the global adapter, sent down in both modes, is not counted.
 
     python bench/secagg.py --sites 10,50
 """
