@@ -327,6 +327,8 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="fedlora-deploy-secagg-"))
     procs = Processes(root)
+    # the daemons run in sessions of their own: a SIGTERM to this script must reach them too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         sites = site_names(args.sites)
         make_certs(root, sites, timeout=120)
