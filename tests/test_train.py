@@ -119,8 +119,9 @@ def train_cfg(rt, **changes):
     return replace(rt.cfg.train, **changes)
 
 
-def test_local_train_lowers_the_loss(fresh):
-    rt = fresh
+def test_local_train_lowers_the_loss(tiny_cfg):
+    # on q/v: o_proj alone is too small on tiny-random to fit these rows (it levels off 0.42 down)
+    rt = build_runtime(tiny_cfg(lora={"dropout": 0.0, "targets": "qv"}), log=lambda _msg: None)
     rows = rt.site_rows(0)[:4]
     with torch.no_grad():
         before = float(batch_loss(rt.model, rows, rt.pad_id))
@@ -132,7 +133,7 @@ def test_local_train_lowers_the_loss(fresh):
         after = float(batch_loss(rt.model, rows, rt.pad_id))
     assert result.steps == 40
     assert np.isfinite(result.mean_loss)
-    assert after < before - 0.3, (before, after)  # o_proj alone levels off 0.42 below here
+    assert after < before - 0.5, (before, after)
     assert not rt.model.training  # left in eval mode
 
 
