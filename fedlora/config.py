@@ -177,10 +177,13 @@ class TrainConfig:
     #: recompute activations in the backward pass instead of keeping them (less memory for a
     #: large base, about a third more compute).
     gradient_checkpointing: bool = False
-    #: classify task: each batch draws its answers uniformly from those the site holds, then
-    #: a row of that answer (with replacement), so rare answers weigh as much as common ones in
-    #: the site's update. Not under DP-SGD, whose accounting assumes Poisson batches.
-    class_balance: bool = False
+    #: classify task, a strength in [0, 1]: each row of a batch is of an answer drawn with
+    #: probability proportional to n^(1 - class_balance), n its rows at the site, then a row of
+    #: that answer (with replacement). 0 = the site's own frequencies (plain shuffled passes),
+    #: 1 = uniform over its answers (rare answers weigh as much as common ones), 0.5 = square-
+    #: root sampling. true / false (older configs) read as 1 / 0. Not under DP-SGD, whose
+    #: accounting assumes Poisson batches.
+    class_balance: float = 0.0
 
 
 @dataclass
@@ -313,9 +316,15 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
+#: float keys that were booleans: a saved config's true / false still loads, as 1.0 / 0.0
+_FORMER_BOOLS = frozenset({"train.class_balance"})
+
+
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
     """Check one value against its field type; Literal choices are listed in the error."""
     where = f"{section}.{name}"
+    if where in _FORMER_BOOLS and isinstance(value, bool):
+        return float(value)
     choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else None
     if choices:
         if value not in choices:
@@ -583,11 +592,16 @@ def validate(cfg: Config) -> None:
         )
     _validate_privacy(cfg)
     _validate_transport(cfg)
-    if cfg.train.class_balance:
+    _require(
+        0 <= cfg.train.class_balance <= 1,
+        f"train.class_balance must be in [0, 1] (0 = the site's answer frequencies, 1 = uniform "
+        f"over its answers; got {cfg.train.class_balance}).",
+    )
+    if cfg.train.class_balance > 0:
         _require(
             cfg.data.task == "classify",
             "train.class_balance balances the answers of a classify task; data.task = "
-            '"text" has none. Set train.class_balance = false.',
+            '"text" has none. Set train.class_balance = 0.',
         )
         _require(
             cfg.privacy.level != "sample",

@@ -120,18 +120,24 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, bf16: bool = False)
 
 
 def batches(
-    rows: Sequence[Encoded], batch_size: int, rng: np.random.Generator, balanced: bool = False
+    rows: Sequence[Encoded], batch_size: int, rng: np.random.Generator, balance: float = 0.0
 ) -> Iterator[list[Encoded]]:
-    """Endless shuffled passes over the rows (a new permutation each epoch); `balanced`
-    (train.class_balance): each row of a batch is of an answer drawn uniformly from those the
-    rows hold, then a row of that answer, drawn with replacement."""
-    if balanced:
+    """Endless shuffled passes over the rows (a new permutation each epoch) at `balance` 0.
+    Above it (train.class_balance): each row of a batch is of an answer drawn with probability
+    proportional to n^(1 - balance), n that answer's rows here (1 = uniform over the answers,
+    0.5 = square-root sampling), then a row of that answer, drawn with replacement."""
+    if balance > 0:
         by_label: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_label.setdefault(row.label, []).append(i)
         groups = [np.array(idx) for _, idx in sorted(by_label.items())]
+        p = np.array([len(g) for g in groups], dtype=float) ** (1.0 - balance)
+        p /= p.sum()
         while True:
-            picks = rng.integers(len(groups), size=batch_size)
+            if balance >= 1:  # uniform: the draws of the earlier boolean switch, unchanged
+                picks = rng.integers(len(groups), size=batch_size)
+            else:
+                picks = rng.choice(len(groups), size=batch_size, p=p)
             yield [rows[int(rng.choice(groups[g]))] for g in picks]
     while True:
         order = rng.permutation(len(rows))

@@ -289,3 +289,32 @@ def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
     readme = " ".join((root / "README.md").read_text().split())
     assert "SCAFFOLD with `train.momentum = 0`" not in readme
     assert "SGD momentum (`train.momentum`" in readme and "allowed with both" in readme
+
+
+def test_class_balance_reads_the_former_booleans_as_its_ends(tmp_path):
+    """train.class_balance was a switch: a saved config.toml's true / false still loads (as the
+    strength 1 / 0), from a file and from --set, and a number is kept as given."""
+    for word, value in (("true", 1.0), ("false", 0.0), ("0.5", 0.5), ("1", 1.0)):
+        path = tmp_path / f"{word}.toml"
+        path.write_text(f"[train]\nclass_balance = {word}\n")
+        for cfg in (
+            load_config(path),
+            load_config(None, [parse_override(f"train.class_balance={word}")]),
+        ):
+            assert cfg.train.class_balance == value
+            assert type(cfg.train.class_balance) is float
+    again = tmp_path / "again.toml"
+    write_config(load_config(None, [{"train": {"class_balance": True}}]), again)
+    assert load_config(again).train.class_balance == 1.0
+
+
+@pytest.mark.parametrize(
+    ("value", "words"), [(1.5, "in [0, 1]"), (-0.1, "in [0, 1]"), ("yes", "must be a number")]
+)
+def test_class_balance_outside_0_1_or_not_a_number_is_refused(value, words):
+    with pytest.raises(FedloraError) as info:
+        load_config(None, [{"train": {"class_balance": value}}])
+    assert "train.class_balance" in str(info.value) and words in str(info.value)
+    text = "yes" if value == "yes" else str(value)
+    with pytest.raises(FedloraError, match=r"train\.class_balance"):
+        load_config(None, [parse_override(f"train.class_balance={text}")])

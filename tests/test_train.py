@@ -254,20 +254,69 @@ def test_evaluate_predictions_match_full_answer_scores(rt):
 
 def test_class_balanced_batches_draw_every_answer_alike():
     """90 / 9 / 1 rows of three answers: plain batches follow the rows (about 90% of the first
-    answer), balanced ones draw each answer a third of the time, the single rare row included.
-    Tolerance: 3,000 draws, a proportion's standard error is at most 0.009."""
+    answer), fully balanced ones draw each answer a third of the time, the single rare row
+    included. Tolerance: 3,000 draws, a proportion's standard error is at most 0.009."""
     from fedlora.train import Encoded, batches
 
     rows = [Encoded([1, 2], 1, label) for label in [0] * 90 + [1] * 9 + [2]]
     rng = np.random.default_rng(0)
 
-    def shares(balanced: bool) -> np.ndarray:
-        stream = batches(rows, 8, rng, balanced)
+    def shares(balance: float) -> np.ndarray:
+        stream = batches(rows, 8, rng, balance)
         drawn = [r.label for _ in range(375) for r in next(stream)]
         return np.bincount(drawn, minlength=3) / len(drawn)
 
-    np.testing.assert_allclose(shares(False), [0.9, 0.09, 0.01], atol=0.03)
-    np.testing.assert_allclose(shares(True), [1 / 3] * 3, atol=0.03)
+    np.testing.assert_allclose(shares(0.0), [0.9, 0.09, 0.01], atol=0.03)
+    np.testing.assert_allclose(shares(1.0), [1 / 3] * 3, atol=0.03)
+
+
+def test_square_root_class_balance_draws_answers_by_the_root_of_their_rows():
+    """100 / 25 / 4 / 1 rows of four answers at class_balance 0.5: the answers are drawn in
+    proportion 10 : 5 : 2 : 1 (the square roots), far from both the rows' own shares (0.77 for
+    the first) and uniform (0.25). 20,000 draws; each share within 4 binomial standard errors
+    (at most 0.014), while for the first answer (0.556) both of those are over 60 of them
+    away, so a sampler drawing either would fail."""
+    from fedlora.train import Encoded, batches
+
+    counts = [100, 25, 4, 1]
+    rows = [Encoded([1, 2], 1, label) for label, n in enumerate(counts) for _ in range(n)]
+    stream = batches(rows, 8, np.random.default_rng(3), 0.5)
+    drawn = [r.label for _ in range(2500) for r in next(stream)]
+    shares = np.bincount(drawn, minlength=4) / len(drawn)
+    expected = np.sqrt(counts) / np.sqrt(counts).sum()
+    std = np.sqrt(expected * (1 - expected) / len(drawn))
+    assert np.all(np.abs(shares - expected) <= 4 * std), (shares, expected, std)
+    for other in (np.array(counts) / sum(counts), np.full(4, 0.25)):
+        assert abs(other[0] - expected[0]) > 60 * std[0]
+
+
+def _old_batches(rows, batch_size, rng, balanced):
+    """batches() as it was when train.class_balance was a switch (the earlier study's runs)."""
+    if balanced:
+        by_label: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_label.setdefault(row.label, []).append(i)
+        groups = [np.array(idx) for _, idx in sorted(by_label.items())]
+        while True:
+            picks = rng.integers(len(groups), size=batch_size)
+            yield [rows[int(rng.choice(groups[g]))] for g in picks]
+    while True:
+        order = rng.permutation(len(rows))
+        for start in range(0, len(order), batch_size):
+            yield [rows[i] for i in order[start : start + batch_size]]
+
+
+@pytest.mark.parametrize(("balance", "old"), [(0.0, False), (1.0, True), (True, True)])
+def test_class_balance_0_and_1_draw_exactly_as_the_former_switch(balance, old):
+    """0 is the plain shuffled passes and 1 the uniform draws of the former boolean, row for
+    row from the same generator, so results measured before reproduce."""
+    from fedlora.train import Encoded, batches
+
+    rows = [Encoded([i, 2], 1, label) for i, label in enumerate([0] * 30 + [1] * 7 + [2] * 2)]
+    new = batches(rows, 8, np.random.default_rng(5), balance)
+    ref = _old_batches(rows, 8, np.random.default_rng(5), old)
+    for _ in range(20):
+        assert [r.input_ids for r in next(new)] == [r.input_ids for r in next(ref)]
 
 
 @pytest.mark.parametrize(
@@ -277,9 +326,11 @@ def test_class_balanced_batches_draw_every_answer_alike():
         ({"data": {"task": "text"}}, 'data.task = "text"'),
     ],
 )
-def test_class_balance_is_refused_where_it_cannot_hold(sections, words):
+@pytest.mark.parametrize("balance", [True, 1.0, 0.5, 0.01])
+def test_class_balance_is_refused_where_it_cannot_hold(sections, words, balance):
     from fedlora.config import load_config
     from fedlora.errors import FedloraError
 
     with pytest.raises(FedloraError, match=words):
-        load_config(None, [{"train": {"class_balance": True}}, sections])
+        load_config(None, [{"train": {"class_balance": balance}}, sections])
+    load_config(None, [{"train": {"class_balance": 0.0}}, sections])  # off: nothing to refuse
