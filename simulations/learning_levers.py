@@ -4,15 +4,16 @@ Each cell is the default federation as it was when the study ran (10 non-IID sit
 rounds x 6 local steps x batch 8 = 2,400 samples, LoRA on q_proj and v_proj) with one lever
 changed, run over the given seeds; a ceiling is centralised LoRA on the pooled rows processing
 the same 2,400 samples (300 steps of 8, the default local optimiser) with the cell's adapter,
-once per seed. A lever wins only if it beats the default on every seed (o_proj targets did, and
-are the default since). The goal (issue: "a federation that reaches the centralised result"):
-macro-F1 at least 95% of the ceiling's mean, and accuracy at least the ceiling's mean.
+once per seed. A lever wins only if it beats its baseline on every seed: the default, or for a
+lever on top of o_proj targets (which did, and are the default since) o_proj targets. The goal
+(issue: "a federation that reaches the centralised result"): macro-F1 at least 95% of the
+ceiling's mean, and accuracy at least the ceiling's mean.
 
 Resumable: a cell and seed whose results folder is finished is read, not run again. Writes
 results.md, results.json and levers.png into --out.
 
     python simulations/learning_levers.py --out simulations/results/levers --seeds 0,1
-    python simulations/learning_levers.py --cells default,class-balance --seeds 0
+    python simulations/learning_levers.py --cells "default,class-balanced batches" --seeds 0
 """
 
 from __future__ import annotations
@@ -44,18 +45,30 @@ CELLS: dict[str, list[str]] = {
     "FedAdam (server lr 0.001)": ["strategy.server_optimizer=adam", "strategy.server_lr=0.001"],
     "class-balanced batches": ["train.class_balance=true"],
     "o_proj targets": ["lora.targets=o_proj"],
+    # milder than the uniform draws above: answers in proportion to the root of their rows
+    "o_proj + square-root class balance": ["lora.targets=o_proj", "train.class_balance=0.5"],
 }
 #: ceiling -> the overrides of BASE it changes; a cell is measured against its own adapter's
 CEILINGS: dict[str, list[str]] = {
     "centralised": [],
     "centralised, o_proj targets": ["lora.targets=o_proj"],
 }
-CELL_CEILING = {"o_proj targets": "centralised, o_proj targets"}
+CELL_CEILING = {
+    "o_proj targets": "centralised, o_proj targets",
+    "o_proj + square-root class balance": "centralised, o_proj targets",
+}
+#: cell -> the cell it must beat on every seed to win ("default" unless named): a lever on top
+#: of o_proj is measured against o_proj, the default since it won
+CELL_BASELINE = {"o_proj + square-root class balance": "o_proj targets"}
 KEYS = ("eval_accuracy", "eval_macro_f1", "eval_loss")
 
 
 def ceiling_of(cell: str) -> str:
     return CELL_CEILING.get(cell, "centralised")
+
+
+def baseline_of(cell: str) -> str:
+    return CELL_BASELINE.get(cell, "default")
 
 
 def slug(cell: str) -> str:
@@ -117,12 +130,12 @@ def run_centralised(name: str, seed: int, common: list[str], out: Path) -> dict:
 
 
 def summarize(results: list[dict], seeds: list[int]) -> list[dict]:
-    """Per cell: mean and sample std over seeds, whether it beats the default on every seed in
-    macro-F1 and in accuracy, and its macro-F1 against its ceiling's mean (and the goal)."""
+    """Per cell: mean and sample std over seeds, whether it beats its baseline (baseline_of) on
+    every seed in macro-F1 and in accuracy, and its macro-F1 against its ceiling's mean (and the
+    goal)."""
     by_cell: dict[str, dict[int, dict]] = {}
     for r in results:
         by_cell.setdefault(r["cell"], {})[r["seed"]] = r
-    default = by_cell.get("default", {})
     ceilings = {
         name: {k: float(np.mean([r[k] for r in by_cell[name].values()])) for k in KEYS}
         for name in CEILINGS
@@ -137,12 +150,14 @@ def summarize(results: list[dict], seeds: list[int]) -> list[dict]:
                 float(np.mean(values)),
                 float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             )
-        if cell != "default" and cell in CELLS and set(runs) == set(default) == set(seeds):
+        base = by_cell.get(baseline_of(cell), {})
+        if cell != "default" and cell in CELLS and set(runs) == set(base) == set(seeds):
+            row["baseline"] = baseline_of(cell)
             row["beats_default_f1"] = all(
-                runs[s]["eval_macro_f1"] > default[s]["eval_macro_f1"] for s in seeds
+                runs[s]["eval_macro_f1"] > base[s]["eval_macro_f1"] for s in seeds
             )
             row["beats_default_acc"] = all(
-                runs[s]["eval_accuracy"] > default[s]["eval_accuracy"] for s in seeds
+                runs[s]["eval_accuracy"] > base[s]["eval_accuracy"] for s in seeds
             )
         ceiling = ceilings.get(ceiling_of(cell))
         if ceiling and cell in CELLS:
@@ -164,8 +179,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         return "" if v is None else ("yes" if v else "no")
 
     lines = [
-        "| cell | seeds | accuracy | macro-F1 | eval loss | macro-F1 / its ceiling | beats "
-        "default on every seed (F1 / acc) | goal met |",
+        "| cell | seeds | accuracy | macro-F1 | eval loss | macro-F1 / its ceiling | beats its "
+        "baseline on every seed (F1 / acc) | goal met |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -173,6 +188,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         beats = ""
         if "beats_default_f1" in r:
             beats = f"{yes(r['beats_default_f1'])} / {yes(r['beats_default_acc'])}"
+            if r["baseline"] != "default":
+                beats += f" ({r['baseline']})"
         lines.append(
             f"| {r['cell']} | {','.join(map(str, r['seeds']))} | {ms(r['eval_accuracy'])} | "
             f"{ms(r['eval_macro_f1'])} | {ms(r['eval_loss'])} | {ratio} | {beats} | "
