@@ -21,6 +21,9 @@ shares, masked inputs, unmasking shares). Then a markdown table: each mode's sec
 (mean ± sample std over repeats, and each repeat's mean), bytes, and secure / plaintext: the
 ratio of the means and the median of the per-repeat ratios.
 
+`--at-mask` adds a third mode: secure, with each site training only when the mask stage's
+message arrives (`site.train_during_key_exchange = false`) instead of from the keys stage on.
+
 `--poll-intervals 3,0.5` runs both modes at each site poll interval (`site.poll_interval`:
 the seconds a site waits before asking again when the server had no message for it; 3 s is
 Flower's own wait), every interval in every repeat, and gives a secure / plaintext line per
@@ -56,7 +59,18 @@ from pathlib import Path
 from fedlora.deploy.ports import free_port
 from fedlora.deploy.settings import DEFAULT_POLL_INTERVAL
 
-MODES = (("plaintext", False), ("secure", True))
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    secure: bool
+    #: site.train_during_key_exchange: a secure round trains from its keys stage on
+    overlap: bool = True
+
+
+MODES = (Mode("plaintext", False), Mode("secure", True))
+#: --at-mask adds: secure, each site training only when the mask stage's message arrives
+AT_MASK = Mode("secure-at-mask", True, overlap=False)
 WORDS = {
     "positive": ["great", "helped", "better", "relief", "calm"],
     "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
@@ -153,7 +167,9 @@ def make_certs(root: Path, sites: list[str], timeout: float) -> None:
     )
 
 
-def site_toml(root: Path, mode: str, site: str, port: int, poll_interval: float) -> Path:
+def site_toml(
+    root: Path, mode: str, site: str, port: int, poll_interval: float, overlap: bool
+) -> Path:
     path = root / f"site-{mode}-{site}.toml"
     path.write_text(
         "[site]\n"
@@ -163,6 +179,7 @@ def site_toml(root: Path, mode: str, site: str, port: int, poll_interval: float)
         f'auth_key = "certs/sites/{site}/auth.key"\n'
         f'state_dir = "state-{mode}-{site}"\n'
         f"poll_interval = {poll_interval}\n"
+        f"train_during_key_exchange = {'true' if overlap else 'false'}\n"
         "threads = 1\n\n"
         f'[data]\npath = "{site}.jsonl"\n'
     )
@@ -193,13 +210,13 @@ def federation(
     root: Path,
     procs: Processes,
     mode: str,
-    secure: bool,
+    kind: Mode,
     poll_interval: float,
     args: argparse.Namespace,
 ) -> list[dict]:
     """One federation with a fresh server and fresh site daemons; its metrics.jsonl rows."""
     port = free_port()
-    config = server_toml(root, mode, secure, port, args)
+    config = server_toml(root, mode, kind.secure, port, args)
     name = f"server-{mode}"
     server = procs.fedlora(name, "server", "--config", config.name)
     sites = []
@@ -212,7 +229,7 @@ def federation(
         if server.poll() is not None:
             raise RuntimeError(f"the {mode} server exited:\n{procs.log(name)[-3000:]}")
         for site in site_names(args.sites):
-            site_config = site_toml(root, mode, site, port, poll_interval)
+            site_config = site_toml(root, mode, site, port, poll_interval, kind.overlap)
             sites.append(
                 procs.fedlora(f"site-{mode}-{site}", "client", "--config", site_config.name)
             )
@@ -259,9 +276,9 @@ def per_round(rows: list[dict], rounds: int) -> PerRound:
     )
 
 
-def table(results: dict[str, list[PerRound]], intervals: list[float]) -> str:
-    """Seconds per round per mode (and poll interval) over repeats, bytes, and the secure /
-    plaintext ratios per poll interval."""
+def table(results: dict[str, list[PerRound]], modes: list[Mode], intervals: list[float]) -> str:
+    """Seconds per round per mode (and poll interval) over repeats, bytes, and each secure
+    mode's ratio to plaintext per poll interval."""
     lines = [
         "| mode | s / round, mean ± std over repeats | each repeat (mean of its rounds) | "
         "bytes up / round | bytes down / round |",
@@ -277,19 +294,20 @@ def table(results: dict[str, list[PerRound]], intervals: list[float]) -> str:
         )
     for interval in intervals:
         plain = results[label("plaintext", interval, intervals)]
-        secure = results[label("secure", interval, intervals)]
-        ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(
-            r.seconds for r in plain
-        )
-        paired = statistics.median(
-            s.seconds / p.seconds for s, p in zip(secure, plain, strict=True)
-        )
-        lines.append(
-            f"| {label('secure / plaintext', interval, intervals)} | {ratio:.2f}x (median of "
-            f"the per-repeat ratios {paired:.2f}x) | "
-            f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
-            f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
-        )
+        for mode in [m for m in modes if m.secure]:
+            secure = results[label(mode.name, interval, intervals)]
+            ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(
+                r.seconds for r in plain
+            )
+            paired = statistics.median(
+                s.seconds / p.seconds for s, p in zip(secure, plain, strict=True)
+            )
+            lines.append(
+                f"| {label(f'{mode.name} / plaintext', interval, intervals)} | {ratio:.2f}x "
+                f"(median of the per-repeat ratios {paired:.2f}x) | "
+                f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
+                f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -317,9 +335,16 @@ def main() -> int:
         default=str(DEFAULT_POLL_INTERVAL),
         help=f"comma list of site.poll_interval seconds ({DEFAULT_POLL_INTERVAL})",
     )
+    parser.add_argument(
+        "--at-mask",
+        action="store_true",
+        help="also run secure rounds whose sites train only at the mask stage "
+        "(site.train_during_key_exchange = false)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     intervals = [float(x) for x in args.poll_intervals.split(",")]
+    modes = [*MODES, AT_MASK] if args.at_mask else list(MODES)
 
     from fedlora.model import resolve_model
 
@@ -336,16 +361,16 @@ def main() -> int:
             write_rows(root / f"{site}.jsonl", seed=i, n=args.rows)
         write_rows(root / "eval.jsonl", seed=99, n=max(args.eval_rows, 1))
         results: dict[str, list[PerRound]] = {
-            label(mode, interval, intervals): [] for interval in intervals for mode, _ in MODES
+            label(mode.name, interval, intervals): [] for interval in intervals for mode in modes
         }
         for repeat in range(args.repeats):
-            order = MODES if repeat % 2 == 0 else MODES[::-1]
+            order = modes if repeat % 2 == 0 else modes[::-1]
             by_interval = list(enumerate(intervals))
             for i, interval in by_interval if repeat % 2 == 0 else by_interval[::-1]:
-                for mode, secure in order:
-                    name = f"{mode}-{i}-{repeat + 1}"
-                    rows = federation(root, procs, name, secure, interval, args)
-                    runs = results[label(mode, interval, intervals)]
+                for mode in order:
+                    name = f"{mode.name}-{i}-{repeat + 1}"
+                    rows = federation(root, procs, name, mode, interval, args)
+                    runs = results[label(mode.name, interval, intervals)]
                     runs.append(per_round(rows, args.rounds))
                     each = ", ".join(f"{x:.1f}" for x in runs[-1].each)
                     print(f"{name} (poll {interval:g} s): s / round {each}", file=sys.stderr)
@@ -354,7 +379,7 @@ def main() -> int:
             f"fedavg, {args.rounds} rounds x {args.local_steps} local steps, "
             f"precision {args.precision}, seed {args.seed}\n"
         )
-        print(table(results, intervals))
+        print(table(results, modes, intervals))
     finally:
         procs.stop_all()
         if args.keep:

@@ -22,10 +22,11 @@ from fedlora.privacy.site_policy import SitePolicy
 
 class LocalGrid:
     """A Grid whose nodes are ClientApps in this process; `received` is the server's whole
-    view: every reply's content, in arrival order."""
+    view: every reply's content, in arrival order. `background`: the sites train secure rounds
+    in a thread, as a site daemon does (fedlora.apps.secure.BackgroundTraining)."""
 
-    def __init__(self, cfg, sites: int, policy: SitePolicy | None = None) -> None:
-        self.app = make_client_app(cfg, policy)
+    def __init__(self, cfg, sites: int, policy: SitePolicy | None = None, background=None) -> None:
+        self.app = make_client_app(cfg, policy, background)
         self.contexts = {
             100 + i: Context(
                 run_id=1,

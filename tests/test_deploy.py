@@ -241,6 +241,13 @@ def test_config_errors_name_the_key(tmp_path):
         site.write_text(head + f"poll_interval = {bad}\n" + data)
         with pytest.raises(FedloraError, match="site.poll_interval .* from 0.05 to 60"):
             load_site(site)
+    site.write_text(head + data)
+    assert load_site(site).train_during_key_exchange is True
+    site.write_text(head + "train_during_key_exchange = false\n" + data)
+    assert load_site(site).train_during_key_exchange is False
+    site.write_text(head + 'train_during_key_exchange = "no"\n' + data)
+    with pytest.raises(FedloraError, match="site.train_during_key_exchange .* true or false"):
+        load_site(site)
 
 
 def test_what_a_site_trains_with(tmp_path):

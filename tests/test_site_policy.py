@@ -1,6 +1,7 @@
 """A site's policy holds against the server: refusals before training, one contribution per
 round, minimum cohorts, noise split over the site's own session, nothing per site in the clear
-under secure aggregation, and SCAFFOLD's c_i in step with the server after a failed masking.
+under secure aggregation, and SCAFFOLD's c_i in step with the server after a failed masking;
+all of it also when a site daemon trains in a background thread from the keys stage on.
 
 The secure rounds here run in one process: `LocalGrid` hands each message straight to the
 sites' ClientApp (the code a site daemon and a simulation run) and records everything the
@@ -17,12 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from in_process import LocalGrid
 
 from fedlora.apps import records as R
-from fedlora.apps.secure import SecureRoundFailed, secure_sum
+from fedlora.apps.secure import BackgroundTraining, SecureRoundFailed, secure_sum
 from fedlora.apps.site_state import RoundsTaken, SiteStore
 from fedlora.errors import FedloraError
 from fedlora.privacy.client_level import add_gaussian, site_noise_std
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy, load_policy
-from fedlora.secure.secagg import SecAggClient, SecAggServer, ValueOutOfRange
+from fedlora.secure.secagg import SecAggClient, SecAggError, SecAggServer, ValueOutOfRange
 from fedlora.strategies.base import C_I
 
 
@@ -196,12 +197,15 @@ def test_a_site_under_dp_sends_no_train_loss_in_a_plaintext_round(tiny_cfg, task
     assert metrics[R.NUM_EXAMPLES] > 0
 
 
-def test_a_replayed_round_and_a_small_cohort_are_refused(tiny_cfg, task_identity):
+@pytest.mark.parametrize("background", [False, True], ids=["at-mask", "background"])
+def test_a_replayed_round_and_a_small_cohort_are_refused(background, tiny_cfg, task_identity):
     """A second session for round 1 (a new KEYS message) is refused by every site, with the
     reason; so is a plain TRAIN of that round. A session of two sites is refused by a site
-    that demands three."""
+    that demands three (in the background, the training it had started is dropped)."""
     cfg = tiny_cfg(secure={"enabled": True})
-    grid = LocalGrid(cfg, 3, SitePolicy())  # plain TRAIN allowed: only the replay is refused
+    threads = BackgroundTraining() if background else None
+    # plain TRAIN allowed: only the replay is refused
+    grid = LocalGrid(cfg, 3, SitePolicy(), background=threads)
     run_secure(grid, cfg, 1)
     with pytest.raises(SecureRoundFailed, match="already taken") as failed:
         run_secure(grid, cfg, 1)
@@ -213,10 +217,14 @@ def test_a_replayed_round_and_a_small_cohort_are_refused(tiny_cfg, task_identity
     (reply,) = grid.pull_messages([msg_id])
     assert "already taken" in reply.content[R.REFUSAL][R.REASON]
 
-    pair = LocalGrid(cfg, 2)
+    pair = LocalGrid(cfg, 2, background=threads)
     with pytest.raises(SecureRoundFailed, match="cohort of 2 sites") as failed:
         secure_sum(pair, {0: 100, 1: 101}, round_content(7, global_adapter(cfg)), 2, lambda _: 0)
     assert set(failed.value.refused) == {0, 1}
+    if threads is not None:
+        for site in (0, 1):
+            with pytest.raises(SecAggError, match="no training for round 7"):
+                threads.result(1, site, 7)
 
 
 def test_a_plain_train_to_a_site_that_requires_secure_aggregation_is_refused(
@@ -246,9 +254,10 @@ def grid_state(cfg):
     return run_state_dir(Path(cfg.run.out)) / "sites"
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["at-mask", "background"])
 @pytest.mark.parametrize("failure", ["out-of-range", "too-few-sharers"])
 def test_scaffold_c_i_moves_only_when_the_masked_input_is_summed(
-    failure, tiny_cfg, task_identity, monkeypatch
+    failure, background, tiny_cfg, task_identity, monkeypatch
 ):
     """The masking fails at one site (a value beyond the bound, or fewer sharers than its
     threshold): its c_i stays where it was, so the server's c (which never gets its dc) and
@@ -258,7 +267,7 @@ def test_scaffold_c_i_moves_only_when_the_masked_input_is_summed(
         train={"optimizer": "sgd", "lr": 0.5},
         federation={"clients": 4},
     )
-    grid = LocalGrid(cfg, 4)
+    grid = LocalGrid(cfg, 4, background=BackgroundTraining() if background else None)
     real_mask = SecAggClient.mask_input
 
     def fails_at_site_0(self, contribution, ciphertexts):
@@ -287,17 +296,112 @@ def test_server_check_of_threshold_majority_still_holds():
         server.receive_keys(keys)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["at-mask", "background"])
 def test_a_spent_budget_under_secure_aggregation_tells_the_server_no_number(
-    tiny_cfg, task_identity
+    background, tiny_cfg, task_identity
 ):
     """Under secure aggregation a site's epsilon tells its size (sample level) or how often it
-    took part (Poisson participation): a site that stops at its budget says only that."""
+    took part (Poisson participation): a site that stops at its budget says only that (at the
+    mask stage, where its training's outcome is answered, also when it trained in a thread)."""
     cfg = tiny_cfg(privacy={"level": "sample", "max_epsilon": 0.01}, secure={"enabled": True})
-    grid = LocalGrid(cfg, 3)
+    grid = LocalGrid(cfg, 3, background=BackgroundTraining() if background else None)
     with pytest.raises(SecureRoundFailed) as failed:  # no site is left to sum
         run_secure(grid, cfg, 1)
     failures = str(failed.value).split("Site failures: ")[1].split("; ")
     assert len(failures) == 3, failed.value
-    for failure in failures:  # "site 0, train: BudgetExhausted: [privacy budget exhausted] ..."
+    for failure in failures:  # "site 0, mask: BudgetExhausted: [privacy budget exhausted] ..."
+        assert failure.split(":")[0].endswith(", mask"), failure
         assert "[privacy budget exhausted] site" in failure, failure
         assert not re.search(r"\d\.\d|epsilon", failure.split("exhausted]", 1)[1]), failure
+
+
+# --- training in a background thread (a site daemon) --------------------------------------------
+
+
+def test_training_in_the_background_gives_the_same_secure_round(tiny_cfg, task_identity, tmp_path):
+    """A site that trains from the keys stage on in a thread (a site daemon) sums to exactly
+    what a site that trains at the mask stage sums to, saves the same strategy state, and the
+    server receives the same kinds of record: only where the training runs differs."""
+    sums, states, start = [], [], None
+    for name, background in (("at-mask", None), ("background", BackgroundTraining())):
+        cfg = tiny_cfg(
+            strategy={"name": "scaffold"},
+            federation={"clients": 3},
+            run={"out": str(tmp_path / name)},
+        )
+        start = start or global_adapter(cfg)  # before training moves the shared model's
+        grid = LocalGrid(cfg, 3, background=background)
+        result = run_secure(grid, cfg, 1, content=round_content(1, start))
+        assert result.sites == [0, 1, 2] and not result.failures and not result.refused
+        sums.append(result.sums)
+        states.append([SiteStore(grid_state(cfg), s).before(2) for s in range(3)])
+    assert sums[0].keys() == sums[1].keys()
+    for key in sums[0]:
+        np.testing.assert_array_equal(sums[0][key], sums[1][key], err_msg=key)
+    for at_mask, in_thread in zip(*states, strict=True):
+        assert at_mask.keys() == in_thread.keys() and at_mask
+        for key in at_mask:
+            np.testing.assert_array_equal(at_mask[key], in_thread[key], err_msg=key)
+
+
+def test_keys_whose_training_is_for_another_round_are_answered_with_an_error(
+    tiny_cfg, task_identity
+):
+    """The round a site trains for is the session's: keys for round 2 carrying round 1's
+    training content (a replay of an old round's adapter) fail at the keys stage, and the site
+    has taken no round."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 3)
+    content = round_content(1, global_adapter(cfg))
+    content[R.SECAGG] = ConfigRecord(
+        {R.SECAGG_STAGE: "keys", R.ROUND: 2, R.THRESHOLD: 2, R.VALUE_BOUND: 1e6}
+    )
+    msg = Message(content, dst_node_id=100, message_type="query.secagg")
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    assert reply.has_error()
+    assert "session for round 2 with training for round 1" in reply.error.reason
+    assert RoundsTaken(grid_state(cfg), 0).take(2)  # not taken by the failed request
+
+
+def test_background_training_runs_one_job_at_a_time_and_reports_its_outcome():
+    """`start` returns at once; jobs and work holding `exclusive` never overlap (one model per
+    process); `result` waits for its job and raises what it raised; a session abandoned before
+    its training began is dropped; asking for a round the site did not start is an error."""
+    import threading
+
+    background = BackgroundTraining()
+    release, running = threading.Event(), threading.Event()
+    log: list[str] = []
+
+    def slow() -> str:
+        running.set()
+        release.wait(10)
+        log.append("site 0")
+        return "trained"
+
+    def other_work() -> None:
+        with background.exclusive():
+            log.append("other work")
+
+    background.start(1, 0, 1, slow)
+    assert running.wait(10) and not log  # start returned while the job runs
+    background.start(1, 1, 1, lambda: log.append("site 1, round 1") or "abandoned")
+    background.start(1, 1, 2, lambda: log.append("site 1, round 2") or "done")
+    waiting = threading.Thread(target=other_work)
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and not log  # the model is busy
+    with pytest.raises(SecAggError, match="no training for round 1"):
+        background.result(1, 1, 1)  # replaced by round 2 before it began
+    release.set()
+    assert background.result(1, 0, 1) == "trained"
+    assert background.result(1, 1, 2) == "done"
+    waiting.join(10)
+    assert log[0] == "site 0" and sorted(log[1:]) == ["other work", "site 1, round 2"]
+
+    def refuses() -> str:
+        raise PolicyRefused("budget")
+
+    background.start(2, 0, 1, refuses)
+    with pytest.raises(PolicyRefused, match="budget"):
+        background.result(2, 0, 1)

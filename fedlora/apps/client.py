@@ -8,6 +8,8 @@ training itself is `fedlora.apps.contribution`'s (shared with the secure rounds 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -25,7 +27,7 @@ from fedlora.apps.contribution import (
     take_round,
     train_contribution,
 )
-from fedlora.apps.secure import secure_stage_reply
+from fedlora.apps.secure import BackgroundTraining, secure_stage_reply
 from fedlora.config import Config
 from fedlora.privacy.policy import BudgetExhausted
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
@@ -52,7 +54,7 @@ def train_reply(
     try:
         policy.check_request(cfg, secure=False)
         take_round(cfg, context, round_)
-        contribution, metrics = train_contribution(cfg, msg, context, policy)
+        contribution, metrics = train_contribution(cfg, msg.content, context, policy)
     except PolicyRefused as exc:
         return refusal_reply(msg, site_id(context), round_, exc.reason)
     except BudgetExhausted as exc:
@@ -127,10 +129,15 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
     return Message(RecordDict({records.SITE_METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
+def make_client_app(
+    cfg: Config, policy: SitePolicy | None = None, background: BackgroundTraining | None = None
+) -> ClientApp:
     """A ClientApp closed over the (small) config and the site's policy (a simulation's sites:
-    the run config's own choices): the model is loaded in the worker."""
+    the run config's own choices): the model is loaded in the worker. `background`: a
+    long-lived site process trains secure rounds from their keys stage on in a thread of its
+    own (fedlora.apps.secure); its other training then waits for that thread's."""
     policy = policy or SitePolicy.mirroring(cfg)
+    model_use = background.exclusive() if background else contextlib.nullcontext()
     app = ClientApp()
 
     @app.query()
@@ -139,19 +146,21 @@ def make_client_app(cfg: Config, policy: SitePolicy | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_reply(cfg, msg, context, policy)
+        with model_use:
+            return train_reply(cfg, msg, context, policy)
 
     @app.evaluate()
     def personalize(msg: Message, context: Context) -> Message:
-        return personalize_reply(cfg, msg, context)
+        with model_use:
+            return personalize_reply(cfg, msg, context)
 
     # secure aggregation: "query.secagg" (key and unmasking stages), "train.secagg" (masked input)
     @app.query(records.SECAGG_ACTION)
     def secagg_query(msg: Message, context: Context) -> Message:
-        return secure_stage_reply(cfg, msg, context, policy)
+        return secure_stage_reply(cfg, msg, context, policy, background)
 
     @app.train(records.SECAGG_ACTION)
     def secagg_train(msg: Message, context: Context) -> Message:
-        return secure_stage_reply(cfg, msg, context, policy)
+        return secure_stage_reply(cfg, msg, context, policy, background)
 
     return app

@@ -11,7 +11,6 @@ import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,9 +52,6 @@ from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, scalar
 from fedlora.train import local_train, make_optimizer
-
-if TYPE_CHECKING:
-    from fedlora.secure.secagg import SecAggClient
 
 
 def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
@@ -115,26 +111,28 @@ def take_round(cfg: Config, context: Context, round_: int) -> None:
 
 def train_contribution(
     cfg: Config,
-    msg: Message,
+    content: RecordDict,
     context: Context,
     policy: SitePolicy,
     *,
-    session: SecAggClient | None = None,
+    threshold: int | None = None,
     keep: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], MetricRecord]:
-    """Train on this site's rows from the global adapter in `msg`; return the strategy's
-    contribution (the vectors the server sums) and the site's metrics.
+    """Train on this site's rows from the global adapter in a round's training `content`
+    (global adapter, broadcast, round config); return the strategy's contribution (the vectors
+    the server sums) and the site's metrics.
 
-    `session`: the secure-aggregation session the contribution will be masked in. The
-    distributed noise is then split over the session's own threshold t (the fewest inputs the
-    server can unmask, whatever it claims), and the site's statistics (loss, rows, epsilon)
-    ride inside the contribution instead of in the clear metrics. `keep(round, state)` receives
-    the site's new state instead of saving it (secure: saved once the input is accepted)."""
+    `threshold`: the threshold t of the secure-aggregation session the contribution will be
+    masked in (None: it travels in the clear). The distributed noise is then split over the
+    session's own t (the fewest inputs the server can unmask, whatever it claims), and the
+    site's statistics (loss, rows, epsilon) ride inside the contribution instead of in the
+    clear metrics. `keep(round, state)` receives the site's new state instead of saving it
+    (secure: saved once the input is accepted)."""
     site = site_id(context)
     runtime = site_runtime(cfg, context)
-    round_ = int(msg.content[records.ROUND_CONFIG][records.ROUND])
-    global_arrays = transport.decode(records.from_record(msg.content[records.GLOBAL_ADAPTER]))
-    broadcast = transport.decode(records.from_record(msg.content[records.BROADCAST]))
+    round_ = int(content[records.ROUND_CONFIG][records.ROUND])
+    global_arrays = transport.decode(records.from_record(content[records.GLOBAL_ADAPTER]))
+    broadcast = transport.decode(records.from_record(content[records.BROADCAST]))
     folder = site_state_dir(cfg, context)
     store = SiteStore(folder, site)
     saved = store.before(round_)
@@ -168,7 +166,7 @@ def train_contribution(
         check_budget(cfg, mechanism, ledger, site)
     if mechanism is not None:
         policy.check_mechanism(mechanism)  # before any training
-    if level == "client" and cfg.privacy.client_noise == "distributed" and session is None:
+    if level == "client" and cfg.privacy.client_noise == "distributed" and threshold is None:
         raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)
     truncated = rank < cfg.lora.r  # a lower-rank site trains the leading slice only
@@ -226,11 +224,9 @@ def train_contribution(
             )
             values[records.CLIP_SCALE] = scale
             if cfg.privacy.client_noise == "distributed":
-                assert session is not None  # refused above
+                assert threshold is not None  # refused above
                 std = site_noise_std(
-                    mechanism.noise_multiplier,
-                    mechanism.max_grad_norm,
-                    noise_shares(session.threshold),
+                    mechanism.noise_multiplier, mechanism.max_grad_norm, noise_shares(threshold)
                 )
                 rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
                 contribution = add_gaussian(contribution, keys, std, rng)
@@ -240,7 +236,7 @@ def train_contribution(
         ]
         values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, ledger).items()}
         new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
-    if session is not None:  # nothing per site in the clear: the statistics go into the sum
+    if threshold is not None:  # nothing per site in the clear: the statistics go into the sum
         contribution = contribution | secure_stats(values)
         values = {records.SITE_ID: site}
     (keep or store.save)(round_, new_state)

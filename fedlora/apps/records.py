@@ -107,7 +107,8 @@ def payload_bytes(arrays: Arrays) -> int:
 
 
 # secure aggregation (fedlora/apps/secure.py): four stages per round, message types
-# "query.secagg" (keys, shares, unmasking) and "train.secagg" (train and send a masked input)
+# "query.secagg" (keys with the round's training content, shares, unmasking) and "train.secagg"
+# (send the trained, masked input)
 SECAGG_ACTION = "secagg"
 SECAGG = "secagg"  # ConfigRecord, both directions: the stage's protocol fields below
 SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "unmask"
@@ -128,3 +129,6 @@ SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed c
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
 PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
 LOCAL_SPEND = "fedlora_local_spend"  # MetricRecord in context.state: epsilon, for the audit log
+#: prefix of context.state keys: the round's training content, kept from the keys stage to the
+#: mask stage by a site that trains there
+ROUND_CONTENT = "fedlora_round_content."

@@ -2,11 +2,19 @@
 
 One session per round, four stages, each one message to every site still in it and one reply:
 
-  keys    query.secagg  server -> site: threshold, value bound;  site -> server: its public keys
+  keys    query.secagg  server -> site: the round's training content (global adapter, broadcast,
+                        round config), threshold, value bound; site -> server: its public keys
   share   query.secagg  server -> site: everyone's public keys;  site -> server: encrypted shares
-  mask    train.secagg  server -> site: the round's training content + the shares addressed to
-                        it; site -> server: its masked contribution, layout, metrics
+  mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
+                        contribution, layout, metrics
   unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
+
+The training content comes with the keys so that a site daemon can train while the keys and
+shares are exchanged (`BackgroundTraining`, `site.train_during_key_exchange`): a secure round
+then waits for two message stages more than a plaintext one (the masked input, the unmasking)
+instead of three. A site without it (a simulated one, whose stages may run in different worker
+processes) keeps the content in ``context.state`` and trains at the mask stage. Either way the
+training's outcome, a refusal or an error included, is the mask stage's reply.
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
@@ -20,20 +28,25 @@ guarantees (``key_bounds``: client-level DP clips the data-carrying vectors). Th
 sends names each key's format; a site whose layout differs from the others' counts as dropped.
 
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
-sees itself: the request before it opens a session (and a round it took part in before is
-refused: one session per round), the cohort and threshold when it receives the keys, the number
-of inputs in the sum before it reveals unmasking shares. A refusal is a reply (site, round,
-reason), not an error. The site's new strategy state (SCAFFOLD's c_i) is saved only once its
-input is in the sum (the unmasking stage names it a survivor): a failed masking leaves it as it
-was, in step with the server's c.
+sees itself: the request before it opens a session or trains (and a round it took part in before
+is refused: one session per round), the cohort and threshold when it receives the keys, the
+number of inputs in the sum before it reveals unmasking shares. Nothing the site trained leaves
+it before the mask stage, so a session refused at the share stage has released nothing. A
+refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
+c_i, the privacy ledger) is saved only once its input is in the sum (the unmasking stage names it
+a survivor): a failed masking leaves it as it was, in step with the server's c.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,10 +215,11 @@ def secure_sum(
     the sites' layout names).
 
     `train_content` is what a plaintext TRAIN message carries (global adapter, broadcast, round
-    config with the round number). `threshold` t: the fewest sites that must survive every
-    stage (2t > number of sites); `value_bound`: the largest |value| a contribution may hold
-    (an input beyond it makes that site fail, naming the key). `timeout` (seconds per stage,
-    None = wait for every reply): a site that does not answer in time counts as dropped.
+    config with the round number); it goes to the sites with the keys stage. `threshold` t:
+    the fewest sites that must survive every stage (2t > number of sites); `value_bound`: the
+    largest |value| a contribution may hold (an input beyond it makes that site fail, naming the
+    key). `timeout` (seconds per stage, None = wait for every reply): a site that does not
+    answer in time counts as dropped.
     Raises FedloraError when fewer than t sites remain at any stage.
     """
     round_ = int(train_content[records.ROUND_CONFIG][records.ROUND])
@@ -214,9 +228,10 @@ def secure_sum(
     stage = KEYS
     try:
         check_threshold(threshold, len(site_nodes))
-        request = _fields(
+        request = copy.deepcopy(train_content)
+        request[records.SECAGG] = _fields(
             KEYS, round_, **{records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
-        )
+        )[records.SECAGG]
         replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
         keys = {}
         for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
@@ -251,15 +266,14 @@ def secure_sum(
         routed = server.route_shares(sent)
 
         stage = MASK
-        contents = {}
-        for s, incoming in routed.items():
-            content = copy.deepcopy(train_content)
-            content[records.SECAGG] = _fields(
+        contents = {
+            s: _fields(
                 MASK,
                 round_,
                 **{records.PEERS: list(incoming), records.CIPHERTEXTS: list(incoming.values())},
-            )[records.SECAGG]
-            contents[s] = content
+            )
+            for s, incoming in routed.items()
+        }
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
         layout = None  # a site whose keys, shapes or formats differ from the others' drops
@@ -333,18 +347,91 @@ def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes
 # --- site side ---------------------------------------------------------------------------------
 
 
-def secure_stage_reply(cfg: Config, msg: Message, context: Context, policy: SitePolicy) -> Message:
+@dataclass(frozen=True)
+class Trained:
+    """A site's contribution to a secure round before masking."""
+
+    contribution: Arrays
+    metrics: MetricRecord
+    state: Arrays  # the site's new state: saved once its input is in the sum
+
+
+class BackgroundTraining:
+    """A long-lived site process's secure-round training, started at the keys stage in a
+    background thread while the main thread answers the key and share stages; the mask stage
+    takes its outcome (`result`). One training at a time: the process holds one model, so a
+    training waits for the one before, and the site's other work on the model holds the same
+    lock (`exclusive`).
+
+    A thread and a Future by hand: concurrent.futures' executors join their threads when the
+    interpreter exits, so a daemon told to stop would first finish a round that the server may
+    have abandoned."""
+
+    def __init__(self) -> None:
+        self._model = threading.Lock()
+        self._jobs: dict[tuple[int, int], tuple[int, Future[Trained]]] = {}
+
+    def start(self, run: int, site: int, round_: int, job: Callable[[], Trained]) -> None:
+        future: Future[Trained] = Future()
+
+        def work() -> None:
+            with self._model:
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # the mask stage's reply says what it was
+                    future.set_exception(exc)
+
+        self.discard(run, site)  # an abandoned session's
+        self._jobs[(run, site)] = (round_, future)
+        threading.Thread(target=work, name=f"secure-training-{round_}", daemon=True).start()
+
+    def result(self, run: int, site: int, round_: int) -> Trained:
+        """The training started for (run, site, round), once it is done."""
+        started, future = self._jobs.get((run, site), (None, None))
+        if future is None or started != round_:
+            raise SecAggError(f"this site started no training for round {round_}")
+        del self._jobs[(run, site)]
+        return future.result()
+
+    def discard(self, run: int, site: int) -> None:
+        """Forget the site's training of a session that ended (not run if not yet started)."""
+        _, future = self._jobs.pop((run, site), (None, None))
+        if future is not None:
+            future.cancel()
+
+    def exclusive(self) -> AbstractContextManager:
+        """Held while other work uses the model: no training runs meanwhile."""
+        return self._model
+
+
+#: the one a site daemon's ClientApps share (one process, one model)
+BACKGROUND = BackgroundTraining()
+
+
+def secure_stage_reply(
+    cfg: Config,
+    msg: Message,
+    context: Context,
+    policy: SitePolicy,
+    background: BackgroundTraining | None = None,
+) -> Message:
     """Answer one stage of the round's secure-aggregation session (see the module doc); a
-    stage the site's policy refuses ends its session and is answered with the reason."""
+    stage the site's policy refuses ends its session and is answered with the reason.
+    `background`: train from the keys stage on in a thread of this process (a site daemon),
+    else at the mask stage."""
     fields = msg.content[records.SECAGG]
     stage, round_ = str(fields[records.SECAGG_STAGE]), int(fields[records.ROUND])
     site = site_id(context)
     try:
-        return _stage_reply(cfg, msg, context, policy, stage, round_, site)
+        return _stage_reply(cfg, msg, context, policy, background, stage, round_, site)
     except PolicyRefused as exc:
-        for key in (records.SECAGG_STATE, records.PENDING_STATE):
+        for key in [records.SECAGG_STATE, records.PENDING_STATE, *_kept_content(context)]:
             if key in context.state:
                 del context.state[key]
+        if background is not None:
+            background.discard(context.run_id, site)
         return refusal_reply(msg, site, round_, exc.reason)
 
 
@@ -353,6 +440,7 @@ def _stage_reply(
     msg: Message,
     context: Context,
     policy: SitePolicy,
+    background: BackgroundTraining | None,
     stage: str,
     round_: int,
     site: int,
@@ -360,6 +448,10 @@ def _stage_reply(
     fields = msg.content[records.SECAGG]
     if stage == KEYS:
         policy.check_request(cfg, secure=True)
+        content = RecordDict({k: v for k, v in msg.content.items() if k != records.SECAGG})
+        trains = int(content[records.ROUND_CONFIG][records.ROUND])
+        if trains != round_:
+            raise SecAggError(f"a session for round {round_} with training for round {trains}")
         take_round(cfg, context, round_)
         threshold = int(fields[records.THRESHOLD])
         client = SecAggClient.create(
@@ -369,6 +461,14 @@ def _stage_reply(
             float(fields[records.VALUE_BOUND]),
             key_bounds=key_bounds(cfg, threshold),
         )
+        if background is None:
+            for key in _kept_content(context):  # an abandoned session's
+                del context.state[key]
+            for name, record in content.items():
+                context.state[records.ROUND_CONTENT + name] = record
+        else:
+            job = functools.partial(train_input, cfg, content, context, policy, threshold)
+            background.start(context.run_id, site, round_, job)
         c_pk, s_pk = client.public_keys()
         reply = RecordDict(
             {
@@ -394,7 +494,13 @@ def _stage_reply(
                 }
             )
         elif stage == MASK:
-            reply = _masked_reply(cfg, msg, context, policy, client)
+            if background is None:
+                trained = train_input(
+                    cfg, _take_content(context), context, policy, client.threshold
+                )
+            else:
+                trained = background.result(context.run_id, site, round_)
+            reply = _masked_reply(msg, context, client, trained)
         elif stage == UNMASK:
             policy.check_sum(len(fields[records.SURVIVORS]))
             b, s = client.unmask(fields[records.SURVIVORS], fields[records.DROPPED])
@@ -409,6 +515,40 @@ def _stage_reply(
     else:
         context.state[records.SECAGG_STATE] = ConfigRecord(client.to_state())
     return Message(reply, reply_to=msg)
+
+
+def train_input(
+    cfg: Config, content: RecordDict, context: Context, policy: SitePolicy, threshold: int
+) -> Trained:
+    """Train as in a plaintext round, for a session of threshold `threshold`; the new site
+    state is kept for the unmasking stage, not saved."""
+    pending: dict[str, Arrays] = {}
+    contribution, metrics = train_contribution(
+        cfg,
+        content,
+        context,
+        policy,
+        threshold=threshold,
+        keep=lambda _r, state: pending.update(state),
+    )
+    return Trained(contribution, metrics, pending)
+
+
+def _kept_content(context: Context) -> list[str]:
+    return [key for key in context.state if key.startswith(records.ROUND_CONTENT)]
+
+
+def _take_content(context: Context) -> RecordDict:
+    """The training content the keys stage kept in ``context.state``, removed from it."""
+    keys = _kept_content(context)
+    if not keys:
+        raise SecAggError("no training content kept at this site since the keys stage")
+    content = RecordDict(
+        {key.removeprefix(records.ROUND_CONTENT): context.state[key] for key in keys}
+    )
+    for key in keys:
+        del context.state[key]
+    return content
 
 
 def key_bounds(cfg: Config, threshold: int) -> dict[str, float]:
@@ -444,21 +584,18 @@ def _load_session(context: Context, round_: int) -> SecAggClient:
 
 
 def _masked_reply(
-    cfg: Config, msg: Message, context: Context, policy: SitePolicy, client: SecAggClient
+    msg: Message, context: Context, client: SecAggClient, trained: Trained
 ) -> RecordDict:
-    """Train as in a plaintext round, then mask the contribution. The new site state waits in
-    ``context.state`` until the unmasking stage shows the input was summed."""
+    """Mask the trained contribution. The new site state waits in ``context.state`` until the
+    unmasking stage shows the input was summed."""
     fields = msg.content[records.SECAGG]
-    pending: dict[str, Arrays] = {}
-    contribution, metrics = train_contribution(
-        cfg, msg, context, policy, session=client, keep=lambda _r, state: pending.update(state)
-    )
     layout, masked = client.mask_input(
-        contribution, dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True))
+        trained.contribution,
+        dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True)),
     )
-    context.state[records.PENDING_STATE] = records.to_record(pending)
-    if records.STATS_EPSILON in contribution:  # for the site's own audit log, never sent
-        epsilon = float(contribution[records.STATS_EPSILON][0])
+    context.state[records.PENDING_STATE] = records.to_record(trained.state)
+    if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent
+        epsilon = float(trained.contribution[records.STATS_EPSILON][0])
         context.state[records.LOCAL_SPEND] = MetricRecord({records.PRIVACY + "epsilon": epsilon})
     return RecordDict(
         {
@@ -466,7 +603,7 @@ def _masked_reply(
                 {records.SECAGG_MASKED: Array.from_numpy_ndarray(masked)}
             ),
             records.SECAGG_LAYOUT: ConfigRecord(layout.to_config()),
-            records.SITE_METRICS: metrics,
+            records.SITE_METRICS: trained.metrics,
         }
     )
 

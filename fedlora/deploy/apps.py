@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.apps import records
 from fedlora.apps.client import make_client_app
 from fedlora.apps.contribution import STATE_DIR
+from fedlora.apps.secure import BACKGROUND
 from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import SiteSettings, load_site
@@ -106,7 +107,9 @@ def audit_entry(
         and records.SECAGG_MASKED in reply.content
     ):
         metrics |= dict(state[records.LOCAL_SPEND])
-    config = msg.content.config_records.get(records.ROUND_CONFIG, {})
+    # the round: in a plaintext train message's round config, in a secure stage's own fields
+    configs = msg.content.config_records
+    config = configs.get(records.ROUND_CONFIG, configs.get(records.SECAGG, {}))
     return {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "federation": federation,
@@ -144,8 +147,10 @@ class SiteApp(ClientApp):
         federation = str(context.run_config[runconfig.FEDERATION])
         cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
         key = json.dumps(cfg.to_dict(), sort_keys=True) + repr(site.policy)
+        key += str(site.train_during_key_exchange)
         if key not in self._apps:
-            self._apps = {key: make_client_app(cfg, site.policy)}
+            background = BACKGROUND if site.train_during_key_exchange else None
+            self._apps = {key: make_client_app(cfg, site.policy, background)}
         # the strategy's site state and DP noise secret are kept per federation
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)

@@ -36,6 +36,7 @@ SITE_KEYS = {
     "insecure",
     "threads",
     "poll_interval",
+    "train_during_key_exchange",
 }
 SITE_DATA_KEYS = {"path", "test_path", "test_fraction"}
 SITE_PRIVACY_KEYS = {"max_epsilon"}
@@ -74,6 +75,8 @@ class SiteSettings:
     device: str = "auto"  # the site's model.device (its own hardware, never the server's)
     policy: SitePolicy = SitePolicy()  # what this site accepts, whatever the server asks
     poll_interval: float = DEFAULT_POLL_INTERVAL  # s between asks for a message when idle
+    #: a secure round trains from its keys stage on, in a background thread (fedlora.apps.secure)
+    train_during_key_exchange: bool = True
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -208,6 +211,9 @@ def load_site(path: Path) -> SiteSettings:
             f"site.poll_interval in {path} must be a number of seconds from 0.05 to 60 "
             f"(got {poll!r}; default {DEFAULT_POLL_INTERVAL})."
         )
+    overlap = site.get("train_during_key_exchange", True)
+    if not isinstance(overlap, bool):
+        raise FedloraError(f"site.train_during_key_exchange in {path} must be true or false.")
     policy_table = dict(values.get("policy", {}))
     if not isinstance(values.get("policy", {}), dict):
         raise FedloraError(f"{path}: [policy] must be a table.")
@@ -241,6 +247,7 @@ def load_site(path: Path) -> SiteSettings:
         device=device,
         policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
         poll_interval=float(poll),
+        train_during_key_exchange=overlap,
     )
 
 
