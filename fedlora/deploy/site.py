@@ -7,7 +7,9 @@ by default (`subprocess`) it would start a fresh `flwr-clientapp` process per me
 imports torch and loads the base model again every time; here the model stays loaded across
 messages (and across federations with the same model settings). This process claims each
 message's task from the SuperNode's local Runtime API (127.0.0.1) the way `flwr-clientapp`
-does, using Flower's own functions for the exchange.
+does, using Flower's own functions for the exchange. Being long-lived, it also trains a secure
+round in a background thread from the keys message on, while it answers the key and share
+messages (`site.train_during_key_exchange`, fedlora.apps.secure.BackgroundTraining).
 
 Before (re)starting the SuperNode the daemon probes the server, so that a configuration that
 can never work (an untrusted certificate, TLS on one side only, an unknown site key) stops it
