@@ -17,9 +17,11 @@ From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 
 the initial adapter): the mean of "seconds" (one round at the server, from sending the train
 messages to the end of the evaluation), and the mean "bytes_up" / "bytes_down" (tensor payload
 of the round, all sites together; under secure aggregation the four SecAgg stages: keys,
-shares, masked inputs, unmasking shares). Then a markdown table: each mode's seconds per round
-(mean ± sample std over repeats, and each repeat's mean), bytes, and secure / plaintext: the
-ratio of the means and the median of the per-repeat ratios.
+shares, masked inputs, unmasking shares) and, for a secure mode, the seconds of each stage
+("secagg_seconds": from sending its messages to the last reply). Then a markdown table: each
+mode's seconds per round (mean ± sample std over repeats, and each repeat's mean), bytes, and
+secure / plaintext: the ratio of the means and the median of the per-repeat ratios; and each
+secure mode's seconds per stage.
 
 `--at-mask` adds a third mode: secure, with each site training only when the mask stage's
 message arrives (`site.train_during_key_exchange = false`) instead of from the keys stage on.
@@ -262,6 +264,7 @@ class PerRound:
     bytes_up: float
     bytes_down: float
     each: list[float]
+    stages: dict[str, float]  # secure: mean seconds of each stage (keys, share, mask, unmask)
 
 
 def per_round(rows: list[dict], rounds: int) -> PerRound:
@@ -273,6 +276,10 @@ def per_round(rows: list[dict], rounds: int) -> PerRound:
         bytes_up=statistics.mean(r["bytes_up"] for r in later),
         bytes_down=statistics.mean(r["bytes_down"] for r in later),
         each=[r["seconds"] for r in later],
+        stages={
+            stage: statistics.mean(r["secagg_seconds"][stage] for r in later)
+            for stage in later[0].get("secagg_seconds", {})
+        },
     )
 
 
@@ -308,6 +315,14 @@ def table(results: dict[str, list[PerRound]], modes: list[Mode], intervals: list
                 f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
                 f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
             )
+    lines.append("")
+    for mode, runs in results.items():
+        if runs[0].stages:
+            stages = ", ".join(
+                f"{stage} {statistics.mean(r.stages[stage] for r in runs):.1f}"
+                for stage in runs[0].stages
+            )
+            lines.append(f"{mode}: seconds per stage, mean over rounds and repeats: {stages}")
     return "\n".join(lines)
 
 

@@ -554,7 +554,9 @@ def test_secure_sum_matches_plaintext_sum_with_dropouts(simulated):
     assert len(result.failures) == 2
     assert any(f.startswith("site 4, mask:") and "out of memory" in f for f in result.failures)
     assert any(f.startswith("site 1, unmask:") and "connection" in f for f in result.failures)
-    assert set(result.bytes_up) == set(result.bytes_down) == {"keys", "share", "mask", "unmask"}
+    stages = {"keys", "share", "mask", "unmask"}
+    assert set(result.bytes_up) == set(result.bytes_down) == set(result.seconds) == stages
+    assert all(seconds > 0 for seconds in result.seconds.values())
     adapter_bytes = sum(v.nbytes for v in simulated["plain"][0].values() if v.ndim > 1) // 2
     # the global adapter went down with the keys, to every site (4 failed only in training)
     assert result.bytes_down["keys"] > SITES * adapter_bytes > result.bytes_down["mask"]

@@ -52,6 +52,11 @@ def assert_secure_equals_plain(plain, secure) -> None:
         if x["train_loss"] is not None:  # secure: the summed loss x rows over the summed rows
             assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
     assert rows(secure)[-1]["agg_error_mean"] is None
+    for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):  # where a round's time went
+        assert "secagg_seconds" not in x
+        stages = y["secagg_seconds"]
+        assert list(stages) == ["keys", "share", "mask", "unmask"]
+        assert 0 < sum(stages.values()) < y["seconds"]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -42,6 +42,8 @@ class RoundInputs:
     bytes_up: int = 0
     bytes_down: int = 0
     transport_error_down: float = 0.0  # relative L2 round-trip error of the adapter sent
+    #: secure aggregation: seconds of each stage (keys, share, mask, unmask)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def secure_threshold(cfg: Config, sampled: int) -> int:
@@ -149,6 +151,7 @@ def collect_secure(
         stats={k: v for k, v in result.sums.items() if k.startswith(records.STATS)},
         bytes_up=sum(result.bytes_up.values()),
         bytes_down=sum(result.bytes_down.values()),
+        stage_seconds=result.seconds,
     )
     for failure in result.failures:
         found = re.search(r"site (\d+)", failure)

@@ -104,6 +104,8 @@ class SecureSum:
     bytes_up: dict[str, int] = field(default_factory=dict)  # stage -> payload bytes, all sites
     bytes_down: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)  # site -> why its policy refused
+    #: stage -> seconds from sending its messages to the last reply (or the stage's timeout)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -137,11 +139,13 @@ class _Exchange:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __call__(
         self, stage: str, contents: Mapping[int, RecordDict], message_type: str = QUERY_SECAGG
     ) -> dict[int, RecordDict]:
         """site -> reply content, for the sites that answered without error."""
+        started = time.perf_counter()
         by_id: dict[str, int] = {}
         msgs = []
         for site, content in contents.items():
@@ -177,6 +181,7 @@ class _Exchange:
                 time.sleep(0.2)
         for msg_id in sorted(pending, key=by_id.get):
             self.failures.append(f"site {by_id[msg_id]}, {stage}: no reply in {self.timeout} s")
+        self.seconds[stage] = time.perf_counter() - started
         return dict(sorted(replies.items()))
 
     def parse(self, stage: str, replies: Mapping[int, RecordDict], read: Callable) -> dict:
@@ -311,6 +316,7 @@ def secure_sum(
         bytes_up=ask.bytes_up,
         bytes_down=ask.bytes_down,
         refused=ask.refused,
+        seconds=ask.seconds,
     )
 
 

@@ -199,6 +199,8 @@ class Federation:
             "bytes_down": inputs.bytes_down,
             "seconds": time.perf_counter() - started,
         }
+        if inputs.stage_seconds:  # where a secure round's time went
+            row["secagg_seconds"] = {k: round(v, 3) for k, v in inputs.stage_seconds.items()}
         return row
 
     def sample(self, round_: int) -> list[int]:
