@@ -146,8 +146,8 @@ class SiteApp(ClientApp):
             raise FedloraError("The site's node config and its site.toml name different sites.")
         federation = str(context.run_config[runconfig.FEDERATION])
         cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
-        key = json.dumps(cfg.to_dict(), sort_keys=True) + repr(site.policy)
-        key += str(site.train_during_key_exchange)
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        key += repr((site.policy, site.train_during_key_exchange))
         if key not in self._apps:
             background = BACKGROUND if site.train_during_key_exchange else None
             self._apps = {key: make_client_app(cfg, site.policy, background)}
