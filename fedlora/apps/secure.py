@@ -10,11 +10,12 @@ One session per round, four stages, each one message to every site still in it a
   unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
 
 The training content comes with the keys so that a site daemon can train while the keys and
-shares are exchanged (`BackgroundTraining`, `site.train_during_key_exchange`): a secure round
-then waits for two message stages more than a plaintext one (the masked input, the unmasking)
-instead of three. A site without it (a simulated one, whose stages may run in different worker
-processes) keeps the content in ``context.state`` and trains at the mask stage. Either way the
-training's outcome, a refusal or an error included, is the mask stage's reply.
+shares are exchanged (`BackgroundTraining`, `site.train_during_key_exchange`): when training
+outlasts those two stages, a secure round waits for one message stage more than a plaintext
+one (the unmasking, which needs the sum and so cannot overlap) instead of three. A site
+without it (a simulated one, whose stages may run in different worker processes) keeps the
+content in ``context.state`` and trains at the mask stage. Either way the training's outcome,
+a refusal or an error included, is the mask stage's reply.
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
