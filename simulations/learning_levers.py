@@ -153,10 +153,10 @@ def summarize(results: list[dict], seeds: list[int]) -> list[dict]:
         base = by_cell.get(baseline_of(cell), {})
         if cell != "default" and cell in CELLS and set(runs) == set(base) == set(seeds):
             row["baseline"] = baseline_of(cell)
-            row["beats_default_f1"] = all(
+            row["beats_baseline_f1"] = all(
                 runs[s]["eval_macro_f1"] > base[s]["eval_macro_f1"] for s in seeds
             )
-            row["beats_default_acc"] = all(
+            row["beats_baseline_acc"] = all(
                 runs[s]["eval_accuracy"] > base[s]["eval_accuracy"] for s in seeds
             )
         ceiling = ceilings.get(ceiling_of(cell))
@@ -186,8 +186,8 @@ def write_table(rows: list[dict], path: Path) -> None:
     for r in rows:
         ratio = f"{r['f1_of_centralised']:.2f} ({r['ceiling']})" if "ceiling" in r else ""
         beats = ""
-        if "beats_default_f1" in r:
-            beats = f"{yes(r['beats_default_f1'])} / {yes(r['beats_default_acc'])}"
+        if "beats_baseline_f1" in r:
+            beats = f"{yes(r['beats_baseline_f1'])} / {yes(r['beats_baseline_acc'])}"
             if r["baseline"] != "default":
                 beats += f" ({r['baseline']})"
         lines.append(
