@@ -277,6 +277,10 @@ class SecureConfig:
     #: hardly hides anything (each site of two learns the other's update from the result).
     #: A deployed site enforces its own site.toml [policy] min_cohort whatever this says.
     min_cohort: int = 3
+    #: set up each next round's session (its keys and shares) inside this round's masked-input
+    #: and unmasking messages, so that a round after the first waits for two message stages
+    #: instead of four (when every site of the next round is in this one).
+    pipeline: bool = True
 
 
 @dataclass
@@ -458,6 +462,7 @@ _MODE_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
         "--privacy client",
     ),
     ("secure.threshold", lambda c: c.secure.enabled, "--secure-agg"),
+    ("secure.pipeline", lambda c: c.secure.enabled, "--secure-agg"),
     ("train.momentum", lambda c: c.train.optimizer == "sgd", '--set train.optimizer="sgd"'),
 )
 

@@ -55,7 +55,9 @@ def assert_secure_equals_plain(plain, secure) -> None:
     for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):  # where a round's time went
         assert "secagg_seconds" not in x
         stages = y["secagg_seconds"]
-        assert list(stages) == ["keys", "share", "mask", "unmask"]
+        # secure.pipeline: a round after the first got its keys and shares in the one before
+        expected = ["keys", "share", "mask", "unmask"] if y["round"] == 1 else ["mask", "unmask"]
+        assert list(stages) == expected
         assert 0 < sum(stages.values()) < y["seconds"]
 
 
@@ -87,8 +89,9 @@ def test_clipped_updates_travel_in_32_bits_and_match_the_plaintext_federation(tm
     )
     assert_secure_equals_plain(plain, secure)
     for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):
-        # keys, shares and the layout's key names add ~6 KB to the ~43 KB here; 64 bits: over 2x
-        assert x["bytes_up"] < y["bytes_up"] < 1.25 * x["bytes_up"]
+        # keys, shares (this round's or, pipelined, the next one's) and the layout's key names
+        # add ~7 KB to the ~25 KB here; in 64 bits the deltas alone would double it
+        assert x["bytes_up"] < y["bytes_up"] < 1.5 * x["bytes_up"]
 
 
 def test_distributed_client_noise_under_secure_aggregation(tmp_path, tiny_cfg):

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from in_process import LocalGrid
 
 from fedlora.apps import records as R
-from fedlora.apps.secure import BackgroundTraining, SecureRoundFailed, secure_sum
+from fedlora.apps.secure import BackgroundTraining, NextRound, SecureRoundFailed, secure_sum
 from fedlora.apps.site_state import RoundsTaken, SiteStore
 from fedlora.errors import FedloraError
 from fedlora.privacy.client_level import add_gaussian, site_noise_std
@@ -405,3 +405,146 @@ def test_background_training_runs_one_job_at_a_time_and_reports_its_outcome():
     background.start(2, 0, 1, refuses)
     with pytest.raises(PolicyRefused, match="budget"):
         background.result(2, 0, 1)
+
+
+# --- a round's session set up during the round before (secure.pipeline) ---------------------------
+
+
+def two_rounds(grid: LocalGrid, start, upcoming_sites=None, threshold: int = 2):
+    """Round 1 with the next round's session set up during it (for `upcoming_sites`, default
+    all), then round 2 on that session when there is one, else on a session of its own."""
+    nodes = {i: 100 + i for i in range(len(grid.contexts))}
+    sites = list(nodes) if upcoming_sites is None else upcoming_sites
+    first = secure_sum(
+        grid,
+        nodes,
+        round_content(1, start),
+        threshold,
+        lambda _: 0,
+        upcoming=NextRound(2, sites, threshold),
+    )
+    second = secure_sum(
+        grid, nodes, round_content(2, start), threshold, lambda _: 0, prepared=first.prepared
+    )
+    return first, second
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["at-mask", "background"])
+def test_a_session_set_up_in_the_round_before_sums_the_same_in_two_stages(
+    background, tiny_cfg, task_identity, tmp_path
+):
+    """Round 2's keys and shares ride on round 1's mask and unmask messages: round 2 then has
+    only the mask and unmask stages, its training content comes with the mask message, and
+    both rounds' sums and the sites' saved SCAFFOLD states are exactly those of two rounds that
+    each set up their own session."""
+    results, states, start = {}, {}, None
+    for name in ("own sessions", "pipelined"):
+        cfg = tiny_cfg(
+            strategy={"name": "scaffold"},
+            federation={"clients": 3},
+            run={"out": str(tmp_path / name)},
+        )
+        start = start or global_adapter(cfg)
+        grid = LocalGrid(cfg, 3, background=BackgroundTraining() if background else None)
+        if name == "pipelined":
+            results[name] = two_rounds(grid, start)
+        else:
+            results[name] = tuple(
+                run_secure(grid, cfg, r, content=round_content(r, start)) for r in (1, 2)
+            )
+        states[name] = [SiteStore(grid_state(cfg), s).before(3) for s in range(3)]
+    first, second = results["pipelined"]
+    assert first.prepared is not None and first.prepared.sites == [0, 1, 2]
+    assert list(first.seconds) == ["keys", "share", "mask", "unmask"]
+    assert list(second.seconds) == ["mask", "unmask"] and second.prepared is None
+    for own, piped in zip(results["own sessions"], results["pipelined"], strict=True):
+        assert piped.sites == own.sites == [0, 1, 2] and not piped.failures
+        assert own.sums.keys() == piped.sums.keys()
+        for key in own.sums:
+            np.testing.assert_array_equal(own.sums[key], piped.sums[key], err_msg=key)
+    for own, piped in zip(states["own sessions"], states["pipelined"], strict=True):
+        assert own.keys() == piped.keys() and own
+        for key in own:
+            np.testing.assert_array_equal(own[key], piped[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("upcoming", "policy", "why"),
+    [
+        ([0, 1], SitePolicy(min_cohort=3), "cohort of 2 sites"),
+        ([0, 1, 2], SitePolicy(), None),  # set up: the control
+    ],
+    ids=["refused", "accepted"],
+)
+def test_a_refused_next_session_leaves_this_round_whole(
+    upcoming, policy, why, tiny_cfg, task_identity
+):
+    """A site that refuses the next round's session (here: a cohort below its minimum) says so
+    in that session's part of its reply; this round's sum stands, and the next round sets up a
+    session of its own."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 3, policy)
+    first, second = two_rounds(grid, global_adapter(cfg), upcoming)
+    assert first.sites == second.sites == [0, 1, 2] and not first.refused
+    if why is None:
+        assert first.prepared is not None and list(second.seconds) == ["mask", "unmask"]
+        return
+    assert first.prepared is None and list(second.seconds) == ["keys", "share", "mask", "unmask"]
+    nexts = [c[R.SECAGG_NEXT] for c in grid.received if R.SECAGG_NEXT in c]
+    reasons = [str(n[R.REASON]) for n in nexts if R.REASON in n]
+    assert len(reasons) == 2 and all(why in r for r in reasons)
+    assert all(R.SECAGG_NEXT_STATE not in c.state for c in grid.contexts.values())
+
+
+def test_no_next_session_when_a_site_of_the_next_round_is_not_in_this_one(tiny_cfg, task_identity):
+    """Every site of the next round must exchange keys with every other: one that is not in
+    this round would miss them, so nothing of the next session travels."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 4)
+    nodes = {i: 100 + i for i in range(3)}
+    result = secure_sum(
+        grid,
+        nodes,
+        round_content(1, global_adapter(cfg)),
+        2,
+        lambda _: 0,
+        upcoming=NextRound(2, [0, 1, 3], 2),
+    )
+    assert result.sites == [0, 1, 2] and result.prepared is None
+    assert not any(R.SECAGG_NEXT in content for content in grid.received)
+
+
+def test_a_prepared_session_trains_only_on_its_own_round(tiny_cfg, task_identity):
+    """The mask message of a session set up in the round before carries the training content,
+    which must be for the session's round (else a server could replay an old adapter into it),
+    and the site takes the round then: a second session for that round is refused."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 3)
+    start = global_adapter(cfg)
+    nodes = {i: 100 + i for i in range(3)}
+    first = secure_sum(
+        grid, nodes, round_content(1, start), 2, lambda _: 0, upcoming=NextRound(2, [0, 1, 2], 2)
+    )
+    assert first.prepared is not None
+    stale = round_content(1, start)  # round 1's content on round 2's mask message
+    incoming = first.prepared.routed[0]
+    stale[R.SECAGG] = ConfigRecord(
+        {
+            R.SECAGG_STAGE: "mask",
+            R.ROUND: 2,
+            R.PEERS: list(incoming),
+            R.CIPHERTEXTS: list(incoming.values()),
+        }
+    )
+    msg = Message(stale, dst_node_id=100, message_type="train.secagg")
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    assert reply.has_error()
+    assert "session for round 2 with training for round 1" in reply.error.reason
+    assert 2 not in RoundsTaken(grid_state(cfg), 0).taken()  # not by the failed request
+    second = secure_sum(
+        grid, nodes, round_content(2, start), 2, lambda _: 0, prepared=first.prepared
+    )
+    assert second.sites == [0, 1, 2] and list(second.seconds) == ["mask", "unmask"]
+    assert all(2 in RoundsTaken(grid_state(cfg), s).taken() for s in range(3))
+    with pytest.raises(SecureRoundFailed, match="already taken"):
+        run_secure(grid, cfg, 2)

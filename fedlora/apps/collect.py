@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedlora import transport
 from fedlora.apps import records
 from fedlora.apps.discovery import exchange
-from fedlora.apps.secure import secure_sum
+from fedlora.apps.secure import NextRound, PreparedSession, secure_sum
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.privacy.policy import BudgetExhausted
@@ -44,6 +44,8 @@ class RoundInputs:
     transport_error_down: float = 0.0  # relative L2 round-trip error of the adapter sent
     #: secure aggregation: seconds of each stage (keys, share, mask, unmask)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: secure aggregation: the next round's session, set up during this round (secure.pipeline)
+    prepared: PreparedSession | None = None
 
 
 def secure_threshold(cfg: Config, sampled: int) -> int:
@@ -138,11 +140,15 @@ def collect_secure(
     content: RecordDict,
     threshold: int,
     progress: Callable[[str], None],
+    prepared: PreparedSession | None = None,
+    upcoming: NextRound | None = None,
 ) -> RoundInputs:
     """One round under secure aggregation (fedlora.apps.secure): the sums, and the statistics
-    the sites put inside them. Raises SecureRoundFailed (naming the refusals) when the session
-    cannot complete."""
-    result = secure_sum(grid, site_nodes, content, threshold, progress)
+    the sites put inside them; `prepared`, `upcoming`: as in `secure_sum`. Raises
+    SecureRoundFailed (naming the refusals) when the session cannot complete."""
+    result = secure_sum(
+        grid, site_nodes, content, threshold, progress, prepared=prepared, upcoming=upcoming
+    )
     sums = {k: v for k, v in result.sums.items() if not k.startswith(records.STATS)}
     inputs = RoundInputs(
         sums=sums,
@@ -152,6 +158,7 @@ def collect_secure(
         bytes_up=sum(result.bytes_up.values()),
         bytes_down=sum(result.bytes_down.values()),
         stage_seconds=result.seconds,
+        prepared=result.prepared,
     )
     for failure in result.failures:
         found = re.search(r"site (\d+)", failure)

@@ -106,11 +106,15 @@ def payload_bytes(arrays: Arrays) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
 
 
-# secure aggregation (fedlora/apps/secure.py): four stages per round, message types
+# secure aggregation (fedlora/apps/secure.py): four stages per session, message types
 # "query.secagg" (keys with the round's training content, shares, unmasking) and "train.secagg"
-# (send the trained, masked input)
+# (send the trained, masked input); the next round's keys and shares may ride on this round's
+# mask and unmask messages (SECAGG_NEXT)
 SECAGG_ACTION = "secagg"
 SECAGG = "secagg"  # ConfigRecord, both directions: the stage's protocol fields below
+#: ConfigRecord, both directions: the next round's session's keys or share stage, carried by
+#: this round's mask or unmask message and its reply; a site that refuses it answers REASON
+SECAGG_NEXT = "secagg_next"
 SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "unmask"
 THRESHOLD = "threshold"  # t: shares needed to rebuild a secret
 VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
@@ -127,6 +131,8 @@ S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 SECAGG_MASKED = "secagg_masked"
 SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
+#: ConfigRecord in context.state: the next round's session, prepared during this round's stages
+SECAGG_NEXT_STATE = "fedlora_secagg_next_state"
 PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
 LOCAL_SPEND = "fedlora_local_spend"  # MetricRecord in context.state: epsilon, for the audit log
 #: prefix of context.state keys: the round's training content, kept from the keys stage to the

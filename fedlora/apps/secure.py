@@ -40,6 +40,7 @@ a survivor): a failed masking leaves it as it was, in step with the server's c.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import threading
@@ -107,6 +108,8 @@ class SecureSum:
     refused: dict[int, str] = field(default_factory=dict)  # site -> why its policy refused
     #: stage -> seconds from sending its messages to the last reply (or the stage's timeout)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the next round's session, set up during this one (None: the next round sets up its own)
+    prepared: PreparedSession | None = None
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -206,6 +209,29 @@ def _fields(stage: str, round_: int, **values: object) -> RecordDict:
     )
 
 
+@dataclass
+class PreparedSession:
+    """A next round's session whose keys and shares rode on this round's mask and unmask
+    messages: its round starts at the mask stage, with the training content."""
+
+    round_: int
+    server: SecAggServer
+    routed: dict[int, dict[int, bytes]]  # site -> the shares addressed to it
+
+    @property
+    def sites(self) -> list[int]:
+        return sorted(self.routed)
+
+
+@dataclass(frozen=True)
+class NextRound:
+    """What the server knows of the next round while this one runs: its sites and threshold."""
+
+    round_: int
+    sites: list[int]
+    threshold: int
+
+
 def secure_sum(
     grid: Grid,
     site_nodes: dict[int, int],
@@ -215,6 +241,8 @@ def secure_sum(
     *,
     value_bound: float = DEFAULT_VALUE_BOUND,
     timeout: float | None = None,
+    prepared: PreparedSession | None = None,
+    upcoming: NextRound | None = None,
 ) -> SecureSum:
     """Run one round's training under secure aggregation with the sites `site_nodes` (site id ->
     node id) and return the per-key SUM of their contributions (each key summed in the width
@@ -226,60 +254,36 @@ def secure_sum(
     largest |value| a contribution may hold (an input beyond it makes that site fail, naming the
     key). `timeout` (seconds per stage, None = wait for every reply): a site that does not
     answer in time counts as dropped.
+
+    `prepared`: this round's session, set up during the round before (its sites must be
+    `site_nodes`'): the round starts at the mask stage, which then carries the training content.
+    `upcoming`: the next round, whose session is then set up in this round's mask and unmask
+    messages for those of its sites that are in this round (`SecureSum.prepared`, None when it
+    could not be: the next round then runs all four stages).
     Raises FedloraError when fewer than t sites remain at any stage.
     """
     round_ = int(train_content[records.ROUND_CONFIG][records.ROUND])
     ask = _Exchange(grid, site_nodes, on_progress, timeout)
-    server = SecAggServer(threshold, value_bound)
     stage = KEYS
     try:
-        check_threshold(threshold, len(site_nodes))
-        request = copy.deepcopy(train_content)
-        request[records.SECAGG] = _fields(
-            KEYS, round_, **{records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
-        )[records.SECAGG]
-        replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
-        keys = {}
-        for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
-            if claimed == s:
-                keys[s] = pks
-            else:
-                ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
-        peers = server.receive_keys(keys)
-
-        stage = SHARE
-        request = _fields(
-            SHARE,
-            round_,
-            **{
-                records.SITES: list(peers),
-                records.C_PKS: [c for c, _ in peers.values()],
-                records.S_PKS: [s for _, s in peers.values()],
-            },
-        )
-        replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
-        sent = ask.parse(
-            SHARE,
-            replies,
-            lambda c: dict(
-                zip(
-                    c[records.SECAGG][records.PEERS],
-                    c[records.SECAGG][records.CIPHERTEXTS],
-                    strict=True,
-                )
-            ),
-        )
-        routed = server.route_shares(sent)
+        if prepared is None:
+            server, routed = _set_up(ask, train_content, round_, threshold, value_bound, site_nodes)
+        else:
+            if prepared.round_ != round_ or prepared.sites != sorted(site_nodes):
+                raise SecAggError(f"the session prepared for round {prepared.round_} is not this")
+            server, routed = prepared.server, prepared.routed
+        nxt = _NextSession.start(upcoming, value_bound, routed)
 
         stage = MASK
-        contents = {
-            s: _fields(
+        contents = {}
+        for s, incoming in routed.items():
+            contents[s] = copy.deepcopy(train_content) if prepared is not None else RecordDict()
+            contents[s][records.SECAGG] = _fields(
                 MASK,
                 round_,
                 **{records.PEERS: list(incoming), records.CIPHERTEXTS: list(incoming.values())},
-            )
-            for s, incoming in routed.items()
-        }
+            )[records.SECAGG]
+            nxt.ask_keys(contents[s], s)
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
         layout = None  # a site whose keys, shapes or formats differ from the others' drops
@@ -292,14 +296,19 @@ def secure_sum(
                 del inputs[s]
         masked = {s: m for s, (m, _, _) in inputs.items()}
         survivors, dropped = server.receive_masked(masked, layout)
+        nxt.receive_keys({s: replies[s] for s in survivors})
 
         stage = UNMASK
-        request = _fields(
-            UNMASK, round_, **{records.SURVIVORS: survivors, records.DROPPED: dropped}
-        )
-        replies = ask(UNMASK, {s: copy.deepcopy(request) for s in survivors})
+        contents = {}
+        for s in survivors:
+            contents[s] = _fields(
+                UNMASK, round_, **{records.SURVIVORS: survivors, records.DROPPED: dropped}
+            )
+            nxt.ask_shares(contents[s], s)
+        replies = ask(UNMASK, contents)
         responses = ask.parse(UNMASK, replies, _read_unmask)
         total = server.unmask(responses)
+        nxt.receive_shares({s: replies[s] for s in responses})
     except SecAggError as err:
         detail = "; ".join(ask.failures)
         refused = "; ".join(f"site {s} refused: {why}" for s, why in sorted(ask.refused.items()))
@@ -318,7 +327,126 @@ def secure_sum(
         bytes_down=ask.bytes_down,
         refused=ask.refused,
         seconds=ask.seconds,
+        prepared=nxt.prepared(),
     )
+
+
+def _set_up(
+    ask: _Exchange,
+    train_content: RecordDict,
+    round_: int,
+    threshold: int,
+    value_bound: float,
+    site_nodes: Mapping[int, int],
+) -> tuple[SecAggServer, dict[int, dict[int, bytes]]]:
+    """The keys and share stages of a session of its own; the keys carry the training content.
+    The server, and the shares addressed to each site that sent a complete set."""
+    server = SecAggServer(threshold, value_bound)
+    check_threshold(threshold, len(site_nodes))
+    request = copy.deepcopy(train_content)
+    request[records.SECAGG] = _fields(KEYS, round_, **_keys_fields(threshold, value_bound))[
+        records.SECAGG
+    ]
+    replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
+    keys = {}
+    for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
+        if claimed == s:
+            keys[s] = pks
+        else:
+            ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
+    peers = server.receive_keys(keys)
+    request = _fields(SHARE, round_, **_share_fields(peers))
+    replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
+    return server, server.route_shares(ask.parse(SHARE, replies, _read_shares))
+
+
+def _keys_fields(threshold: int, value_bound: float) -> dict[str, object]:
+    return {records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
+
+
+def _share_fields(peers: Mapping[int, tuple[bytes, bytes]]) -> dict[str, object]:
+    return {
+        records.SITES: list(peers),
+        records.C_PKS: [c for c, _ in peers.values()],
+        records.S_PKS: [s for _, s in peers.values()],
+    }
+
+
+@dataclass
+class _NextSession:
+    """The next round's session, set up on this round's mask and unmask messages (`upcoming`).
+    It only ever comes to nothing: a site that drops, refuses or answers it wrongly leaves it,
+    too few left end it, and the next round then runs a session of its own; this round's sum
+    never depends on it."""
+
+    upcoming: NextRound | None
+    server: SecAggServer | None = None
+    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    routed: dict[int, dict[int, bytes]] | None = None
+
+    @classmethod
+    def start(
+        cls, upcoming: NextRound | None, value_bound: float, routed: Mapping[int, object]
+    ) -> _NextSession:
+        if upcoming is None or not set(upcoming.sites) <= set(routed):
+            return cls(None)  # a site of the next round would miss the keys: no pipelining
+        try:
+            check_threshold(upcoming.threshold, len(upcoming.sites))
+        except SecAggError:
+            return cls(None)
+        return cls(upcoming, SecAggServer(upcoming.threshold, value_bound))
+
+    def ask_keys(self, content: RecordDict, site: int) -> None:
+        if self.server is not None and site in self.upcoming.sites:
+            fields = _keys_fields(self.server.threshold, self.server.value_bound)
+            content[records.SECAGG_NEXT] = _next_fields(KEYS, self.upcoming.round_, fields)
+
+    def receive_keys(self, replies: Mapping[int, RecordDict]) -> None:
+        if self.server is None:
+            return
+        keys = {}
+        for s, content in replies.items():
+            try:
+                claimed, pks = _read_keys(content, records.SECAGG_NEXT)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if claimed == s and s in self.upcoming.sites:
+                keys[s] = pks
+        try:
+            self.peers = self.server.receive_keys(keys)
+        except SecAggError:
+            self.server = None
+
+    def ask_shares(self, content: RecordDict, site: int) -> None:
+        if self.server is not None and site in self.peers:
+            fields = _share_fields(self.peers)
+            content[records.SECAGG_NEXT] = _next_fields(SHARE, self.upcoming.round_, fields)
+
+    def receive_shares(self, replies: Mapping[int, RecordDict]) -> None:
+        if self.server is None:
+            return
+        sent = {}
+        for s, content in replies.items():
+            try:
+                sent[s] = _read_shares(content, records.SECAGG_NEXT)
+            except (KeyError, TypeError, ValueError):
+                continue
+        try:
+            self.routed = self.server.route_shares(sent)
+        except SecAggError:
+            self.server = None
+
+    def prepared(self) -> PreparedSession | None:
+        """The session, if every site of the next round is still in it."""
+        if self.server is None or self.routed is None:
+            return None
+        if sorted(self.routed) != sorted(self.upcoming.sites):
+            return None
+        return PreparedSession(self.upcoming.round_, self.server, self.routed)
+
+
+def _next_fields(stage: str, round_: int, values: Mapping[str, object]) -> ConfigRecord:
+    return ConfigRecord({records.SECAGG_STAGE: stage, records.ROUND: round_} | dict(values))
 
 
 class SecureRoundFailed(FedloraError):
@@ -329,10 +457,17 @@ class SecureRoundFailed(FedloraError):
         self.refused = dict(refused)
 
 
-def _read_keys(content: RecordDict) -> tuple[int, tuple[bytes, bytes]]:
-    f = content[records.SECAGG]
+def _read_keys(
+    content: RecordDict, record: str = records.SECAGG
+) -> tuple[int, tuple[bytes, bytes]]:
+    f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
     return int(site), (bytes(c_pk), bytes(s_pk))
+
+
+def _read_shares(content: RecordDict, record: str = records.SECAGG) -> dict[int, bytes]:
+    f = content[record]
+    return dict(zip(f[records.PEERS], f[records.CIPHERTEXTS], strict=True))
 
 
 def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
@@ -424,22 +559,32 @@ def secure_stage_reply(
     policy: SitePolicy,
     background: BackgroundTraining | None = None,
 ) -> Message:
-    """Answer one stage of the round's secure-aggregation session (see the module doc); a
-    stage the site's policy refuses ends its session and is answered with the reason.
-    `background`: train from the keys stage on in a thread of this process (a site daemon),
-    else at the mask stage."""
+    """Answer one stage of the round's secure-aggregation session (see the module doc), and the
+    next round's keys or share stage when the message carries it; a stage the site's policy
+    refuses ends its session and is answered with the reason. `background`: train from the
+    keys stage on in a thread of this process (a site daemon), else at the mask stage."""
     fields = msg.content[records.SECAGG]
     stage, round_ = str(fields[records.SECAGG_STAGE]), int(fields[records.ROUND])
     site = site_id(context)
     try:
-        return _stage_reply(cfg, msg, context, policy, background, stage, round_, site)
+        reply = _stage_reply(cfg, msg, context, policy, background, stage, round_, site)
     except PolicyRefused as exc:
-        for key in [records.SECAGG_STATE, records.PENDING_STATE, *_kept_content(context)]:
+        for key in [
+            records.SECAGG_STATE,
+            records.SECAGG_NEXT_STATE,
+            records.PENDING_STATE,
+            *_kept_content(context),
+        ]:
             if key in context.state:
                 del context.state[key]
         if background is not None:
             background.discard(context.run_id, site)
         return refusal_reply(msg, site, round_, exc.reason)
+    if records.SECAGG_NEXT in msg.content:
+        reply[records.SECAGG_NEXT] = _next_stage_reply(
+            cfg, msg.content[records.SECAGG_NEXT], context, policy, site, round_
+        )
+    return Message(reply, reply_to=msg)
 
 
 def _stage_reply(
@@ -451,57 +596,36 @@ def _stage_reply(
     stage: str,
     round_: int,
     site: int,
-) -> Message:
+) -> RecordDict:
     fields = msg.content[records.SECAGG]
     if stage == KEYS:
-        policy.check_request(cfg, secure=True)
-        content = RecordDict({k: v for k, v in msg.content.items() if k != records.SECAGG})
-        trains = int(content[records.ROUND_CONFIG][records.ROUND])
-        if trains != round_:
-            raise SecAggError(f"a session for round {round_} with training for round {trains}")
-        take_round(cfg, context, round_)
-        threshold = int(fields[records.THRESHOLD])
-        client = SecAggClient.create(
-            round_,
-            site,
-            threshold,
-            float(fields[records.VALUE_BOUND]),
-            key_bounds=key_bounds(cfg, threshold),
-        )
-        if background is None:
-            for key in _kept_content(context):  # an abandoned session's
+        for key in [records.SECAGG_NEXT_STATE, *_kept_content(context)]:  # abandoned sessions'
+            if key in context.state:
                 del context.state[key]
+        content = _training_content(msg, round_)
+        client, reply_fields = _open_session(cfg, fields, policy, site)
+        take_round(cfg, context, round_)
+        if background is None:
             for name, record in content.items():
                 context.state[records.ROUND_CONTENT + name] = record
         else:
-            job = functools.partial(train_input, cfg, content, context, policy, threshold)
+            job = functools.partial(train_input, cfg, content, context, policy, client.threshold)
             background.start(context.run_id, site, round_, job)
-        c_pk, s_pk = client.public_keys()
-        reply = RecordDict(
-            {
-                records.SECAGG: ConfigRecord(
-                    {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
-                )
-            }
-        )
+        reply = RecordDict({records.SECAGG: ConfigRecord(reply_fields)})
     else:
         client = _load_session(context, round_)
         if stage == SHARE:
-            peers = zip(
-                fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True
-            )
-            received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
-            policy.check_session(cohort=len(received), threshold=client.threshold)
-            out = client.share_keys(received)
-            reply = RecordDict(
-                {
-                    records.SECAGG: ConfigRecord(
-                        {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
-                    )
-                }
-            )
+            reply_fields = _share_keys(client, fields, policy)
+            reply = RecordDict({records.SECAGG: ConfigRecord(reply_fields)})
         elif stage == MASK:
-            if background is None:
+            if records.ROUND_CONFIG in msg.content:  # a session prepared in the round before
+                content = _training_content(msg, round_)
+                policy.check_request(cfg, secure=True)
+                take_round(cfg, context, round_)
+                model_use = background.exclusive() if background else contextlib.nullcontext()
+                with model_use:
+                    trained = train_input(cfg, content, context, policy, client.threshold)
+            elif background is None:
                 trained = train_input(
                     cfg, _take_content(context), context, policy, client.threshold
                 )
@@ -517,11 +641,83 @@ def _stage_reply(
             reply = RecordDict({records.SECAGG: ConfigRecord(fields_out)})
         else:
             raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    _keep_session(context, records.SECAGG_STATE, client)
+    return reply
+
+
+def _next_stage_reply(
+    cfg: Config,
+    fields: ConfigRecord,
+    context: Context,
+    policy: SitePolicy,
+    site: int,
+    current: int,
+) -> ConfigRecord:
+    """The next round's keys or share stage, carried by this round's (`current`) mask or unmask
+    message. A refusal or a fault ends only that session (the reply says why, and the next
+    round then sets up a session of its own); this round's stands."""
+    try:
+        stage, round_ = str(fields[records.SECAGG_STAGE]), int(fields[records.ROUND])
+        if round_ <= current:
+            raise SecAggError(f"a next session for round {round_} during round {current}")
+        if stage == KEYS:
+            client, reply_fields = _open_session(cfg, fields, policy, site)
+        elif stage == SHARE:
+            client = _load_session(context, round_, records.SECAGG_NEXT_STATE)
+            reply_fields = _share_keys(client, fields, policy)
+        else:
+            raise SecAggError(f"stage {stage!r} cannot ride on another round's message")
+    except (PolicyRefused, SecAggError, KeyError, TypeError, ValueError) as exc:
+        if records.SECAGG_NEXT_STATE in context.state:
+            del context.state[records.SECAGG_NEXT_STATE]
+        return ConfigRecord({records.REASON: str(exc)})
+    _keep_session(context, records.SECAGG_NEXT_STATE, client)
+    return ConfigRecord(reply_fields)
+
+
+def _open_session(
+    cfg: Config, fields: ConfigRecord, policy: SitePolicy, site: int
+) -> tuple[SecAggClient, dict[str, list]]:
+    """A keys stage: the request checked, a new session, and the public keys to send."""
+    policy.check_request(cfg, secure=True)
+    threshold = int(fields[records.THRESHOLD])
+    client = SecAggClient.create(
+        int(fields[records.ROUND]),
+        site,
+        threshold,
+        float(fields[records.VALUE_BOUND]),
+        key_bounds=key_bounds(cfg, threshold),
+    )
+    c_pk, s_pk = client.public_keys()
+    return client, {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+
+
+def _share_keys(client: SecAggClient, fields: ConfigRecord, policy: SitePolicy) -> dict:
+    """A share stage: the cohort checked, and one encrypted pair of shares per peer."""
+    peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
+    received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
+    policy.check_session(cohort=len(received), threshold=client.threshold)
+    out = client.share_keys(received)
+    return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
+
+
+def _training_content(msg: Message, round_: int) -> RecordDict:
+    """The round's training content a keys (or prepared session's mask) message carries, which
+    must be for the session's own round: else a server could replay an old adapter."""
+    content = RecordDict(
+        {k: v for k, v in msg.content.items() if k not in (records.SECAGG, records.SECAGG_NEXT)}
+    )
+    trains = int(content[records.ROUND_CONFIG][records.ROUND])
+    if trains != round_:
+        raise SecAggError(f"a session for round {round_} with training for round {trains}")
+    return content
+
+
+def _keep_session(context: Context, key: str, client: SecAggClient) -> None:
     if client.stage == "done":
-        del context.state[records.SECAGG_STATE]  # the session's secrets go with it
+        del context.state[key]  # the session's secrets go with it
     else:
-        context.state[records.SECAGG_STATE] = ConfigRecord(client.to_state())
-    return Message(reply, reply_to=msg)
+        context.state[key] = ConfigRecord(client.to_state())
 
 
 def train_input(
@@ -578,10 +774,17 @@ def key_bounds(cfg: Config, threshold: int) -> dict[str, float]:
     return dict.fromkeys(strategy_for(cfg).private_prefixes, bound)
 
 
-def _load_session(context: Context, round_: int) -> SecAggClient:
-    if records.SECAGG_STATE not in context.state:
+def _load_session(context: Context, round_: int, key: str = records.SECAGG_STATE) -> SecAggClient:
+    """The session for `round_`; the current one, or the next one prepared during the round
+    before, which becomes current."""
+    next_state = context.state.get(records.SECAGG_NEXT_STATE)
+    if key == records.SECAGG_STATE and next_state is not None:
+        if SecAggClient.from_state(next_state).session == round_:
+            context.state[records.SECAGG_STATE] = next_state
+            del context.state[records.SECAGG_NEXT_STATE]
+    if key not in context.state:
         raise SecAggError(f"no secure-aggregation session at this site for round {round_}")
-    client = SecAggClient.from_state(context.state[records.SECAGG_STATE])
+    client = SecAggClient.from_state(context.state[key])
     if client.session != round_:
         raise SecAggError(
             f"this site's secure-aggregation session is for round {client.session}, "

@@ -23,7 +23,7 @@ from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import collect, records
 from fedlora.apps.collect import RoundInputs
 from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange
-from fedlora.apps.secure import SecureRoundFailed
+from fedlora.apps.secure import NextRound, PreparedSession, SecureRoundFailed
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.interrupt import StopSwitch
@@ -74,6 +74,8 @@ class Federation:
     #: (round, the global adapter as the sites received it) of the last round run here: kept
     #: in the results folder so that `fedlora audit --site-update` replays that round exactly
     round_start: tuple[int, Arrays] | None = None
+    #: secure aggregation: the next round's session, set up during the last round
+    prepared: PreparedSession | None = None
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -152,17 +154,32 @@ class Federation:
         )
 
     def collect_secure(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
+        prepared, self.prepared = self.prepared, None
+        if prepared is not None and (prepared.round_ != round_ or prepared.sites != chosen):
+            prepared = None  # the sample changed (a spent budget, a resumed run): set up anew
         try:
-            return collect.collect_secure(
+            inputs = collect.collect_secure(
                 grid,
                 {s: self.nodes[s] for s in chosen},
                 self.round_content(round_),
                 collect.secure_threshold(self.cfg, len(chosen)),
                 progress,
+                prepared=prepared,
+                upcoming=self.upcoming(round_),
             )
         except SecureRoundFailed as err:
             self.note_refusals(round_, err.refused)
             raise
+        self.prepared = inputs.prepared
+        return inputs
+
+    def upcoming(self, round_: int) -> NextRound | None:
+        """The round after `round_` as far as it is known now (secure.pipeline), for setting up
+        its session during this one; None for the last round."""
+        if not self.cfg.secure.pipeline or round_ >= self.cfg.federation.rounds:
+            return None
+        sites = self.sample(round_ + 1)
+        return NextRound(round_ + 1, sites, collect.secure_threshold(self.cfg, len(sites)))
 
     def run_round(self, grid: Grid, nodes: dict[int, int], round_: int) -> dict[str, object] | None:
         """One round: sample, collect the sums, aggregate, evaluate; the round's row, or None
