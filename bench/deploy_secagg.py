@@ -23,8 +23,13 @@ mode's seconds per round (mean ± sample std over repeats, and each repeat's mea
 secure / plaintext: the ratio of the means and the median of the per-repeat ratios; and each
 secure mode's seconds per stage.
 
-`--at-mask` adds a third mode: secure, with each site training only when the mask stage's
-message arrives (`site.train_during_key_exchange = false`) instead of from the keys stage on.
+A secure round sets up the next round's session in its mask and unmask messages
+(`secure.pipeline`, the default), so round 1 has four message stages and every later round two;
+the table gives the mean over all rounds and over the rounds after the first.
+`--own-sessions` adds a mode whose every round sets up its own session (`secure.pipeline =
+false`; its sites still train from the keys stage on). `--at-mask` adds one whose every round
+sets up its own session and whose sites train only when the mask stage's message arrives
+(`site.train_during_key_exchange = false`).
 
 `--poll-intervals 3,0.5` runs both modes at each site poll interval (`site.poll_interval`:
 the seconds a site waits before asking again when the server had no message for it; 3 s is
@@ -37,7 +42,7 @@ comes from the fedlora cache (`$FEDLORA_CACHE`), as for any fedlora command.
 
     python bench/deploy_secagg.py --rounds 3
     python bench/deploy_secagg.py --model SmolLM2-135M-Instruct --sites 10 --local-steps 6 \
-        --rounds 2 --repeats 3
+        --rounds 3 --repeats 3 --own-sessions
     python bench/deploy_secagg.py --sites 10 --repeats 2 --poll-intervals 3,1,0.5
 """
 
@@ -68,11 +73,15 @@ class Mode:
     secure: bool
     #: site.train_during_key_exchange: a secure round trains from its keys stage on
     overlap: bool = True
+    #: secure.pipeline: a round's keys and shares ride on the round before's messages
+    pipeline: bool = True
 
 
 MODES = (Mode("plaintext", False), Mode("secure", True))
 #: --at-mask adds: secure, each site training only when the mask stage's message arrives
-AT_MASK = Mode("secure-at-mask", True, overlap=False)
+AT_MASK = Mode("secure-at-mask", True, overlap=False, pipeline=False)
+#: --own-sessions adds: secure, each round setting up its own session (secure.pipeline = false)
+OWN_SESSIONS = Mode("secure-own-sessions", True, pipeline=False)
 WORDS = {
     "positive": ["great", "helped", "better", "relief", "calm"],
     "negative": ["awful", "worse", "dizzy", "rash", "stopped"],
@@ -188,7 +197,7 @@ def site_toml(
     return path
 
 
-def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.Namespace) -> Path:
+def server_toml(root: Path, mode: str, kind: Mode, port: int, args: argparse.Namespace) -> Path:
     path = root / f"server-{mode}.toml"
     sites = "".join(f'{s} = "certs/sites/{s}/auth.pub"\n' for s in site_names(args.sites))
     path.write_text(
@@ -202,8 +211,9 @@ def server_toml(root: Path, mode: str, secure: bool, port: int, args: argparse.N
         f"[train]\nlocal_steps = {args.local_steps}\n\n"
         '[strategy]\nname = "fedavg"\n\n'
         f"[federation]\nrounds = {args.rounds}\nmin_clients = {args.sites}\n\n"
-        f"[secure]\nenabled = {'true' if secure else 'false'}\n\n"
-        f'[run]\nseed = {args.seed}\nout = "runs/{mode}"\n'
+        f"[secure]\nenabled = {'true' if kind.secure else 'false'}\n"
+        + (f"pipeline = {'true' if kind.pipeline else 'false'}\n\n" if kind.secure else "\n")
+        + f'[run]\nseed = {args.seed}\nout = "runs/{mode}"\n'
     )
     return path
 
@@ -218,7 +228,7 @@ def federation(
 ) -> list[dict]:
     """One federation with a fresh server and fresh site daemons; its metrics.jsonl rows."""
     port = free_port()
-    config = server_toml(root, mode, kind.secure, port, args)
+    config = server_toml(root, mode, kind, port, args)
     name = f"server-{mode}"
     server = procs.fedlora(name, "server", "--config", config.name)
     sites = []
@@ -264,21 +274,29 @@ class PerRound:
     bytes_up: float
     bytes_down: float
     each: list[float]
-    stages: dict[str, float]  # secure: mean seconds of each stage (keys, share, mask, unmask)
+    #: secure: mean seconds of each stage (keys, share, mask, unmask) over the rounds that had
+    #: it (with secure.pipeline only round 1 has keys and share stages of its own)
+    stages: dict[str, float]
+
+    @property
+    def after_first(self) -> float:
+        """Mean seconds of the rounds after round 1 (those a pipelined session speeds up)."""
+        return statistics.mean(self.each[1:] or self.each)
 
 
 def per_round(rows: list[dict], rounds: int) -> PerRound:
     later = [r for r in rows if r["round"] > 0]
     if [r["round"] for r in later] != list(range(1, rounds + 1)):
         raise RuntimeError(f"expected rounds 1..{rounds}, got {[r['round'] for r in rows]}")
+    stages = [r.get("secagg_seconds", {}) for r in later]
     return PerRound(
         seconds=statistics.mean(r["seconds"] for r in later),
         bytes_up=statistics.mean(r["bytes_up"] for r in later),
         bytes_down=statistics.mean(r["bytes_down"] for r in later),
         each=[r["seconds"] for r in later],
         stages={
-            stage: statistics.mean(r["secagg_seconds"][stage] for r in later)
-            for stage in later[0].get("secagg_seconds", {})
+            stage: statistics.mean(s[stage] for s in stages if stage in s)
+            for stage in dict.fromkeys(k for s in stages for k in s)
         },
     )
 
@@ -288,8 +306,8 @@ def table(results: dict[str, list[PerRound]], modes: list[Mode], intervals: list
     mode's ratio to plaintext per poll interval."""
     lines = [
         "| mode | s / round, mean ± std over repeats | each repeat (mean of its rounds) | "
-        "bytes up / round | bytes down / round |",
-        "|---|---|---|---|---|",
+        "rounds after the first, s | bytes up / round | bytes down / round |",
+        "|---|---|---|---|---|---|",
     ]
     for mode, runs in results.items():
         means = [r.seconds for r in runs]
@@ -297,21 +315,23 @@ def table(results: dict[str, list[PerRound]], modes: list[Mode], intervals: list
         each = ", ".join(f"{m:.1f}" for m in means)
         lines.append(
             f"| {mode} | {statistics.mean(means):.1f} ± {spread:.1f} | {each} | "
+            f"{statistics.mean(r.after_first for r in runs):.1f} | "
             f"{runs[0].bytes_up:,.0f} | {runs[0].bytes_down:,.0f} |"
         )
+
+    def ratios(secure: list[PerRound], plain: list[PerRound], of: Callable) -> str:
+        mean = statistics.mean(map(of, secure)) / statistics.mean(map(of, plain))
+        paired = statistics.median(of(s) / of(p) for s, p in zip(secure, plain, strict=True))
+        return f"{mean:.2f}x (median of the per-repeat ratios {paired:.2f}x)"
+
     for interval in intervals:
         plain = results[label("plaintext", interval, intervals)]
         for mode in [m for m in modes if m.secure]:
             secure = results[label(mode.name, interval, intervals)]
-            ratio = statistics.mean(r.seconds for r in secure) / statistics.mean(
-                r.seconds for r in plain
-            )
-            paired = statistics.median(
-                s.seconds / p.seconds for s, p in zip(secure, plain, strict=True)
-            )
             lines.append(
-                f"| {label(f'{mode.name} / plaintext', interval, intervals)} | {ratio:.2f}x "
-                f"(median of the per-repeat ratios {paired:.2f}x) | "
+                f"| {label(f'{mode.name} / plaintext', interval, intervals)} "
+                f"| {ratios(secure, plain, lambda r: r.seconds)} | "
+                f"| {ratios(secure, plain, lambda r: r.after_first)} "
                 f"| {secure[0].bytes_up / plain[0].bytes_up:.2f}x "
                 f"| {secure[0].bytes_down / plain[0].bytes_down:.2f}x |"
             )
@@ -356,10 +376,16 @@ def main() -> int:
         help="also run secure rounds whose sites train only at the mask stage "
         "(site.train_during_key_exchange = false)",
     )
+    parser.add_argument(
+        "--own-sessions",
+        action="store_true",
+        help="also run secure rounds that each set up their own session (secure.pipeline = false)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     intervals = [float(x) for x in args.poll_intervals.split(",")]
-    modes = [*MODES, AT_MASK] if args.at_mask else list(MODES)
+    modes = [*MODES, *([OWN_SESSIONS] if args.own_sessions else [])]
+    modes += [AT_MASK] if args.at_mask else []
 
     from fedlora.model import resolve_model
 
