@@ -195,6 +195,7 @@ def test_explicit_sgd_takes_no_recipe():
             "--privacy client",
         ),
         ({"secure": {"threshold": 2}}, "secure.threshold", "--secure-agg"),
+        ({"secure": {"pipeline": False}}, "secure.pipeline", "--secure-agg"),
         ({"train": {"momentum": 0.9}}, "train.momentum", "train.optimizer"),
     ],
 )

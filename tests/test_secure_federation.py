@@ -7,6 +7,7 @@ on the simulation engine like every `fedlora simulate`."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -52,13 +53,18 @@ def assert_secure_equals_plain(plain, secure) -> None:
         if x["train_loss"] is not None:  # secure: the summed loss x rows over the summed rows
             assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
     assert rows(secure)[-1]["agg_error_mean"] is None
+    before = None
     for x, y in zip(rows(plain)[1:], rows(secure)[1:], strict=True):  # where a round's time went
         assert "secagg_seconds" not in x
         stages = y["secagg_seconds"]
-        # secure.pipeline: a round after the first got its keys and shares in the one before
-        expected = ["keys", "share", "mask", "unmask"] if y["round"] == 1 else ["mask", "unmask"]
-        assert list(stages) == expected
+        # secure.pipeline: a round whose sites were all in the round before got its keys and
+        # shares there; the first round, and one with another sample, set up their own
+        pipelined = before is not None and set(y["sites"]) <= set(before)
+        assert list(stages) == (
+            ["mask", "unmask"] if pipelined else ["keys", "share", "mask", "unmask"]
+        )
         assert 0 < sum(stages.values()) < y["seconds"]
+        before = y["sites"]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -74,6 +80,21 @@ def test_secure_aggregation_matches_the_plaintext_federation(name, tmp_path, tin
     )
     assert_secure_equals_plain(plain, secure)
     assert json.loads((secure / "summary.json").read_text())["secure_aggregation"] is True
+
+
+def test_a_sample_that_changes_sets_up_its_own_session(tmp_path, tiny_cfg):
+    """Three of four sites a round: a round whose sample differs from the round before's runs
+    all four stages (the next session is set up only among sites that are in this round), one
+    with the same sample only two; the federation equals the plaintext one either way."""
+    sections = {"federation": {"clients": 4, "fraction": 0.75, "rounds": 4}}
+    plain = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}))
+    secure = run_federation(
+        tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
+    )
+    assert_secure_equals_plain(plain, secure)
+    samples = [tuple(r["sites"]) for r in rows(secure)[1:]]
+    assert len(set(samples)) > 1  # the seeded samples do change here
+    assert any(a == b for a, b in itertools.pairwise(samples))  # and repeat once: both cases
 
 
 def test_clipped_updates_travel_in_32_bits_and_match_the_plaintext_federation(tmp_path, tiny_cfg):

@@ -9,10 +9,21 @@ One session per round, four stages, each one message to every site still in it a
                         contribution, layout, metrics
   unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
 
-The training content comes with the keys so that a site daemon can train while the keys and
-shares are exchanged (`BackgroundTraining`, `site.train_during_key_exchange`): when training
-outlasts those two stages, a secure round waits for one message stage more than a plaintext
-one (the unmasking, which needs the sum and so cannot overlap) instead of three. A site
+The next round's session need not wait for its round (`secure.pipeline`, the server's choice):
+its keys stage rides on this round's mask message and its share stage on the unmask message
+(records.SECAGG_NEXT, both ways), so a round after the first has two message stages, mask and
+unmask, and its training content comes with the mask message. The sites check it as they would
+in a session of its own (the request, the cohort, the content's round, one session per round),
+and a site that refuses or fails the next session leaves only that one: the next round then
+sets up a session of its own, as does a round whose sites differ from those the session was set
+up for (a sample that changed) and the first round. The two sessions share messages, never
+secrets: each has its own keys, seeds and state at the site (SECAGG_STATE, SECAGG_NEXT_STATE).
+
+In a round that sets up its own session, the training content comes with the keys so that a
+site daemon can train while the keys and shares are exchanged (`BackgroundTraining`,
+`site.train_during_key_exchange`): when training outlasts those two stages, a secure round
+waits for one message stage more than a plaintext one (the unmasking, which needs the sum and
+so cannot overlap) instead of three. A site
 without it (a simulated one, whose stages may run in different worker processes) keeps the
 content in ``context.state`` and trains at the mask stage. Either way the training's outcome,
 a refusal or an error included, is the mask stage's reply.
@@ -40,7 +51,6 @@ a survivor): a failed masking leaves it as it was, in step with the server's c.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import threading
@@ -537,6 +547,13 @@ class BackgroundTraining:
         del self._jobs[(run, site)]
         return future.result()
 
+    def run(self, run: int, site: int, round_: int, job: Callable[[], Trained]) -> Trained:
+        """Train now, in a training thread like every other secure round of this process: a
+        daemon's first training in its main thread instead took 3-5 s longer than the rounds
+        after it (memory the training thread had already warmed up, measured: BENCHMARKS.md)."""
+        self.start(run, site, round_, job)
+        return self.result(run, site, round_)
+
     def discard(self, run: int, site: int) -> None:
         """Forget the site's training of a session that ended (not run if not yet started)."""
         _, future = self._jobs.pop((run, site), (None, None))
@@ -622,9 +639,14 @@ def _stage_reply(
                 content = _training_content(msg, round_)
                 policy.check_request(cfg, secure=True)
                 take_round(cfg, context, round_)
-                model_use = background.exclusive() if background else contextlib.nullcontext()
-                with model_use:
-                    trained = train_input(cfg, content, context, policy, client.threshold)
+                job = functools.partial(
+                    train_input, cfg, content, context, policy, client.threshold
+                )
+                trained = (
+                    job()
+                    if background is None
+                    else background.run(context.run_id, site, round_, job)
+                )
             elif background is None:
                 trained = train_input(
                     cfg, _take_content(context), context, policy, client.threshold
