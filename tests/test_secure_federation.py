@@ -87,9 +87,12 @@ def test_a_sample_that_changes_sets_up_its_own_session(tmp_path, tiny_cfg):
     all four stages (the next session is set up only among sites that are in this round), one
     with the same sample only two; the federation equals the plaintext one either way."""
     sections = {"federation": {"clients": 4, "fraction": 0.75, "rounds": 4}}
-    plain = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "plain")}))
+    # seed 2 samples sites 0-2 twice, then sites 1-3 twice
+    plain = run_federation(tiny_cfg(sections, run={"out": str(tmp_path / "plain"), "seed": 2}))
     secure = run_federation(
-        tiny_cfg(sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure")}),
+        tiny_cfg(
+            sections, secure={"enabled": True}, run={"out": str(tmp_path / "secure"), "seed": 2}
+        ),
     )
     assert_secure_equals_plain(plain, secure)
     samples = [tuple(r["sites"]) for r in rows(secure)[1:]]
