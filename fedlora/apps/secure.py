@@ -209,14 +209,9 @@ class _Exchange:
         return out
 
 
-def _fields(stage: str, round_: int, **values: object) -> RecordDict:
-    return RecordDict(
-        {
-            records.SECAGG: ConfigRecord(
-                {records.SECAGG_STAGE: stage, records.ROUND: round_} | values
-            )
-        }
-    )
+def _stage(stage: str, round_: int, values: Mapping[str, object]) -> ConfigRecord:
+    """A stage's protocol fields, for records.SECAGG (or the next session's SECAGG_NEXT)."""
+    return ConfigRecord({records.SECAGG_STAGE: stage, records.ROUND: round_} | dict(values))
 
 
 @dataclass
@@ -288,11 +283,11 @@ def secure_sum(
         contents = {}
         for s, incoming in routed.items():
             contents[s] = copy.deepcopy(train_content) if prepared is not None else RecordDict()
-            contents[s][records.SECAGG] = _fields(
+            contents[s][records.SECAGG] = _stage(
                 MASK,
                 round_,
-                **{records.PEERS: list(incoming), records.CIPHERTEXTS: list(incoming.values())},
-            )[records.SECAGG]
+                {records.PEERS: list(incoming), records.CIPHERTEXTS: list(incoming.values())},
+            )
             nxt.ask_keys(contents[s], s)
         replies = ask(MASK, contents, TRAIN_SECAGG)
         inputs = ask.parse(MASK, replies, _read_masked)
@@ -311,9 +306,8 @@ def secure_sum(
         stage = UNMASK
         contents = {}
         for s in survivors:
-            contents[s] = _fields(
-                UNMASK, round_, **{records.SURVIVORS: survivors, records.DROPPED: dropped}
-            )
+            fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+            contents[s] = RecordDict({records.SECAGG: _stage(UNMASK, round_, fields)})
             nxt.ask_shares(contents[s], s)
         replies = ask(UNMASK, contents)
         responses = ask.parse(UNMASK, replies, _read_unmask)
@@ -354,9 +348,7 @@ def _set_up(
     server = SecAggServer(threshold, value_bound)
     check_threshold(threshold, len(site_nodes))
     request = copy.deepcopy(train_content)
-    request[records.SECAGG] = _fields(KEYS, round_, **_keys_fields(threshold, value_bound))[
-        records.SECAGG
-    ]
+    request[records.SECAGG] = _stage(KEYS, round_, _keys_fields(threshold, value_bound))
     replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
     keys = {}
     for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
@@ -365,7 +357,7 @@ def _set_up(
         else:
             ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
     peers = server.receive_keys(keys)
-    request = _fields(SHARE, round_, **_share_fields(peers))
+    request = RecordDict({records.SECAGG: _stage(SHARE, round_, _share_fields(peers))})
     replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
     return server, server.route_shares(ask.parse(SHARE, replies, _read_shares))
 
@@ -409,19 +401,16 @@ class _NextSession:
     def ask_keys(self, content: RecordDict, site: int) -> None:
         if self.server is not None and site in self.upcoming.sites:
             fields = _keys_fields(self.server.threshold, self.server.value_bound)
-            content[records.SECAGG_NEXT] = _next_fields(KEYS, self.upcoming.round_, fields)
+            content[records.SECAGG_NEXT] = _stage(KEYS, self.upcoming.round_, fields)
 
     def receive_keys(self, replies: Mapping[int, RecordDict]) -> None:
         if self.server is None:
             return
-        keys = {}
-        for s, content in replies.items():
-            try:
-                claimed, pks = _read_keys(content, records.SECAGG_NEXT)
-            except (KeyError, TypeError, ValueError):
-                continue
-            if claimed == s and s in self.upcoming.sites:
-                keys[s] = pks
+        keys = {
+            s: pks
+            for s, (claimed, pks) in _read_next(replies, _read_keys).items()
+            if claimed == s and s in self.upcoming.sites
+        }
         try:
             self.peers = self.server.receive_keys(keys)
         except SecAggError:
@@ -430,19 +419,13 @@ class _NextSession:
     def ask_shares(self, content: RecordDict, site: int) -> None:
         if self.server is not None and site in self.peers:
             fields = _share_fields(self.peers)
-            content[records.SECAGG_NEXT] = _next_fields(SHARE, self.upcoming.round_, fields)
+            content[records.SECAGG_NEXT] = _stage(SHARE, self.upcoming.round_, fields)
 
     def receive_shares(self, replies: Mapping[int, RecordDict]) -> None:
         if self.server is None:
             return
-        sent = {}
-        for s, content in replies.items():
-            try:
-                sent[s] = _read_shares(content, records.SECAGG_NEXT)
-            except (KeyError, TypeError, ValueError):
-                continue
         try:
-            self.routed = self.server.route_shares(sent)
+            self.routed = self.server.route_shares(_read_next(replies, _read_shares))
         except SecAggError:
             self.server = None
 
@@ -455,8 +438,16 @@ class _NextSession:
         return PreparedSession(self.upcoming.round_, self.server, self.routed)
 
 
-def _next_fields(stage: str, round_: int, values: Mapping[str, object]) -> ConfigRecord:
-    return ConfigRecord({records.SECAGG_STAGE: stage, records.ROUND: round_} | dict(values))
+def _read_next(replies: Mapping[int, RecordDict], read: Callable) -> dict:
+    """site -> read(its reply's next-session part), for the sites whose part reads: a refusal
+    or a malformed part only leaves that site out of the next session."""
+    out = {}
+    for site, content in replies.items():
+        try:
+            out[site] = read(content, records.SECAGG_NEXT)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 class SecureRoundFailed(FedloraError):
@@ -548,9 +539,9 @@ class BackgroundTraining:
         return future.result()
 
     def run(self, run: int, site: int, round_: int, job: Callable[[], Trained]) -> Trained:
-        """Train now, in a training thread like every other secure round of this process: a
-        daemon's first training in its main thread instead took 3-5 s longer than the rounds
-        after it (memory the training thread had already warmed up, measured: BENCHMARKS.md)."""
+        """Train now, in a training thread like every other secure round of this process:
+        measured (BENCHMARKS.md), a daemon's first training in its main thread took 3-5 s
+        longer than the same training in the thread that had trained the round before."""
         self.start(run, site, round_, job)
         return self.result(run, site, round_)
 
