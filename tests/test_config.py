@@ -277,6 +277,12 @@ def test_every_shipped_config_loads():
         load_config(path)
     dp = load_config(Path(__file__).parent.parent / "configs" / "dp.toml")
     assert (dp.privacy.level, dp.privacy.target_epsilon, dp.train.optimizer) == ("sample", 8, "sgd")
+    wordnet = load_config(Path(__file__).parent.parent / "configs" / "dp-wordnet.toml")
+    assert (wordnet.data.path, wordnet.privacy.level, wordnet.train.optimizer) == (
+        "wordnet",
+        "sample",
+        "sgd",
+    )
 
 
 def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
