@@ -533,9 +533,12 @@ def plot_utility_vs_epsilon(
     keys: Sequence[str],
     path: Path,
     baseline: tuple[str, float] | None = None,
+    round0: float | None = None,
 ) -> None:
     """Accuracy (mean ± std over repeats) against the epsilon spent, log axis, one curve per
-    strategy (and non-privacy grid values); runs without DP are horizontal dashed lines."""
+    strategy (and non-privacy grid values); runs without DP are horizontal dashed lines, and
+    `round0` (the base model's accuracy) a dotted one: what a private run must beat to have
+    learnt anything."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     series = epsilon_series(points, keys)
@@ -549,6 +552,8 @@ def plot_utility_vs_epsilon(
     if baseline is not None:
         name, acc = baseline
         ax.axhline(acc, color="black", ls="--", label=f"no DP: {name} ({acc:.3f})")
+    if round0 is not None:
+        ax.axhline(round0, color="grey", ls=":", label=f"round 0, the base model ({round0:.3f})")
     finite = [eps for curve in series.values() for eps, _, _ in curve.private]
     ax.set_xscale("log")
     if finite:
@@ -560,7 +565,7 @@ def plot_utility_vs_epsilon(
     ax.set_ylabel("final accuracy")
     ax.set_title("Utility vs privacy")
     ax.grid(alpha=0.3, which="both")
-    if series or baseline is not None:
+    if series or baseline is not None or round0 is not None:
         ax.legend(fontsize="small")
     _save(plt, fig, path)
 
@@ -679,9 +684,16 @@ def write_outputs(plan: Plan, results: Sequence[RunResult], plots: bool) -> None
             f"\nBaseline without privacy ({plan.baseline}): accuracy "
             f"{fields['eval_accuracy']:.3f}, macro-F1 {fields['eval_macro_f1']:.3f}.\n"
         )
+    starts = [acc for r in results for rnd, acc in r.curve if rnd == 0]
+    round0 = sum(starts) / len(starts) if starts else None
+    if round0 is not None:
+        markdown += (
+            f"\nRound 0 (the base model, before any training): accuracy {round0:.3f} "
+            f"(mean over {_plural(len(starts), 'run')}).\n"
+        )
     (plan.folder / MD_FILE).write_text(markdown)
     if plots:
-        plot_utility_vs_epsilon(points, plan.keys, plan.folder / EPSILON_PLOT, reference)
+        plot_utility_vs_epsilon(points, plan.keys, plan.folder / EPSILON_PLOT, reference, round0)
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for r in results:
             label = " ".join(f"{k}={r.row[k]}" for k in plan.keys)

@@ -29,6 +29,7 @@ from fedlora.sweep import (
     mean_std,
     parse_grid,
     plan_sweep,
+    plot_utility_vs_epsilon,
     point_slugs,
     run_sweep,
     split_values,
@@ -233,6 +234,27 @@ def test_epsilon_series_private_points_and_baselines():
     assert series["fedavg lora.r=8"].private == [(1.0, 0.7, 0.0)]
 
 
+def test_epsilon_plot_draws_round_zero_and_the_non_private_lines(monkeypatch, tmp_path):
+    """The utility-vs-epsilon plot carries what a private run must beat (round 0, dotted) and
+    what it is measured against (the runs without DP, dashed), each at its accuracy."""
+    import fedlora.sweep as sweep
+
+    figures = []
+    monkeypatch.setattr(sweep, "_save", lambda plt, fig, path: figures.append(fig))
+    rows = [row("4", 0, 0.6, eps=8.0), row("4", 0, 0.9) | {"privacy.noise_multiplier": "0"}]
+    rows[0]["privacy.noise_multiplier"] = "1"
+    keys = ["privacy.noise_multiplier"]
+    points = aggregate(rows, keys)
+    plot_utility_vs_epsilon(points, keys, tmp_path / "p.png", ("base", 0.85), round0=0.45)
+    plot_utility_vs_epsilon(points, keys, tmp_path / "q.png")
+    lines = [{(ln.get_label(), ln.get_linestyle(), ln.get_ydata()[0]) for ln in f.axes[0].lines}
+             for f in figures]  # fmt: skip
+    assert ("round 0, the base model (0.450)", ":", 0.45) in lines[0]
+    assert ("no DP: base (0.850)", "--", 0.85) in lines[0]
+    assert ("fedavg, no DP (0.900)", "--", 0.9) in lines[0] & lines[1]
+    assert not any(label.startswith("round 0") for label, _, _ in lines[1])
+
+
 def test_mean_curve_averages_each_round():
     curve = mean_curve([[(0, 0.2), (1, 0.4)], [(0, 0.4), (1, 0.8), (2, 1.0)]])
     assert curve == [pytest.approx((0, 0.3)), pytest.approx((1, 0.6)), (2, 1.0)]
@@ -319,6 +341,11 @@ def test_sweep_writes_runs_table_and_plots(sweep_dir):
     accs = [float(r["eval_accuracy"]) for r in rows[:2]]
     mean, std = mean_std(accs)
     assert f"| 2 | 2/2 | {mean:.3f} ± {std:.3f} |" in table
+    starts = [json.loads((folder / r["run"] / "metrics.jsonl").read_text().splitlines()[0])
+              for r in rows]  # fmt: skip
+    assert {s["round"] for s in starts} == {0}
+    round0 = sum(s["eval_accuracy"] for s in starts) / len(starts)
+    assert f"Round 0 (the base model, before any training): accuracy {round0:.3f} " in table
     for plot in ("utility_vs_epsilon.png", "utility_vs_rounds.png"):
         assert (folder / plot).read_bytes().startswith(PNG)
     assert "lora.r" in (folder / "sweep.toml").read_text()
