@@ -6,26 +6,27 @@ partition by family of classes, FedAvg) once per cell and seed, each an ordinary
 
 - `nonprivate`: the default recipe (AdamW), no privacy;
 - `dp-eps8`, `dp-eps4`, `dp-eps1`: sample-level DP-SGD at that epsilon per site with the recipe
-  of configs/dp-wordnet.toml (SGD with momentum, clip 1, fp32) and large logical batches
+  of configs/dp-wordnet.toml (freeze-a, SGD with momentum, clip 1, fp32) and large logical batches
   (train.batch_size = 256 expected rows, split into physical pieces of 32 by opacus's
   BatchMemoryManager);
 - `client-eps8`, `client-eps4`, `client-eps1`: client-level DP at that epsilon with secure
-  aggregation and noise split across the sites.
+  aggregation and noise split across the sites;
+- `centralised`: the ceiling, non-private LoRA (the default recipe) on the pooled training rows
+  processing as many rows as the non-private federation, evaluated on the same held-out rows.
 
 Then results.md / results.json (mean ± sample std over seeds of the final accuracy, macro-F1,
-eval loss, epsilon and wall time) and accuracy.png (accuracy against epsilon, with the round-0
-and non-private lines). A cell whose folder holds summary.json is finished and skipped, so the
-study can be stopped and continued a cell or a seed at a time:
+eval loss, epsilon and wall time) and accuracy.png (accuracy against epsilon, with the round-0,
+non-private and centralised lines). A cell whose folder holds summary.json is finished and
+skipped, so the study can be stopped and continued a cell or a seed at a time:
 
     python simulations/private_wordnet.py --seeds 0,1                # results/private-wordnet
     python simulations/private_wordnet.py --cells dp-eps8 --seeds 2   # one more run
     python simulations/private_wordnet.py --report-only                # tables and plot
     python simulations/private_wordnet.py --reduced --seeds 0        # private-wordnet-reduced
 
-`--reduced` is the version a CPU affords (about 30 minutes a seed on 2 cores, measured):
-the same model, data and 10 sites, 3 rounds, 400 held-out rows, 48 rows per site and round in
-every cell (6 steps of 8, so DP-SGD runs configs/dp-wordnet.toml as it is), and by default the
-cells nonprivate, dp-eps8, dp-eps4, dp-eps1 and client-eps8.
+`--reduced` is the version a CPU affords (about 45 minutes a seed for every cell on 2 cores,
+measured): the same model, data and 10 sites, 3 rounds, 400 held-out rows, 48 rows per site and
+round in every cell (6 steps of 8, so DP-SGD runs configs/dp-wordnet.toml as it is).
 Far fewer rows pass through each site than in the full study, so it shows whether the privacy
 levels learn at all at that budget, not the full study's verdict. `--smoke` runs the chosen
 cells on the tiny-random model (3 sites, 1 round): minutes, to check the script end to end; its
@@ -37,14 +38,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 
-from fedlora.config import load_config, parse_override
-from fedlora.simulate import simulate
-from fedlora.sweep import mean_std
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_strategies import centralised  # noqa: E402
+
+from fedlora.config import load_config, parse_override, write_config  # noqa: E402
+from fedlora.simulate import simulate  # noqa: E402
+from fedlora.sweep import mean_std  # noqa: E402
 
 BASE = {"data": {"path": "wordnet", "eval_rows": 1000}, "federation": {"clients": 10}}
 #: The DP-SGD recipe measured on the reduced version (SGD, lr 0.25, momentum 0.9, clip 1, with
@@ -63,7 +68,7 @@ OUTS = {
     "reduced": "simulations/results/private-wordnet-reduced",
     "smoke": "runs/private-wordnet-smoke",
 }
-REDUCED_CELLS = ("nonprivate", "dp-eps8", "dp-eps4", "dp-eps1", "client-eps8")
+CENTRAL = "centralised"
 SMOKE = {
     "model": {"name": "tiny-random"},
     "data": {"eval_rows": 200},
@@ -79,6 +84,7 @@ def _at(epsilon: float) -> dict:
 CELLS: dict[str, list[dict]] = {"nonprivate": []}
 CELLS |= {f"dp-eps{e:g}": [DP_RECIPE, _at(e)] for e in (8.0, 4.0, 1.0)}
 CELLS |= {f"client-eps{e:g}": [CLIENT_DP, _at(e)] for e in (8.0, 4.0, 1.0)}
+CELLS[CENTRAL] = []
 
 
 def cell_overrides(name: str, size: str) -> list[dict]:
@@ -94,6 +100,10 @@ def cell_overrides(name: str, size: str) -> list[dict]:
     return layers
 
 
+#: What a run records of round 0 and of its end: the table's key -> the metric's name.
+METRICS = {"accuracy": "eval_accuracy", "macro_f1": "eval_macro_f1", "eval_loss": "eval_loss"}
+
+
 def run_cell(name: str, seed: int, runs: Path, size: str, extra: list[dict]) -> None:
     folder = runs / f"{name}-seed{seed}"
     if (folder / "summary.json").is_file():
@@ -103,27 +113,47 @@ def run_cell(name: str, seed: int, runs: Path, size: str, extra: list[dict]) -> 
     if partial.exists():
         shutil.rmtree(partial)  # an interrupted run starts again
     layers = [*cell_overrides(name, size), *extra]
-    cfg = load_config(None, [*layers, {"run": {"seed": seed, "out": str(folder)}}])
+    layers.append({"run": {"seed": seed, "out": str(folder)}})
     print(f"\n=== {folder.name}")
-    simulate(cfg)
+    if name == CENTRAL:
+        run_centralised(layers, folder)
+    else:
+        simulate(load_config(None, layers))
+
+
+def run_centralised(layers: list[dict], folder: Path) -> None:
+    """The ceiling on the pooled rows, written as a summary.json that `read_run` reads like a
+    federation's (it has no rounds, so no round 0)."""
+    cfg = load_config(None, layers)
+    fed, train = cfg.federation, cfg.train
+    samples = fed.rounds * fed.clients * train.local_steps * train.batch_size
+    print(f"{samples // train.batch_size} steps on the pooled rows (no output until done) ...")
+    result = centralised(layers, samples)
+    folder.mkdir(parents=True)
+    write_config(cfg, folder / "config.toml")
+    summary = {
+        "final": {name: result[f"final_{key}"] for key, name in METRICS.items()},
+        "wall_seconds": result["wall_seconds"],
+        "steps": samples // train.batch_size,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def read_run(folder: Path) -> dict:
     """The numbers of one finished run that the table and the plot need."""
     summary = json.loads((folder / "summary.json").read_text())
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     epsilon = (summary.get("privacy") or {}).get("max_epsilon")
-    return {
+    run = {key: summary["final"][name] for key, name in METRICS.items()}
+    run |= {
         "run": folder.name,
-        "accuracy": summary["final"]["eval_accuracy"],
-        "macro_f1": summary["final"]["eval_macro_f1"],
-        "eval_loss": summary["final"]["eval_loss"],
-        "round0_accuracy": rows[0]["eval_accuracy"],
-        "round0_macro_f1": rows[0]["eval_macro_f1"],
-        "round0_eval_loss": rows[0]["eval_loss"],
         "epsilon": float("inf") if epsilon is None else float(epsilon),
         "wall_seconds": summary["wall_seconds"],
     }
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():  # a federation's rounds (the centralised ceiling has none)
+        first = json.loads(metrics.read_text().splitlines()[0])
+        run |= {f"round0_{key}": first[name] for key, name in METRICS.items()}
+    return run
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:
@@ -148,9 +178,10 @@ def _seed(run: dict) -> str:
 
 
 def round0(found: dict[str, list[dict]], key: str) -> list[float]:
-    """The base model's `key` (a metric of ROUND0) once per seed: every cell of a seed
+    """The base model's `key` (a key of METRICS) once per seed: every cell of a seed
     starts from the same model on the same held-out rows."""
-    first = {_seed(r): r[f"round0_{key}"] for runs in found.values() for r in runs}
+    name = f"round0_{key}"
+    first = {_seed(r): r[name] for runs in found.values() for r in runs if name in r}
     return list(first.values())
 
 
@@ -161,7 +192,6 @@ COLUMNS = (
     ("epsilon", "epsilon", "{:.2f}"),
     ("wall_seconds", "wall s", "{:.0f}"),
 )
-ROUND0 = ("accuracy", "macro_f1", "eval_loss")  # what a run records of its round 0
 
 
 def write_report(found: dict[str, list[dict]], out: Path) -> None:
@@ -171,7 +201,7 @@ def write_report(found: dict[str, list[dict]], out: Path) -> None:
     ]
     if found:
         seeds = ",".join(sorted({_seed(r) for runs in found.values() for r in runs}))
-        start = [_stat(round0(found, key), fmt) if key in ROUND0 else "-"
+        start = [_stat(round0(found, key), fmt) if key in METRICS else "-"
                  for key, _, fmt in COLUMNS]  # fmt: skip
         lines.append(f"| round 0 (the base model, B = 0) | {seeds} | " + " | ".join(start) + " |")
     for name, runs in found.items():
@@ -186,7 +216,8 @@ def write_report(found: dict[str, list[dict]], out: Path) -> None:
 
 
 def plot(found: dict[str, list[dict]], path: Path) -> None:
-    """Accuracy against epsilon per privacy level, with the round-0 and non-private lines."""
+    """Accuracy against epsilon per privacy level, with the round-0, non-private and
+    centralised lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,13 +243,10 @@ def plot(found: dict[str, list[dict]], path: Path) -> None:
                 color=f"C{i}",
                 label=label,
             )
-    if "nonprivate" in found:
-        ax.axhline(
-            float(np.mean([r["accuracy"] for r in found["nonprivate"]])),
-            color="k",
-            ls="--",
-            label="non-private",
-        )
+    for name, style, label in (("nonprivate", "--", "non-private"), (CENTRAL, "-.", CENTRAL)):
+        if name in found:
+            accuracy = float(np.mean([r["accuracy"] for r in found[name]]))
+            ax.axhline(accuracy, color="k", ls=style, label=label)
     ax.axhline(float(np.mean(round0(found, "accuracy"))), color="grey", ls=":", label="round 0")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon per site (log)")
@@ -241,8 +269,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="no runs: tables and plot")
     args = parser.parse_args()
     size = "reduced" if args.reduced else "smoke" if args.smoke else "full"
-    default_cells = REDUCED_CELLS if args.reduced else tuple(CELLS)
-    out, names = Path(args.out or OUTS[size]), (args.cells or ",".join(default_cells)).split(",")
+    out, names = Path(args.out or OUTS[size]), (args.cells or ",".join(CELLS)).split(",")
     unknown = sorted(set(names) - set(CELLS))
     if unknown:
         parser.error(f"unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
