@@ -167,6 +167,25 @@ def test_dpsgd_noise_is_there_at_the_stated_scale(site):
     assert data_norm <= SGD.lr * clip * (1 + 1e-5)
 
 
+def test_dpsgd_under_freeze_a_noises_all_of_b_and_leaves_a(tmp_path, tiny_cfg_at):
+    """The WordNet recipe trains B alone (`lora.aggregation = "freeze-a"`): every B coordinate
+    gets the stated noise -lr * N(0, (sigma C)^2) / B, and A, frozen, is exactly its start."""
+    lora = {"dropout": 0.0, "targets": "qv", "aggregation": "freeze-a"}
+    rt = build_runtime(tiny_cfg_at(tmp_path, lora=lora), log=quiet)
+    frozen = {n: p.detach().clone() for n, p in rt.model.named_parameters() if "lora_A" in n}
+    one_site = (rt, rt.site_rows(0)[:12], adapter_arrays(rt.model))
+    sigma, clip, batch = 2.0, 0.05, 12
+    quiet_step = train_once(one_site, 1, SGD, make_dp(0.0, clip, 1.0))
+    noisy_step = train_once(one_site, 1, SGD, make_dp(sigma, clip, 1.0))
+    assert frozen and quiet_step and all("lora_B" in k for k in quiet_step)
+    diff = np.concatenate([(noisy_step[k] - quiet_step[k]).ravel() for k in quiet_step])
+    assert diff.size > 1500
+    assert diff.std() == pytest.approx(SGD.lr * sigma * clip / batch, rel=0.05)
+    for name, param in rt.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name])
+
+
 def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
     """opacus's per-example gradients flow through the sliced output layer (logits at the loss
     positions only): one noiseless step with a binding clip C equals -lr/B times the sum of each
