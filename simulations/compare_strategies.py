@@ -20,7 +20,7 @@ import numpy as np
 
 from fedlora.adapter import adapter_parameters
 from fedlora.apps.contribution import site_local_steps
-from fedlora.config import load_config, parse_override
+from fedlora.config import Config, load_config, parse_override
 from fedlora.quiet import quiet_libraries
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
@@ -34,6 +34,14 @@ CONFIGS = {
     "scaffold": ROOT / "configs" / "scaffold.toml",
     "fednova": ROOT / "configs" / "fednova.toml",
 }
+
+
+def federation_samples(cfg: Config) -> int:
+    """The rows a federation processes in all (rounds x sampled sites x each site's local steps
+    x batch): what the centralised ceiling gets, so the two compare at the same samples."""
+    fed = cfg.federation
+    steps = sum(site_local_steps(cfg.train, s, fed.clients) for s in range(fed.clients))
+    return int(fed.rounds * cfg.train.batch_size * steps * min(1.0, fed.fraction))
 
 
 def centralised(overrides: list[dict], samples: int) -> dict:
@@ -98,14 +106,7 @@ def main() -> None:
             }
         )
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    base = load_config(None, common)
-    fed = base.federation
-    samples = (
-        fed.rounds
-        * base.train.batch_size
-        * sum(site_local_steps(base.train, s, fed.clients) for s in range(fed.clients))
-    )
-    results.append(centralised(common, int(samples * min(1.0, fed.fraction))))
+    results.append(centralised(common, federation_samples(load_config(None, common))))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_table(results, out / "results.md")
     plot(results, out / "accuracy.png")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_strategies import centralised  # noqa: E402
+from compare_strategies import centralised, federation_samples  # noqa: E402
 
 from fedlora.config import load_config, parse_override  # noqa: E402
 from fedlora.simulate import simulate  # noqa: E402
@@ -98,12 +98,7 @@ def run_centralised(name: str, seed: int, common: list[str], out: Path) -> dict:
         sets = [*BASE, *common, *CEILINGS[name], f"run.seed={seed}"]
         overrides = [parse_override(s) for s in sets]
         cfg = load_config(None, overrides)
-        samples = (
-            cfg.federation.rounds
-            * cfg.federation.clients
-            * cfg.train.local_steps
-            * cfg.train.batch_size
-        )
+        samples = federation_samples(cfg)
         print(
             f"{name}, seed {seed}: {samples // cfg.train.batch_size} steps on the pooled "
             "rows (no output until it is done) ...",

@@ -283,7 +283,7 @@ def test_every_shipped_config_loads():
         "sample",
         "sgd",
     )
-    assert wordnet.lora.aggregation == "freeze-a"
+    assert (wordnet.lora.targets, wordnet.lora.aggregation) == ("all-linear", "freeze-a")
 
 
 def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
