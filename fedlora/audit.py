@@ -393,7 +393,7 @@ def replay_site_round(
     from fedlora.privacy.policy import sample_mechanism
     from fedlora.privacy.secrets import simulated_secret
     from fedlora.strategies import strategy_for
-    from fedlora.train import local_train
+    from fedlora.train import for_round, local_train
 
     cfg = runtime.cfg
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
@@ -415,7 +415,8 @@ def replay_site_round(
             "max_rows_per_unit": cfg.privacy.max_rows_per_unit,
         }
     local_train(
-        runtime.model, rows, steps, cfg.train, terms, np.random.default_rng(seed),
+        runtime.model, rows, steps, for_round(cfg.train, round_, cfg.federation.rounds), terms,
+        np.random.default_rng(seed),
         runtime.pad_id, bf16=runtime.bf16, dp=DPSGD.for_round(**dp_args) if dp_args else None,
     )  # fmt: skip
     return steps, dp_args

@@ -24,6 +24,7 @@ ServerOptimizerName = Literal["sgd", "adam", "yogi", "adagrad"]
 PartitionName = Literal["auto", "natural", "iid", "dirichlet"]
 TaskName = Literal["classify", "text"]
 OptimizerName = Literal["sgd", "adamw"]
+LrSchedule = Literal["constant", "cosine", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
 AggregationMode = Literal["factors", "freeze-a", "svd"]
 RankRule = Literal["zero-pad", "partitioned"]
@@ -163,6 +164,12 @@ class TrainConfig:
     batch_size: int = 8
     optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
+    #: the learning rate over the federation's rounds: "constant", or "cosine" / "linear" from
+    #: train.lr in round 1 down to train.lr * lr_final in the last round. Constant within a
+    #: round, so every strategy's per-round formulas (SCAFFOLD's control variates) see one rate.
+    lr_schedule: LrSchedule = "constant"
+    #: the last round's learning rate as a fraction of train.lr (lr_schedule cosine / linear).
+    lr_final: float = 0.1
     #: SGD momentum (FedNova's normaliser accounts for it).
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -464,6 +471,11 @@ _MODE_KEYS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("secure.threshold", lambda c: c.secure.enabled, "--secure-agg"),
     ("secure.pipeline", lambda c: c.secure.enabled, "--secure-agg"),
     ("train.momentum", lambda c: c.train.optimizer == "sgd", '--set train.optimizer="sgd"'),
+    (
+        "train.lr_final",
+        lambda c: c.train.lr_schedule != "constant",
+        '--set train.lr_schedule="cosine"',
+    ),
 )
 
 
@@ -539,6 +551,10 @@ def validate(cfg: Config) -> None:
         train.batch_size >= 1, f"train.batch_size must be at least 1 (got {train.batch_size})."
     )
     _require(train.lr > 0, f"train.lr must be positive (got {train.lr}).")
+    _require(
+        0 < train.lr_final <= 1,
+        f"train.lr_final must be in (0, 1], a fraction of train.lr (got {train.lr_final}).",
+    )
     _require(0 <= train.momentum < 1, f"train.momentum must be in [0, 1) (got {train.momentum}).")
     _require(train.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 turns clipping off).")
     _require(train.threads >= 1, f"train.threads must be at least 1 (got {train.threads}).")

@@ -11,6 +11,7 @@ from typing import Any
 #: (metrics key, column title, width, number format)
 COLUMNS = (
     ("round", "round", 5, "{}"),
+    ("lr", "lr", 8, "{:.2e}"),
     ("train_loss", "train loss", 10, "{:.4f}"),
     ("eval_loss", "eval loss", 9, "{:.4f}"),
     ("eval_accuracy", "accuracy", 8, "{:.3f}"),
@@ -39,6 +40,8 @@ def _columns(row: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     hidden = {"eval_accuracy", "eval_macro_f1"} if text else {"eval_perplexity"}
     if "epsilon_max" not in row:  # a run without differential privacy
         hidden.add("epsilon_max")
+    if "lr" not in row:  # a constant learning rate (train.lr_schedule)
+        hidden.add("lr")
     return [c for c in COLUMNS if c[0] not in hidden]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -149,6 +149,22 @@ def batches(
 class LocalResult:
     mean_loss: float
     steps: int
+
+
+def round_lr(cfg: TrainConfig, round_: int, rounds: int) -> float:
+    """Round `round_`'s learning rate (1-based, of `rounds`) under train.lr_schedule: train.lr in
+    round 1, train.lr * lr_final in the last, cosine or linear in between (clamped outside).
+    Sites and the server both compute it from the round number, so they agree on it."""
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return cfg.lr
+    done = min(1.0, max(0.0, (round_ - 1) / (rounds - 1)))
+    shape = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape)
+
+
+def for_round(cfg: TrainConfig, round_: int, rounds: int) -> TrainConfig:
+    """The training settings of one round: train.lr replaced by the round's rate."""
+    return replace(cfg, lr=round_lr(cfg, round_, rounds))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

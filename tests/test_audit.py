@@ -153,15 +153,18 @@ def test_audit_command_reports_every_site(run_dir, tmp_path, capsys):
     assert upd["members"] <= upd["trained_rows"]
 
 
-def replayed_aggregate(run_dir: Path, round_: int) -> tuple[dict, dict]:
+def replayed_aggregate(run_dir: Path, round_: int, **train) -> tuple[dict, dict]:
     """The kept start of the run's last round plus the FedAvg average (weights = rows) of every
-    site's update replayed as round `round_`; and the run's final adapter."""
+    site's update replayed as round `round_` (with `train` keys changed in the run's config);
+    and the run's final adapter."""
     from fedlora.adapter import adapter_arrays, load_adapter_arrays
     from fedlora.audit import _load_adapter, load_run, replay_site_round
     from fedlora.results import load_round_start
     from fedlora.runtime import build_runtime
 
     source = load_run(str(run_dir))
+    for key, value in train.items():
+        setattr(source.cfg.train, key, value)
     rt = build_runtime(source.cfg, log=lambda _msg: None)
     _, start = load_round_start(run_dir)
     total = {k: np.zeros_like(v, dtype=np.float64) for k, v in start.items()}
@@ -196,6 +199,24 @@ def test_replayed_updates_aggregate_to_the_runs_final_adapter(run_dir, tmp_path,
         np.testing.assert_allclose(replayed[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
     other, _ = replayed_aggregate(run_dir, last + 1)
     assert any(not np.allclose(other[k], final[k], rtol=1e-4, atol=1e-6) for k in final)
+
+
+def test_sites_train_each_round_at_the_scheduled_rate(tmp_path):
+    """train.lr_schedule: the rows name each round's rate, and the sites trained the last round
+    at train.lr * lr_final (its replay at that rate gives the final adapter; the same replay at
+    train.lr does not), with SGD so that the rate scales the step."""
+    from fedlora.results import load_round_start
+
+    train = {"optimizer": "sgd", "lr": 0.5, "lr_schedule": "linear", "lr_final": 0.2}
+    run_dir = small_run(tmp_path, train=train)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [None, 0.5, pytest.approx(0.1)]
+    last = load_round_start(run_dir)[0]
+    replayed, final = replayed_aggregate(run_dir, last)
+    for k in final:
+        np.testing.assert_allclose(replayed[k], final[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    unscheduled, _ = replayed_aggregate(run_dir, last, lr_schedule="constant")
+    assert any(not np.allclose(unscheduled[k], final[k], rtol=1e-4, atol=1e-6) for k in final)
 
 
 def test_site_update_under_dp_sgd(run_dir, tmp_path):

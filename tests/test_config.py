@@ -107,6 +107,14 @@ def test_wrong_type_and_choice_are_refused():
         load_config(None, [{"strategy": {"name": "fedsgd"}}])
 
 
+@pytest.mark.parametrize("final", [0.0, -0.1, 1.5])
+def test_lr_schedule_choice_and_final_fraction_are_checked(final):
+    with pytest.raises(FedloraError, match="cosine"):  # lists the valid choices
+        load_config(None, [{"train": {"lr_schedule": "exponential"}}])
+    with pytest.raises(FedloraError, match=r"train\.lr_final must be in \(0, 1\]"):
+        load_config(None, [{"train": {"lr_schedule": "cosine", "lr_final": final}}])
+
+
 def test_server_momentum_is_refused_with_an_adaptive_server_optimizer():
     with pytest.raises(FedloraError, match=r"server_momentum.*server_beta1"):
         load_config(None, [{"strategy": {"server_optimizer": "adam", "server_momentum": 0.9}}])
@@ -197,6 +205,7 @@ def test_explicit_sgd_takes_no_recipe():
         ({"secure": {"threshold": 2}}, "secure.threshold", "--secure-agg"),
         ({"secure": {"pipeline": False}}, "secure.pipeline", "--secure-agg"),
         ({"train": {"momentum": 0.9}}, "train.momentum", "train.optimizer"),
+        ({"train": {"lr_final": 0.5}}, "train.lr_final", "train.lr_schedule"),
     ],
 )
 def test_a_key_the_mode_ignores_is_refused(overrides, key, fix):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.adapter import adapter_arrays, adapter_parameters, load_adapter_arrays
+from fedlora.config import TrainConfig
 from fedlora.runtime import build_runtime
 from fedlora.strategies.base import TrainingTerms
 from fedlora.train import (
@@ -18,6 +19,7 @@ from fedlora.train import (
     local_train,
     loss_positions,
     macro_f1,
+    round_lr,
 )
 
 
@@ -334,3 +336,25 @@ def test_class_balance_is_refused_where_it_cannot_hold(sections, words, balance)
     with pytest.raises(FedloraError, match=words):
         load_config(None, [{"train": {"class_balance": balance}}, sections])
     load_config(None, [{"train": {"class_balance": 0.0}}, sections])  # off: nothing to refuse
+
+
+@pytest.mark.parametrize(
+    ("schedule", "round_", "rounds", "factor"),
+    [
+        # cosine: f = final + (1 - final) * (1 + cos(pi * (t - 1) / (T - 1))) / 2, final = 0.1
+        ("cosine", 1, 5, 1.0),
+        ("cosine", 2, 5, 0.1 + 0.9 * (1 + 0.7071067811865476) / 2),  # cos(pi/4)
+        ("cosine", 3, 5, 0.55),
+        ("cosine", 5, 5, 0.1),
+        # linear: f = 1 - (1 - final) * (t - 1) / (T - 1)
+        ("linear", 2, 5, 0.775),
+        ("linear", 4, 5, 0.325),
+        ("linear", 5, 5, 0.1),
+        ("linear", 7, 5, 0.1),  # past the last round (a resumed run given more): the floor
+        ("linear", 1, 1, 1.0),  # one round: train.lr
+        ("constant", 4, 5, 1.0),
+    ],
+)
+def test_round_lr_by_hand(schedule, round_, rounds, factor):
+    cfg = TrainConfig(lr=0.2, lr_schedule=schedule, lr_final=0.1)
+    assert round_lr(cfg, round_, rounds) == pytest.approx(0.2 * factor, rel=1e-12)

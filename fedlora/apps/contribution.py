@@ -51,7 +51,7 @@ from fedlora.results import run_state_dir
 from fedlora.runtime import Runtime, get_runtime
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import LocalWork, scalar
-from fedlora.train import local_train, make_optimizer
+from fedlora.train import for_round, local_train, make_optimizer
 
 
 def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
@@ -142,6 +142,7 @@ def train_contribution(
     load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
+    train = for_round(cfg.train, round_, cfg.federation.rounds)
     seed = derive_seed(cfg.run.seed, round_, site)
     secret = site_secret(cfg, context, folder)
     torch.manual_seed(seed)  # LoRA dropout
@@ -173,14 +174,14 @@ def train_contribution(
     optimizer, frozen = None, {}
     if truncated:
         frozen = truncate_lora(runtime.model, rank)
-        optimizer = make_optimizer(list(adapter_parameters(runtime.model).values()), cfg.train)
+        optimizer = make_optimizer(list(adapter_parameters(runtime.model).values()), train)
         mask_slot_gradients(optimizer, runtime.model, rank)
     try:
         result = local_train(
             runtime.model,
             rows,
             steps,
-            cfg.train,
+            train,
             terms,
             np.random.default_rng(seed),
             runtime.pad_id,
@@ -196,8 +197,8 @@ def train_contribution(
         # client level: uniform weights, or a site's row count would change the sensitivity
         num_examples=1 if level == "client" else len(rows),
         steps=result.steps,
-        lr=cfg.train.lr,
-        momentum=cfg.train.momentum,
+        lr=train.lr,
+        momentum=train.momentum,
         rank=rank if truncated else None,
     )
     contribution, new_state = strategy.client_contribution(delta, work, broadcast, client_state)

@@ -34,7 +34,7 @@ from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
 from fedlora.strategies.base import Arrays, LocalWork, Strategy, read_scalar
 from fedlora.strategies.server_opt import server_optimizer_for
-from fedlora.train import evaluate
+from fedlora.train import evaluate, round_lr
 
 
 def sample_sites(
@@ -191,11 +191,12 @@ class Federation:
         inputs = self.collect(grid, chosen, round_)
         if not self.enough_contributed(inputs, chosen, round_):
             return None  # budgets, not faults, ended the federation: `run` says so
-        works = local_works(self.cfg, inputs)
+        works = local_works(self.cfg, inputs, round_)
         participants, error_mean, error_max = self.aggregate(inputs, works, round_)
         train_loss = round_train_loss(self.cfg, inputs, works)
         row: dict[str, object] = {
             "round": round_,
+            **self.lr_row(round_),
             "train_loss": train_loss,
             "clients": participants,
             # the sites whose update is in this round's aggregate (a dropped site is not)
@@ -219,6 +220,13 @@ class Federation:
         if inputs.stage_seconds:  # where a secure round's time went
             row["secagg_seconds"] = {k: round(v, 3) for k, v in inputs.stage_seconds.items()}
         return row
+
+    def lr_row(self, round_: int) -> dict[str, object]:
+        """The round's learning rate where it changes from round to round (none in round 0)."""
+        train = self.cfg.train
+        if train.lr_schedule == "constant":
+            return {}
+        return {"lr": round_lr(train, round_, self.cfg.federation.rounds) if round_ else None}
 
     def sample(self, round_: int) -> list[int]:
         """The round's sites: a seeded sample of those with budget left, or (self-selection)
@@ -419,6 +427,7 @@ class Federation:
             started = time.perf_counter()
             self.reporter.progress("round 0: evaluating the initial adapter")
             row0 = {"round": 0, "train_loss": None, "clients": 0} | self.privacy_row([], {})
+            row0 |= self.lr_row(0)
             row0 |= self.evaluate_global()
             self.keep_round(
                 row0 | {"bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - started}
@@ -489,16 +498,16 @@ def personalization_table(rows: list[dict[str, float]], steps: int) -> str:
     return "\n".join(lines)
 
 
-def local_works(cfg: Config, inputs: RoundInputs) -> list[LocalWork]:
-    """Each contributing site's local work as it reported it: plaintext only (under secure
-    aggregation no site reports its own numbers)."""
+def local_works(cfg: Config, inputs: RoundInputs, round_: int) -> list[LocalWork]:
+    """Each contributing site's local work in round `round_` as it reported it: plaintext only
+    (under secure aggregation no site reports its own numbers)."""
     if cfg.secure.enabled:
         return []
     return [
         LocalWork(
             num_examples=int(m[records.NUM_EXAMPLES]),
             steps=int(m[records.LOCAL_STEPS]),
-            lr=cfg.train.lr,
+            lr=round_lr(cfg.train, round_, cfg.federation.rounds),
             momentum=cfg.train.momentum,
             rank=site_rank(m, cfg.lora.r),
         )
