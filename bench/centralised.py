@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 
-from fedlora.adapter import adapter_parameters
 from fedlora.config import load_config, parse_override
 from fedlora.runtime import build_runtime
 from fedlora.strategies import TrainingTerms
@@ -32,7 +31,7 @@ def main() -> None:
     rt = build_runtime(cfg)
     rows = rt.encoder.encode_all(rt.dataset.train)
     eval_rows, _ = rt.eval_set()
-    optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
+    optimizer = make_optimizer(rt.model, cfg.train)
     rng = np.random.default_rng(cfg.run.seed)
     done, train_seconds = 0, 0.0
 

@@ -170,6 +170,9 @@ class TrainConfig:
     lr_schedule: LrSchedule = "constant"
     #: the last round's learning rate as a fraction of train.lr (lr_schedule cosine / linear).
     lr_final: float = 0.1
+    #: LoRA+ (Hayou et al. 2024): B learns at train.lr x this ratio, A at train.lr (1 = one rate
+    #: for both). Needs both factors trained, and not SCAFFOLD (one rate per round).
+    loraplus_ratio: float = 1.0
     #: SGD momentum (FedNova's normaliser accounts for it).
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -495,6 +498,24 @@ def refuse_unused_keys(cfg: Config, chosen: set[str]) -> None:
                 )
 
 
+def _validate_loraplus(cfg: Config) -> None:
+    ratio = cfg.train.loraplus_ratio
+    _require(ratio > 0, f"train.loraplus_ratio must be positive (got {ratio}).")
+    if ratio == 1:
+        return
+    _require(
+        cfg.lora.aggregation != "freeze-a",
+        f"train.loraplus_ratio = {ratio:g} sets B's rate against A's, but with lora.aggregation "
+        '= "freeze-a" only B trains; set train.lr for B instead, or train both factors.',
+    )
+    _require(
+        cfg.strategy.name != "scaffold",
+        f"train.loraplus_ratio = {ratio:g} gives A and B different learning rates, but "
+        "SCAFFOLD's control variates assume one rate for every tensor; use strategy fedavg, "
+        "fedprox or fednova, or train.loraplus_ratio = 1.",
+    )
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise FedloraError(message)
@@ -603,6 +624,7 @@ def validate(cfg: Config) -> None:
             f'set train.optimizer = "sgd" (got {train.optimizer!r}).',
         )
     _validate_ranks(cfg)
+    _validate_loraplus(cfg)
     if lora.aggregation == "svd":
         _require(
             strategy.name != "scaffold",

@@ -167,12 +167,24 @@ def for_round(cfg: TrainConfig, round_: int, rounds: int) -> TrainConfig:
     return replace(cfg, lr=round_lr(cfg, round_, rounds))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the model's trainable adapter; with train.loraplus_ratio != 1, peft's
+    LoRA+ parameter groups (B at lr x ratio, A at lr)."""
+    kind = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+    options = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    if cfg.loraplus_ratio == 1:
+        params = list(adapter_parameters(model).values())
+        return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model,
+        kind,
+        lr=cfg.lr,
+        loraplus_lr_ratio=cfg.loraplus_ratio,
+        loraplus_weight_decay=cfg.weight_decay,
+        **options,
+    )
 
 
 def local_train(
@@ -206,7 +218,7 @@ def local_train(
         if terms.grad_correction
         else {}
     )
-    optimizer = optimizer or make_optimizer(list(params.values()), cfg)
+    optimizer = optimizer or make_optimizer(model, cfg)
     private = PrivateSteps(model, optimizer, dp, rows, steps) if dp else None
     model.train()
     total, batches_seen = 0.0, 0

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.adapter import adapter_parameters
 from fedlora.apps.contribution import site_local_steps
 from fedlora.config import Config, load_config, parse_override
 from fedlora.quiet import quiet_libraries
@@ -50,7 +49,7 @@ def centralised(overrides: list[dict], samples: int) -> dict:
     cfg.train.threads = 2
     rt = build_runtime(cfg, log=lambda _: None)
     steps = max(1, samples // cfg.train.batch_size)
-    optimizer = make_optimizer(list(adapter_parameters(rt.model).values()), cfg.train)
+    optimizer = make_optimizer(rt.model, cfg.train)
     t0 = time.perf_counter()
     local_train(
         rt.model,

@@ -115,6 +115,22 @@ def test_lr_schedule_choice_and_final_fraction_are_checked(final):
         load_config(None, [{"train": {"lr_schedule": "cosine", "lr_final": final}}])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"train": {"loraplus_ratio": 0.0}}, "must be positive"),
+        ({"train": {"loraplus_ratio": 4.0}, "lora": {"aggregation": "freeze-a"}}, "only B trains"),
+        (
+            {"train": {"loraplus_ratio": 4.0}, "strategy": {"name": "scaffold"}},
+            "SCAFFOLD's control variates",
+        ),
+    ],
+)
+def test_loraplus_ratio_is_refused_where_it_cannot_hold(overrides, words):
+    with pytest.raises(FedloraError, match=words):
+        load_config(None, [overrides])
+
+
 def test_server_momentum_is_refused_with_an_adaptive_server_optimizer():
     with pytest.raises(FedloraError, match=r"server_momentum.*server_beta1"):
         load_config(None, [{"strategy": {"server_optimizer": "adam", "server_momentum": 0.9}}])

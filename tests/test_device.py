@@ -167,8 +167,7 @@ def check_tensors_follow_the_model(rt) -> None:
     losses, logits, row_of = token_losses(rt.model, rows, rt.pad_id, rt.bf16)
     assert losses.device == logits.device == row_of.device == device
     initial = adapter_arrays(rt.model)
-    params = adapter_parameters(rt.model)
-    optimizer = make_optimizer(list(params.values()), rt.cfg.train)
+    optimizer = make_optimizer(rt.model, rt.cfg.train)
     private = PrivateSteps(rt.model, optimizer, dp_streams(), rows, steps=1)
     try:
         private._noise_only()  # an empty batch's step: pure noise, drawn where the gradients live

@@ -186,6 +186,35 @@ def test_dpsgd_under_freeze_a_noises_all_of_b_and_leaves_a(tmp_path, tiny_cfg_at
             assert torch.equal(param, frozen[name])
 
 
+def test_loraplus_ratio_scales_b_alone_through_dpsgd(site):
+    """train.loraplus_ratio (LoRA+ through peft's parameter groups) holds under opacus. Without
+    noise (from a non-zero B, so that A has a gradient) a ratio-4 step is the ratio-1 step with
+    B's part times 4 and A's unchanged; with noise, A's step carries lr * N(0, (sigma C)^2) / B
+    and B's 4 times that."""
+    from dataclasses import replace
+
+    rt, rows, start = site
+    rng = np.random.default_rng(0)
+    moved = {
+        k: v + (0.1 * rng.standard_normal(v.shape) if "lora_B" in k else 0)
+        for k, v in start.items()
+    }
+    from_b = (rt, rows, {k: v.astype(np.float32) for k, v in moved.items()})
+    ratio4 = replace(SGD, loraplus_ratio=4.0)
+    one = train_once(from_b, 1, SGD, make_dp(0.0, 0.05, 1.0))
+    four = train_once(from_b, 1, ratio4, make_dp(0.0, 0.05, 1.0))
+    for k, step in one.items():
+        assert np.abs(step).max() > 0, k
+        scale = 4.0 if "lora_B" in k else 1.0
+        np.testing.assert_allclose(four[k], scale * step, rtol=1e-4, atol=1e-7, err_msg=k)
+    sigma, clip, batch = 2.0, 0.05, len(rows)
+    noisy = train_once(from_b, 1, ratio4, make_dp(sigma, clip, 1.0))
+    for factor, scale in (("lora_A", 1.0), ("lora_B", 4.0)):
+        diff = np.concatenate([(noisy[k] - four[k]).ravel() for k in four if factor in k])
+        assert diff.size > 1000
+        assert diff.std() == pytest.approx(scale * SGD.lr * sigma * clip / batch, rel=0.05)
+
+
 def test_dpsgd_clips_each_example_as_a_full_forward_would(site):
     """opacus's per-example gradients flow through the sliced output layer (logits at the loss
     positions only): one noiseless step with a binding clip C equals -lr/B times the sum of each

@@ -19,7 +19,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedlora import transport
 from fedlora.adapter import (
     adapter_arrays,
-    adapter_parameters,
     load_adapter_arrays,
     mask_slot_gradients,
     restore_lora,
@@ -174,7 +173,7 @@ def train_contribution(
     optimizer, frozen = None, {}
     if truncated:
         frozen = truncate_lora(runtime.model, rank)
-        optimizer = make_optimizer(list(adapter_parameters(runtime.model).values()), train)
+        optimizer = make_optimizer(runtime.model, train)
         mask_slot_gradients(optimizer, runtime.model, rank)
     try:
         result = local_train(
