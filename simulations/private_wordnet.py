@@ -7,9 +7,9 @@ an ordinary `fedlora simulate` results folder under --out/runs/:
 - `nonprivate`: the default recipe (AdamW) on every linear layer, the best non-private
   federation found on the reduced version, no privacy;
 - `dp-eps8`, `dp-eps4`, `dp-eps1`: sample-level DP-SGD at that epsilon per site with the recipe
-  of configs/dp-wordnet.toml (freeze-a, SGD with momentum, lr 0.25, clip 1, fp32) and large
-  logical batches (train.batch_size = 256 expected rows, split into physical pieces of 32 by
-  opacus's BatchMemoryManager);
+  of configs/dp-wordnet.toml (freeze-a, SGD with momentum, lr 0.5 on a cosine schedule over
+  the rounds, clip 1, fp32) and large logical batches (train.batch_size = 256 expected rows,
+  split into physical pieces of 32 by opacus's BatchMemoryManager);
 - `client-eps8`, `client-eps4`, `client-eps1`: client-level DP at that epsilon with secure
   aggregation and noise split across the sites;
 - `centralised`: the ceiling, non-private LoRA (the default recipe) on the pooled training rows
@@ -59,9 +59,9 @@ BASE = {
     "federation": {"clients": 10},
     "lora": {"targets": "all-linear"},
 }
-#: The DP-SGD recipe measured on the reduced version (all-linear, freeze-a, SGD, lr 0.25,
-#: momentum 0.9, clip 1, the default 6 steps of 8 expected rows a round): one place, shared with
-#: the users' config.
+#: The DP-SGD recipe measured on the reduced version (all-linear, freeze-a, SGD, lr 0.5 on a
+#: cosine schedule, momentum 0.9, clip 1, the default 6 steps of 8 expected rows a round): one
+#: place, shared with the users' config.
 DP_RECIPE = tomllib.loads((Path(__file__).parents[1] / "configs" / "dp-wordnet.toml").read_text())
 #: The study's DP-SGD cells take hundreds of rows per logical batch (less noise per step), in
 #: physical pieces that fit at once; the learning rate is the reduced version's.
