@@ -171,7 +171,8 @@ class TrainConfig:
     #: the last round's learning rate as a fraction of train.lr (lr_schedule cosine / linear).
     lr_final: float = 0.1
     #: LoRA+ (Hayou et al. 2024): B learns at train.lr x this ratio, A at train.lr (1 = one rate
-    #: for both). Needs both factors trained, and not SCAFFOLD (one rate per round).
+    #: for both). Needs both factors trained, and not SCAFFOLD (its control variates assume one
+    #: rate for every tensor).
     loraplus_ratio: float = 1.0
     #: SGD momentum (FedNova's normaliser accounts for it).
     momentum: float = 0.0
