@@ -309,6 +309,7 @@ def test_every_shipped_config_loads():
         "sgd",
     )
     assert (wordnet.lora.targets, wordnet.lora.aggregation) == ("all-linear", "freeze-a")
+    assert (wordnet.train.lr, wordnet.train.lr_schedule) == (0.5, "cosine")
 
 
 def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
