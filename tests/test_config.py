@@ -309,7 +309,11 @@ def test_every_shipped_config_loads():
         "sgd",
     )
     assert (wordnet.lora.targets, wordnet.lora.aggregation) == ("all-linear", "freeze-a")
-    assert (wordnet.train.lr, wordnet.train.lr_schedule) == (0.5, "cosine")
+    assert (wordnet.train.batch_size, wordnet.train.lr, wordnet.train.lr_schedule) == (
+        32,
+        2.0,
+        "cosine",
+    )
 
 
 def test_readme_configs_and_validation_agree_on_scaffold_with_momentum():
