@@ -64,12 +64,12 @@ BASE = {
 #: momentum 0.9, lr 2 on a cosine schedule, clip 1, 6 Poisson batches of 32 expected rows a
 #: round): one place, shared with the users' config.
 DP_RECIPE = tomllib.loads((Path(__file__).parents[1] / "configs" / "dp-wordnet.toml").read_text())
-#: The study's DP-SGD cells take hundreds of rows per logical batch (8 times less noise on a
-#: step than the recipe's 32), in physical pieces that fit at once, at the recipe's rate.
+#: The study's DP-SGD cells take hundreds of rows per logical batch (about 5 times less noise on
+#: a step's mean than the recipe's 32), in physical pieces that fit at once, at the recipe's lr.
 LARGE_BATCHES = {"train": {"batch_size": 256}, "privacy": {"physical_batch_size": 32}}
 #: The reduced version's DP-SGD cells keep its budget of 48 rows per site and round (6 batches
-#: of 8, so the CPU runs every cell in under an hour a seed) at lr 0.5: 4 times the noise on a
-#: step of the recipe's batches needs a smaller step (lr 1 collapsed at epsilon 1).
+#: of 8, so the CPU runs every cell in under an hour a seed) at lr 0.5: 3.4 times the noise on a
+#: step's mean of the recipe's batches needs a smaller step (lr 1 collapsed at epsilon 1).
 SMALL_BATCHES = {"train": {"batch_size": 8, "lr": 0.5}}
 CLIENT_DP = {
     "privacy": {"level": "client", "client_noise": "distributed", "max_grad_norm": 1.0},
