@@ -104,13 +104,9 @@ def cell_overrides(name: str, size: str) -> list[dict]:
     """The cell's settings over the study's base; a smaller `size` ("reduced", "smoke") shrinks
     the federation last."""
     layers = [BASE, *CELLS[name]]
-    if name.startswith("dp-") and size in ("full", "reduced"):
-        layers.append(LARGE_BATCHES if size == "full" else SMALL_BATCHES)
-    if size == "reduced":
-        layers.append(REDUCED)
-    elif size == "smoke":
-        layers.append(SMOKE)
-    return layers
+    if name.startswith("dp-"):
+        layers.append({"full": LARGE_BATCHES, "reduced": SMALL_BATCHES, "smoke": {}}[size])
+    return [*layers, {"full": {}, "reduced": REDUCED, "smoke": SMOKE}[size]]
 
 
 #: What a run records of round 0 and of its end: the table's key -> the metric's name.
