@@ -203,6 +203,8 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
         f"{cfg.train.local_steps} local steps, {workers_text(cfg)}, "
         f"{precision_name(runtime.bf16)} (model.precision = {requested}) on {runtime.device}."
     )
+    if cfg.privacy.level == "sample":
+        log(site_noise_line(cfg, dataset, train_parts))
     log(
         f"Site secrets (DP noise and batches, participation): {SIMULATED}, so the run repeats; "
         "a site daemon draws its own from its OS CSPRNG."
@@ -233,6 +235,21 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     finally:
         reporter.close()
     return close_results(out, work)
+
+
+def site_noise_line(cfg: Config, dataset, train_parts) -> str:
+    """DP-SGD's noise at every site that holds rows, worked out as each site will."""
+    from fedlora.apps.contribution import site_local_steps
+    from fedlora.privacy.dpsgd import count_units
+    from fedlora.privacy.policy import describe_site_noise
+
+    clients = cfg.federation.clients
+    sites = [
+        (count_units([dataset.train[i] for i in part]), site_local_steps(cfg.train, s, clients))
+        for s, part in enumerate(train_parts)
+        if part
+    ]
+    return describe_site_noise(cfg, sites)
 
 
 def run_engine(
