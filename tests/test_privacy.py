@@ -417,6 +417,30 @@ def test_a_missing_unit_column_is_named_at_load(tmp_path):
     assert {e.unit for e in ds.train + ds.test} == {"p0", "p1", "p2"}
 
 
+def test_step_noise_is_lr_sigma_clip_over_the_expected_batch_by_hand():
+    def cfg(**train):
+        privacy = {"level": "sample", "noise_multiplier": 0.8, "max_grad_norm": 1.0}
+        return load_config(None, [{"privacy": privacy, "train": {"batch_size": 8, **train}}])
+
+    plain = cfg(lr=0.5, optimizer="sgd")
+    assert step_noise(plain, sample_mechanism(plain, 1000, 6), 1000) == pytest.approx(0.05)
+    # a site with 4 units takes all 4 each step: B = 4, not 8
+    assert step_noise(plain, sample_mechanism(plain, 4, 6), 4) == pytest.approx(0.1)
+    loraplus = cfg(lr=0.5, optimizer="sgd", loraplus_ratio=4.0)  # B trains at 4 x lr
+    assert step_noise(loraplus, sample_mechanism(loraplus, 1000, 6), 1000) == pytest.approx(0.2)
+    # the header line: each site's own figure, and the warning only past the collapse
+    line = describe_site_noise(plain, [(1000, 6), (4, 6)])
+    assert "noise multiplier 0.8 " in line and "0.05 to 0.1 " in line and "collapsed" in line
+    assert "collapsed" not in describe_site_noise(plain, [(1000, 6), (2000, 6)])
+    assert "use SGD" in describe_site_noise(cfg(lr=0.5, optimizer="adamw"), [(1000, 6)])
+    # with a target epsilon, sigma is the one each site's accountant will use
+    eps = load_config(None, [{"privacy": {"level": "sample", "target_epsilon": 8.0}}])
+    sigma = noise_for_epsilon(8.0, default_delta(500), 8 / 500, 6 * eps.federation.rounds, "rdp")
+    assert f"noise multiplier {sigma:.3g} for epsilon 8 per site" in describe_site_noise(
+        eps, [(500, 6)]
+    )
+
+
 # --- client level -------------------------------------------------------------------------------
 
 
@@ -481,30 +505,6 @@ def test_meaningless_combinations_are_refused(overrides, message):
 
 
 # --- whole runs ---------------------------------------------------------------------------------
-
-
-def test_step_noise_is_lr_sigma_clip_over_the_expected_batch_by_hand():
-    def cfg(**train):
-        privacy = {"level": "sample", "noise_multiplier": 0.8, "max_grad_norm": 1.0}
-        return load_config(None, [{"privacy": privacy, "train": {"batch_size": 8, **train}}])
-
-    plain = cfg(lr=0.5, optimizer="sgd")
-    assert step_noise(plain, sample_mechanism(plain, 1000, 6), 1000) == pytest.approx(0.05)
-    # a site with 4 units takes all 4 each step: B = 4, not 8
-    assert step_noise(plain, sample_mechanism(plain, 4, 6), 4) == pytest.approx(0.1)
-    loraplus = cfg(lr=0.5, optimizer="sgd", loraplus_ratio=4.0)  # B trains at 4 x lr
-    assert step_noise(loraplus, sample_mechanism(loraplus, 1000, 6), 1000) == pytest.approx(0.2)
-    # the header line: each site's own figure, and the warning only past the collapse
-    line = describe_site_noise(plain, [(1000, 6), (4, 6)])
-    assert "noise multiplier 0.8 " in line and "0.05 to 0.1 " in line and "collapsed" in line
-    assert "collapsed" not in describe_site_noise(plain, [(1000, 6), (2000, 6)])
-    assert "use SGD" in describe_site_noise(cfg(lr=0.5, optimizer="adamw"), [(1000, 6)])
-    # with a target epsilon, sigma is the one each site's accountant will use
-    eps = load_config(None, [{"privacy": {"level": "sample", "target_epsilon": 8.0}}])
-    sigma = noise_for_epsilon(8.0, default_delta(500), 8 / 500, 6 * eps.federation.rounds, "rdp")
-    assert f"noise multiplier {sigma:.3g} for epsilon 8 per site" in describe_site_noise(
-        eps, [(500, 6)]
-    )
 
 
 def test_report_lets_anyone_recompute_each_sites_epsilon(tmp_path, tiny_cfg):
