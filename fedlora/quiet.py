@@ -20,6 +20,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    # opacus's RDP accountant: a wider range of orders might give a tighter bound, so the
+    # epsilon it reports is an upper bound and the noise it finds is more than needed (safe)
+    warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning, "opacus")
     for name in ("flwr", "uvicorn", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
