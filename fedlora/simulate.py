@@ -240,6 +240,7 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
 def site_noise_line(cfg: Config, dataset, train_parts) -> str:
     """DP-SGD's noise at every site that holds rows, worked out as each site will."""
     from fedlora.apps.contribution import site_local_steps
+    from fedlora.privacy.accounting import delta_refusal
     from fedlora.privacy.dpsgd import count_units
     from fedlora.privacy.policy import describe_site_noise
 
@@ -249,6 +250,9 @@ def site_noise_line(cfg: Config, dataset, train_parts) -> str:
         for s, part in enumerate(train_parts)
         if part
     ]
+    largest = max(n for n, _ in sites)  # the strictest 1/n: every site would refuse otherwise
+    if refusal := delta_refusal(cfg.privacy.delta, largest):
+        raise FedloraError(f"At the largest site, {refusal}.")
     return describe_site_noise(cfg, sites)
 
 

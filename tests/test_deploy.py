@@ -252,7 +252,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_what_a_site_trains_with(tmp_path):
     """The federation's config reaches a site without the server's paths; the site adds its own
-    data file, threads and budget, and a site with a budget refuses to train without DP."""
+    data file, threads and privacy unit, and a site with a budget refuses to train without DP."""
     import tomllib
 
     from fedlora.config import load_config
@@ -287,16 +287,21 @@ def test_what_a_site_trains_with(tmp_path):
         insecure=True,
         threads=3,
         data={"path": str(tmp_path / "own.jsonl")},
-        max_epsilon=4.0,
         path=tmp_path / "site.toml",
         policy=SitePolicy(max_epsilon=4.0),
+        privacy_unit="patient_id",
     )
     cfg = site_config(shared, site)
     assert cfg.data.path == str(tmp_path / "own.jsonl") and cfg.data.max_text_tokens == 40
     assert cfg.data.test_path == ""
     assert cfg.lora.targets == ["q_proj", "o_proj"] and cfg.run.seed == 3
-    assert cfg.train.threads == 3 and cfg.privacy.max_epsilon == 4.0  # the stricter budget
+    assert cfg.train.threads == 3
+    # the federation's budget stays the federation's: the site's own is checked over its ledger
+    assert cfg.privacy.max_epsilon == 8.0
+    assert cfg.privacy.unit == "patient_id"  # who a person is in the site's own data
     site.policy.check_request(cfg, secure=False)
+    shared["privacy"]["unit"] = "row"  # a server cannot make the site's patients rows
+    assert site_config(shared, site).privacy.unit == "patient_id"
 
     without_dp = dict(shared, privacy={"level": "none"})
     cfg = site_config(without_dp, site)
@@ -329,7 +334,7 @@ def test_the_kits_example_configs_load(tmp_path):
     assert list(settings.sites) == names and cfg.federation.clients == 3
     shutil.copy(server / "certs" / "ca.pem", site / "ca.pem")
     loaded = load_site(site / "site.toml")
-    assert loaded.name == "st-marys" and loaded.max_epsilon == 10.0
+    assert loaded.name == "st-marys" and loaded.policy.max_epsilon == 10.0
     assert loaded.auth_key == Layout(site / "keys").site_key("st-marys")
     # the kits work together as copied: the site's policy accepts the server's federation
     import tomllib
@@ -340,7 +345,6 @@ def test_the_kits_example_configs_load(tmp_path):
     assert loaded.policy.require_secure_aggregation and cfg.secure.enabled
     site_cfg = site_config(tomllib.loads(shared_config(cfg)), loaded)
     loaded.policy.check_request(site_cfg, secure=cfg.secure.enabled)
-    assert site_cfg.privacy.max_epsilon == 10.0
 
 
 def test_site_policy_in_site_toml(tmp_path):
@@ -355,7 +359,12 @@ def test_site_policy_in_site_toml(tmp_path):
     policy = load_site(site).policy
     assert policy.require_secure_aggregation and policy.min_cohort == 4
     site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n")
-    assert load_site(site).policy.max_epsilon == 3.0 and load_site(site).max_epsilon == 3.0
+    assert load_site(site).policy.max_epsilon == 3.0
+    site.write_text(head + '[privacy]\nunit = "patient_id"\n')
+    assert load_site(site).privacy_unit == "patient_id"
+    site.write_text(head + '[privacy]\nunit = ""\n')
+    with pytest.raises(FedloraError, match="privacy.unit .* column"):
+        load_site(site)
     site.write_text(head + "[privacy]\nmax_epsilon = 3.0\n[policy]\nmax_epsilon = 2.0\n")
     with pytest.raises(FedloraError, match="both"):
         load_site(site)

@@ -452,7 +452,8 @@ def failing_client_app(cfg) -> ClientApp:
 
     @app.train(PLAIN)
     def plain(msg: Message, context: Context) -> Message:
-        contribution, metrics = train_contribution(cfg, msg.content, context, SitePolicy())
+        contribution, metrics, release = train_contribution(cfg, msg.content, context, SitePolicy())
+        release()
         contribution |= secure_stats(dict(metrics))  # what a secure site adds to its input
         return Message(RecordDict({R.CONTRIBUTION: R.to_record(contribution)}), reply_to=msg)
 

@@ -54,17 +54,11 @@ def train_reply(
     try:
         policy.check_request(cfg, secure=False)
         take_round(cfg, context, round_)
-        contribution, metrics = train_contribution(cfg, msg.content, context, policy)
+        contribution, metrics, release = train_contribution(cfg, msg.content, context, policy)
     except PolicyRefused as exc:
         return refusal_reply(msg, site_id(context), round_, exc.reason)
-    except BudgetExhausted as exc:
-        status = MetricRecord(
-            {
-                records.SITE_ID: exc.site,
-                records.EXHAUSTED: 1,
-                records.PRIVACY + "epsilon": exc.spent,
-            }
-        )
+    except BudgetExhausted as exc:  # no number: the site's own budget spans other federations
+        status = MetricRecord({records.SITE_ID: exc.site, records.EXHAUSTED: 1})
         return Message(RecordDict({records.SITE_METRICS: status}), reply_to=msg)
     # vectors travel as transport.dtype (float32: the adapter's own precision); the server
     # sums in float64
@@ -75,6 +69,7 @@ def train_reply(
     content = RecordDict(
         {records.CONTRIBUTION: records.to_record(sent), records.SITE_METRICS: metrics}
     )
+    release()
     return Message(content, reply_to=msg)
 
 

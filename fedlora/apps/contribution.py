@@ -38,6 +38,7 @@ from fedlora.privacy.client_level import (
     site_noise_std,
 )
 from fedlora.privacy.dpsgd import DPSGD, count_units
+from fedlora.privacy.ledger import PrivacyLedger, Release
 from fedlora.privacy.policy import (
     Mechanism,
     check_budget,
@@ -69,10 +70,10 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-#: node_config key naming a site daemon's state folder
+#: node_config key naming a site daemon's state folder (one per federation)
 STATE_DIR = "state-dir"
-#: site state key of the privacy ledger: rows (noise multiplier, sample rate, steps)
-LEDGER = "privacy/ledger"
+#: node_config key naming a site daemon's privacy ledger (one for all its federations)
+LEDGER_FILE = "privacy-ledger"
 
 
 def site_id(context: Context) -> int:
@@ -99,6 +100,14 @@ def site_state_dir(cfg: Config, context: Context) -> Path:
     return run_state_dir(Path(cfg.run.out)) / "sites"
 
 
+def site_ledger(cfg: Config, context: Context) -> PrivacyLedger:
+    """A site daemon's ledger is named in its node config; a simulated site's lies beside its
+    state (one federation)."""
+    if LEDGER_FILE in context.node_config:
+        return PrivacyLedger(Path(str(context.node_config[LEDGER_FILE])))
+    return PrivacyLedger(site_state_dir(cfg, context) / f"site-{site_id(context)}.ledger.jsonl")
+
+
 def take_round(cfg: Config, context: Context, round_: int) -> None:
     """Once per (federation, round): a second request for a round this site has already taken
     part in (a replay, or a new secure-aggregation session) is refused."""
@@ -116,10 +125,11 @@ def train_contribution(
     *,
     threshold: int | None = None,
     keep: Callable[[int, dict[str, np.ndarray]], None] | None = None,
-) -> tuple[dict[str, np.ndarray], MetricRecord]:
+) -> tuple[dict[str, np.ndarray], MetricRecord, Callable[[], None]]:
     """Train on this site's rows from the global adapter in a round's training `content`
     (global adapter, broadcast, round config); return the strategy's contribution (the vectors
-    the server sums) and the site's metrics.
+    the server sums), the site's metrics, and `release`: call it just before the contribution
+    leaves the site (it enters the round in the site's privacy ledger).
 
     `threshold`: the threshold t of the secure-aggregation session the contribution will be
     masked in (None: it travels in the clear). The distributed noise is then split over the
@@ -134,9 +144,9 @@ def train_contribution(
     broadcast = transport.decode(records.from_record(content[records.BROADCAST]))
     folder = site_state_dir(cfg, context)
     store = SiteStore(folder, site)
-    saved = store.before(round_)
-    ledger = [tuple(e) for e in saved.pop(LEDGER, np.zeros((0, 3))).tolist()]
-    client_state = saved
+    client_state = store.before(round_)
+    ledger = site_ledger(cfg, context)
+    federation = str(context.run_config.get(runconfig.FEDERATION, ""))
     strategy = strategy_for(cfg)
     load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
@@ -148,9 +158,9 @@ def train_contribution(
     rows = runtime.site_rows(site)
     level = cfg.privacy.level
     mechanism, dp_sgd = None, None
+    units = count_units(rows)
     if level == "sample":
-        mechanism = sample_mechanism(cfg, count_units(rows), steps)  # q and delta count units
-        check_budget(cfg, mechanism, ledger, site)
+        mechanism = sample_mechanism(cfg, units, steps)  # q and delta count units
         dp_sgd = DPSGD.for_round(
             mechanism.noise_multiplier,
             mechanism.max_grad_norm,
@@ -162,10 +172,16 @@ def train_contribution(
             max_rows_per_unit=cfg.privacy.max_rows_per_unit,
         )
     elif level == "client":  # one release of the sum per round the site is in
-        mechanism = client_mechanism(cfg)
-        check_budget(cfg, mechanism, ledger, site)
-    if mechanism is not None:
-        policy.check_mechanism(mechanism)  # before any training
+        mechanism, units = client_mechanism(cfg), cfg.federation.clients
+    spent = ledger.entries(federation)
+    if mechanism is not None:  # before any training
+        policy.check_mechanism(mechanism, units)
+        accountant = cfg.privacy.accountant
+        check_budget(cfg.privacy.max_epsilon, mechanism, spent, site, accountant)
+        if policy.max_epsilon:  # the site's own budget: every release of its rows
+            check_budget(
+                policy.max_epsilon, mechanism, ledger.entries(), site, accountant, own=True
+            )
     if level == "client" and cfg.privacy.client_noise == "distributed" and threshold is None:
         raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)
@@ -230,17 +246,22 @@ def train_contribution(
                 )
                 rng = secret.rng(secrets.CLIENT_NOISE, round_, site)
                 contribution = add_gaussian(contribution, keys, std, rng)
-        ledger = [
-            *ledger,
-            (mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps_per_round),
-        ]
-        values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, ledger).items()}
-        new_state = new_state | {LEDGER: np.array(ledger, dtype=np.float64)}
+        release = Release(
+            federation,
+            round_,
+            mechanism.noise_multiplier,
+            mechanism.sample_rate,
+            mechanism.steps_per_round,
+        )
+        spent = [*spent, release.entry]
+        values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, spent).items()}
     if threshold is not None:  # nothing per site in the clear: the statistics go into the sum
         contribution = contribution | secure_stats(values)
         values = {records.SITE_ID: site}
     (keep or store.save)(round_, new_state)
-    return contribution, MetricRecord(values)
+    if mechanism is None:
+        return contribution, MetricRecord(values), lambda: None
+    return contribution, MetricRecord(values), lambda: ledger.record(release)
 
 
 def self_selection(

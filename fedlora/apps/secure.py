@@ -45,8 +45,10 @@ is refused: one session per round), the cohort and threshold when it receives th
 number of inputs in the sum before it reveals unmasking shares. Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
-c_i, the privacy ledger) is saved only once its input is in the sum (the unmasking stage names it
-a survivor): a failed masking leaves it as it was, in step with the server's c.
+c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a
+failed masking leaves it as it was, in step with the server's c. Its privacy ledger records the
+round as the masked input leaves (fedlora.privacy.ledger): the server needs only the other
+sites' shares to sum it, so this site may never hear that it was.
 """
 
 from __future__ import annotations
@@ -497,6 +499,7 @@ class Trained:
     contribution: Arrays
     metrics: MetricRecord
     state: Arrays  # the site's new state: saved once its input is in the sum
+    release: Callable[[], None]  # enters the round in the privacy ledger: once it is masked
 
 
 class BackgroundTraining:
@@ -739,7 +742,7 @@ def train_input(
     """Train as in a plaintext round, for a session of threshold `threshold`; the new site
     state is kept for the unmasking stage, not saved."""
     pending: dict[str, Arrays] = {}
-    contribution, metrics = train_contribution(
+    contribution, metrics, release = train_contribution(
         cfg,
         content,
         context,
@@ -747,7 +750,7 @@ def train_input(
         threshold=threshold,
         keep=lambda _r, state: pending.update(state),
     )
-    return Trained(contribution, metrics, pending)
+    return Trained(contribution, metrics, pending, release)
 
 
 def _kept_content(context: Context) -> list[str]:
@@ -817,6 +820,7 @@ def _masked_reply(
         dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True)),
     )
     context.state[records.PENDING_STATE] = records.to_record(trained.state)
+    trained.release()  # the masked input leaves now; the server may sum it without saying so
     if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent
         epsilon = float(trained.contribution[records.STATS_EPSILON][0])
         context.state[records.LOCAL_SPEND] = MetricRecord({records.PRIVACY + "epsilon": epsilon})

@@ -1,5 +1,5 @@
 """What a site keeps between rounds, on its own disk: the strategy's client state (SCAFFOLD's
-c_i) and its privacy ledger.
+c_i) and the rounds it has taken (its privacy ledger: fedlora.privacy.ledger).
 
 Flower's ``context.state`` lives as long as one run; a federation that is resumed after a server
 restart is a new run, and a site daemon can restart too. So the state is a file per site, and it
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.errors import FedloraError
+from fedlora.privacy.ledger import PrivacyLedger
 
 Arrays = dict[str, np.ndarray]
 
@@ -99,9 +100,9 @@ class RoundsTaken:
 def forget_unfinished_rounds(state_dir: Path, saved: int | None, started_file: str) -> None:
     """Simulation resume: the machine plays the server and every site, so a round interrupted
     after its first message is run again as it would have run (the result then equals an
-    uninterrupted run). Forget that round in every simulated site's record and in the server's
-    "round started" file; a site daemon never does (a deployed server continues with the next
-    round instead)."""
+    uninterrupted run). Forget that round in every simulated site's records (rounds taken,
+    privacy ledger) and in the server's "round started" file; a site daemon never does (a
+    deployed server continues with the next round instead)."""
     done = -1 if saved is None else saved
     (state_dir / started_file).unlink(missing_ok=True)
     for path in (state_dir / "sites").glob("site-*.rounds.json"):
@@ -109,3 +110,5 @@ def forget_unfinished_rounds(state_dir: Path, saved: int | None, started_file: s
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(kept))
         os.replace(tmp, path)
+    for path in (state_dir / "sites").glob("site-*.ledger.jsonl"):
+        PrivacyLedger(path).forget_rounds_after(done)

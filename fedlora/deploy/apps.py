@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records
 from fedlora.apps.client import make_client_app
-from fedlora.apps.contribution import STATE_DIR
+from fedlora.apps.contribution import LEDGER_FILE, STATE_DIR
 from fedlora.apps.secure import BACKGROUND
 from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
@@ -32,23 +32,24 @@ from fedlora.deploy.settings import SiteSettings, load_site
 from fedlora.errors import FedloraError
 from fedlora.privacy.secrets import SITE_CSPRNG
 
+#: a site daemon's privacy ledger in its state folder (fedlora.privacy.ledger)
+LEDGER_NAME = "privacy-ledger.jsonl"
 #: the data keys a site sets for itself (defaults when its site.toml leaves them out)
 OWN_DATA = {"path": "", "test_path": "", "test_fraction": DataConfig.test_fraction}
 
 
 def site_config(federation: dict, site: SiteSettings) -> Config:
-    """The federation's config with this site's own data file and thread count, and its privacy
-    budget when the federation uses differential privacy (the smaller budget wins: a site can
-    only be stricter than the federation)."""
+    """The federation's config with this site's own data file, thread count, device and, under
+    DP-SGD, privacy unit. (The site's own budget, policy.max_epsilon, is checked over its whole
+    privacy ledger, apart from the federation's: fedlora.apps.contribution.)"""
     values = {section: dict(entries) for section, entries in federation.items()}
     # which files the site reads is the site's decision alone, never the server's
     values.setdefault("data", {}).update(OWN_DATA | site.data)
     values.setdefault("train", {})["threads"] = site.threads
     values.setdefault("model", {})["device"] = site.device  # the site's hardware, its choice
     privacy = values.setdefault("privacy", {})
-    if site.max_epsilon is not None and privacy.get("level", "none") != "none":
-        shared = float(privacy.get("max_epsilon", 0.0))
-        privacy["max_epsilon"] = min(shared, site.max_epsilon) if shared else site.max_epsilon
+    if site.privacy_unit and privacy.get("level") == "sample":  # who a person is: its own data
+        privacy["unit"] = site.privacy_unit
     return load_config(None, [values])
 
 
@@ -154,6 +155,7 @@ class SiteApp(ClientApp):
         # the strategy's site state and DP noise secret are kept per federation
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)
+        own[LEDGER_FILE] = str(site.state_dir / LEDGER_NAME)  # one for all its federations
         reply = self._apps[key](message, dataclasses.replace(context, node_config=own))
         entry = refusal_entry(message, reply, federation) or audit_entry(
             message, reply, federation, context.state

@@ -6,8 +6,9 @@ server.toml = a normal fedlora config (the federation: strategy, rounds, secure 
 privacy, ...; see configs/default.toml) plus `[server]` (address, TLS files, state folder) and
 `[sites]` (site name = its node-authentication public key). federation.clients is the number
 of sites listed. site.toml = `[site]` (name, server address, CA, key, state, audit log) plus the
-site's own `[data]`, `[model] device` (its own hardware) and `[policy]` (what it accepts,
-fedlora.privacy.site_policy; the older `[privacy] max_epsilon` is read as `[policy]
+site's own `[data]`, `[model] device` (its own hardware), `[privacy] unit` (the column of its
+own data that names a person, when DP-SGD protects people rather than rows) and `[policy]` (what
+it accepts, fedlora.privacy.site_policy; the older `[privacy] max_epsilon` is read as `[policy]
 max_epsilon`); everything else comes from the server.
 """
 
@@ -39,7 +40,7 @@ SITE_KEYS = {
     "train_during_key_exchange",
 }
 SITE_DATA_KEYS = {"path", "test_path", "test_fraction"}
-SITE_PRIVACY_KEYS = {"max_epsilon"}
+SITE_PRIVACY_KEYS = {"max_epsilon", "unit"}
 SITE_MODEL_KEYS = {"device"}
 DEFAULT_POLL_INTERVAL = 1.0
 """Seconds a site waits before asking the server again when it had no message (Flower's
@@ -70,10 +71,12 @@ class SiteSettings:
     insecure: bool
     threads: int
     data: dict[str, Any]  # the site's own [data] keys
-    max_epsilon: float | None  # the site's own privacy budget (None: the federation's)
     path: Path  # the site.toml itself
     device: str = "auto"  # the site's model.device (its own hardware, never the server's)
     policy: SitePolicy = SitePolicy()  # what this site accepts, whatever the server asks
+    #: the column of the site's data that names a person under sample-level DP ("": the
+    #: federation's privacy.unit); the site's own, so the server cannot make it "row"
+    privacy_unit: str = ""
     poll_interval: float = DEFAULT_POLL_INTERVAL  # s between asks for a message when idle
     #: a secure round trains from its keys stage on, in a background thread (fedlora.apps.secure)
     train_during_key_exchange: bool = True
@@ -227,6 +230,12 @@ def load_site(path: Path) -> SiteSettings:
         isinstance(max_eps, bool) or not isinstance(max_eps, int | float) or max_eps <= 0
     ):
         raise FedloraError(f"policy.max_epsilon in {path} must be a positive number.")
+    unit = privacy.get("unit", "")
+    if not isinstance(unit, str) or "unit" in privacy and not unit.strip():
+        raise FedloraError(
+            f'privacy.unit in {path} must name a column of this site\'s data, such as "patient_id" '
+            '(or "row": every row is a different person).'
+        )
     name = check_site_name(_str(site, "name", "site"))
     split_address(_str(site, "server", "site"), "site.server")
     state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))
@@ -242,10 +251,10 @@ def load_site(path: Path) -> SiteSettings:
         insecure=insecure,
         threads=threads or os.cpu_count() or 1,
         data=data,
-        max_epsilon=None if max_eps is None else float(max_eps),
         path=path.resolve(),
         device=device,
         policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
+        privacy_unit=unit,
         poll_interval=float(poll),
         train_during_key_exchange=overlap,
     )

@@ -21,6 +21,18 @@ def default_delta(n: int) -> float:
     return 1.0 / (10 * max(1, n))
 
 
+def delta_refusal(delta: float, n: int) -> str | None:
+    """Why `delta` protects none of n units, or None. (epsilon, delta)-DP with delta >= 1/n
+    allows a mechanism that publishes one of the n outright (n = privacy units, or sites at
+    client level)."""
+    if delta < 1 / max(1, n):
+        return None
+    return (
+        f"delta {delta:.3g} is not below 1/{n} (1/n, n = {n} privacy units): it would allow "
+        "publishing one unit's records; set privacy.delta = 0 (1/(10 n))"
+    )
+
+
 def _accountant(name: str, ledger: Sequence[Entry]):
     from opacus.accountants import PRVAccountant, RDPAccountant
 

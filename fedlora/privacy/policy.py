@@ -19,11 +19,13 @@ class BudgetExhausted(Exception):
 
     MARK = "[privacy budget exhausted]"
 
-    def __init__(self, site: int, spent: float, next_epsilon: float, budget: float) -> None:
-        self.site, self.spent = site, spent
+    def __init__(
+        self, site: int, spent: float, next_epsilon: float, budget: float, name: str
+    ) -> None:
+        self.site = site
         self.local_detail = (
             f"epsilon spent {spent:.3g}; the next round would reach {next_epsilon:.3g} > "
-            f"privacy.max_epsilon = {budget:g}"
+            f"{name} = {budget:g}"
         )
         super().__init__(f"{self.MARK} site {site}")
 
@@ -135,13 +137,23 @@ def spend(cfg: Config, mech: Mechanism, ledger: list[Entry]) -> Spend:
     )
 
 
-def check_budget(cfg: Config, mech: Mechanism, ledger: list[Entry], site: int) -> None:
-    """Raise BudgetExhausted if one more round of `mech` would exceed privacy.max_epsilon."""
-    budget = cfg.privacy.max_epsilon
+def check_budget(
+    budget: float,
+    mech: Mechanism,
+    ledger: list[Entry],
+    site: int,
+    accountant: str,
+    *,
+    own: bool = False,
+) -> None:
+    """Raise BudgetExhausted if one more round of `mech` would take the releases in `ledger`
+    past `budget` (0 = none): privacy.max_epsilon over a federation's releases, or with `own`
+    the site's policy.max_epsilon over every release of its rows."""
     if not budget:
         return
     entry = (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)
-    following = epsilon([*ledger, entry], mech.delta, cfg.privacy.accountant)
+    following = epsilon([*ledger, entry], mech.delta, accountant)
     if following > budget:
-        spent = epsilon(ledger, mech.delta, cfg.privacy.accountant)
-        raise BudgetExhausted(site, spent, following, budget)
+        spent = epsilon(ledger, mech.delta, accountant)
+        name = "policy.max_epsilon (this site's own, over all its federations)" if own else None
+        raise BudgetExhausted(site, spent, following, budget, name or "privacy.max_epsilon")

@@ -19,6 +19,7 @@ from typing import Any, get_args
 
 from fedlora.config import AggregationMode, Config, PrivacyLevel
 from fedlora.errors import FedloraError
+from fedlora.privacy.accounting import delta_refusal
 from fedlora.privacy.policy import Mechanism
 from fedlora.strategies import STRATEGIES
 
@@ -51,8 +52,11 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     #: largest clipping norm accepted (0 = any)
     max_clip: float = 0.0
-    #: largest epsilon this site spends over a federation (0 = the federation's budget)
+    #: largest epsilon this site spends, over every federation and round it takes part in
+    #: (its privacy ledger: fedlora.privacy.ledger; 0 = only the federation's budget)
     max_epsilon: float = 0.0
+    #: largest delta accepted (0 = any below 1/n, n the site's own count of privacy units)
+    max_delta: float = 0.0
     #: strategies and lora.aggregation modes this site trains for
     strategies: tuple[str, ...] = tuple(STRATEGIES)
     aggregations: tuple[str, ...] = AGGREGATIONS
@@ -97,9 +101,17 @@ class SitePolicy:
                 'client_noise = "distributed")'
             )
 
-    def check_mechanism(self, mech: Mechanism) -> None:
-        """The noise and clip this site is about to apply (derived from its own data size and
-        the target epsilon where one is set)."""
+    def check_mechanism(self, mech: Mechanism, units: int) -> None:
+        """The noise, clip and delta this site is about to apply (derived from its own data
+        size and the target epsilon where one is set). `units`: the n that delta protects one
+        of, counted by the site (its rows or patients; the federation's sites at client level);
+        no site accepts a delta of 1/n or more, whatever its policy says."""
+        if refusal := delta_refusal(mech.delta, units):
+            raise PolicyRefused(refusal)
+        if self.max_delta and mech.delta > self.max_delta:
+            raise PolicyRefused(
+                f"delta {mech.delta:.3g} above this site's policy.max_delta = {self.max_delta:g}"
+            )
         if mech.noise_multiplier < self.min_noise_multiplier:
             raise PolicyRefused(
                 f"noise multiplier {mech.noise_multiplier:.3g} below this site's minimum "

@@ -1,0 +1,166 @@
+"""A site's privacy budget holds against the server: every release is in the site's own ledger
+before it leaves the site, whatever round numbers, federation names or stages the server sends;
+and the site refuses a delta that would let a mechanism publish one of its units.
+
+The rounds run in this process (`LocalGrid`: the sites' ClientApp, the code a site daemon and a
+simulation run), with privacy.noise_multiplier = 1, where one round spends about 0.91 per site:
+a budget of 0.95 holds exactly one round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from in_process import LocalGrid, run_federation, task_identity
+from test_site_policy import global_adapter, round_content, run_secure
+
+from fedlora.apps import records as R
+from fedlora.apps.contribution import LEDGER_FILE, STATE_DIR
+from fedlora.apps.secure import SecureRoundFailed
+from fedlora.deploy import runconfig
+from fedlora.errors import FedloraError
+from fedlora.privacy.ledger import PrivacyLedger, Release
+from fedlora.privacy.policy import Mechanism
+from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
+
+ONE_ROUND = 0.95  # epsilon of one round at noise multiplier 1: about 0.91
+
+
+@pytest.fixture(autouse=True)
+def _flower_task():
+    with task_identity():
+        yield
+
+
+def train(grid: LocalGrid, cfg, round_: int, node: int = 100) -> dict:
+    """A plain TRAIN for `round_` to `node`; the site's metrics, or its refusal."""
+    msg = Message(
+        round_content(round_, global_adapter(cfg)), dst_node_id=node, message_type=MessageType.TRAIN
+    )
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    if R.REFUSAL in reply.content:
+        return dict(reply.content[R.REFUSAL])
+    return dict(reply.content[R.SITE_METRICS])
+
+
+def test_a_server_that_numbers_rounds_backwards_does_not_reset_the_budget(tiny_cfg):
+    """Training in round r starts from the strategy state saved before r: a server that asked
+    for round 5 and then round 3 found an empty ledger in round 3, and every site trained past
+    its budget. The ledger is the list of releases, not a round's state."""
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "max_epsilon": ONE_ROUND})
+    grid = LocalGrid(cfg, 3)
+    first = train(grid, cfg, 5)
+    assert R.EXHAUSTED not in first and 0.8 < first[R.PRIVACY + "epsilon"] < ONE_ROUND
+    assert train(grid, cfg, 3)[R.EXHAUSTED] == 1
+    assert train(grid, cfg, 6)[R.EXHAUSTED] == 1
+
+
+class WithholdsUnmask(LocalGrid):
+    """A server that never asks site 0 to unmask (here: the request is lost on the way): the
+    other sites' shares of site 0's self-mask are enough to sum its input, and site 0 is never
+    told that it was."""
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        ids = []
+        for msg in msgs:
+            stage = msg.content[R.SECAGG].get(R.SECAGG_STAGE) if R.SECAGG in msg.content else None
+            if msg.metadata.dst_node_id == 100 and stage == "unmask":
+                msg_id = f"m{next(self.ids)}"
+                lost = Message(Error(code=0, reason="not delivered"), reply_to=msg)
+                lost.metadata.__dict__["_reply_to_message_id"] = msg_id
+                self.replies[msg_id] = lost
+                ids.append(msg_id)
+            else:
+                ids += super().push_messages([msg])
+        return ids
+
+
+def test_a_masked_input_is_accounted_when_it_leaves_not_when_the_server_says_it_was_summed(
+    tiny_cfg,
+):
+    cfg = tiny_cfg(
+        privacy={"level": "sample", "noise_multiplier": 1.0, "max_epsilon": ONE_ROUND},
+        secure={"enabled": True},
+    )
+    grid = WithholdsUnmask(cfg, 3)
+    result = run_secure(grid, cfg, 1)
+    assert result.sites == [0, 1, 2]  # site 0's input is in the sum
+    with pytest.raises(SecureRoundFailed) as failed:
+        run_secure(grid, cfg, 2)
+    failures = str(failed.value).split("Site failures: ")[1].split("; ")
+    assert any(f.startswith("site 0, mask") and "budget exhausted" in f for f in failures), failures
+
+
+def daemon_grid(cfg, tmp_path, federation: str, policy: SitePolicy) -> LocalGrid:
+    """One site as a site daemon runs it (fedlora.deploy.apps.SiteApp): a state folder per
+    federation, one ledger for the site."""
+    grid = LocalGrid(cfg, 1, policy)
+    grid.contexts[100] = Context(
+        run_id=1,
+        node_id=100,
+        node_config={
+            "partition-id": 0,
+            "num-partitions": 1,
+            STATE_DIR: str(tmp_path / "federations" / federation),
+            LEDGER_FILE: str(tmp_path / "privacy-ledger.jsonl"),
+        },
+        state=RecordDict(),
+        run_config={runconfig.FEDERATION: federation},
+    )
+    return grid
+
+
+def test_a_sites_own_budget_counts_every_federation_a_server_names(tiny_cfg, tmp_path):
+    """A site's own budget (site.toml policy.max_epsilon) covers its rows whatever the server
+    calls the federation; the federation's budget (privacy.max_epsilon) covers that federation."""
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0})
+    own = SitePolicy(max_epsilon=ONE_ROUND)
+    assert R.EXHAUSTED not in train(daemon_grid(cfg, tmp_path, "a", own), cfg, 1)
+    assert train(daemon_grid(cfg, tmp_path, "b", own), cfg, 1)[R.EXHAUSTED] == 1
+
+    shared = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "max_epsilon": 0.95})
+    fresh = train(daemon_grid(shared, tmp_path, "c", SitePolicy()), shared, 1)
+    assert R.EXHAUSTED not in fresh and fresh[R.PRIVACY + "epsilon"] < ONE_ROUND  # c's own spend
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.jsonl")
+    assert [(r.federation, r.round) for r in ledger.releases()] == [("a", 1), ("c", 1)]
+
+
+def test_the_ledger_is_append_only_json_lines_that_survive_a_restart(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    PrivacyLedger(path).record(Release("a", 2, 1.1, 0.02, 30))
+    PrivacyLedger(path).record(Release("b", 1, 0.9, 0.05, 12))  # a new instance: a restart
+    ledger = PrivacyLedger(path)
+    assert ledger.entries() == [(1.1, 0.02, 30), (0.9, 0.05, 12)]
+    assert ledger.entries("b") == [(0.9, 0.05, 12)]
+    assert [json.loads(line)["federation"] for line in path.read_text().splitlines()] == ["a", "b"]
+    ledger.forget_rounds_after(1)  # simulation resume: rounds after the last saved one
+    assert ledger.entries() == [(0.9, 0.05, 12)]
+
+
+def test_a_delta_that_could_publish_a_unit_is_refused(tiny_cfg):
+    """(epsilon, delta)-DP with delta >= 1/n allows a mechanism that publishes one of n units
+    outright; the site counts its own units, so the server cannot raise delta past that."""
+    policy = SitePolicy()
+    with pytest.raises(PolicyRefused, match=r"delta 0\.02 .* 1/50"):
+        policy.check_mechanism(Mechanism(1.0, 0.1, 0.02, 1.0, 3), units=50)
+    policy.check_mechanism(Mechanism(1.0, 0.1, 0.0199, 1.0, 3), units=50)
+    with pytest.raises(PolicyRefused, match="delta 1e-05 .* policy.max_delta"):
+        SitePolicy(max_delta=1e-6).check_mechanism(Mechanism(1.0, 0.1, 1e-5, 1.0, 3), units=50)
+
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "delta": 0.5})
+    refusal = train(LocalGrid(cfg, 3), cfg, 1)
+    assert refusal[R.REASON].startswith("delta 0.5 is not below 1/")
+
+
+def test_a_delta_no_site_accepts_is_a_config_error_before_a_simulation_starts(tiny_cfg):
+    """The operator of a simulation plays every site: one message before any work, not ten
+    refusals after round 0."""
+    sites = tiny_cfg().federation.clients
+    with pytest.raises(FedloraError, match=f"protects each of the sites: delta 0.5 .* 1/{sites}"):
+        tiny_cfg(privacy={"level": "client", "noise_multiplier": 1.0, "delta": 0.5})
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "delta": 0.5})
+    with pytest.raises(FedloraError, match="At the largest site, delta 0.5 is not below 1/"):
+        run_federation(cfg)
+    assert not Path(cfg.run.out).exists()
