@@ -999,6 +999,7 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
     import shutil
 
     from fedlora.model import resolve_model
+    from fedlora.privacy.ledger import PrivacyLedger
     from fedlora.secure.certs import Layout, make_certs
 
     resolve_model("tiny-random", log=lambda _: None)
@@ -1059,6 +1060,10 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
             json.loads(line) for line in (tmp_path / name / "audit.jsonl").read_text().splitlines()
         ]
         assert [e["message"] for e in sent if "records" in e] == ["train.secagg"], sent
+        # its operator saw the noise and the spend; its ledger holds the round it released
+        assert "round 1 trained: DP-SGD, noise multiplier" in procs.log(f"site-{name}")
+        ledger = PrivacyLedger(tmp_path / name / "state" / "privacy-ledger.jsonl")
+        assert [r.round for r in ledger.releases()] == [1]
 
 
 def test_a_site_cannot_answer_discovery_in_another_sites_name():

@@ -9,6 +9,7 @@ a budget of 0.95 holds exactly one round."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,31 @@ def test_a_sites_own_budget_counts_every_federation_a_server_names(tiny_cfg, tmp
     assert R.EXHAUSTED not in fresh and fresh[R.PRIVACY + "epsilon"] < ONE_ROUND  # c's own spend
     ledger = PrivacyLedger(tmp_path / "privacy-ledger.jsonl")
     assert [(r.federation, r.round) for r in ledger.releases()] == [("a", 1), ("c", 1)]
+
+
+def test_a_site_daemon_prints_each_private_rounds_noise_and_spend(tiny_cfg, tmp_path):
+    """Its operator sees the noise the site applied and what its rows have spent, in this
+    federation and over its whole ledger; a simulation (nothing forwarded) prints nothing."""
+    from fedlora.deploy.site import forward_site_log
+
+    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0})
+    own = SitePolicy(max_epsilon=10.0)
+    lines: list[str] = []
+    stop_forwarding = forward_site_log(lines.append)
+    try:
+        first = train(daemon_grid(cfg, tmp_path, "a", own), cfg, 1)
+        second = train(daemon_grid(cfg, tmp_path, "b", own), cfg, 1)
+    finally:
+        stop_forwarding()
+    train(daemon_grid(cfg, tmp_path, "c", own), cfg, 1)
+    assert len(lines) == 2, lines
+    one = f"{first[R.PRIVACY + 'epsilon']:.3g}"
+    assert second[R.PRIVACY + "epsilon"] == first[R.PRIVACY + "epsilon"]  # b's own: one round
+    assert lines[0].startswith("round 1 trained: DP-SGD, noise multiplier 1 (lr x sigma x clip")
+    assert f"epsilon {one} in this federation, {one} over this site's privacy ledger" in lines[0]
+    assert "(policy.max_epsilon = 10)" in lines[0]
+    both = float(re.search(r"federation, ([\d.]+) over", lines[1]).group(1))
+    assert f"epsilon {one} in this federation" in lines[1] and both > float(one)
 
 
 def test_the_ledger_is_append_only_json_lines_that_survive_a_restart(tmp_path):

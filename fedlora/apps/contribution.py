@@ -8,6 +8,7 @@ server sums): `fedlora.apps.client` sends it in the clear, `fedlora.apps.secure`
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from fedlora.privacy.policy import (
     Mechanism,
     check_budget,
     client_mechanism,
+    describe_private_round,
     sample_mechanism,
     spend,
 )
@@ -70,6 +72,9 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+#: a site's own account of each private round, for its operator: a site daemon prints it
+#: (fedlora.deploy.site), a simulation leaves it silent (its header says the same for all sites)
+SITE_LOG = logging.getLogger("fedlora.site")
 #: node_config key naming a site daemon's state folder (one per federation)
 STATE_DIR = "state-dir"
 #: node_config key naming a site daemon's privacy ledger (one for all its federations)
@@ -255,6 +260,10 @@ def train_contribution(
         )
         spent = [*spent, release.entry]
         values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, spent).items()}
+        if SITE_LOG.isEnabledFor(logging.INFO):
+            every = [*ledger.entries(), release.entry]
+            line = describe_private_round(cfg, mechanism, units, spent, every, policy.max_epsilon)
+            SITE_LOG.info(f"round {round_} trained: {line}")
     if threshold is not None:  # nothing per site in the clear: the statistics go into the sum
         contribution = contribution | secure_stats(values)
         values = {records.SITE_ID: site}

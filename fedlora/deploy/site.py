@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -333,6 +334,26 @@ def wait_for_server(
     return False
 
 
+def forward_site_log(log: Callable[[str], None]) -> Callable[[], None]:
+    """Send the site's own lines (fedlora.apps.contribution.SITE_LOG: each private round's noise
+    and what its rows have spent) to the daemon's output; returns what undoes it."""
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log(record.getMessage())
+
+    site_log, handler = logging.getLogger("fedlora.site"), Forward()
+    previous = site_log.level
+    site_log.setLevel(logging.INFO)
+    site_log.addHandler(handler)
+
+    def undo() -> None:
+        site_log.removeHandler(handler)
+        site_log.setLevel(previous)
+
+    return undo
+
+
 def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     """The daemon's life: probe, start the SuperNode, run messages until told to stop."""
     from fedlora.deploy.executor import TaskRunner
@@ -352,6 +373,7 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     delay = 1.0
     refused_since: float | None = None
     watch = ServerWatch(settings, log)
+    stop_forwarding = forward_site_log(log)
     try:
         while not stop.requested:
             if not wait_for_server(settings, stop, log):
@@ -401,5 +423,6 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     finally:
         with contextlib.suppress(Exception):
             node.stop()
+        stop_forwarding()
     log(f"site {settings.name}: stopped")
     return 0

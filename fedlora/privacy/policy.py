@@ -91,6 +91,32 @@ def describe_site_noise(cfg: Config, sites: Sequence[tuple[int, int]]) -> str:
     return text + " (the WordNet study learned at 0.06 and under)."
 
 
+def describe_private_round(
+    cfg: Config,
+    mech: Mechanism,
+    n_units: int,
+    federation_ledger: list[Entry],
+    site_ledger: list[Entry],
+    own_budget: float,
+) -> str:
+    """A site operator's line on one private round: the noise the site applied and what its
+    rows have spent once the round is out, in this federation and over its whole ledger."""
+    accountant = cfg.privacy.accountant
+    if cfg.privacy.level == "sample":
+        noise = (
+            f"DP-SGD, noise multiplier {mech.noise_multiplier:.3g} (lr x sigma x clip / batch "
+            f"= {step_noise(cfg, mech, n_units):.3g} per step)"
+        )
+    else:
+        noise = f"client-level DP, noise multiplier {mech.noise_multiplier:.3g}"
+    budget = f" (policy.max_epsilon = {own_budget:g})" if own_budget else ""
+    return (
+        f"{noise}; epsilon {epsilon(federation_ledger, mech.delta, accountant):.3g} in this "
+        f"federation, {epsilon(site_ledger, mech.delta, accountant):.3g} over this site's "
+        f"privacy ledger{budget}, at delta {mech.delta:.3g}"
+    )
+
+
 def _span(values: Sequence[float]) -> str:
     low, high = min(values), max(values)
     return f"{low:.3g}" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g} to {high:.3g}"
