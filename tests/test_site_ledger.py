@@ -130,7 +130,8 @@ def test_a_sites_own_budget_counts_every_federation_a_server_names(tiny_cfg, tmp
 
 def test_a_site_daemon_prints_each_private_rounds_noise_and_spend(tiny_cfg, tmp_path):
     """Its operator sees the noise the site applied and what its rows have spent, in this
-    federation and over its whole ledger; a simulation (nothing forwarded) prints nothing."""
+    federation and over its whole ledger, and why it stopped; a simulation (nothing forwarded)
+    prints nothing."""
     from fedlora.deploy.site import forward_site_log
 
     cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0})
@@ -140,10 +141,13 @@ def test_a_site_daemon_prints_each_private_rounds_noise_and_spend(tiny_cfg, tmp_
     try:
         first = train(daemon_grid(cfg, tmp_path, "a", own), cfg, 1)
         second = train(daemon_grid(cfg, tmp_path, "b", own), cfg, 1)
+        spent = train(daemon_grid(cfg, tmp_path, "c", SitePolicy(max_epsilon=1.0)), cfg, 1)
     finally:
         stop_forwarding()
-    train(daemon_grid(cfg, tmp_path, "c", own), cfg, 1)
-    assert len(lines) == 2, lines
+    train(daemon_grid(cfg, tmp_path, "d", own), cfg, 1)
+    assert len(lines) == 3 and spent[R.EXHAUSTED] == 1, lines
+    assert lines[2].startswith("round 1 not trained: epsilon spent ")
+    assert "> policy.max_epsilon (this site's own, over all its federations) = 1" in lines[2]
     one = f"{first[R.PRIVACY + 'epsilon']:.3g}"
     assert second[R.PRIVACY + "epsilon"] == first[R.PRIVACY + "epsilon"]  # b's own: one round
     assert lines[0].startswith("round 1 trained: DP-SGD, noise multiplier 1 (lr x sigma x clip")

@@ -19,6 +19,7 @@ from fedlora import transport
 from fedlora.adapter import load_adapter_arrays
 from fedlora.apps import records
 from fedlora.apps.contribution import (
+    SITE_LOG,
     STATE_DIR,
     derive_seed,
     refusal_reply,
@@ -58,6 +59,7 @@ def train_reply(
     except PolicyRefused as exc:
         return refusal_reply(msg, site_id(context), round_, exc.reason)
     except BudgetExhausted as exc:  # no number: the site's own budget spans other federations
+        SITE_LOG.info(f"round {round_} not trained: {exc.local_detail}")
         status = MetricRecord({records.SITE_ID: exc.site, records.EXHAUSTED: 1})
         return Message(RecordDict({records.SITE_METRICS: status}), reply_to=msg)
     # vectors travel as transport.dtype (float32: the adapter's own precision); the server

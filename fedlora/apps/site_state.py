@@ -1,5 +1,6 @@
 """What a site keeps between rounds, on its own disk: the strategy's client state (SCAFFOLD's
-c_i) and the rounds it has taken (its privacy ledger: fedlora.privacy.ledger).
+c_i) and the rounds it has taken part in. (What its rows have spent is in its privacy ledger,
+fedlora.privacy.ledger, which no round number can roll back.)
 
 Flower's ``context.state`` lives as long as one run; a federation that is resumed after a server
 restart is a new run, and a site daemon can restart too. So the state is a file per site, and it

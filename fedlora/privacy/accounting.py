@@ -28,7 +28,7 @@ def delta_refusal(delta: float, n: int) -> str | None:
     if delta < 1 / max(1, n):
         return None
     return (
-        f"delta {delta:.3g} is not below 1/{n} (1/n, n = {n} privacy units): it would allow "
+        f"delta {delta:.3g} is not below 1/{n} (n = {n} privacy units): it would allow "
         "publishing one unit's records; set privacy.delta = 0 (1/(10 n))"
     )
 
