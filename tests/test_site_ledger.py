@@ -58,6 +58,15 @@ def test_a_server_that_numbers_rounds_backwards_does_not_reset_the_budget(tiny_c
     assert train(grid, cfg, 6)[R.EXHAUSTED] == 1
 
 
+def test_a_server_that_runs_more_rounds_than_it_declared_gets_none(tiny_cfg):
+    """privacy.target_epsilon calibrates the noise to spend exactly that over federation.rounds:
+    a server that declares one round (less noise a round) and asks for a second is refused."""
+    cfg = tiny_cfg(privacy={"level": "sample", "target_epsilon": 1.0}, federation={"rounds": 1})
+    grid = LocalGrid(cfg, 3)
+    assert 0.95 < train(grid, cfg, 1)[R.PRIVACY + "epsilon"] <= 1.0
+    assert train(grid, cfg, 2)[R.EXHAUSTED] == 1
+
+
 class WithholdsUnmask(LocalGrid):
     """A server that never asks site 0 to unmask (here: the request is lost on the way): the
     other sites' shares of site 0's self-mask are enough to sum its input, and site 0 is never

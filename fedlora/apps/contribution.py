@@ -45,6 +45,7 @@ from fedlora.privacy.policy import (
     check_budget,
     client_mechanism,
     describe_private_round,
+    federation_budget,
     sample_mechanism,
     spend,
 )
@@ -182,11 +183,11 @@ def train_contribution(
     if mechanism is not None:  # before any training
         policy.check_mechanism(mechanism, units)
         accountant = cfg.privacy.accountant
-        check_budget(cfg.privacy.max_epsilon, mechanism, spent, site, accountant)
+        check_budget(*federation_budget(cfg), mechanism, spent, site, accountant)
         if policy.max_epsilon:  # the site's own budget: every release of its rows
-            check_budget(
-                policy.max_epsilon, mechanism, ledger.entries(), site, accountant, own=True
-            )
+            own = "policy.max_epsilon (this site's own, over all its federations)"
+            every = ledger.entries()
+            check_budget(policy.max_epsilon, own, mechanism, every, site, accountant)
     if level == "client" and cfg.privacy.client_noise == "distributed" and threshold is None:
         raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)

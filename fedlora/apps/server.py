@@ -255,8 +255,7 @@ class Federation:
             self.reporter.note(f"round {round_}: a site failed: {reason.strip().splitlines()[-1]}")
         for site in inputs.exhausted:
             self.reporter.note(
-                f"round {round_}: site {site} has spent its privacy budget "
-                f"(privacy.max_epsilon = {self.cfg.privacy.max_epsilon:g}) and no longer trains."
+                f"round {round_}: site {site} has spent its privacy budget and no longer trains."
             )
         self.exhausted.update(inputs.exhausted)
         return inputs
@@ -442,7 +441,7 @@ class Federation:
                 self.stopped = (
                     f"Stopped after round {round_ - 1} of {self.cfg.federation.rounds}: "
                     f"{len(self.exhausted)} of {len(nodes)} sites have spent their privacy "
-                    "budget (privacy.max_epsilon), fewer than federation.min_clients = "
+                    "budget, fewer than federation.min_clients = "
                     f"{self.cfg.federation.min_clients} can still train."
                 )
                 self.reporter.note(self.stopped)

@@ -163,23 +163,25 @@ def spend(cfg: Config, mech: Mechanism, ledger: list[Entry]) -> Spend:
     )
 
 
+def federation_budget(cfg: Config) -> tuple[float, str]:
+    """A federation's budget per site and its name (0 = none): privacy.max_epsilon, and
+    privacy.target_epsilon, whose noise spends exactly that over federation.rounds, so that a
+    server asking for more rounds than it declared gets none; the smaller where both are set."""
+    named = [(cfg.privacy.max_epsilon, "privacy.max_epsilon")]
+    named.append((cfg.privacy.target_epsilon, "privacy.target_epsilon"))
+    return min(((b, n) for b, n in named if b), default=(0.0, ""))
+
+
 def check_budget(
-    budget: float,
-    mech: Mechanism,
-    ledger: list[Entry],
-    site: int,
-    accountant: str,
-    *,
-    own: bool = False,
+    budget: float, name: str, mech: Mechanism, ledger: list[Entry], site: int, accountant: str
 ) -> None:
     """Raise BudgetExhausted if one more round of `mech` would take the releases in `ledger`
-    past `budget` (0 = none): privacy.max_epsilon over a federation's releases, or with `own`
-    the site's policy.max_epsilon over every release of its rows."""
+    past `budget` (0 = none): the federation's over its releases, or a site's own
+    (policy.max_epsilon) over every release of its rows."""
     if not budget:
         return
     entry = (mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)
     following = epsilon([*ledger, entry], mech.delta, accountant)
     if following > budget:
         spent = epsilon(ledger, mech.delta, accountant)
-        name = "policy.max_epsilon (this site's own, over all its federations)" if own else None
-        raise BudgetExhausted(site, spent, following, budget, name or "privacy.max_epsilon")
+        raise BudgetExhausted(site, spent, following, budget, name)
