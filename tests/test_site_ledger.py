@@ -1,6 +1,6 @@
 """A site's privacy budget holds against the server: every release is in the site's own ledger
 before it leaves the site, whatever round numbers, federation names or stages the server sends;
-and the site refuses a delta that would let a mechanism publish one of its units.
+and the site never uses a delta that would let a mechanism publish one of its units.
 
 The rounds run in this process (`LocalGrid`: the sites' ClientApp, the code a site daemon and a
 simulation run), with privacy.noise_multiplier = 1, where one round spends about 0.91 per site:
@@ -23,7 +23,7 @@ from fedlora.apps.secure import SecureRoundFailed
 from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
 from fedlora.privacy.ledger import PrivacyLedger, Release
-from fedlora.privacy.policy import Mechanism
+from fedlora.privacy.policy import Mechanism, sample_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 
 ONE_ROUND = 0.95  # epsilon of one round at noise multiplier 1: about 0.91
@@ -178,19 +178,20 @@ def test_the_ledger_is_append_only_json_lines_that_survive_a_restart(tmp_path):
     assert ledger.entries() == [(0.9, 0.05, 12)]
 
 
-def test_a_delta_that_could_publish_a_unit_is_refused(tiny_cfg):
+def test_a_site_never_uses_a_delta_that_could_publish_a_unit(tiny_cfg):
     """(epsilon, delta)-DP with delta >= 1/n allows a mechanism that publishes one of n units
-    outright; the site counts its own units, so the server cannot raise delta past that."""
-    policy = SitePolicy()
-    with pytest.raises(PolicyRefused, match=r"delta 0\.02 .* 1/50"):
-        policy.check_mechanism(Mechanism(1.0, 0.1, 0.02, 1.0, 3), units=50)
-    policy.check_mechanism(Mechanism(1.0, 0.1, 0.0199, 1.0, 3), units=50)
-    with pytest.raises(PolicyRefused, match="delta 1e-05 .* policy.max_delta"):
-        SitePolicy(max_delta=1e-6).check_mechanism(Mechanism(1.0, 0.1, 1e-5, 1.0, 3), units=50)
-
+    outright. A site given such a delta uses 1/(10 n) instead, and never more than its policy's
+    max_delta: stricter, not a refusal, which would tell a server probing with deltas its size."""
     cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "delta": 0.5})
-    refusal = train(LocalGrid(cfg, 3), cfg, 1)
-    assert refusal[R.REASON].startswith("delta 0.5 is not below 1/")
+    assert sample_mechanism(cfg, 50, 3).delta == pytest.approx(1 / 500)
+    assert sample_mechanism(cfg, 50, 3, max_delta=1e-6).delta == 1e-6
+    below = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0, "delta": 0.0199})
+    assert sample_mechanism(below, 50, 3).delta == 0.0199
+    metrics = train(LocalGrid(cfg, 3, SitePolicy(max_delta=1e-6)), cfg, 1)
+    assert R.REASON not in metrics and metrics[R.PRIVACY + "delta"] == 1e-6
+    # client level: the sites share one delta (and their noise bounds), so max_delta refuses
+    with pytest.raises(PolicyRefused, match="delta 1e-05 above this site's policy.max_delta"):
+        SitePolicy(max_delta=1e-6).check_mechanism(Mechanism(1.0, 1.0, 1e-5, 1.0, 1))
 
 
 def test_a_delta_no_site_accepts_is_a_config_error_before_a_simulation_starts(tiny_cfg):

@@ -166,7 +166,7 @@ def train_contribution(
     mechanism, dp_sgd = None, None
     units = count_units(rows)
     if level == "sample":
-        mechanism = sample_mechanism(cfg, units, steps)  # q and delta count units
+        mechanism = sample_mechanism(cfg, units, steps, policy.max_delta)  # q, delta: units
         dp_sgd = DPSGD.for_round(
             mechanism.noise_multiplier,
             mechanism.max_grad_norm,
@@ -181,7 +181,13 @@ def train_contribution(
         mechanism, units = client_mechanism(cfg), cfg.federation.clients
     spent = ledger.entries(federation)
     if mechanism is not None:  # before any training
-        policy.check_mechanism(mechanism, units)
+        policy.check_mechanism(mechanism)
+        if cfg.privacy.delta and mechanism.delta != cfg.privacy.delta:
+            SITE_LOG.info(
+                f"round {round_}: this site uses delta {mechanism.delta:.3g}, not the "
+                f"federation's {cfg.privacy.delta:g} (1/n = 1/{units} and policy.max_delta "
+                "bound it)"
+            )
         accountant = cfg.privacy.accountant
         check_budget(*federation_budget(cfg), mechanism, spent, site, accountant)
         if policy.max_epsilon:  # the site's own budget: every release of its rows

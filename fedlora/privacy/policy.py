@@ -7,7 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedlora.config import Config
-from fedlora.privacy.accounting import Entry, Spend, default_delta, epsilon, noise_for_epsilon
+from fedlora.privacy.accounting import (
+    Entry,
+    Spend,
+    default_delta,
+    delta_refusal,
+    epsilon,
+    noise_for_epsilon,
+)
 
 
 class BudgetExhausted(Exception):
@@ -39,12 +46,22 @@ class Mechanism:
     steps_per_round: int  # DP-SGD steps (sample level) or 1 (client level: one release a round)
 
 
-def sample_mechanism(cfg: Config, n_units: int, steps_per_round: int) -> Mechanism:
+def sample_mechanism(
+    cfg: Config, n_units: int, steps_per_round: int, max_delta: float = 0.0
+) -> Mechanism:
     """DP-SGD at one site: Poisson rate batch_size / n, delta from n; n counts the site's
-    privacy units (its rows under privacy.unit = "row", else e.g. its patients)."""
+    privacy units (its rows under privacy.unit = "row", else e.g. its patients). A delta of 1/n
+    or more protects none of them, so the site uses 1/(10 n) instead, and never more than its
+    policy's `max_delta`: the site is stricter rather than refusing, as a refusal that depends
+    on n would tell a server probing with deltas how many units the site holds. (A simulation
+    refuses a delta of 1/n or more before it starts: fedlora.simulate.)"""
     privacy = cfg.privacy
     q = min(1.0, cfg.train.batch_size / n_units)
     delta = privacy.delta or default_delta(n_units)
+    if delta_refusal(delta, n_units):
+        delta = default_delta(n_units)
+    if max_delta:
+        delta = min(delta, max_delta)
     sigma = privacy.noise_multiplier
     if privacy.target_epsilon:
         total = steps_per_round * cfg.federation.rounds

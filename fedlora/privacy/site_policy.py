@@ -19,7 +19,6 @@ from typing import Any, get_args
 
 from fedlora.config import AggregationMode, Config, PrivacyLevel
 from fedlora.errors import FedloraError
-from fedlora.privacy.accounting import delta_refusal
 from fedlora.privacy.policy import Mechanism
 from fedlora.strategies import STRATEGIES
 
@@ -55,7 +54,9 @@ class SitePolicy:
     #: largest epsilon this site spends, over every federation and round it takes part in
     #: (its privacy ledger: fedlora.privacy.ledger; 0 = only the federation's budget)
     max_epsilon: float = 0.0
-    #: largest delta accepted (0 = any below 1/n, n the site's own count of privacy units)
+    #: largest delta: DP-SGD uses at most this (fedlora.privacy.policy.sample_mechanism, which
+    #: never uses 1/n or more); client-level DP, whose delta all sites share, is refused above
+    #: it (0 = any)
     max_delta: float = 0.0
     #: strategies and lora.aggregation modes this site trains for
     strategies: tuple[str, ...] = tuple(STRATEGIES)
@@ -101,13 +102,9 @@ class SitePolicy:
                 'client_noise = "distributed")'
             )
 
-    def check_mechanism(self, mech: Mechanism, units: int) -> None:
+    def check_mechanism(self, mech: Mechanism) -> None:
         """The noise, clip and delta this site is about to apply (derived from its own data
-        size and the target epsilon where one is set). `units`: the n that delta protects one
-        of, counted by the site (its rows or patients; the federation's sites at client level);
-        no site accepts a delta of 1/n or more, whatever its policy says."""
-        if refusal := delta_refusal(mech.delta, units):
-            raise PolicyRefused(refusal)
+        size and the target epsilon where one is set)."""
         if self.max_delta and mech.delta > self.max_delta:
             raise PolicyRefused(
                 f"delta {mech.delta:.3g} above this site's policy.max_delta = {self.max_delta:g}"
