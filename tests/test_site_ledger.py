@@ -194,6 +194,22 @@ def test_a_site_never_uses_a_delta_that_could_publish_a_unit(tiny_cfg):
         SitePolicy(max_delta=1e-6).check_mechanism(Mechanism(1.0, 1.0, 1e-5, 1.0, 1))
 
 
+def test_a_sites_minimum_noise_is_applied_not_refused(tiny_cfg):
+    """Under a target epsilon the noise follows from the site's size, so refusing noise below
+    policy.min_noise_multiplier would tell a server probing with epsilons that size: the site
+    applies its minimum instead."""
+    cfg = tiny_cfg(privacy={"level": "sample", "target_epsilon": 8.0})
+    federations = sample_mechanism(cfg, 60, 3).noise_multiplier
+    assert sample_mechanism(cfg, 60, 3, min_noise=federations + 1).noise_multiplier == (
+        federations + 1
+    )
+    metrics = train(LocalGrid(cfg, 3, SitePolicy(min_noise_multiplier=5.0)), cfg, 1)
+    assert R.REASON not in metrics and metrics[R.PRIVACY + "noise_multiplier"] == 5.0
+    # client level: the sites share the noise, so a minimum above it is refused
+    with pytest.raises(PolicyRefused, match="noise multiplier 0.5 below this site's minimum 1"):
+        SitePolicy(min_noise_multiplier=1.0).check_mechanism(Mechanism(0.5, 1.0, 1e-5, 1.0, 1))
+
+
 def test_a_delta_no_site_accepts_is_a_config_error_before_a_simulation_starts(tiny_cfg):
     """The operator of a simulation plays every site: one message before any work, not ten
     refusals after round 0."""

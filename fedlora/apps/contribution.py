@@ -166,7 +166,9 @@ def train_contribution(
     mechanism, dp_sgd = None, None
     units = count_units(rows)
     if level == "sample":
-        mechanism = sample_mechanism(cfg, units, steps, policy.max_delta)  # q, delta: units
+        # q and delta count units; the site's limits make it stricter, never refuse
+        limits = {"max_delta": policy.max_delta, "min_noise": policy.min_noise_multiplier}
+        mechanism = sample_mechanism(cfg, units, steps, **limits)
         dp_sgd = DPSGD.for_round(
             mechanism.noise_multiplier,
             mechanism.max_grad_norm,
@@ -187,6 +189,11 @@ def train_contribution(
                 f"round {round_}: this site uses delta {mechanism.delta:.3g}, not the "
                 f"federation's {cfg.privacy.delta:g} (1/n = 1/{units} and policy.max_delta "
                 "bound it)"
+            )
+        if level == "sample" and mechanism.noise_multiplier == policy.min_noise_multiplier:
+            SITE_LOG.info(
+                f"round {round_}: this site applies its policy.min_noise_multiplier "
+                f"{policy.min_noise_multiplier:g}, more noise than the federation asks"
             )
         accountant = cfg.privacy.accountant
         check_budget(*federation_budget(cfg), mechanism, spent, site, accountant)

@@ -47,14 +47,20 @@ class Mechanism:
 
 
 def sample_mechanism(
-    cfg: Config, n_units: int, steps_per_round: int, max_delta: float = 0.0
+    cfg: Config,
+    n_units: int,
+    steps_per_round: int,
+    max_delta: float = 0.0,
+    min_noise: float = 0.0,
 ) -> Mechanism:
     """DP-SGD at one site: Poisson rate batch_size / n, delta from n; n counts the site's
-    privacy units (its rows under privacy.unit = "row", else e.g. its patients). A delta of 1/n
-    or more protects none of them, so the site uses 1/(10 n) instead, and never more than its
-    policy's `max_delta`: the site is stricter rather than refusing, as a refusal that depends
-    on n would tell a server probing with deltas how many units the site holds. (A simulation
-    refuses a delta of 1/n or more before it starts: fedlora.simulate.)"""
+    privacy units (its rows under privacy.unit = "row", else e.g. its patients).
+
+    The site's own limits make it stricter, never refuse: a delta of 1/n or more protects none
+    of the n, so it uses 1/(10 n) instead, and at most its policy's `max_delta`; its noise
+    multiplier is at least the policy's `min_noise`. Under a target epsilon both depend on n,
+    so a refusal would tell a server probing with deltas or epsilons how many units the site
+    holds. (A simulation refuses a delta of 1/n or more before it starts: fedlora.simulate.)"""
     privacy = cfg.privacy
     q = min(1.0, cfg.train.batch_size / n_units)
     delta = privacy.delta or default_delta(n_units)
@@ -66,7 +72,7 @@ def sample_mechanism(
     if privacy.target_epsilon:
         total = steps_per_round * cfg.federation.rounds
         sigma = noise_for_epsilon(privacy.target_epsilon, delta, q, total, privacy.accountant)
-    return Mechanism(sigma, q, delta, privacy.max_grad_norm, steps_per_round)
+    return Mechanism(max(sigma, min_noise), q, delta, privacy.max_grad_norm, steps_per_round)
 
 
 #: lr x sigma x C / B past which DP-SGD collapsed in the WordNet study (it learned at 0.058 and

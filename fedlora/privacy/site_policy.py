@@ -46,8 +46,9 @@ class SitePolicy:
     min_threshold: int = 0
     #: privacy levels this site trains under
     privacy_levels: tuple[str, ...] = LEVELS
-    #: smallest noise multiplier accepted: the one this site applies itself (DP-SGD, or its
-    #: share of distributed client-level noise); > 0 refuses noise only the server would add
+    #: smallest noise multiplier: DP-SGD applies at least this (fedlora.privacy.policy.
+    #: sample_mechanism); client-level DP, whose noise all sites share, is refused below it,
+    #: and so is noise only the server would add (central client-level noise)
     min_noise_multiplier: float = 0.0
     #: largest clipping norm accepted (0 = any)
     max_clip: float = 0.0
@@ -103,8 +104,9 @@ class SitePolicy:
             )
 
     def check_mechanism(self, mech: Mechanism) -> None:
-        """The noise, clip and delta this site is about to apply (derived from its own data
-        size and the target epsilon where one is set)."""
+        """The noise, clip and delta this site is about to apply. Under DP-SGD the noise and
+        delta already meet the policy (sample_mechanism applies it); at client level they come
+        from the federation's config alone, so refusing tells the server nothing of the site."""
         if self.max_delta and mech.delta > self.max_delta:
             raise PolicyRefused(
                 f"delta {mech.delta:.3g} above this site's policy.max_delta = {self.max_delta:g}"
