@@ -184,23 +184,8 @@ def train_contribution(
     spent = ledger.entries(federation)
     if mechanism is not None:  # before any training
         policy.check_mechanism(mechanism)
-        if cfg.privacy.delta and mechanism.delta != cfg.privacy.delta:
-            SITE_LOG.info(
-                f"round {round_}: this site uses delta {mechanism.delta:.3g}, not the "
-                f"federation's {cfg.privacy.delta:g} (1/n = 1/{units} and policy.max_delta "
-                "bound it)"
-            )
-        if level == "sample" and mechanism.noise_multiplier == policy.min_noise_multiplier:
-            SITE_LOG.info(
-                f"round {round_}: this site applies its policy.min_noise_multiplier "
-                f"{policy.min_noise_multiplier:g}, more noise than the federation asks"
-            )
-        accountant = cfg.privacy.accountant
-        check_budget(*federation_budget(cfg), mechanism, spent, site, accountant)
-        if policy.max_epsilon:  # the site's own budget: every release of its rows
-            own = "policy.max_epsilon (this site's own, over all its federations)"
-            every = ledger.entries()
-            check_budget(policy.max_epsilon, own, mechanism, every, site, accountant)
+        note_stricter(cfg, policy, mechanism, units, round_)
+        check_budgets(cfg, policy, mechanism, spent, ledger.entries(), site)
     if level == "client" and cfg.privacy.client_noise == "distributed" and threshold is None:
         raise PolicyRefused("distributed client-level noise needs secure aggregation")
     rank = cfg.lora.site_rank(site)
@@ -285,6 +270,38 @@ def train_contribution(
     if mechanism is None:
         return contribution, MetricRecord(values), lambda: None
     return contribution, MetricRecord(values), lambda: ledger.record(release)
+
+
+def check_budgets(
+    cfg: Config,
+    policy: SitePolicy,
+    mechanism: Mechanism,
+    federation_spent: list,
+    site_spent: list,
+    site: int,
+) -> None:
+    """The federation's budget over its own releases; the site's own (policy.max_epsilon) over
+    every release of its rows, whatever the server calls the federation."""
+    accountant = cfg.privacy.accountant
+    check_budget(*federation_budget(cfg), mechanism, federation_spent, site, accountant)
+    own = "policy.max_epsilon (this site's own, over all its federations)"
+    check_budget(policy.max_epsilon, own, mechanism, site_spent, site, accountant)
+
+
+def note_stricter(
+    cfg: Config, policy: SitePolicy, mechanism: Mechanism, units: int, round_: int
+) -> None:
+    """Tell the site's operator where its own limits made it stricter than the federation."""
+    if cfg.privacy.delta and mechanism.delta != cfg.privacy.delta:
+        SITE_LOG.info(
+            f"round {round_}: this site uses delta {mechanism.delta:.3g}, not the federation's "
+            f"{cfg.privacy.delta:g} (1/n = 1/{units} and policy.max_delta bound it)"
+        )
+    if cfg.privacy.level == "sample" and mechanism.noise_multiplier == policy.min_noise_multiplier:
+        SITE_LOG.info(
+            f"round {round_}: this site applies its policy.min_noise_multiplier "
+            f"{policy.min_noise_multiplier:g}, more noise than the federation asks"
+        )
 
 
 def self_selection(
