@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from fedlora.errors import FedloraError
-from fedlora.privacy.accounting import delta_refusal
+from fedlora.privacy.accounting import unsafe_delta
 from fedlora.readers import read_text
 from fedlora.trackers import check_trackers
 from fedlora.transport import WireDtype
@@ -805,8 +805,8 @@ def _validate_privacy(cfg: Config) -> None:
     _require(privacy.max_grad_norm > 0, "privacy.max_grad_norm must be positive.")
     _require(0 <= privacy.delta < 1, "privacy.delta must be in [0, 1) (0 = 1/(10 n)).")
     if privacy.level == "client" and privacy.delta:  # (sample level: each site counts its own)
-        refusal = delta_refusal(privacy.delta, federation.clients)
-        _require(refusal is None, f"Client-level DP protects each of the sites: {refusal}.")
+        unsafe = unsafe_delta(privacy.delta, federation.clients)
+        _require(unsafe is None, f"Client-level DP protects each of the sites: {unsafe}.")
     _require(privacy.max_epsilon >= 0, "privacy.max_epsilon must be >= 0 (0 = no budget).")
     _require(
         bool(privacy.unit.strip()),

@@ -164,7 +164,8 @@ def train_contribution(
     rows = runtime.site_rows(site)
     level = cfg.privacy.level
     mechanism, dp_sgd = None, None
-    units = count_units(rows)
+    # what delta protects one of: the site's rows or patients, or at client level the sites
+    units = count_units(rows) if level == "sample" else cfg.federation.clients
     if level == "sample":
         # q and delta count units; the site's limits make it stricter, never refuse
         limits = {"max_delta": policy.max_delta, "min_noise": policy.min_noise_multiplier}
@@ -180,7 +181,7 @@ def train_contribution(
             max_rows_per_unit=cfg.privacy.max_rows_per_unit,
         )
     elif level == "client":  # one release of the sum per round the site is in
-        mechanism, units = client_mechanism(cfg), cfg.federation.clients
+        mechanism = client_mechanism(cfg)
     spent = ledger.entries(federation)
     if mechanism is not None:  # before any training
         policy.check_mechanism(mechanism)

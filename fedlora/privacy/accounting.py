@@ -21,7 +21,7 @@ def default_delta(n: int) -> float:
     return 1.0 / (10 * max(1, n))
 
 
-def delta_refusal(delta: float, n: int) -> str | None:
+def unsafe_delta(delta: float, n: int) -> str | None:
     """Why `delta` protects none of n units, or None. (epsilon, delta)-DP with delta >= 1/n
     allows a mechanism that publishes one of the n outright (n = privacy units, or sites at
     client level)."""

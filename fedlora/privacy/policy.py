@@ -11,9 +11,9 @@ from fedlora.privacy.accounting import (
     Entry,
     Spend,
     default_delta,
-    delta_refusal,
     epsilon,
     noise_for_epsilon,
+    unsafe_delta,
 )
 
 
@@ -64,7 +64,7 @@ def sample_mechanism(
     privacy = cfg.privacy
     q = min(1.0, cfg.train.batch_size / n_units)
     delta = privacy.delta or default_delta(n_units)
-    if delta_refusal(delta, n_units):
+    if unsafe_delta(delta, n_units):
         delta = default_delta(n_units)
     if max_delta:
         delta = min(delta, max_delta)
@@ -190,8 +190,10 @@ def federation_budget(cfg: Config) -> tuple[float, str]:
     """A federation's budget per site and its name (0 = none): privacy.max_epsilon, and
     privacy.target_epsilon, whose noise spends exactly that over federation.rounds, so that a
     server asking for more rounds than it declared gets none; the smaller where both are set."""
-    named = [(cfg.privacy.max_epsilon, "privacy.max_epsilon")]
-    named.append((cfg.privacy.target_epsilon, "privacy.target_epsilon"))
+    named = [
+        (cfg.privacy.max_epsilon, "privacy.max_epsilon"),
+        (cfg.privacy.target_epsilon, "privacy.target_epsilon"),
+    ]
     return min(((b, n) for b, n in named if b), default=(0.0, ""))
 
 
