@@ -992,15 +992,16 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
 @deploy
 def test_the_kits_as_shipped_run_a_federation(tmp_path):
     """server/ and clients/ copied as their READMEs say (certificates, each site's own key pair,
-    its public half in the server's site-keys/), with only what every operator edits: the
-    addresses, each site's name and data, and (to keep this test short) the base model and the
-    number of rounds. Secure aggregation with DP-SGD, as the kits ship, passes every site's
-    policy and runs a round."""
+    its public half in the server's site-keys/, its fingerprint in the other sites' [peers]),
+    with only what every operator edits: the addresses, each site's name, data and peers, and
+    (to keep this test short) the base model and the number of rounds. Secure aggregation with
+    DP-SGD, as the kits ship, passes every site's policy and roster and runs a round."""
     import shutil
 
     from fedlora.model import resolve_model
     from fedlora.privacy.ledger import PrivacyLedger
     from fedlora.secure.certs import Layout, make_certs
+    from fedlora.secure.identity import fingerprint
 
     resolve_model("tiny-random", log=lambda _: None)
     repo = Path(__file__).resolve().parents[1]
@@ -1018,10 +1019,14 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
     site_toml = (repo / "clients" / "site.example.toml").read_text()
     procs = Processes(tmp_path)
     names = ["general-hospital", "st-marys", "university-clinic"]
+    for name in names:  # each site makes its own key; the others list its fingerprint
+        make_certs(tmp_path / name / "keys", server_names=[], server_ips=[], sites=[name])
+    prints = {
+        n: fingerprint(Layout(tmp_path / n / "keys").site_public_key(n).read_bytes()) for n in names
+    }
     try:
         for i, name in enumerate(names):
             site = tmp_path / name
-            make_certs(site / "keys", server_names=[], server_ips=[], sites=[name])
             shutil.copy(
                 Layout(site / "keys").site_public_key(name),
                 server_dir / "site-keys" / f"{name}.pub",
@@ -1031,6 +1036,8 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
             write_rows(site / "data" / "train.jsonl", seed=i)
             text = site_toml.replace('"st-marys"', f'"{name}"').replace("/st-marys/", f"/{name}/")
             text = text.replace('"fl.example.org:9092"', f'"localhost:{port}"')
+            text = text.split("\n[peers]\n")[0] + "\n[peers]\n"
+            text += "".join(f'{n} = "{prints[n]}"\n' for n in names if n != name)
             (site / "site.toml").write_text(text)
             procs.fedlora(f"site-{name}", "client", "--config", str(site / "site.toml"))
         server = procs.fedlora(
@@ -1062,6 +1069,7 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
         assert [e["message"] for e in sent if "records" in e] == ["train.secagg"], sent
         # its operator saw the noise and the spend; its ledger holds the round it released
         assert "round 1 trained: DP-SGD, noise multiplier" in procs.log(f"site-{name}")
+        assert "secure aggregation with the 2 sites of [peers] only" in procs.log(f"site-{name}")
         ledger = PrivacyLedger(tmp_path / name / "state" / "privacy-ledger.jsonl")
         assert [r.round for r in ledger.releases()] == [1]
 

@@ -80,6 +80,9 @@ SITE_LOG = logging.getLogger("fedlora.site")
 STATE_DIR = "state-dir"
 #: node_config key naming a site daemon's privacy ledger (one for all its federations)
 LEDGER_FILE = "privacy-ledger"
+#: node_config key naming a site daemon's node-authentication private key, with which it signs
+#: its secure-aggregation keys (fedlora.secure.identity)
+AUTH_KEY = "auth-key"
 
 
 def site_id(context: Context) -> int:

@@ -121,6 +121,10 @@ VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
 SITES = "sites"  # site ids, aligned with C_PKS and S_PKS
 C_PKS = "c_pks"  # share-channel public keys
 S_PKS = "s_pks"  # mask public keys
+# who signed each site's keys (fedlora.secure.identity), aligned with SITES; "" / b"": unsigned
+SIGNER_NAMES = "signer_names"
+SIGNER_KEYS = "signer_keys"  # the signers' node-authentication public keys (OpenSSH)
+SIGNATURES = "signatures"
 PEERS = "peers"  # site ids, aligned with CIPHERTEXTS (recipients up, senders down)
 CIPHERTEXTS = "ciphertexts"  # encrypted Shamir shares
 SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with B_SHARES

@@ -62,6 +62,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import (
@@ -78,6 +79,7 @@ from flwr.serverapp import Grid
 
 from fedlora.apps import records
 from fedlora.apps.contribution import (
+    AUTH_KEY,
     refusal_reply,
     site_id,
     site_state_dir,
@@ -86,10 +88,12 @@ from fedlora.apps.contribution import (
 )
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
+from fedlora.deploy import runconfig
 from fedlora.errors import FedloraError
 from fedlora.privacy.client_level import noise_shares, site_noise_std
 from fedlora.privacy.policy import client_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
+from fedlora.secure.identity import Proof, Signer, keys_statement
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     Layout,
@@ -103,6 +107,9 @@ from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
+#: (signer's name, its public key, signature) of a site's keys, as the server relays them
+Signed = tuple[str, bytes, bytes]
+UNSIGNED: Signed = ("", b"", b"")
 QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
 TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
 
@@ -352,14 +359,14 @@ def _set_up(
     request = copy.deepcopy(train_content)
     request[records.SECAGG] = _stage(KEYS, round_, _keys_fields(threshold, value_bound))
     replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
-    keys = {}
-    for s, (claimed, pks) in ask.parse(KEYS, replies, _read_keys).items():
+    keys, signed = {}, {}
+    for s, (claimed, pks, proof) in ask.parse(KEYS, replies, _read_keys).items():
         if claimed == s:
-            keys[s] = pks
+            keys[s], signed[s] = pks, proof
         else:
             ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
     peers = server.receive_keys(keys)
-    request = RecordDict({records.SECAGG: _stage(SHARE, round_, _share_fields(peers))})
+    request = RecordDict({records.SECAGG: _stage(SHARE, round_, _share_fields(peers, signed))})
     replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
     return server, server.route_shares(ask.parse(SHARE, replies, _read_shares))
 
@@ -368,12 +375,22 @@ def _keys_fields(threshold: int, value_bound: float) -> dict[str, object]:
     return {records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
 
 
-def _share_fields(peers: Mapping[int, tuple[bytes, bytes]]) -> dict[str, object]:
-    return {
+def _share_fields(
+    peers: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, Signed]
+) -> dict[str, object]:
+    """Every site's public keys, and who signed them where any site did (relayed as sent:
+    each site checks them against its own roster, fedlora.secure.identity)."""
+    fields: dict[str, object] = {
         records.SITES: list(peers),
         records.C_PKS: [c for c, _ in peers.values()],
         records.S_PKS: [s for _, s in peers.values()],
     }
+    rows = [signed.get(j, UNSIGNED) for j in peers]
+    if any(name for name, _, _ in rows):
+        fields[records.SIGNER_NAMES] = [name for name, _, _ in rows]
+        fields[records.SIGNER_KEYS] = [key for _, key, _ in rows]
+        fields[records.SIGNATURES] = [sig for _, _, sig in rows]
+    return fields
 
 
 @dataclass
@@ -386,6 +403,7 @@ class _NextSession:
     upcoming: NextRound | None
     server: SecAggServer | None = None
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    signed: dict[int, Signed] = field(default_factory=dict)
     routed: dict[int, dict[int, bytes]] | None = None
 
     @classmethod
@@ -408,11 +426,10 @@ class _NextSession:
     def receive_keys(self, replies: Mapping[int, RecordDict]) -> None:
         if self.server is None:
             return
-        keys = {
-            s: pks
-            for s, (claimed, pks) in _read_next(replies, _read_keys).items()
-            if claimed == s and s in self.upcoming.sites
-        }
+        read = _read_next(replies, _read_keys)
+        keys = {s: pks for s, (claimed, pks, _) in read.items() if claimed == s}
+        keys = {s: pks for s, pks in keys.items() if s in self.upcoming.sites}
+        self.signed = {s: read[s][2] for s in keys}
         try:
             self.peers = self.server.receive_keys(keys)
         except SecAggError:
@@ -420,7 +437,7 @@ class _NextSession:
 
     def ask_shares(self, content: RecordDict, site: int) -> None:
         if self.server is not None and site in self.peers:
-            fields = _share_fields(self.peers)
+            fields = _share_fields(self.peers, self.signed)
             content[records.SECAGG_NEXT] = _stage(SHARE, self.upcoming.round_, fields)
 
     def receive_shares(self, replies: Mapping[int, RecordDict]) -> None:
@@ -462,10 +479,18 @@ class SecureRoundFailed(FedloraError):
 
 def _read_keys(
     content: RecordDict, record: str = records.SECAGG
-) -> tuple[int, tuple[bytes, bytes]]:
+) -> tuple[int, tuple[bytes, bytes], Signed]:
     f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
-    return int(site), (bytes(c_pk), bytes(s_pk))
+    signed = UNSIGNED
+    if records.SIGNATURES in f:
+        (name,), (key,), (sig,) = (
+            f[records.SIGNER_NAMES],
+            f[records.SIGNER_KEYS],
+            f[records.SIGNATURES],
+        )
+        signed = (str(name), bytes(key), bytes(sig))
+    return int(site), (bytes(c_pk), bytes(s_pk)), signed
 
 
 def _read_shares(content: RecordDict, record: str = records.SECAGG) -> dict[int, bytes]:
@@ -614,7 +639,7 @@ def _stage_reply(
             if key in context.state:
                 del context.state[key]
         content = _training_content(msg, round_)
-        client, reply_fields = _open_session(cfg, fields, policy, site)
+        client, reply_fields = _open_session(cfg, fields, policy, context)
         take_round(cfg, context, round_)
         if background is None:
             for name, record in content.items():
@@ -626,7 +651,7 @@ def _stage_reply(
     else:
         client = _load_session(context, round_)
         if stage == SHARE:
-            reply_fields = _share_keys(client, fields, policy)
+            reply_fields = _share_keys(client, fields, policy, context)
             reply = RecordDict({records.SECAGG: ConfigRecord(reply_fields)})
         elif stage == MASK:
             if records.ROUND_CONFIG in msg.content:  # a session prepared in the round before
@@ -677,10 +702,10 @@ def _next_stage_reply(
         if round_ <= current:
             raise SecAggError(f"a next session for round {round_} during round {current}")
         if stage == KEYS:
-            client, reply_fields = _open_session(cfg, fields, policy, site)
+            client, reply_fields = _open_session(cfg, fields, policy, context)
         elif stage == SHARE:
             client = _load_session(context, round_, records.SECAGG_NEXT_STATE)
-            reply_fields = _share_keys(client, fields, policy)
+            reply_fields = _share_keys(client, fields, policy, context)
         else:
             raise SecAggError(f"stage {stage!r} cannot ride on another round's message")
     except (PolicyRefused, SecAggError, KeyError, TypeError, ValueError) as exc:
@@ -692,11 +717,12 @@ def _next_stage_reply(
 
 
 def _open_session(
-    cfg: Config, fields: ConfigRecord, policy: SitePolicy, site: int
+    cfg: Config, fields: ConfigRecord, policy: SitePolicy, context: Context
 ) -> tuple[SecAggClient, dict[str, list]]:
-    """A keys stage: the request checked, a new session, and the public keys to send."""
+    """A keys stage: the request checked, a new session, and the public keys to send, signed
+    by a site daemon (fedlora.secure.identity)."""
     policy.check_request(cfg, secure=True)
-    threshold = int(fields[records.THRESHOLD])
+    threshold, site = int(fields[records.THRESHOLD]), site_id(context)
     client = SecAggClient.create(
         int(fields[records.ROUND]),
         site,
@@ -705,16 +731,50 @@ def _open_session(
         key_bounds=key_bounds(cfg, threshold),
     )
     c_pk, s_pk = client.public_keys()
-    return client, {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+    reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+    if AUTH_KEY in context.node_config:
+        signer = Signer.load(
+            str(context.node_config[runconfig.SITE_NAME]),
+            Path(str(context.node_config[AUTH_KEY])),
+        )
+        statement = keys_statement(
+            _federation(context), client.session, site, signer.name, c_pk, s_pk
+        )
+        proof = signer.prove(statement)
+        reply |= {
+            records.SIGNER_NAMES: [proof.name],
+            records.SIGNER_KEYS: [proof.public_key],
+            records.SIGNATURES: [proof.signature],
+        }
+    return client, reply
 
 
-def _share_keys(client: SecAggClient, fields: ConfigRecord, policy: SitePolicy) -> dict:
-    """A share stage: the cohort checked, and one encrypted pair of shares per peer."""
+def _share_keys(
+    client: SecAggClient, fields: ConfigRecord, policy: SitePolicy, context: Context
+) -> dict:
+    """A share stage: who is behind each key and the cohort checked, and one encrypted pair
+    of shares per peer."""
     peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
     received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
+    proofs = {}
+    if records.SIGNATURES in fields:
+        signed = zip(
+            fields[records.SITES],
+            fields[records.SIGNER_NAMES],
+            fields[records.SIGNER_KEYS],
+            fields[records.SIGNATURES],
+            strict=True,
+        )
+        proofs = {int(j): Proof(str(n), bytes(k), bytes(sig)) for j, n, k, sig in signed if n}
+    policy.check_peers(_federation(context), client.session, client.site, received, proofs)
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
     return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
+
+
+def _federation(context: Context) -> str:
+    """The federation a site daemon's signatures name (a simulation signs nothing)."""
+    return str(context.run_config.get(runconfig.FEDERATION, ""))
 
 
 def _training_content(msg: Message, round_: int) -> RecordDict:

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.apps import records
 from fedlora.apps.client import make_client_app
-from fedlora.apps.contribution import LEDGER_FILE, STATE_DIR
+from fedlora.apps.contribution import AUTH_KEY, LEDGER_FILE, STATE_DIR
 from fedlora.apps.secure import BACKGROUND
 from fedlora.config import Config, DataConfig, load_config
 from fedlora.deploy import runconfig
@@ -156,6 +156,8 @@ class SiteApp(ClientApp):
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)
         own[LEDGER_FILE] = str(site.state_dir / LEDGER_NAME)  # one for all its federations
+        if site.auth_key is not None:  # signs its secure-aggregation keys
+            own[AUTH_KEY] = str(site.auth_key)
         reply = self._apps[key](message, dataclasses.replace(context, node_config=own))
         entry = refusal_entry(message, reply, federation) or audit_entry(
             message, reply, federation, context.state

@@ -91,7 +91,8 @@ def add_deploy_commands(sub) -> None:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedlora.secure.certs import make_certs
+    from fedlora.secure.certs import Layout, make_certs
+    from fedlora.secure.identity import fingerprint
 
     issued = make_certs(
         Path(args.dir).expanduser(),
@@ -105,6 +106,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"wrote  {path}")
     for path in issued.reused:
         print(f"kept   {path}")
+    if args.site:
+        print(
+            "\nEach site's key fingerprint, for the other sites' [peers] in their site.toml "
+            "(send it to them yourself, not only through the server's operator):"
+        )
+    for name in args.site:
+        key = Layout(Path(args.dir).expanduser()).site_public_key(name).read_bytes()
+        print(f'{name} = "{fingerprint(key)}"')
     return 0
 
 

@@ -14,6 +14,7 @@ max_epsilon`); everything else comes from the server.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import SitePolicy, load_policy
 from fedlora.readers import read_text
 from fedlora.secure.certs import check_site_name, load_site_public_key
+from fedlora.secure.identity import Signer, check_fingerprint, fingerprint
 
 SERVER_KEYS = {"address", "state_dir", "ca_cert", "cert", "key"}
 SITE_KEYS = {
@@ -187,12 +189,12 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
 def load_site(path: Path) -> SiteSettings:
     values = read_toml(path)
     base = path.resolve().parent
-    unknown = set(values) - {"site", "data", "privacy", "policy", "model"}
+    unknown = set(values) - {"site", "data", "privacy", "policy", "peers", "model"}
     if unknown:
         raise FedloraError(
             f"Unknown section [{sorted(unknown)[0]}] in {path}: a site sets only [site], its own "
-            "[data], [model] device and [policy]; the federation's settings come from the "
-            "server."
+            "[data], [model] device, [policy] and [peers]; the federation's settings come from "
+            "the server."
         )
     model = _table(values, "model", path, SITE_MODEL_KEYS) if "model" in values else {}
     device = _site_device(model.get("device", "auto"), path)
@@ -239,13 +241,19 @@ def load_site(path: Path) -> SiteSettings:
     name = check_site_name(_str(site, "name", "site"))
     split_address(_str(site, "server", "site"), "site.server")
     state_dir = _folder(base, _str(site, "state_dir", "site", "site-state"))
+    auth_key = None if insecure else _file(base, _str(site, "auth_key", "site"), "site.auth_key:")
+    signer = None if auth_key is None else Signer.load(name, auth_key)  # signs its SecAgg keys
+    peers = _peers(values.get("peers", {}), signer, path)
+    if peers and insecure:
+        raise FedloraError(
+            f"{path}: [peers] needs this site's key to sign its own secure-aggregation keys, "
+            "and insecure = true has none; set site.auth_key and site.ca_cert, or remove [peers]."
+        )
     return SiteSettings(
         name=name,
         server=site["server"],
         ca_cert=None if insecure else _file(base, _str(site, "ca_cert", "site"), "site.ca_cert:"),
-        auth_key=None
-        if insecure
-        else _file(base, _str(site, "auth_key", "site"), "site.auth_key:"),
+        auth_key=auth_key,
         state_dir=state_dir,
         audit_log=_folder(base, _str(site, "audit_log", "site", str(state_dir / "audit.jsonl"))),
         insecure=insecure,
@@ -253,11 +261,36 @@ def load_site(path: Path) -> SiteSettings:
         data=data,
         path=path.resolve(),
         device=device,
-        policy=load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
+        policy=dataclasses.replace(
+            load_policy(policy_table | {"max_epsilon": float(max_eps or 0.0)}, str(path)),
+            peers=peers,
+        ),
         privacy_unit=unit,
         poll_interval=float(poll),
         train_during_key_exchange=overlap,
     )
+
+
+def _peers(table: Any, signer: Signer | None, path: Path) -> tuple[tuple[str, str], ...]:
+    """[peers]: the other sites' names and key fingerprints, sorted by name. A roster that
+    lists this site too (one list for the whole consortium) must give its own key."""
+    if not isinstance(table, dict):
+        raise FedloraError(f"{path}: [peers] must be a table of site name = key fingerprint.")
+    for name, value in table.items():
+        check_site_name(name)
+        check_fingerprint(value, f"peers.{name} in {path}")
+    if len(set(table.values())) != len(table):
+        raise FedloraError(f"{path}: two sites in [peers] have the same key fingerprint.")
+    if signer is not None and signer.name in table:
+        own = fingerprint(signer.public_key())
+        if table[signer.name] != own:
+            raise FedloraError(
+                f"{path}: [peers] gives this site ({signer.name}) the fingerprint "
+                f"{table[signer.name]}, but its site.auth_key has {own}: the roster is not this "
+                "site's, or the key changed."
+            )
+    others = {n: f for n, f in table.items() if signer is None or n != signer.name}
+    return tuple(sorted(others.items()))
 
 
 def _site_device(value: Any, path: Path) -> str:

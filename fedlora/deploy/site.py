@@ -354,6 +354,21 @@ def forward_site_log(log: Callable[[str], None]) -> Callable[[], None]:
     return undo
 
 
+def roster_line(settings: SiteSettings) -> str:
+    """Whom the site shares its secure-aggregation secrets with, said when the daemon starts."""
+    peers = [name for name, _ in settings.policy.peers]
+    if peers:
+        return (
+            f"site {settings.name}: secure aggregation with the {len(peers)} sites of [peers] "
+            f"only ({', '.join(peers)}); every key of a session must carry their signature"
+        )
+    return (
+        "WARNING: no [peers] in site.toml: in secure aggregation this site cannot tell the other "
+        "sites' keys from keys the server made itself, and a server that invents sites can read "
+        "this site's update. List the other sites' key fingerprints under [peers]."
+    )
+
+
 def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
     """The daemon's life: probe, start the SuperNode, run messages until told to stop."""
     from fedlora.deploy.executor import TaskRunner
@@ -367,6 +382,8 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
             "WARNING: insecure = true: no TLS and no node authentication; anyone on the network "
             "can read this site's updates. Use it for rehearsals only."
         )
+    else:
+        log(roster_line(settings))
     runner = TaskRunner(log)
     runner.load_in_background()
     node = SuperNode(settings)

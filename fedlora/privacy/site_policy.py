@@ -14,12 +14,14 @@ plays every site with `SitePolicy.mirroring(cfg)`: the run config's own choices.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_args
 
 from fedlora.config import AggregationMode, Config, PrivacyLevel
 from fedlora.errors import FedloraError
 from fedlora.privacy.policy import Mechanism
+from fedlora.secure.identity import Proof, keys_statement
 from fedlora.strategies import STRATEGIES
 
 LEVELS: tuple[str, ...] = get_args(PrivacyLevel)
@@ -62,6 +64,10 @@ class SitePolicy:
     #: strategies and lora.aggregation modes this site trains for
     strategies: tuple[str, ...] = tuple(STRATEGIES)
     aggregations: tuple[str, ...] = AGGREGATIONS
+    #: the sites this site shares its secrets with, as (name, fingerprint of the site's
+    #: node-authentication key), from site.toml [peers]; when given, every other key of a
+    #: secure-aggregation session must be signed by one of them (check_peers)
+    peers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def mirroring(cls, cfg: Config) -> SitePolicy:
@@ -135,6 +141,44 @@ class SitePolicy:
                 f"{self.min_threshold}"
             )
 
+    def check_peers(
+        self,
+        federation: str,
+        session: int,
+        own: int,
+        received: Mapping[int, tuple[bytes, bytes]],
+        proofs: Mapping[int, Proof],
+    ) -> None:
+        """With a roster: every key of the session but this site's (`own`) is signed, for this
+        federation and session, by a different peer of the roster (fedlora.secure.identity),
+        so the cohort this site counts is sites, not keys the server made. Without one, any
+        key counts (the server's word on who is behind it)."""
+        if not self.peers:
+            return
+        roster, seen = dict(self.peers), set()
+        for site, (c_pk, s_pk) in sorted(received.items()):
+            if site == own:
+                continue
+            proof = proofs.get(site)
+            if proof is None:
+                raise PolicyRefused(
+                    f"the keys of site {site} are not signed; this site shares secrets only "
+                    "with the peers its [peers] lists"
+                )
+            if proof.name not in roster:
+                raise PolicyRefused(
+                    f"site {site} signs as {proof.name!r}, which this site's [peers] does not list"
+                )
+            if proof.name in seen:
+                raise PolicyRefused(f"two sites of the session sign as {proof.name!r}")
+            statement = keys_statement(federation, session, site, proof.name, c_pk, s_pk)
+            if not proof.holds(roster[proof.name], statement):
+                raise PolicyRefused(
+                    f"the keys of site {site} are not signed for this session by the key "
+                    f"[peers] lists for {proof.name!r} (forged, or from another session)"
+                )
+            seen.add(proof.name)
+
     def check_sum(self, survivors: int) -> None:
         """Before revealing unmasking shares: the sum must hold at least min_cohort inputs."""
         if survivors < self.min_cohort:
@@ -144,7 +188,7 @@ class SitePolicy:
             )
 
 
-POLICY_KEYS = {f.name for f in fields(SitePolicy)}
+POLICY_KEYS = {f.name for f in fields(SitePolicy)} - {"peers"}  # [peers] is its own table
 
 
 def load_policy(table: dict[str, Any], where: str) -> SitePolicy:

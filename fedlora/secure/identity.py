@@ -1,0 +1,116 @@
+"""Who stands behind a secure-aggregation key: every site daemon signs the keys it advertises
+with its node-authentication key, and a site with a roster of its peers (site.toml `[peers]`:
+name = fingerprint of that site's key) takes part in a session only when every other key in
+it is signed by a peer on the roster.
+
+Why: secure aggregation hides a site's update in a sum of at least t inputs, and distributed
+client-level noise is split over those t. A server that invents sites (keys whose secrets it
+holds) can open a session of one real site and t - 1 of its own: their shares of the real
+site's self-mask and their pairwise keys unmask its update, carrying 1/t of the noise. Node
+authentication does not stop that: the server registers the nodes. The roster comes to a site
+from its peers (the consortium's agreement, a call between operators), so the server can
+relay the signatures but not make them.
+
+Written here because no library signs secure-aggregation keys for Flower's Message API (Bonawitz
+et al. 2017 sign them the same way, with keys from a trusted registry). The statement a site
+signs is domain-separated (Flower's node authentication signs only timestamps with the same
+key) and length-prefixed, and names the federation, the session's round, the site's index and
+name and both public keys: a signature holds for that session alone. ECDSA over SHA-384 and the
+key formats come from `cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf auth.pub`
+prints the same).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedlora.errors import FedloraError
+
+DOMAIN = b"fedlora secure-aggregation keys v1\n"
+FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
+def fingerprint(public_key: bytes) -> str:
+    """OpenSSH's SHA256 fingerprint of an OpenSSH public key line ("ecdsa-sha2-... AAAA...")."""
+    try:
+        blob = base64.b64decode(public_key.split()[1], validate=True)
+    except (IndexError, binascii.Error):
+        raise ValueError("not an OpenSSH public key line") from None
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def check_fingerprint(value: object, where: str) -> str:
+    if not isinstance(value, str) or not FINGERPRINT.match(value):
+        raise FedloraError(
+            f'{where} must be a key fingerprint such as "SHA256:{"x" * 43}" (got {value!r}): '
+            "`fedlora certs` prints it when it makes a site's key, and `ssh-keygen -lf auth.pub` "
+            "shows it."
+        )
+    return value
+
+
+def keys_statement(
+    federation: str, session: int, site: int, name: str, c_pk: bytes, s_pk: bytes
+) -> bytes:
+    """What a site signs when it advertises its keys for one session."""
+    parts = [federation.encode(), str(session).encode(), str(site).encode(), name.encode()]
+    return DOMAIN + b"".join(len(p).to_bytes(4, "big") + p for p in [*parts, c_pk, s_pk])
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A site's claim to its keys: its name, its public key (OpenSSH) and its signature."""
+
+    name: str
+    public_key: bytes
+    signature: bytes
+
+    def holds(self, expected_fingerprint: str, statement: bytes) -> bool:
+        """The key is the one the roster names and it signed `statement`."""
+        try:
+            if fingerprint(self.public_key) != expected_fingerprint:
+                return False
+            key = serialization.load_ssh_public_key(self.public_key)
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                return False
+            key.verify(self.signature, statement, ec.ECDSA(hashes.SHA384()))
+        except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A site daemon's name and node-authentication private key."""
+
+    name: str
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def load(cls, name: str, path: Path) -> Signer:
+        try:
+            key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise FedloraError(f"Cannot read this site's key {path}: {exc}.") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise FedloraError(f"{path} is not an EC private key; make one with `fedlora certs`.")
+        return cls(name, key)
+
+    def public_key(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+
+    def prove(self, statement: bytes) -> Proof:
+        signature = self.key.sign(statement, ec.ECDSA(hashes.SHA384()))
+        return Proof(self.name, self.public_key(), signature)

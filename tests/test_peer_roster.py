@@ -1,0 +1,270 @@
+"""A server that invents sites cannot read one: a site with a roster of its peers (site.toml
+[peers]) shares its secure-aggregation secrets only with keys those peers signed for the session.
+
+The attack (`sybil_session`): the server runs a session of one real site and sites of its own,
+whose secrets it holds. Their shares of the real site's self-mask and their pairwise keys
+remove every mask, and the "sum" is the real site's update. The sites here are the ClientApp a
+site daemon and a simulation run, in this process (`LocalGrid`); the server is fedlora's own
+message format, played by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from in_process import LocalGrid, task_identity
+from test_site_policy import global_adapter, round_content, run_secure
+
+from fedlora.apps import records as R
+from fedlora.apps.contribution import AUTH_KEY, STATE_DIR
+from fedlora.apps.secure import (
+    QUERY_SECAGG,
+    TRAIN_SECAGG,
+    UNSIGNED,
+    NextRound,
+    SecureRoundFailed,
+    _keys_fields,
+    _read_keys,
+    _read_masked,
+    _read_shares,
+    _share_fields,
+    _stage,
+    key_bounds,
+    secure_sum,
+)
+from fedlora.deploy import runconfig
+from fedlora.deploy.settings import load_site
+from fedlora.deploy.site import roster_line
+from fedlora.errors import FedloraError
+from fedlora.privacy.site_policy import SitePolicy
+from fedlora.runtime import get_runtime
+from fedlora.secure.certs import Layout, make_certs
+from fedlora.secure.identity import Signer, fingerprint, keys_statement
+from fedlora.secure.secagg import DEFAULT_VALUE_BOUND, SecAggClient, SecAggServer
+
+FEDERATION = "federation-1"
+NAMES = ["city", "st-marys", "university", "general"]
+
+
+@pytest.fixture(autouse=True)
+def _flower_task():
+    with task_identity():
+        yield
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    make_certs(folder, server_names=[], server_ips=[], sites=[*NAMES, "forger"])
+    return folder
+
+
+def signer(keys: Path, name: str) -> Signer:
+    return Signer.load(name, Layout(keys).site_key(name))
+
+
+def roster(keys: Path, names) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        sorted((n, fingerprint(Layout(keys).site_public_key(n).read_bytes())) for n in names)
+    )
+
+
+def daemons(cfg, tmp_path: Path, keys: Path, policies: list[SitePolicy]) -> LocalGrid:
+    """Sites as site daemons run them (fedlora.deploy.apps.SiteApp): each its own name, state
+    folder and key; `policies[i]` is site i's."""
+    grid = LocalGrid(cfg, len(policies))
+    apps = [LocalGrid(cfg, 1, policy).app for policy in policies]
+    for i, context in enumerate(list(grid.contexts.values())):
+        grid.contexts[context.node_id] = Context(
+            run_id=1,
+            node_id=context.node_id,
+            node_config={
+                runconfig.SITE_NAME: NAMES[i],
+                STATE_DIR: str(tmp_path / NAMES[i]),
+                AUTH_KEY: str(Layout(keys).site_key(NAMES[i])),
+            },
+            state=RecordDict(),
+            run_config={
+                runconfig.FEDERATION: FEDERATION,
+                runconfig.SITES: json.dumps(NAMES[: len(policies)]),
+            },
+        )
+
+    def app(msg: Message, context: Context) -> Message:
+        return apps[context.node_id - 100](msg, context)
+
+    grid.app = app
+    return grid
+
+
+def ask(grid: LocalGrid, content: RecordDict, message_type: str) -> RecordDict:
+    msg = Message(content, dst_node_id=100, message_type=message_type)
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    assert not reply.has_error(), reply.error.reason
+    return reply.content
+
+
+def sybil_session(grid: LocalGrid, cfg, fakes: int = 3, threshold: int = 3, sign=None):
+    """The server's attack on the site at node 100 (site 0): a session of it and `fakes` sites
+    the server makes, `sign(j, client)` giving what the server relays as fake j's signature.
+    Returns the session's sum, which is site 0's contribution alone, or site 0's refusal."""
+    round_, bounds = 1, key_bounds(cfg, threshold)
+    content = round_content(round_, global_adapter(cfg))
+    content[R.SECAGG] = _stage("keys", round_, _keys_fields(threshold, DEFAULT_VALUE_BOUND))
+    site, real_keys, real_signed = _read_keys(ask(grid, content, QUERY_SECAGG))
+    assert site == 0
+    fake = {j: SecAggClient.create(round_, j, threshold, key_bounds=bounds) for j in range(1, 4)}
+    server = SecAggServer(threshold)
+    peers = server.receive_keys({0: real_keys} | {j: c.public_keys() for j, c in fake.items()})
+    signed = {0: real_signed} | {j: sign(j, c) if sign else UNSIGNED for j, c in fake.items()}
+    share = RecordDict({R.SECAGG: _stage("share", round_, _share_fields(peers, signed))})
+    reply = ask(grid, share, QUERY_SECAGG)
+    if R.REFUSAL in reply:
+        return str(reply[R.REFUSAL][R.REASON])
+    sent = {0: _read_shares(reply)} | {j: c.share_keys(peers) for j, c in fake.items()}
+    routed = server.route_shares(sent)
+    fields = {R.PEERS: list(routed[0]), R.CIPHERTEXTS: list(routed[0].values())}
+    masked, layout, _ = _read_masked(
+        ask(grid, RecordDict({R.SECAGG: _stage("mask", round_, fields)}), TRAIN_SECAGG)
+    )
+    zeros = {k: np.zeros(shape) for k, shape in zip(layout.keys, layout.shapes, strict=True)}
+    inputs = {0: masked} | {j: c.mask_input(zeros, routed[j])[1] for j, c in fake.items()}
+    survivors, _ = server.receive_masked(inputs, layout)
+    return layout.unpack(server.unmask({j: c.unmask(survivors, []) for j, c in fake.items()}))
+
+
+def test_without_peers_a_server_that_invents_sites_reads_one_sites_update(tiny_cfg):
+    """The weakness, shown: the site counts a cohort of 4 (its policy's minimum is 3) and
+    answers every stage; the server holds the update of that one site, its row count with it."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 1, SitePolicy(require_secure_aggregation=True))
+    update = sybil_session(grid, cfg)
+    assert not isinstance(update, str), update
+    assert update[R.STATS_ROWS][0] == pytest.approx(len(get_runtime(cfg).train_parts[0]))
+    deltas = [v for k, v in update.items() if not k.startswith(R.STATS)]
+    assert any(np.abs(v).max() > 0 for v in deltas)
+
+
+def test_a_site_with_peers_refuses_keys_its_peers_did_not_sign(tiny_cfg, tmp_path, keys):
+    """The same server against a site whose [peers] lists three other sites: unsigned keys,
+    keys signed by a key the roster does not hold under that name, keys a peer signed for
+    another session: each refused at the share stage, before anything trained leaves."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    policy = SitePolicy(require_secure_aggregation=True, peers=roster(keys, NAMES[1:]))
+
+    def attack(sign) -> str:
+        grid = daemons(cfg, tmp_path / str(next(attempt)), keys, [policy])
+        reason = sybil_session(grid, cfg, sign=sign)
+        assert isinstance(reason, str), "the server read the site's update"
+        assert not any(R.SECAGG_MASKED in r for r in grid.received)
+        return reason
+
+    attempt = itertools.count()
+    assert "keys of site 1 are not signed" in attack(None)
+
+    forger = signer(keys, "forger")  # a key the server made, under a peer's name
+
+    def forged(j: int, client: SecAggClient):
+        c_pk, s_pk = client.public_keys()
+        statement = keys_statement(FEDERATION, 1, j, NAMES[j], c_pk, s_pk)
+        proof = Signer(NAMES[j], forger.key).prove(statement)
+        return proof.name, proof.public_key, proof.signature
+
+    assert "not signed for this session by the key [peers] lists for 'st-marys'" in attack(forged)
+
+    def replayed(j: int, client: SecAggClient):  # the real peer's signature, another round's
+        c_pk, s_pk = client.public_keys()
+        proof = signer(keys, NAMES[j]).prove(keys_statement(FEDERATION, 7, j, NAMES[j], c_pk, s_pk))
+        return proof.name, proof.public_key, proof.signature
+
+    assert "(forged, or from another session)" in attack(replayed)
+
+    def stranger(j: int, client: SecAggClient):
+        c_pk, s_pk = client.public_keys()
+        proof = forger.prove(keys_statement(FEDERATION, 1, j, "forger", c_pk, s_pk))
+        return proof.name, proof.public_key, proof.signature
+
+    assert "signs as 'forger', which this site's [peers] does not list" in attack(stranger)
+
+
+def test_sites_that_list_each_other_run_signed_sessions(tiny_cfg, tmp_path, keys):
+    """Three daemons, each with the other two in its [peers]: a round sets up its own session,
+    and the next one's rides on it (secure.pipeline), signatures relayed in both; a fourth site
+    no one lists makes the others refuse the session."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    three = [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
+    grid = daemons(cfg, tmp_path / "three", keys, three)
+    nodes = {i: 100 + i for i in range(3)}
+    first = secure_sum(
+        grid,
+        nodes,
+        round_content(1, global_adapter(cfg)),
+        2,
+        lambda _: 0,
+        upcoming=NextRound(2, [0, 1, 2], 2),
+    )
+    assert first.sites == [0, 1, 2] and not first.refused
+    assert first.prepared is not None  # the next session passed every site's roster
+    second = secure_sum(
+        grid, nodes, round_content(2, global_adapter(cfg)), 2, lambda _: 0, prepared=first.prepared
+    )
+    assert second.sites == [0, 1, 2]
+
+    four = [*three, SitePolicy()]
+    with pytest.raises(SecureRoundFailed) as failed:
+        run_secure(daemons(cfg, tmp_path / "four", keys, four), cfg, 1, threshold=3)
+    assert sorted(failed.value.refused) == [0, 1, 2]
+    assert all("'general', which this site's [peers]" in r for r in failed.value.refused.values())
+
+
+def test_fingerprints_are_openssh_s(keys):
+    public = Layout(keys).site_public_key("city")
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+    shown = subprocess.run(["ssh-keygen", "-lf", str(public)], capture_output=True, text=True)
+    assert shown.stdout.split()[1] == fingerprint(public.read_bytes())
+
+
+def write_site(folder: Path, keys: Path, peers: str, insecure: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    site = (
+        "[site]\nname = 'city'\nserver = 'localhost:9092'\n"
+        + (
+            "insecure = true\n"
+            if insecure
+            else f"ca_cert = 'train.jsonl'\nauth_key = '{Layout(keys).site_key('city')}'\n"
+        )
+        + "[data]\npath = 'train.jsonl'\n"
+        + peers
+    )
+    (folder / "site.toml").write_text(site)
+    return folder / "site.toml"
+
+
+def test_site_toml_peers(tmp_path, keys):
+    """[peers] in site.toml: the roster the policy checks; this site's own line (one roster for
+    the whole consortium) must match its key; a malformed fingerprint, a roster without a key to
+    sign with, or a site with none are said plainly."""
+    own, other = (fingerprint(Layout(keys).site_public_key(n).read_bytes()) for n in NAMES[:2])
+    listed = f"[peers]\ncity = '{own}'\nst-marys = '{other}'\n"
+    site = load_site(write_site(tmp_path / "a", keys, listed))
+    assert site.policy.peers == (("st-marys", other),)
+    assert "with the 1 sites of [peers] only (st-marys)" in roster_line(site)
+
+    wrong = f"[peers]\ncity = '{other}'\n"
+    with pytest.raises(FedloraError, match="its site.auth_key has"):
+        load_site(write_site(tmp_path / "b", keys, wrong))
+    with pytest.raises(FedloraError, match="peers.st-marys in .* must be a key fingerprint"):
+        load_site(write_site(tmp_path / "c", keys, "[peers]\nst-marys = 'SHA256:...'\n"))
+    with pytest.raises(FedloraError, match="insecure = true has none"):
+        load_site(write_site(tmp_path / "d", keys, f"[peers]\nst-marys = '{other}'\n", True))
+    bare = load_site(write_site(tmp_path / "e", keys, ""))
+    assert bare.policy.peers == () and roster_line(bare).startswith("WARNING: no [peers]")
