@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from fedlora.deploy.ports import free_port
+from fedlora.errors import FedloraError
 
 #: real server and site processes (or a real SuperLink); the other tests here are pure and
 #: belong to the fast tier
@@ -315,6 +316,7 @@ def test_the_kits_example_configs_load(tmp_path):
 
     from fedlora.deploy.settings import load_server, load_site
     from fedlora.secure.certs import Layout, make_certs
+    from fedlora.secure.identity import fingerprint
 
     repo = Path(__file__).resolve().parents[1]
     server, site = tmp_path / "server", tmp_path / "site"
@@ -333,8 +335,18 @@ def test_the_kits_example_configs_load(tmp_path):
     settings, cfg = load_server(server / "server.toml", [], insecure=False)
     assert list(settings.sites) == names and cfg.federation.clients == 3
     shutil.copy(server / "certs" / "ca.pem", site / "ca.pem")
+    with pytest.raises(FedloraError, match="peers.general-hospital .* must be a key fingerprint"):
+        load_site(site / "site.toml")  # as shipped: the other sites' fingerprints to fill in
+    text = (site / "site.toml").read_text()
+    for name in ["general-hospital", "university-clinic"]:
+        key = Layout(site / "keys").site_public_key(name).read_bytes()
+        placeholder = f"SHA256:<{name}'s key fingerprint, from its operator>"
+        assert placeholder in text
+        text = text.replace(placeholder, fingerprint(key))
+    (site / "site.toml").write_text(text)
     loaded = load_site(site / "site.toml")
     assert loaded.name == "st-marys" and loaded.policy.max_epsilon == 10.0
+    assert [name for name, _ in loaded.policy.peers] == ["general-hospital", "university-clinic"]
     assert loaded.auth_key == Layout(site / "keys").site_key("st-marys")
     # the kits work together as copied: the site's policy accepts the server's federation
     import tomllib

@@ -37,12 +37,15 @@ Protocol, one session per round, for the sites U0 the server chose and threshold
    both for one site. From t shares each, the server removes the survivors' self masks and the
    dropped sites' pairwise masks; the pairwise masks among survivors cancel in the sum.
 
-Threat model: an honest-but-curious server (it follows the protocol and looks at everything it
-sees) plus sites that drop at any stage. Sites also demand 2t > |U1|: a server that tells
-different survivors different drop lists cannot collect t shares of both b_j and s_j, which is
-what unmasking one site would take. A server that forges sites' public keys (an active attacker)
-is out of scope (Bonawitz et al.'s signed consistency round is not implemented); node
-authentication in deployment keeps unknown nodes out.
+Threat model: a server that looks at everything it sees, plus sites that drop at any stage.
+Sites also demand 2t > |U1|: a server that tells different survivors different drop lists
+cannot collect t shares of both b_j and s_j, which is what unmasking one site would take. A
+server that forges sites' public keys holds the shares it sends to them: this module cannot
+tell. In deployment every site signs its public keys and a site with a roster of its peers
+accepts only keys they signed for the session (fedlora.secure.identity, checked before the
+share stage); the rest of Bonawitz et al.'s active-server protocol (a signed consistency round
+on the survivor set) is not implemented: 2t > |U1| covers what it guards while no site
+colludes with the server.
 
 Fixed point (``FixedPoint``): each value x with |x| <= B (its key's bound) becomes
 q = round(x * 2^f) in two's complement modulo 2^w, w = 32 or 64 bits, with f = (w - 2) -
