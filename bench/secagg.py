@@ -13,6 +13,10 @@ client-level DP one, delta clipped to norm C = 1 with weight 1, whose delta has 
 are payload (tensor data, keys, ciphertexts, the layout, 8 per site id or number) per site and
 at the server, both directions; the global adapter, sent down in both modes, is not counted.
 
+Then what a site daemon adds when it signs its keys (fedlora.secure.identity): signing its
+own, checking every peer's against its [peers] roster, and the bytes of a signed key message
+(name, OpenSSH public key, signature) up to the server and, for all sites, down again.
+
     python bench/secagg.py --sites 10,50
 """
 
@@ -25,6 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedlora.secure.identity import Signer, fingerprint, keys_statement
 from fedlora.secure.secagg import (
     Layout,
     SecAggClient,
@@ -143,6 +148,31 @@ def secure(
     }
 
 
+def signatures(n: int) -> dict[str, float]:
+    """One session's signing and roster checks at one site among n (P-384, as `fedlora certs`
+    makes the keys), and the bytes a signed key message adds."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signers = [Signer(f"site-{i:03d}", ec.generate_private_key(ec.SECP384R1())) for i in range(n)]
+    keys = [SecAggClient.create(1, i, default_threshold(n)).public_keys() for i in range(n)]
+    statements = [
+        keys_statement("federation-1", 1, i, s.name, *keys[i]) for i, s in enumerate(signers)
+    ]
+    proofs, sign_s = timed(lambda: [s.prove(st) for s, st in zip(signers, statements, strict=True)])
+    roster = {s.name: fingerprint(s.public_key()) for s in signers}
+    checked, check_s = timed(
+        lambda: [p.holds(roster[p.name], st) for p, st in zip(proofs, statements, strict=True)]
+    )
+    assert all(checked)
+    extra = statistics.mean(len(p.name) + len(p.public_key) + len(p.signature) for p in proofs)
+    return {
+        "sign_s": sign_s / n,
+        "check_s": check_s / n * (n - 1),
+        "up": extra,
+        "down": extra * n,
+    }
+
+
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -175,6 +205,16 @@ def main() -> None:
                 f"{human(r['site_up'])} | {human(r['site_down'])} | {human(r['server_in'])} | "
                 f"{human(r['server_out'])} |"
             )
+    print(
+        "\n| sites | site signs, s | site checks its peers, s | key message up | share stage down |"
+    )
+    print("|---|---|---|---|---|")
+    for n in (int(s) for s in args.sites.split(",")):
+        r = signatures(n)
+        print(
+            f"| {n} | {r['sign_s']:.4f} | {r['check_s']:.4f} | +{human(r['up'])} | "
+            f"+{human(r['down'])} |"
+        )
 
 
 if __name__ == "__main__":
