@@ -4,7 +4,9 @@ One session per round, four stages, each one message to every site still in it a
 
   keys    query.secagg  server -> site: the round's training content (global adapter, broadcast,
                         round config), threshold, value bound; site -> server: its public keys
-  share   query.secagg  server -> site: everyone's public keys;  site -> server: encrypted shares
+                        (a site daemon signs them: fedlora.secure.identity)
+  share   query.secagg  server -> site: everyone's public keys and signatures;
+                        site -> server: encrypted shares
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
                         contribution, layout, metrics
   unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
@@ -41,8 +43,9 @@ sends names each key's format; a site whose layout differs from the others' coun
 
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
 sees itself: the request before it opens a session or trains (and a round it took part in before
-is refused: one session per round), the cohort and threshold when it receives the keys, the
-number of inputs in the sum before it reveals unmasking shares. Nothing the site trained leaves
+is refused: one session per round), who signed the keys it receives (against its [peers]
+roster), the cohort and threshold when it receives them, the number of inputs in the sum
+before it reveals unmasking shares. Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
 c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a
@@ -427,8 +430,8 @@ class _NextSession:
         if self.server is None:
             return
         read = _read_next(replies, _read_keys)
-        keys = {s: pks for s, (claimed, pks, _) in read.items() if claimed == s}
-        keys = {s: pks for s, pks in keys.items() if s in self.upcoming.sites}
+        mine = [s for s, (claimed, _, _) in read.items() if claimed == s]
+        keys = {s: read[s][1] for s in mine if s in self.upcoming.sites}
         self.signed = {s: read[s][2] for s in keys}
         try:
             self.peers = self.server.receive_keys(keys)

@@ -3,8 +3,9 @@
 The server's run config says what the federation wants; the policy says what this site accepts.
 Every check looks at something the site sees or does itself: the run config it will train with
 (strategy, privacy level, the noise and clip it will apply), whether the request is a plain
-TRAIN or a secure-aggregation session, and in a session the cohort and threshold it derives
-from the keys it received. Never a number the server only asserts. A request that breaks the
+TRAIN or a secure-aggregation session, and in a session who signed the keys it received (its
+[peers] roster) and the cohort and threshold it derives from them. Never a number the server
+only asserts. A request that breaks the
 policy raises `PolicyRefused` before any training; the site answers with the reason (see
 fedlora.apps.contribution.refusal_reply) and writes it to its audit log.
 
