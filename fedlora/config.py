@@ -855,6 +855,12 @@ def _validate_privacy(cfg: Config) -> None:
             "readable from the sum). Use more sites (federation.clients, federation.fraction, "
             "federation.min_clients) or, knowingly, a smaller secure.min_cohort.",
         )
+    _require(
+        not (secure.enabled and federation.personalize_steps),
+        "federation.personalize_steps has every site report its scores on its own held-out "
+        "rows in the clear, which secure aggregation exists to prevent (the sites refuse it); "
+        "turn one of them off.",
+    )
     if secure.enabled and secure.threshold:
         _require(
             2 * secure.threshold > sampled,

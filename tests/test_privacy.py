@@ -489,6 +489,7 @@ def test_scaffold_clipping_keeps_the_client_variate_consistent():
         ({"secure": {"enabled": True}, "lora": {"aggregation": "svd"}}, "svd"),
         ({"privacy": {"max_epsilon": 4.0}}, "--privacy"),
         ({"privacy": {"level": "sample"}, "federation": {"personalize_steps": 3}}, "personalize"),
+        ({"secure": {"enabled": True}, "federation": {"personalize_steps": 3}}, "in the clear"),
         ({"privacy": {"level": "sample", "noise_multiplier": 0, "max_epsilon": 2}}, "infinite"),
         ({"privacy": {"unit": "patient_id"}}, "--privacy sample"),
         ({"privacy": {"level": "client", "unit": "patient_id"}}, "privacy.unit"),

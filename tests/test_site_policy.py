@@ -548,3 +548,94 @@ def test_a_prepared_session_trains_only_on_its_own_round(tiny_cfg, task_identity
     assert all(2 in RoundsTaken(grid_state(cfg), s).taken() for s in range(3))
     with pytest.raises(SecureRoundFailed, match="already taken"):
         run_secure(grid, cfg, 2)
+
+
+# --- personalisation: scores of a site's rows ---------------------------------------------------
+
+
+def personalisation(arrays: dict[str, np.ndarray], node: int = 100) -> Message:
+    """An EVALUATE message as the server's personalisation sends it, `arrays` as the adapter."""
+    content = RecordDict(
+        {
+            R.ROUND_CONFIG: ConfigRecord({R.PERSONALIZE_STEPS: 1}),
+            R.GLOBAL_ADAPTER: R.to_record(arrays),
+        }
+    )
+    return Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+
+
+def personalise(grid: LocalGrid, arrays: dict[str, np.ndarray]) -> dict:
+    """The site's metrics for a personalisation request, or its refusal."""
+    (reply,) = grid.pull_messages(grid.push_messages([personalisation(arrays)]))
+    assert not reply.has_error(), reply.error.reason
+    if R.REFUSAL in reply.content:
+        return dict(reply.content[R.REFUSAL])
+    return dict(reply.content[R.SITE_METRICS])
+
+
+def test_personalisation_is_no_oracle_on_a_sites_rows(tiny_cfg, task_identity):
+    """A server may send a personalisation request whatever its config says, with any adapter:
+    each reply is a score of the site's held-out rows, in the clear and outside any privacy
+    accounting. A site whose policy requires secure aggregation or differential privacy (or a
+    federation under DP) sends none; any site answers once per federation, so a server cannot
+    send adapters of its own one after another and read the site's loss under each."""
+    adapter = global_adapter(tiny_cfg())
+    private = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0})
+    for cfg, policy, why in [
+        (tiny_cfg(), SitePolicy(require_secure_aggregation=True), "secure aggregation required"),
+        (tiny_cfg(), SitePolicy(max_epsilon=8.0), "differential privacy"),
+        (private, None, "differential privacy"),
+    ]:
+        reply = personalise(LocalGrid(cfg, 1, policy), adapter)
+        assert R.GLOBAL_LOSS not in reply and R.HELD_OUT_ROWS not in reply, reply
+        assert why in reply[R.REASON] and "personalisation" in reply[R.REASON]
+
+    grid = LocalGrid(tiny_cfg(), 1)
+    assert R.PERSONAL_LOSS in personalise(grid, adapter)
+    crafted = {k: v + 0.5 for k, v in adapter.items()}
+    assert "personalisation already done" in personalise(grid, crafted)[R.REASON]
+
+
+def test_a_site_daemon_audits_the_scores_it_sends(tiny_cfg, task_identity):
+    """Scores of a site's rows leave it only as an audited reply, like an update."""
+    from fedlora.deploy.apps import audit_entry
+
+    cfg = tiny_cfg()
+    msg = personalisation(global_adapter(cfg))
+    grid = LocalGrid(cfg, 1)
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    entry = audit_entry(msg, reply, "federation-1")
+    assert entry["message"] == "evaluate" and entry["federation"] == "federation-1"
+    assert entry["scores"] == dict(reply.content[R.SITE_METRICS])
+    assert entry["scores"][R.HELD_OUT_ROWS] > 0
+
+
+def test_a_server_cannot_read_a_value_through_a_small_value_bound(tiny_cfg, task_identity):
+    """The session's value bound is the server's to send: one below what the protocol uses
+    made masking fail, and the failure quoted the site's first value beyond it, its index and
+    how many there were, in the clear. The site refuses a smaller bound before it trains, and a
+    value beyond the bound is named to the server without the value (the site's log has it)."""
+    from fedlora.apps.secure import _keys_fields, _stage
+
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = LocalGrid(cfg, 3)
+    content = round_content(1, global_adapter(cfg))
+    content[R.SECAGG] = _stage("keys", 1, _keys_fields(2, 1e-9))
+    msg = Message(content, dst_node_id=100, message_type=f"query.{R.SECAGG_ACTION}")
+    (reply,) = grid.pull_messages(grid.push_messages([msg]))
+    assert R.REFUSAL in reply.content, "the site opened a session with the server's tiny bound"
+    assert "value bound 1e-09" in reply.content[R.REFUSAL][R.REASON]
+
+    real_mask = SecAggClient.mask_input
+
+    def tight(self, contribution, ciphertexts):  # a bound the values exceed, as at 1e-9
+        self.value_bound, self.key_bounds = 1e-9, {}
+        return real_mask(self, contribution, ciphertexts)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SecAggClient, "mask_input", tight)
+        with pytest.raises(SecureRoundFailed) as failed:
+            run_secure(grid, cfg, 2)
+    said = str(failed.value)
+    assert "outside the secure-aggregation range" in said
+    assert not re.search(r"value -?\d|value np\.|at index|values in all", said), said

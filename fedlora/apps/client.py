@@ -25,10 +25,12 @@ from fedlora.apps.contribution import (
     refusal_reply,
     site_id,
     site_runtime,
+    site_state_dir,
     take_round,
     train_contribution,
 )
 from fedlora.apps.secure import BackgroundTraining, secure_stage_reply
+from fedlora.apps.site_state import RoundsTaken
 from fedlora.config import Config
 from fedlora.privacy.policy import BudgetExhausted
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
@@ -75,11 +77,27 @@ def train_reply(
     return Message(content, reply_to=msg)
 
 
-def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
+def personalisation_round(cfg: Config) -> int:
+    """Personalisation counts as the round after the last: a site takes part once (take_round),
+    so a server cannot ask for scores under one adapter after another."""
+    return cfg.federation.rounds + 1
+
+
+def personalize_reply(
+    cfg: Config, msg: Message, context: Context, policy: SitePolicy | None = None
+) -> Message:
     """Fine-tune the final global adapter on this site's rows only and compare both on the
     site's own held-out share. The personalised adapter is kept at the site (a standard peft
-    adapter, see fedlora.lifecycle.personal_adapter_dir); nothing but these metrics leaves it."""
+    adapter, see fedlora.lifecycle.personal_adapter_dir); nothing but these metrics leaves it,
+    and only where the site's policy lets its scores leave in the clear."""
     site = site_id(context)
+    policy = policy or SitePolicy.mirroring(cfg)
+    try:
+        policy.check_personalisation(cfg)
+        if not RoundsTaken(site_state_dir(cfg, context), site).take(personalisation_round(cfg)):
+            raise PolicyRefused("personalisation already done: a site answers it once")
+    except PolicyRefused as exc:
+        return refusal_reply(msg, site, personalisation_round(cfg), exc.reason)
     runtime = site_runtime(cfg, context)
     steps = int(msg.content[records.ROUND_CONFIG][records.PERSONALIZE_STEPS])
     global_arrays = records.from_record(msg.content[records.GLOBAL_ADAPTER])
@@ -96,7 +114,7 @@ def personalize_reply(cfg: Config, msg: Message, context: Context) -> Message:
             records.GLOBAL_LOSS: before.loss,
             records.GLOBAL_ACCURACY: before.accuracy or 0.0,
         }
-    seed = derive_seed(cfg.run.seed, cfg.federation.rounds + 1, site)
+    seed = derive_seed(cfg.run.seed, personalisation_round(cfg), site)
     torch.manual_seed(seed)
     local_train(
         runtime.model,
@@ -149,7 +167,7 @@ def make_client_app(
     @app.evaluate()
     def personalize(msg: Message, context: Context) -> Message:
         with model_use:
-            return personalize_reply(cfg, msg, context)
+            return personalize_reply(cfg, msg, context, policy)
 
     # secure aggregation: "query.secagg" (key and unmasking stages), "train.secagg" (masked input)
     @app.query(records.SECAGG_ACTION)

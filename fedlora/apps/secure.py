@@ -103,6 +103,7 @@ from fedlora.secure.secagg import (
     SecAggClient,
     SecAggError,
     SecAggServer,
+    ValueOutOfRange,
     check_threshold,
     clipped_range,
 )
@@ -726,11 +727,18 @@ def _open_session(
     by a site daemon (fedlora.secure.identity)."""
     policy.check_request(cfg, secure=True)
     threshold, site = int(fields[records.THRESHOLD]), site_id(context)
+    value_bound = float(fields[records.VALUE_BOUND])
+    if not value_bound >= DEFAULT_VALUE_BOUND:
+        raise PolicyRefused(
+            f"value bound {value_bound:g} is below the protocol's {DEFAULT_VALUE_BOUND:g}: "
+            "masking would fail on this site's own values, and the failure would tell the "
+            "server about them"
+        )
     client = SecAggClient.create(
         int(fields[records.ROUND]),
         site,
         threshold,
-        float(fields[records.VALUE_BOUND]),
+        value_bound,
         key_bounds=key_bounds(cfg, threshold),
     )
     c_pk, s_pk = client.public_keys()
@@ -878,10 +886,18 @@ def _masked_reply(
     """Mask the trained contribution. The new site state waits in ``context.state`` until the
     unmasking stage shows the input was summed."""
     fields = msg.content[records.SECAGG]
-    layout, masked = client.mask_input(
-        trained.contribution,
-        dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True)),
-    )
+    try:
+        layout, masked = client.mask_input(
+            trained.contribution,
+            dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True)),
+        )
+    except ValueOutOfRange as exc:  # its text quotes the value: for this site's log only
+        told = ValueOutOfRange(
+            "a value of this site's contribution is outside the secure-aggregation range "
+            f"[-{client.value_bound:g}, {client.value_bound:g}] (the site's log says which)"
+        )
+        told.local_detail = str(exc)  # fedlora.deploy.executor logs it, never relays it
+        raise told from None
     context.state[records.PENDING_STATE] = records.to_record(trained.state)
     trained.release()  # the masked input leaves now; the server may sum it without saying so
     if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent

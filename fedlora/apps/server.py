@@ -475,6 +475,13 @@ class Federation:
             if reply.has_error():
                 self.reporter.note(f"personalisation failed at a site: {reply.error.reason}")
                 continue
+            if records.REFUSAL in reply.content:
+                refusal = reply.content[records.REFUSAL]
+                self.reporter.note(
+                    f"{self.site_name(int(refusal[records.SITE_ID]))} refused personalisation: "
+                    f"{refusal[records.REASON]}"
+                )
+                continue
             self.personalization.append(dict(reply.content[records.SITE_METRICS]))
         self.personalization.sort(key=lambda r: r[records.SITE_ID])
         self.reporter.note(personalization_table(self.personalization, steps))

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -90,8 +90,9 @@ def tensors(record: ArrayRecord) -> dict[str, np.ndarray]:
 def audit_entry(
     msg: Message, reply: Message, federation: str, state: RecordDict | None = None
 ) -> dict | None:
-    """The audit line of a reply that carries tensor data (an update), else None. Under secure
-    aggregation the site's epsilon is not in the reply: it is read from the site's `state`."""
+    """The audit line of a reply that carries tensor data (an update) or scores of the site's
+    rows (personalisation), else None. Under secure aggregation the site's epsilon is not in
+    the reply: it is read from the site's `state`."""
     if reply.has_error():
         return None
     arrays = {
@@ -99,9 +100,17 @@ def audit_entry(
         for name, record in reply.content.array_records.items()
         for key, array in tensors(record).items()
     }
-    if not arrays:
-        return None
     metrics = {k: v for m in reply.content.metric_records.values() for k, v in m.items()}
+    if not arrays:
+        if msg.metadata.message_type != MessageType.EVALUATE:
+            return None
+        return {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "federation": federation,
+            "run": msg.metadata.run_id,
+            "message": msg.metadata.message_type,
+            "scores": metrics,
+        }
     if (
         state is not None
         and records.LOCAL_SPEND in state

@@ -110,6 +110,21 @@ class SitePolicy:
                 'client_noise = "distributed")'
             )
 
+    def check_personalisation(self, cfg: Config) -> None:
+        """Personalisation trains without privacy and reports scores of the site's held-out
+        rows in the clear, outside any accounting: a server may ask for it whatever its config
+        says, so the site decides."""
+        if self.require_secure_aggregation:
+            raise PolicyRefused(
+                "personalisation reports this site's scores in the clear; secure aggregation "
+                "required"
+            )
+        if cfg.privacy.level != "none" or self.max_epsilon:
+            raise PolicyRefused(
+                "personalisation reports scores of this site's rows outside differential "
+                "privacy, which the federation or this site's policy requires"
+            )
+
     def check_mechanism(self, mech: Mechanism) -> None:
         """The noise, clip and delta this site is about to apply. Under DP-SGD the noise and
         delta already meet the policy (sample_mechanism applies it); at client level they come
