@@ -14,6 +14,7 @@ from fedlora.adapter import add_lora
 from fedlora.config import Config
 from fedlora.data import Dataset, load_dataset, partition
 from fedlora.device import resolve_device
+from fedlora.errors import FedloraError, told_the_server
 from fedlora.model import load_base, set_threads, use_bf16
 from fedlora.train import Encoded, Encoder
 
@@ -55,8 +56,20 @@ class Runtime:
 
 def load_data(cfg: Config, log: Callable[[str], None] = print, own_site: int | None = None):
     """The data set and its partition: cheap, so it runs before any model is loaded. A site
-    daemon (`own_site`) reads only its own file, so every row of it is that site's."""
-    dataset = load_dataset(cfg.data, cfg.run.seed, log=log, unit=cfg.privacy.unit)
+    daemon (`own_site`) reads only its own file, so every row of it is that site's; what is
+    wrong with that file (its labels, its row counts) is for the site's log alone, as the
+    reason of a failed request goes back to the server."""
+    try:
+        dataset = load_dataset(cfg.data, cfg.run.seed, log=log, unit=cfg.privacy.unit)
+    except FedloraError as exc:
+        if own_site is None:
+            raise
+        raise told_the_server(
+            FedloraError(
+                "this site's data file cannot be used for this federation (the site's log says why)"
+            ),
+            str(exc),
+        ) from None
     if own_site is not None:
         n = cfg.federation.clients
         train_parts = [list(range(len(dataset.train))) if s == own_site else [] for s in range(n)]

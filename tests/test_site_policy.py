@@ -9,6 +9,7 @@ server receives."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -639,3 +640,25 @@ def test_a_server_cannot_read_a_value_through_a_small_value_bound(tiny_cfg, task
     said = str(failed.value)
     assert "outside the secure-aggregation range" in said
     assert not re.search(r"value -?\d|value np\.|at index|values in all", said), said
+
+
+def test_what_is_wrong_with_a_sites_data_stays_at_the_site(tiny_cfg, tmp_path):
+    """A site daemon loads its data when the first request comes, and the reason of a failure
+    goes back to the server: the site's labels, its row counts and its rare labels (one
+    patient's diagnosis) were in that text. The server hears that the data cannot be used; the
+    site's log (local_detail) hears why."""
+    from fedlora.deploy.executor import relayed_reason
+    from fedlora.runtime import load_data
+
+    rows = [{"text": f"note {i}", "label": "flu" if i % 2 else "cold"} for i in range(30)]
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text(json.dumps({"text": "note", "label": "rare-syndrome-x"}) + "\n")
+    cfg = tiny_cfg(data={"path": str(train), "test_path": str(test)})
+    with pytest.raises(FedloraError) as failed:
+        load_data(cfg, own_site=0)
+    told = relayed_reason(failed.value, "city")
+    assert "rare-syndrome-x" not in told and "data" in told, told
+    assert "rare-syndrome-x" in failed.value.local_detail
+    with pytest.raises(FedloraError, match="rare-syndrome-x"):  # a simulation's operator: all
+        load_data(cfg)

@@ -92,7 +92,7 @@ from fedlora.apps.contribution import (
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
 from fedlora.deploy import runconfig
-from fedlora.errors import FedloraError
+from fedlora.errors import FedloraError, told_the_server
 from fedlora.privacy.client_level import noise_shares, site_noise_std
 from fedlora.privacy.policy import client_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
@@ -892,12 +892,13 @@ def _masked_reply(
             dict(zip(fields[records.PEERS], fields[records.CIPHERTEXTS], strict=True)),
         )
     except ValueOutOfRange as exc:  # its text quotes the value: for this site's log only
-        told = ValueOutOfRange(
-            "a value of this site's contribution is outside the secure-aggregation range "
-            f"[-{client.value_bound:g}, {client.value_bound:g}] (the site's log says which)"
-        )
-        told.local_detail = str(exc)  # fedlora.deploy.executor logs it, never relays it
-        raise told from None
+        raise told_the_server(
+            ValueOutOfRange(
+                "a value of this site's contribution is outside the secure-aggregation range "
+                f"[-{client.value_bound:g}, {client.value_bound:g}] (the site's log says which)"
+            ),
+            str(exc),
+        ) from None
     context.state[records.PENDING_STATE] = records.to_record(trained.state)
     trained.release()  # the masked input leaves now; the server may sum it without saying so
     if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent
