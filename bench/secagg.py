@@ -13,9 +13,10 @@ client-level DP one, delta clipped to norm C = 1 with weight 1, whose delta has 
 are payload (tensor data, keys, ciphertexts, the layout, 8 per site id or number) per site and
 at the server, both directions; the global adapter, sent down in both modes, is not counted.
 
-Then what a site daemon adds when it signs its keys (fedlora.secure.identity): signing its
-own, checking every peer's against its [peers] roster, and the bytes of a signed key message
-(name, OpenSSH public key, signature) up to the server and, for all sites, down again.
+Then what a site daemon adds when it signs its keys and the digest of its training content
+(fedlora.secure.identity): signing its own, checking every peer's against its [peers] roster,
+and the bytes of the signatures (name, OpenSSH public key, signature) up to the server and,
+for all sites, down again.
 
     python bench/secagg.py --sites 10,50
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedlora.secure.identity import Signer, fingerprint, keys_statement
+from fedlora.secure.identity import Signer, content_statement, fingerprint, keys_statement
 from fedlora.secure.secagg import (
     Layout,
     SecAggClient,
@@ -150,15 +151,26 @@ def secure(
 
 def signatures(n: int) -> dict[str, float]:
     """One session's signing and roster checks at one site among n (P-384, as `fedlora certs`
-    makes the keys), and the bytes a signed key message adds."""
+    makes the keys): its keys (checked before sharing) and the digest of its training content
+    (checked before unmasking); and the bytes the signatures add, up (key and masked-input
+    replies) and down (share and unmask messages, every site's)."""
+    import os
+
     from cryptography.hazmat.primitives.asymmetric import ec
 
     signers = [Signer(f"site-{i:03d}", ec.generate_private_key(ec.SECP384R1())) for i in range(n)]
     keys = [SecAggClient.create(1, i, default_threshold(n)).public_keys() for i in range(n)]
+    digest = os.urandom(32)
     statements = [
-        keys_statement("federation-1", 1, i, s.name, *keys[i]) for i, s in enumerate(signers)
+        stmt
+        for i, s in enumerate(signers)
+        for stmt in (
+            keys_statement("federation-1", 1, i, s.name, *keys[i]),
+            content_statement("federation-1", 1, i, s.name, digest),
+        )
     ]
-    proofs, sign_s = timed(lambda: [s.prove(st) for s, st in zip(signers, statements, strict=True)])
+    owners = [s for s in signers for _ in range(2)]
+    proofs, sign_s = timed(lambda: [s.prove(st) for s, st in zip(owners, statements, strict=True)])
     roster = {s.name: fingerprint(s.public_key()) for s in signers}
     checked, check_s = timed(
         lambda: [p.holds(roster[p.name], st) for p, st in zip(proofs, statements, strict=True)]
@@ -168,8 +180,8 @@ def signatures(n: int) -> dict[str, float]:
     return {
         "sign_s": sign_s / n,
         "check_s": check_s / n * (n - 1),
-        "up": extra,
-        "down": extra * n,
+        "up": 2 * extra,
+        "down": 2 * extra * n,
     }
 
 

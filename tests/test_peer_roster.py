@@ -131,7 +131,7 @@ def sybil_session(grid: LocalGrid, cfg, fakes: int = 3, threshold: int = 3, sign
     sent = {0: _read_shares(reply)} | {j: c.share_keys(peers) for j, c in fake.items()}
     routed = server.route_shares(sent)
     fields = {R.PEERS: list(routed[0]), R.CIPHERTEXTS: list(routed[0].values())}
-    masked, layout, _ = _read_masked(
+    masked, layout, *_ = _read_masked(
         ask(grid, RecordDict({R.SECAGG: _stage("mask", round_, fields)}), TRAIN_SECAGG)
     )
     zeros = {k: np.zeros(shape) for k, shape in zip(layout.keys, layout.shapes, strict=True)}
@@ -167,7 +167,7 @@ def test_a_site_with_peers_refuses_keys_its_peers_did_not_sign(tiny_cfg, tmp_pat
         return reason
 
     attempt = itertools.count()
-    assert "keys of site 1 are not signed" in attack(None)
+    assert "site 1 sent its keys unsigned" in attack(None)
 
     forger = signer(keys, "forger")  # a key the server made, under a peer's name
 
@@ -177,7 +177,7 @@ def test_a_site_with_peers_refuses_keys_its_peers_did_not_sign(tiny_cfg, tmp_pat
         proof = Signer(NAMES[j], forger.key).prove(statement)
         return proof.name, proof.public_key, proof.signature
 
-    assert "not signed for this session by the key [peers] lists for 'st-marys'" in attack(forged)
+    assert "not that of the key [peers] lists for 'st-marys'" in attack(forged)
 
     def replayed(j: int, client: SecAggClient):  # the real peer's signature, another round's
         c_pk, s_pk = client.public_keys()
@@ -268,3 +268,90 @@ def test_site_toml_peers(tmp_path, keys):
         load_site(write_site(tmp_path / "d", keys, f"[peers]\nst-marys = '{other}'\n", True))
     bare = load_site(write_site(tmp_path / "e", keys, ""))
     assert bare.policy.peers == () and roster_line(bare).startswith("WARNING: no [peers]")
+
+
+class Inconsistent(LocalGrid):
+    """A server that sends site 0 the round's adapter and every other site one whose B factors
+    are zero and whose A factors are 1e-12 of the round's (Pasquini et al. 2022, "Eluding secure
+    aggregation in federated learning via model inconsistency"): the others' gradients are about
+    1e-12 of site 0's scale, and so are their updates under SGD: the sum is site 0's update.
+    (All zeros would give exactly zero updates, which a site refuses to send: fedlora.train.)"""
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        for msg in msgs:
+            if msg.metadata.dst_node_id != 100 and R.GLOBAL_ADAPTER in msg.content:
+                arrays = R.from_record(msg.content[R.GLOBAL_ADAPTER])
+                crafted = {k: v * (0.0 if "lora_B" in k else 1e-12) for k, v in arrays.items()}
+                msg.content[R.GLOBAL_ADAPTER] = R.to_record(crafted)
+        return super().push_messages(msgs)
+
+
+def spy_on_site_0(monkeypatch) -> dict:
+    """What site 0 masks (the test looks; the server never sees it)."""
+    seen: dict = {}
+    real_mask = SecAggClient.mask_input
+
+    def mask_input(self, contribution, ciphertexts):
+        if self.site == 0:
+            seen.update(contribution)
+        return real_mask(self, contribution, ciphertexts)
+
+    monkeypatch.setattr(SecAggClient, "mask_input", mask_input)
+    return seen
+
+
+def test_without_peers_a_server_that_sends_different_adapters_reads_one_site(
+    tiny_cfg, tmp_path, keys, monkeypatch
+):
+    """The weakness, shown with SGD, whose steps follow the gradients' scale (Adam's do not:
+    against it the crafting takes more care, not less risk)."""
+    cfg = tiny_cfg(secure={"enabled": True}, train={"optimizer": "sgd", "lr": 0.5})
+    grid = daemons(cfg, tmp_path, keys, [SitePolicy()] * 3)
+    grid.__class__ = Inconsistent
+    own = spy_on_site_0(monkeypatch)
+    result = run_secure(grid, cfg, 1)
+    assert result.sites == [0, 1, 2]
+    deltas = [k for k in own if k.startswith("delta/")]
+    scale = max(float(np.abs(own[k]).max()) for k in deltas)
+    assert scale > 0
+    for k in deltas:  # the "sum" of the updates is site 0's, to 1e-3 of its largest value
+        np.testing.assert_allclose(result.sums[k], own[k], rtol=0, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["own-session", "prepared"])
+def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
+    tiny_cfg, tmp_path, keys, monkeypatch, pipeline
+):
+    """Each site signs the digest of the training content it trained from; before it reveals
+    its unmasking shares it checks that every survivor trained from the same. Checked at the
+    unmasking, not the keys, so that it holds for a session set up in the round before."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    policies = [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
+    grid = daemons(cfg, tmp_path, keys, policies)
+    nodes = {i: 100 + i for i in range(3)}
+    prepared = None
+    if pipeline:  # round 1 honest, with round 2's session set up during it
+        first = secure_sum(
+            grid,
+            nodes,
+            round_content(1, global_adapter(cfg)),
+            2,
+            lambda _: 0,
+            upcoming=NextRound(2, [0, 1, 2], 2),
+        )
+        prepared = first.prepared
+        assert prepared is not None
+    grid.__class__ = Inconsistent
+    round_ = 2 if pipeline else 1
+    with pytest.raises(SecureRoundFailed) as failed:
+        secure_sum(
+            grid,
+            nodes,
+            round_content(round_, global_adapter(cfg)),
+            2,
+            lambda _: 0,
+            prepared=prepared,
+        )
+    assert "unmask" in str(failed.value)
+    assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
+    assert all("other training content" in why for why in failed.value.refused.values())

@@ -196,7 +196,8 @@ def test_the_audit_log_digests_the_tensors_a_site_sent_not_their_packing():
     from flwr.app import Message, Metadata, RecordDict
 
     from fedlora.apps import records as R
-    from fedlora.deploy.apps import audit_entry, payload_digest
+    from fedlora.apps.records import payload_digest
+    from fedlora.deploy.apps import audit_entry
 
     arrays = sample()
     meta = Metadata(1, "m1", 2, 0, "", "1", 0.0, 1e9, "train", 0, 0)

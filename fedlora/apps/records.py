@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -106,6 +107,26 @@ def payload_bytes(arrays: Arrays) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
 
 
+def payload_digest(arrays: Arrays) -> str:
+    """SHA-256 over every tensor in name order: name, dtype, shape, then the raw bytes (C
+    order). Anyone holding the same tensors gets the same digest."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def content_digest(content) -> bytes:
+    """What a round's training content is, as every site of the round must have received it:
+    the global adapter, the strategy's broadcast state and the round number."""
+    arrays = {f"global/{k}": v for k, v in from_record(content[GLOBAL_ADAPTER]).items()}
+    arrays |= {f"broadcast/{k}": v for k, v in from_record(content[BROADCAST]).items()}
+    arrays["round"] = np.array([int(content[ROUND_CONFIG][ROUND])])
+    return bytes.fromhex(payload_digest(arrays))
+
+
 # secure aggregation (fedlora/apps/secure.py): four stages per session, message types
 # "query.secagg" (keys with the round's training content, shares, unmasking) and "train.secagg"
 # (send the trained, masked input); the next round's keys and shares may ride on this round's
@@ -121,7 +142,9 @@ VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
 SITES = "sites"  # site ids, aligned with C_PKS and S_PKS
 C_PKS = "c_pks"  # share-channel public keys
 S_PKS = "s_pks"  # mask public keys
-# who signed each site's keys (fedlora.secure.identity), aligned with SITES; "" / b"": unsigned
+# who signed each site's keys (fedlora.secure.identity), aligned with SITES; "" / b"": unsigned;
+# in a mask reply (one each) and an unmask message (aligned with SURVIVORS): who signed the
+# digest of the training content that site trained from
 SIGNER_NAMES = "signer_names"
 SIGNER_KEYS = "signer_keys"  # the signers' node-authentication public keys (OpenSSH)
 SIGNATURES = "signatures"
@@ -139,6 +162,8 @@ SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site
 SECAGG_NEXT_STATE = "fedlora_secagg_next_state"
 PENDING_STATE = "fedlora_pending_state"  # ArrayRecord in context.state: state saved on unmask
 LOCAL_SPEND = "fedlora_local_spend"  # MetricRecord in context.state: epsilon, for the audit log
+#: ConfigRecord in context.state: the digest of the content the site trained from, until unmask
+CONTENT_DIGEST = "fedlora_content_digest"
 #: prefix of context.state keys: the round's training content, kept from the keys stage to the
 #: mask stage by a site that trains there
 ROUND_CONTENT = "fedlora_round_content."

@@ -8,8 +8,10 @@ One session per round, four stages, each one message to every site still in it a
   share   query.secagg  server -> site: everyone's public keys and signatures;
                         site -> server: encrypted shares
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
-                        contribution, layout, metrics
-  unmask  query.secagg  server -> site: who survived, who dropped; site -> server: shares
+                        contribution, layout, metrics (a site daemon signs the digest of the
+                        training content it trained from)
+  unmask  query.secagg  server -> site: who survived, who dropped, the survivors' signed
+                        digests; site -> server: shares
 
 The next round's session need not wait for its round (`secure.pipeline`, the server's choice):
 its keys stage rides on this round's mask message and its share stage on the unmask message
@@ -45,7 +47,8 @@ The site's policy (fedlora.privacy.site_policy) is checked at every stage agains
 sees itself: the request before it opens a session or trains (and a round it took part in before
 is refused: one session per round), who signed the keys it receives (against its [peers]
 roster), the cohort and threshold when it receives them, the number of inputs in the sum
-before it reveals unmasking shares. Nothing the site trained leaves
+and (with a roster) that they all came from the training content it trained from, before it
+reveals unmasking shares. Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
 c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a
@@ -66,6 +69,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import (
@@ -96,7 +100,7 @@ from fedlora.errors import FedloraError, told_the_server
 from fedlora.privacy.client_level import noise_shares, site_noise_std
 from fedlora.privacy.policy import client_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
-from fedlora.secure.identity import Proof, Signer, keys_statement
+from fedlora.secure.identity import Proof, Signer, content_statement, keys_statement
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     Layout,
@@ -306,20 +310,22 @@ def secure_sum(
         inputs = ask.parse(MASK, replies, _read_masked)
         layout = None  # a site whose keys, shapes or formats differ from the others' drops
         if inputs:
-            layout = Counter(lay for _, lay, _ in inputs.values()).most_common(1)[0][0]
-            for s in [s for s, (_, lay, _) in inputs.items() if lay != layout]:
+            layout = Counter(i.layout for i in inputs.values()).most_common(1)[0][0]
+            for s in [s for s, i in inputs.items() if i.layout != layout]:
                 ask.failures.append(
                     f"site {s}, {MASK}: its contribution's keys, shapes or number formats differ"
                 )
                 del inputs[s]
-        masked = {s: m for s, (m, _, _) in inputs.items()}
+        masked = {s: i.masked for s, i in inputs.items()}
         survivors, dropped = server.receive_masked(masked, layout)
         nxt.receive_keys({s: replies[s] for s in survivors})
 
         stage = UNMASK
         contents = {}
+        signed = {s: inputs[s].signed for s in survivors}
         for s in survivors:
             fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+            fields |= _signature_fields(survivors, signed)
             contents[s] = RecordDict({records.SECAGG: _stage(UNMASK, round_, fields)})
             nxt.ask_shares(contents[s], s)
         replies = ask(UNMASK, contents)
@@ -338,7 +344,7 @@ def secure_sum(
     return SecureSum(
         sums=layout.unpack(total),
         sites=survivors,
-        metrics={s: inputs[s][2] for s in survivors},
+        metrics={s: inputs[s].metrics for s in survivors},
         failures=ask.failures,
         bytes_up=ask.bytes_up,
         bytes_down=ask.bytes_down,
@@ -384,17 +390,23 @@ def _share_fields(
 ) -> dict[str, object]:
     """Every site's public keys, and who signed them where any site did (relayed as sent:
     each site checks them against its own roster, fedlora.secure.identity)."""
-    fields: dict[str, object] = {
+    return {
         records.SITES: list(peers),
         records.C_PKS: [c for c, _ in peers.values()],
         records.S_PKS: [s for _, s in peers.values()],
+    } | _signature_fields(list(peers), signed)
+
+
+def _signature_fields(sites: list[int], signed: Mapping[int, Signed]) -> dict[str, list]:
+    """The signatures of `sites`, in their order, where any site signed (else none)."""
+    rows = [signed.get(j, UNSIGNED) for j in sites]
+    if not any(name for name, _, _ in rows):
+        return {}
+    return {
+        records.SIGNER_NAMES: [name for name, _, _ in rows],
+        records.SIGNER_KEYS: [key for _, key, _ in rows],
+        records.SIGNATURES: [sig for _, _, sig in rows],
     }
-    rows = [signed.get(j, UNSIGNED) for j in peers]
-    if any(name for name, _, _ in rows):
-        fields[records.SIGNER_NAMES] = [name for name, _, _ in rows]
-        fields[records.SIGNER_KEYS] = [key for _, key, _ in rows]
-        fields[records.SIGNATURES] = [sig for _, _, sig in rows]
-    return fields
 
 
 @dataclass
@@ -486,15 +498,19 @@ def _read_keys(
 ) -> tuple[int, tuple[bytes, bytes], Signed]:
     f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
-    signed = UNSIGNED
-    if records.SIGNATURES in f:
-        (name,), (key,), (sig,) = (
-            f[records.SIGNER_NAMES],
-            f[records.SIGNER_KEYS],
-            f[records.SIGNATURES],
-        )
-        signed = (str(name), bytes(key), bytes(sig))
-    return int(site), (bytes(c_pk), bytes(s_pk)), signed
+    return int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f)
+
+
+def _read_signature(fields: Mapping) -> Signed:
+    """A reply's one signature, as sent (the sites check them, not the server)."""
+    if records.SIGNATURES not in fields:
+        return UNSIGNED
+    (name,), (key,), (sig,) = (
+        fields[records.SIGNER_NAMES],
+        fields[records.SIGNER_KEYS],
+        fields[records.SIGNATURES],
+    )
+    return str(name), bytes(key), bytes(sig)
 
 
 def _read_shares(content: RecordDict, record: str = records.SECAGG) -> dict[int, bytes]:
@@ -502,12 +518,22 @@ def _read_shares(content: RecordDict, record: str = records.SECAGG) -> dict[int,
     return dict(zip(f[records.PEERS], f[records.CIPHERTEXTS], strict=True))
 
 
-def _read_masked(content: RecordDict) -> tuple[np.ndarray, Layout, MetricRecord]:
+class MaskedInput(NamedTuple):
+    """A site's mask-stage reply, as the server reads it."""
+
+    masked: np.ndarray
+    layout: Layout
+    metrics: MetricRecord
+    signed: Signed  # who signed the digest of the training content the site trained from
+
+
+def _read_masked(content: RecordDict) -> MaskedInput:
     masked = content[records.SECAGG_MASKED][records.SECAGG_MASKED].numpy()
     layout = Layout.from_config(content[records.SECAGG_LAYOUT])
     if masked.dtype != np.uint64 or masked.shape != (layout.words,):
         raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.words}")
-    return masked, layout, content[records.SITE_METRICS]
+    signed = _read_signature(content[records.SECAGG]) if records.SECAGG in content else UNSIGNED
+    return MaskedInput(masked, layout, content[records.SITE_METRICS], signed)
 
 
 def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes]]:
@@ -529,6 +555,7 @@ class Trained:
     metrics: MetricRecord
     state: Arrays  # the site's new state: saved once its input is in the sum
     release: Callable[[], None]  # enters the round in the privacy ledger: once it is masked
+    digest: bytes  # of the training content it came from (records.content_digest)
 
 
 class BackgroundTraining:
@@ -613,6 +640,7 @@ def secure_stage_reply(
             records.SECAGG_STATE,
             records.SECAGG_NEXT_STATE,
             records.PENDING_STATE,
+            records.CONTENT_DIGEST,
             *_kept_content(context),
         ]:
             if key in context.state:
@@ -678,9 +706,21 @@ def _stage_reply(
                 trained = background.result(context.run_id, site, round_)
             reply = _masked_reply(msg, context, client, trained)
         elif stage == UNMASK:
-            policy.check_sum(len(fields[records.SURVIVORS]))
-            b, s = client.unmask(fields[records.SURVIVORS], fields[records.DROPPED])
+            survivors = fields[records.SURVIVORS]
+            policy.check_sum(len(survivors))
+            trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
+            policy.check_same_content(
+                _federation(context),
+                round_,
+                site,
+                bytes(trained_from),
+                survivors,
+                _proofs(fields, survivors),
+            )
+            b, s = client.unmask(survivors, fields[records.DROPPED])
             _commit_state(cfg, context, round_, site)  # this site's input is in the sum
+            if records.CONTENT_DIGEST in context.state:
+                del context.state[records.CONTENT_DIGEST]
             fields_out = {records.SURVIVORS: list(b), records.B_SHARES: list(b.values())}
             fields_out |= {records.DROPPED: list(s), records.S_SHARES: list(s.values())}
             reply = RecordDict({records.SECAGG: ConfigRecord(fields_out)})
@@ -743,21 +783,26 @@ def _open_session(
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
-    if AUTH_KEY in context.node_config:
-        signer = Signer.load(
-            str(context.node_config[runconfig.SITE_NAME]),
-            Path(str(context.node_config[AUTH_KEY])),
-        )
-        statement = keys_statement(
-            _federation(context), client.session, site, signer.name, c_pk, s_pk
-        )
-        proof = signer.prove(statement)
-        reply |= {
-            records.SIGNER_NAMES: [proof.name],
-            records.SIGNER_KEYS: [proof.public_key],
-            records.SIGNATURES: [proof.signature],
-        }
-    return client, reply
+    federation = _federation(context)
+    return client, reply | _signed(
+        context, lambda name: keys_statement(federation, client.session, site, name, c_pk, s_pk)
+    )
+
+
+def _signed(context: Context, statement: Callable[[str], bytes]) -> dict[str, list]:
+    """A site daemon's signature (its node-authentication key) on `statement(its name)`, as
+    reply fields; a simulated site signs nothing."""
+    if AUTH_KEY not in context.node_config:
+        return {}
+    signer = Signer.load(
+        str(context.node_config[runconfig.SITE_NAME]), Path(str(context.node_config[AUTH_KEY]))
+    )
+    proof = signer.prove(statement(signer.name))
+    return {
+        records.SIGNER_NAMES: [proof.name],
+        records.SIGNER_KEYS: [proof.public_key],
+        records.SIGNATURES: [proof.signature],
+    }
 
 
 def _share_keys(
@@ -767,20 +812,25 @@ def _share_keys(
     of shares per peer."""
     peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
     received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
-    proofs = {}
-    if records.SIGNATURES in fields:
-        signed = zip(
-            fields[records.SITES],
-            fields[records.SIGNER_NAMES],
-            fields[records.SIGNER_KEYS],
-            fields[records.SIGNATURES],
-            strict=True,
-        )
-        proofs = {int(j): Proof(str(n), bytes(k), bytes(sig)) for j, n, k, sig in signed if n}
+    proofs = _proofs(fields, fields[records.SITES])
     policy.check_peers(_federation(context), client.session, client.site, received, proofs)
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
     return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
+
+
+def _proofs(fields: ConfigRecord, sites: list) -> dict[int, Proof]:
+    """site -> its signature, from signature lists aligned with `sites` (the signed ones)."""
+    if records.SIGNATURES not in fields:
+        return {}
+    signed = zip(
+        sites,
+        fields[records.SIGNER_NAMES],
+        fields[records.SIGNER_KEYS],
+        fields[records.SIGNATURES],
+        strict=True,
+    )
+    return {int(j): Proof(str(n), bytes(k), bytes(sig)) for j, n, k, sig in signed if n}
 
 
 def _federation(context: Context) -> str:
@@ -821,7 +871,7 @@ def train_input(
         threshold=threshold,
         keep=lambda _r, state: pending.update(state),
     )
-    return Trained(contribution, metrics, pending, release)
+    return Trained(contribution, metrics, pending, release, records.content_digest(content))
 
 
 def _kept_content(context: Context) -> list[str]:
@@ -900,10 +950,18 @@ def _masked_reply(
             str(exc),
         ) from None
     context.state[records.PENDING_STATE] = records.to_record(trained.state)
+    context.state[records.CONTENT_DIGEST] = ConfigRecord({"digest": trained.digest})
     trained.release()  # the masked input leaves now; the server may sum it without saying so
     if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent
         epsilon = float(trained.contribution[records.STATS_EPSILON][0])
         context.state[records.LOCAL_SPEND] = MetricRecord({records.PRIVACY + "epsilon": epsilon})
+    federation = _federation(context)
+    signed = _signed(
+        context,
+        lambda name: content_statement(
+            federation, client.session, client.site, name, trained.digest
+        ),
+    )
     return RecordDict(
         {
             records.SECAGG_MASKED: ArrayRecord(
@@ -911,6 +969,7 @@ def _masked_reply(
             ),
             records.SECAGG_LAYOUT: ConfigRecord(layout.to_config()),
             records.SITE_METRICS: trained.metrics,
+            records.SECAGG: ConfigRecord(signed),
         }
     )
 

@@ -11,7 +11,6 @@ requires one; fedlora's server half runs inside `fedlora server` (fedlora.deploy
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tomllib
 from datetime import UTC, datetime
@@ -51,17 +50,6 @@ def site_config(federation: dict, site: SiteSettings) -> Config:
     if site.privacy_unit and privacy.get("level") == "sample":  # who a person is: its own data
         privacy["unit"] = site.privacy_unit
     return load_config(None, [values])
-
-
-def payload_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every tensor in name order: name, dtype, shape, then the raw bytes (C
-    order). Anyone holding the same tensors gets the same digest."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def refusal_entry(msg: Message, reply: Message, federation: str) -> dict | None:
@@ -128,7 +116,7 @@ def audit_entry(
         "message": msg.metadata.message_type,
         "records": sorted(reply.content.array_records),
         "bytes": records.payload_bytes(arrays),
-        "sha256": payload_digest(arrays),
+        "sha256": records.payload_digest(arrays),
         "epsilon": metrics.get(records.PRIVACY + "epsilon"),
         "secrets": SITE_CSPRNG,  # a site daemon's noise, batches and coin: its own secret
     }

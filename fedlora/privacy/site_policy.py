@@ -15,14 +15,14 @@ plays every site with `SitePolicy.mirroring(cfg)`: the run config's own choices.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, get_args
 
 from fedlora.config import AggregationMode, Config, PrivacyLevel
 from fedlora.errors import FedloraError
 from fedlora.privacy.policy import Mechanism
-from fedlora.secure.identity import Proof, keys_statement
+from fedlora.secure.identity import Proof, content_statement, keys_statement
 from fedlora.strategies import STRATEGIES
 
 LEVELS: tuple[str, ...] = get_args(PrivacyLevel)
@@ -169,17 +169,46 @@ class SitePolicy:
         federation and session, by a different peer of the roster (fedlora.secure.identity),
         so the cohort this site counts is sites, not keys the server made. Without one, any
         key counts (the server's word on who is behind it)."""
+
+        def statement(site: int, name: str) -> bytes:
+            return keys_statement(federation, session, site, name, *received[site])
+
+        self._check_signed(set(received) - {own}, proofs, statement, "keys")
+
+    def check_same_content(
+        self,
+        federation: str,
+        session: int,
+        own: int,
+        digest: bytes,
+        survivors: Iterable[int],
+        proofs: Mapping[int, Proof],
+    ) -> None:
+        """With a roster, before revealing unmasking shares: every other input in the sum was
+        trained, by a peer of the roster, from the training content this site trained from
+        (`digest`; fedlora.secure.identity.content_statement)."""
+
+        def statement(site: int, name: str) -> bytes:
+            return content_statement(federation, session, site, name, digest)
+
+        self._check_signed(set(survivors) - {own}, proofs, statement, "training content")
+
+    def _check_signed(
+        self,
+        sites: Iterable[int],
+        proofs: Mapping[int, Proof],
+        statement: Callable[[int, str], bytes],
+        what: str,
+    ) -> None:
         if not self.peers:
             return
         roster, seen = dict(self.peers), set()
-        for site, (c_pk, s_pk) in sorted(received.items()):
-            if site == own:
-                continue
+        for site in sorted(sites):
             proof = proofs.get(site)
             if proof is None:
                 raise PolicyRefused(
-                    f"the keys of site {site} are not signed; this site shares secrets only "
-                    "with the peers its [peers] lists"
+                    f"site {site} sent its {what} unsigned; this site shares secrets only with "
+                    "the peers its [peers] lists"
                 )
             if proof.name not in roster:
                 raise PolicyRefused(
@@ -187,11 +216,16 @@ class SitePolicy:
                 )
             if proof.name in seen:
                 raise PolicyRefused(f"two sites of the session sign as {proof.name!r}")
-            statement = keys_statement(federation, session, site, proof.name, c_pk, s_pk)
-            if not proof.holds(roster[proof.name], statement):
+            if not proof.holds(roster[proof.name], statement(site, proof.name)):
+                why = (
+                    "forged, or from another session"
+                    if what == "keys"
+                    else "it trained from other training content than this site: a server that "
+                    "sends sites different adapters can read one site's update from the sum"
+                )
                 raise PolicyRefused(
-                    f"the keys of site {site} are not signed for this session by the key "
-                    f"[peers] lists for {proof.name!r} (forged, or from another session)"
+                    f"the signature on site {site}'s {what} is not that of the key [peers] lists "
+                    f"for {proof.name!r} in this session ({why})"
                 )
             seen.add(proof.name)
 

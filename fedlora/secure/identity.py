@@ -12,12 +12,14 @@ from its peers (the consortium's agreement, a call between operators), so the se
 relay the signatures but not make them.
 
 Written here because no library signs secure-aggregation keys for Flower's Message API (Bonawitz
-et al. 2017 sign them the same way, with keys from a trusted registry). The statement a site
-signs is domain-separated (Flower's node authentication signs only timestamps with the same
-key) and length-prefixed, and names the federation, the session's round, the site's index and
-name and both public keys: a signature holds for that session alone. ECDSA over SHA-384 and the
-key formats come from `cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf auth.pub`
-prints the same).
+et al. 2017 sign them the same way, with keys from a trusted registry). The statements a site
+signs are domain-separated (Flower's node authentication signs only timestamps with the same
+key) and length-prefixed, and name the federation, the session's round, the site's index and
+name: a signature holds for that session alone. One covers the site's two public keys, checked
+before the site shares its secrets; one the training content it trained from, checked before
+it helps unmask a sum (every input in it must come from the same content). ECDSA over SHA-384
+and the key formats come from `cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf
+auth.pub` prints the same).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.errors import FedloraError
 
-DOMAIN = b"fedlora secure-aggregation keys v1\n"
+KEYS = b"fedlora secure-aggregation keys v1\n"
+CONTENT = b"fedlora secure-aggregation content v1\n"
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
 
@@ -63,8 +66,23 @@ def keys_statement(
     federation: str, session: int, site: int, name: str, c_pk: bytes, s_pk: bytes
 ) -> bytes:
     """What a site signs when it advertises its keys for one session."""
+    return _statement(KEYS, federation, session, site, name, c_pk, s_pk)
+
+
+def content_statement(federation: str, session: int, site: int, name: str, digest: bytes) -> bytes:
+    """What a site signs with its masked input: the digest of the training content it trained
+    from (fedlora.apps.records.content_digest). Every site of a sum must have trained from the
+    same: a server that sends one site the round's adapter and the others one whose LoRA
+    factors are zero (zero gradients, zero updates) reads that site's update from the sum
+    (Pasquini et al. 2022, model inconsistency)."""
+    return _statement(CONTENT, federation, session, site, name, digest)
+
+
+def _statement(
+    domain: bytes, federation: str, session: int, site: int, name: str, *values: bytes
+) -> bytes:
     parts = [federation.encode(), str(session).encode(), str(site).encode(), name.encode()]
-    return DOMAIN + b"".join(len(p).to_bytes(4, "big") + p for p in [*parts, c_pk, s_pk])
+    return domain + b"".join(len(p).to_bytes(4, "big") + p for p in [*parts, *values])
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,10 @@ cannot collect t shares of both b_j and s_j, which is what unmasking one site wo
 server that forges sites' public keys holds the shares it sends to them: this module cannot
 tell. In deployment every site signs its public keys and a site with a roster of its peers
 accepts only keys they signed for the session (fedlora.secure.identity, checked before the
-share stage); the rest of Bonawitz et al.'s active-server protocol (a signed consistency round
-on the survivor set) is not implemented: 2t > |U1| covers what it guards while no site
-colludes with the server.
+share stage), and unmasks only a sum whose inputs were all trained from the content it trained
+from (checked before the unmasking); the rest of Bonawitz et al.'s active-server protocol (a
+signed consistency round on the survivor set) is not implemented: 2t > |U1| covers what it
+guards while no site colludes with the server.
 
 Fixed point (``FixedPoint``): each value x with |x| <= B (its key's bound) becomes
 q = round(x * 2^f) in two's complement modulo 2^w, w = 32 or 64 bits, with f = (w - 2) -
