@@ -174,22 +174,20 @@ def test_a_site_with_peers_refuses_keys_its_peers_did_not_sign(tiny_cfg, tmp_pat
     def forged(j: int, client: SecAggClient):
         c_pk, s_pk = client.public_keys()
         statement = keys_statement(FEDERATION, 1, j, NAMES[j], c_pk, s_pk)
-        proof = Signer(NAMES[j], forger.key).prove(statement)
-        return proof.name, proof.public_key, proof.signature
+        return Signer(NAMES[j], forger.key).prove(statement)
 
     assert "not that of the key [peers] lists for 'st-marys'" in attack(forged)
 
     def replayed(j: int, client: SecAggClient):  # the real peer's signature, another round's
         c_pk, s_pk = client.public_keys()
-        proof = signer(keys, NAMES[j]).prove(keys_statement(FEDERATION, 7, j, NAMES[j], c_pk, s_pk))
-        return proof.name, proof.public_key, proof.signature
+        statement = keys_statement(FEDERATION, 7, j, NAMES[j], c_pk, s_pk)
+        return signer(keys, NAMES[j]).prove(statement)
 
     assert "(forged, or from another session)" in attack(replayed)
 
     def stranger(j: int, client: SecAggClient):
         c_pk, s_pk = client.public_keys()
-        proof = forger.prove(keys_statement(FEDERATION, 1, j, "forger", c_pk, s_pk))
-        return proof.name, proof.public_key, proof.signature
+        return forger.prove(keys_statement(FEDERATION, 1, j, "forger", c_pk, s_pk))
 
     assert "signs as 'forger', which this site's [peers] does not list" in attack(stranger)
 

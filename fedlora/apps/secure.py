@@ -115,9 +115,7 @@ from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
-#: (signer's name, its public key, signature) of a site's keys, as the server relays them
-Signed = tuple[str, bytes, bytes]
-UNSIGNED: Signed = ("", b"", b"")
+UNSIGNED = Proof("", b"", b"")  # a simulated site's (and an older daemon's) signature
 QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
 TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
 
@@ -386,7 +384,7 @@ def _keys_fields(threshold: int, value_bound: float) -> dict[str, object]:
 
 
 def _share_fields(
-    peers: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, Signed]
+    peers: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, Proof]
 ) -> dict[str, object]:
     """Every site's public keys, and who signed them where any site did (relayed as sent:
     each site checks them against its own roster, fedlora.secure.identity)."""
@@ -397,15 +395,15 @@ def _share_fields(
     } | _signature_fields(list(peers), signed)
 
 
-def _signature_fields(sites: list[int], signed: Mapping[int, Signed]) -> dict[str, list]:
+def _signature_fields(sites: list[int], signed: Mapping[int, Proof]) -> dict[str, list]:
     """The signatures of `sites`, in their order, where any site signed (else none)."""
     rows = [signed.get(j, UNSIGNED) for j in sites]
-    if not any(name for name, _, _ in rows):
+    if not any(row.name for row in rows):
         return {}
     return {
-        records.SIGNER_NAMES: [name for name, _, _ in rows],
-        records.SIGNER_KEYS: [key for _, key, _ in rows],
-        records.SIGNATURES: [sig for _, _, sig in rows],
+        records.SIGNER_NAMES: [row.name for row in rows],
+        records.SIGNER_KEYS: [row.public_key for row in rows],
+        records.SIGNATURES: [row.signature for row in rows],
     }
 
 
@@ -419,7 +417,7 @@ class _NextSession:
     upcoming: NextRound | None
     server: SecAggServer | None = None
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    signed: dict[int, Signed] = field(default_factory=dict)
+    signed: dict[int, Proof] = field(default_factory=dict)
     routed: dict[int, dict[int, bytes]] | None = None
 
     @classmethod
@@ -495,13 +493,13 @@ class SecureRoundFailed(FedloraError):
 
 def _read_keys(
     content: RecordDict, record: str = records.SECAGG
-) -> tuple[int, tuple[bytes, bytes], Signed]:
+) -> tuple[int, tuple[bytes, bytes], Proof]:
     f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
     return int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f)
 
 
-def _read_signature(fields: Mapping) -> Signed:
+def _read_signature(fields: Mapping) -> Proof:
     """A reply's one signature, as sent (the sites check them, not the server)."""
     if records.SIGNATURES not in fields:
         return UNSIGNED
@@ -510,7 +508,7 @@ def _read_signature(fields: Mapping) -> Signed:
         fields[records.SIGNER_KEYS],
         fields[records.SIGNATURES],
     )
-    return str(name), bytes(key), bytes(sig)
+    return Proof(str(name), bytes(key), bytes(sig))
 
 
 def _read_shares(content: RecordDict, record: str = records.SECAGG) -> dict[int, bytes]:
@@ -524,7 +522,7 @@ class MaskedInput(NamedTuple):
     masked: np.ndarray
     layout: Layout
     metrics: MetricRecord
-    signed: Signed  # who signed the digest of the training content the site trained from
+    signed: Proof  # who signed the digest of the training content the site trained from
 
 
 def _read_masked(content: RecordDict) -> MaskedInput:
