@@ -78,8 +78,8 @@ def train_reply(
 
 
 def personalisation_round(cfg: Config) -> int:
-    """Personalisation counts as the round after the last: a site takes part once (take_round),
-    so a server cannot ask for scores under one adapter after another."""
+    """Personalisation counts as the round after the last, in the rounds a site has taken part
+    in: it answers once, so a server cannot ask for scores under one adapter after another."""
     return cfg.federation.rounds + 1
 
 

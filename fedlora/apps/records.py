@@ -7,7 +7,7 @@ import json
 import math
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedlora.errors import FedloraError
 
@@ -118,7 +118,7 @@ def payload_digest(arrays: Arrays) -> str:
     return h.hexdigest()
 
 
-def content_digest(content) -> bytes:
+def content_digest(content: RecordDict) -> bytes:
     """What a round's training content is, as every site of the round must have received it:
     the global adapter, the strategy's broadcast state and the round number."""
     arrays = {f"global/{k}": v for k, v in from_record(content[GLOBAL_ADAPTER]).items()}

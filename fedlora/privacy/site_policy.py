@@ -173,7 +173,9 @@ class SitePolicy:
         def statement(site: int, name: str) -> bytes:
             return keys_statement(federation, session, site, name, *received[site])
 
-        self._check_signed(set(received) - {own}, proofs, statement, "keys")
+        self._check_signed(
+            set(received) - {own}, proofs, statement, "keys", "forged, or from another session"
+        )
 
     def check_same_content(
         self,
@@ -191,7 +193,14 @@ class SitePolicy:
         def statement(site: int, name: str) -> bytes:
             return content_statement(federation, session, site, name, digest)
 
-        self._check_signed(set(survivors) - {own}, proofs, statement, "training content")
+        self._check_signed(
+            set(survivors) - {own},
+            proofs,
+            statement,
+            "training content",
+            "it trained from other training content than this site: a server that sends sites "
+            "different adapters can read one site's update from the sum",
+        )
 
     def _check_signed(
         self,
@@ -199,7 +208,10 @@ class SitePolicy:
         proofs: Mapping[int, Proof],
         statement: Callable[[int, str], bytes],
         what: str,
+        mismatch: str,
     ) -> None:
+        """Each site's `what` signed, by a different peer of the roster, as `statement(site,
+        the peer's name)`; `mismatch` says what a signature that does not hold means."""
         if not self.peers:
             return
         roster, seen = dict(self.peers), set()
@@ -217,15 +229,9 @@ class SitePolicy:
             if proof.name in seen:
                 raise PolicyRefused(f"two sites of the session sign as {proof.name!r}")
             if not proof.holds(roster[proof.name], statement(site, proof.name)):
-                why = (
-                    "forged, or from another session"
-                    if what == "keys"
-                    else "it trained from other training content than this site: a server that "
-                    "sends sites different adapters can read one site's update from the sum"
-                )
                 raise PolicyRefused(
                     f"the signature on site {site}'s {what} is not that of the key [peers] lists "
-                    f"for {proof.name!r} in this session ({why})"
+                    f"for {proof.name!r} in this session ({mismatch})"
                 )
             seen.add(proof.name)
 
