@@ -662,3 +662,30 @@ def test_what_is_wrong_with_a_sites_data_stays_at_the_site(tiny_cfg, tmp_path):
     assert "rare-syndrome-x" in failed.value.local_detail
     with pytest.raises(FedloraError, match="rare-syndrome-x"):  # a simulation's operator: all
         load_data(cfg)
+
+
+def test_a_site_with_a_list_of_models_loads_no_other(tiny_cfg, tmp_path, task_identity):
+    """model.name is the server's: a hub id the site would download, or a folder on the site's
+    machine, whose existence the site's answer gave away (a folder without a model is not
+    the same error as no folder). policy.models: the site loads only those it lists."""
+    folder = tmp_path / "hiv-clinic-exports"
+    folder.mkdir()
+    adapter = global_adapter(tiny_cfg())
+
+    def answer(name: str, policy: SitePolicy | None) -> str:
+        cfg = tiny_cfg(model={"name": name})
+        msg = Message(round_content(1, adapter), dst_node_id=100, message_type=MessageType.TRAIN)
+        grid = LocalGrid(cfg, 1, policy)
+        (reply,) = grid.pull_messages(grid.push_messages([msg]))
+        if reply.has_error():
+            return reply.error.reason
+        return str(reply.content[R.REFUSAL][R.REASON])
+
+    probes = [str(folder), str(tmp_path / "absent")]
+    assert len({answer(name, None) for name in probes}) == 2  # the probe, answered
+    listed = SitePolicy(models=("tiny-random",))
+    refusals = {answer(name, listed).replace(name, "NAME") for name in probes}
+    assert refusals == {"model.name 'NAME' not accepted (policy: tiny-random)"}
+    assert load_policy({"models": ["tiny-random"]}, "site.toml").models == ("tiny-random",)
+    with pytest.raises(FedloraError, match="policy.models in site.toml must be a non-empty"):
+        load_policy({"models": []}, "site.toml")

@@ -65,6 +65,9 @@ class SitePolicy:
     #: strategies and lora.aggregation modes this site trains for
     strategies: tuple[str, ...] = tuple(STRATEGIES)
     aggregations: tuple[str, ...] = AGGREGATIONS
+    #: the base models (model.name) this site loads, () = any: the name is the server's, and
+    #: it may be a hub id to download or a folder on this site's machine
+    models: tuple[str, ...] = ()
     #: the sites this site shares its secrets with, as (name, fingerprint of the site's
     #: node-authentication key), from site.toml [peers]; when given, every other key of a
     #: secure-aggregation session must be signed by one of them (check_peers)
@@ -80,6 +83,7 @@ class SitePolicy:
         """Before anything else: the kind of request and the settings the site would train with."""
         if self.require_secure_aggregation and not secure:
             raise PolicyRefused("secure aggregation required")
+        self.check_model(cfg)
         level = cfg.privacy.level
         if level not in self.privacy_levels:
             raise PolicyRefused(
@@ -110,10 +114,18 @@ class SitePolicy:
                 'client_noise = "distributed")'
             )
 
+    def check_model(self, cfg: Config) -> None:
+        """Before the base model is loaded."""
+        if self.models and cfg.model.name not in self.models:
+            raise PolicyRefused(
+                f"model.name {cfg.model.name!r} not accepted (policy: {', '.join(self.models)})"
+            )
+
     def check_personalisation(self, cfg: Config) -> None:
         """Personalisation trains without privacy and reports scores of the site's held-out
         rows in the clear, outside any accounting: a server may ask for it whatever its config
         says, so the site decides."""
+        self.check_model(cfg)
         if self.require_secure_aggregation:
             raise PolicyRefused(
                 "personalisation reports this site's scores in the clear; secure aggregation "
@@ -269,6 +281,12 @@ def load_policy(table: dict[str, Any], where: str) -> SitePolicy:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise FedloraError(f"{name} must be a number >= 0 (got {value!r}).")
             value = float(value)
+        elif key == "models":
+            if not isinstance(value, list) or not value:
+                raise FedloraError(f"{name} must be a non-empty list of model names.")
+            if any(not isinstance(v, str) or not v.strip() for v in value):
+                raise FedloraError(f"{name} must hold model names (got {value!r}).")
+            value = tuple(value)
         else:
             choices = {"privacy_levels": LEVELS, "strategies": tuple(STRATEGIES)}.get(
                 key, AGGREGATIONS
