@@ -1161,3 +1161,43 @@ def test_discovery_never_asks_a_registered_site_left_out_of_the_sites(monkeypatc
     assert sorted(asked) == [7, 8]
     assert grid.get_node_ids() == [7, 8]
     assert notes == ["node 9 (key of gamma) is connected but not in [sites]; ignored."]
+
+
+def test_a_federation_id_from_the_server_is_never_a_path(tmp_path):
+    """The server names the federation, and a site daemon keeps that federation's state (its
+    secret, rounds taken, strategy state, personalised adapter) in state_dir/federations/<id>:
+    an id such as "../../x" or "/srv/data" put those files wherever the server chose."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from in_process import task_identity
+
+    from fedlora.deploy import runconfig
+    from fedlora.deploy.apps import SiteApp
+
+    uuid_hex = "42f9422dbef54adf86a4acf5107b219e"
+    assert runconfig.federation({runconfig.FEDERATION: uuid_hex}) == uuid_hex
+    for bad in ["../../elsewhere", str(tmp_path / "elsewhere"), "", "a/b", ".."]:
+        with pytest.raises(FedloraError, match="not a federation id"):
+            runconfig.federation({runconfig.FEDERATION: bad})
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    (site / "site.toml").write_text(
+        "[site]\nname = 'alpha'\nserver = 'localhost:9092'\ninsecure = true\n"
+        "state_dir = 'state'\n[data]\npath = 'train.jsonl'\n"
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={
+            runconfig.SITE_NAME: "alpha",
+            runconfig.SITE_CONFIG: str(site / "site.toml"),
+        },
+        state=RecordDict(),
+        run_config={runconfig.FEDERATION: str(tmp_path / "elsewhere")},
+    )
+    with task_identity():
+        msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+        with pytest.raises(FedloraError, match="not a federation id"):
+            SiteApp()(msg, context)
+    assert not (tmp_path / "elsewhere").exists()

@@ -142,7 +142,7 @@ class SiteApp(ClientApp):
         site = load_site(Path(str(context.node_config[runconfig.SITE_CONFIG])))
         if str(context.node_config[runconfig.SITE_NAME]) != site.name:
             raise FedloraError("The site's node config and its site.toml name different sites.")
-        federation = str(context.run_config[runconfig.FEDERATION])
+        federation = runconfig.federation(context.run_config)
         cfg = site_config(tomllib.loads(str(context.run_config[runconfig.CONFIG])), site)
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         key += repr((site.policy, site.train_during_key_exchange))

@@ -9,6 +9,7 @@ its own name and its own config file into its SuperNode's node config. Nothing e
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 
 from fedlora.errors import FedloraError
@@ -21,6 +22,23 @@ FEDERATION = "fedlora-federation"  # id of this federation: a resumed run keeps 
 # node config (a site daemon -> its own ClientApp)
 SITE_NAME = "site-name"
 SITE_CONFIG = "site-config"  # path of the site's site.toml
+
+
+#: what a federation id may be: the server makes a uuid4 hex; a site keeps the federation's
+#: state in a folder of that name, so never a path
+FEDERATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def federation(run_config: Mapping[str, object]) -> str:
+    """The federation's id, as a site daemon may use it: a name, never a path (a server that
+    sent "../../srv" or "/srv/data" would have the site keep its state wherever it chose)."""
+    value = str(run_config.get(FEDERATION, ""))
+    if not FEDERATION_ID.match(value):
+        raise FedloraError(
+            f"The server named this federation {value[:80]!r}, which is not a federation id "
+            "(1-64 letters, digits, '-' or '_'); this site will not use it as a folder name."
+        )
+    return value
 
 
 def is_site_daemon(node_config: Mapping[str, object]) -> bool:
