@@ -192,9 +192,22 @@ def site_toml(
         f"poll_interval = {poll_interval}\n"
         f"train_during_key_exchange = {'true' if overlap else 'false'}\n"
         "threads = 1\n\n"
-        f'[data]\npath = "{site}.jsonl"\n'
+        f'[data]\npath = "{site}.jsonl"\n\n'
+        f"[peers]\n{peers_table(root, site)}"
     )
     return path
+
+
+def peers_table(root: Path, site: str) -> str:
+    """Every other site's key fingerprint, as each site lists them (clients/README, "Peers")."""
+    from fedlora.secure.identity import fingerprint
+
+    keys = sorted((root / "certs" / "sites").glob("*/auth.pub"))
+    return "".join(
+        f'{key.parent.name} = "{fingerprint(key.read_bytes())}"\n'
+        for key in keys
+        if key.parent.name != site
+    )
 
 
 def server_toml(root: Path, mode: str, kind: Mode, port: int, args: argparse.Namespace) -> Path:
