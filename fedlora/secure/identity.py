@@ -1,7 +1,8 @@
-"""Who stands behind a secure-aggregation key: every site daemon signs the keys it advertises
-with its node-authentication key, and a site with a roster of its peers (site.toml `[peers]`:
-name = fingerprint of that site's key) takes part in a session only when every other key in
-it is signed by a peer on the roster.
+"""Who stands behind a secure-aggregation key, and what it trained from: every site daemon
+signs the keys it advertises and the training content it trained from with its
+node-authentication key, and a site with a roster of its peers (site.toml `[peers]`: name =
+fingerprint of that site's key) takes part in a session only when every other key in it is
+signed by a peer on the roster, and unmasks a sum only when every input came from its content.
 
 Why: secure aggregation hides a site's update in a sum of at least t inputs, and distributed
 client-level noise is split over those t. A server that invents sites (keys whose secrets it
@@ -72,8 +73,8 @@ def keys_statement(
 def content_statement(federation: str, session: int, site: int, name: str, digest: bytes) -> bytes:
     """What a site signs with its masked input: the digest of the training content it trained
     from (fedlora.apps.records.content_digest). Every site of a sum must have trained from the
-    same: a server that sends one site the round's adapter and the others one whose LoRA
-    factors are zero (zero gradients, zero updates) reads that site's update from the sum
+    same: a server that sends one site the round's adapter and the others one whose B factors
+    are zero (near-zero gradients, near-zero updates) reads that site's update from the sum
     (Pasquini et al. 2022, model inconsistency)."""
     return _statement(CONTENT, federation, session, site, name, digest)
 
@@ -87,7 +88,7 @@ def _statement(
 
 @dataclass(frozen=True)
 class Proof:
-    """A site's claim to its keys: its name, its public key (OpenSSH) and its signature."""
+    """A site's signature on a statement: its name, its public key (OpenSSH), the signature."""
 
     name: str
     public_key: bytes
