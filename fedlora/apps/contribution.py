@@ -260,6 +260,7 @@ def train_contribution(
             mechanism.noise_multiplier,
             mechanism.sample_rate,
             mechanism.steps_per_round,
+            mechanism.delta,
         )
         spent = [*spent, release.entry]
         values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, spent).items()}

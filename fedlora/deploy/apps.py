@@ -31,8 +31,6 @@ from fedlora.deploy.settings import SiteSettings, load_site
 from fedlora.errors import FedloraError
 from fedlora.privacy.secrets import SITE_CSPRNG
 
-#: a site daemon's privacy ledger in its state folder (fedlora.privacy.ledger)
-LEDGER_NAME = "privacy-ledger.jsonl"
 #: the data keys a site sets for itself (defaults when its site.toml leaves them out)
 OWN_DATA = {"path": "", "test_path": "", "test_fraction": DataConfig.test_fraction}
 
@@ -152,7 +150,7 @@ class SiteApp(ClientApp):
         # the strategy's site state and DP noise secret are kept per federation
         own = dict(context.node_config)
         own[STATE_DIR] = str(site.state_dir / "federations" / federation)
-        own[LEDGER_FILE] = str(site.state_dir / LEDGER_NAME)  # one for all its federations
+        own[LEDGER_FILE] = str(site.ledger)  # one for all its federations
         if site.auth_key is not None:  # signs its secure-aggregation keys
             own[AUTH_KEY] = str(site.auth_key)
         reply = self._apps[key](message, dataclasses.replace(context, node_config=own))

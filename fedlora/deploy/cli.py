@@ -6,9 +6,13 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.errors import FedloraError
 from fedlora.interrupt import interrupt_bounded
+
+if TYPE_CHECKING:
+    from fedlora.deploy.settings import SiteSettings
 
 
 def add_deploy_commands(sub) -> None:
@@ -88,6 +92,18 @@ def add_deploy_commands(sub) -> None:
         "Stops cleanly on SIGTERM.",
     )
     client.add_argument("--config", required=True, help="site.toml (see clients/)")
+    client.add_argument(
+        "--spent",
+        action="store_true",
+        help="print what this site's rows have spent (epsilon per federation and over all, "
+        "from its privacy ledger) and exit",
+    )
+    client.add_argument(
+        "--delta",
+        type=float,
+        default=0.0,
+        help="with --spent: epsilon at this delta (default: the delta each release recorded)",
+    )
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -159,11 +175,23 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     _line_buffered()
     settings = load_site(Path(args.config).expanduser())
+    if args.spent:
+        return print_spent(settings, args.delta)
     # a broken data file is found now, before the site joins and the server counts on it
     for key in ("path", "test_path"):
         if settings.data.get(key):
             check_data_file(Path(settings.data[key]))
     return run_site(settings)
+
+
+def print_spent(settings: SiteSettings, delta: float) -> int:
+    from fedlora.privacy.ledger import PrivacyLedger, spent_report
+
+    if not 0 <= delta < 1:
+        raise FedloraError(f"--delta must be between 0 and 1 (got {delta:g}).")
+    ledger = PrivacyLedger(settings.ledger)
+    print(f"Site {settings.name}. " + spent_report(ledger, settings.policy.max_epsilon, delta))
+    return 0
 
 
 DEPLOY_COMMANDS = {"certs": cmd_certs, "server": cmd_server, "client": cmd_client}

@@ -83,6 +83,11 @@ class SiteSettings:
     #: a secure round trains from its keys stage on, in a background thread (fedlora.apps.secure)
     train_during_key_exchange: bool = True
 
+    @property
+    def ledger(self) -> Path:
+        """The site's privacy ledger: one for all its federations (fedlora.privacy.ledger)."""
+        return self.state_dir / "privacy-ledger.jsonl"
+
 
 def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():

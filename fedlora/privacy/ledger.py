@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedlora.errors import FedloraError
-from fedlora.privacy.accounting import Entry
+from fedlora.privacy.accounting import Entry, epsilon
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Release:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    delta: float = 0.0  # the delta the site accounted this release at (0: an older ledger's)
 
     @property
     def entry(self) -> Entry:
@@ -74,3 +75,42 @@ class PrivacyLedger:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+def spent_report(
+    ledger: PrivacyLedger, max_epsilon: float, delta: float = 0.0, accountant: str = "rdp"
+) -> str:
+    """What a site's rows have spent, per federation and over all of them, for the site's
+    operator and data-protection officer. Each federation at the delta its releases recorded,
+    the whole ledger at the smallest (the largest epsilon); `delta` overrides both (needed for
+    releases written before the ledger recorded one)."""
+    releases = ledger.releases()
+    if not releases:
+        return f"No private release in {ledger.path}: this site's rows have spent nothing."
+    recorded = [r.delta for r in releases if r.delta > 0]
+    overall = delta or (min(recorded) if recorded else 0.0)
+    lines = [
+        f"Privacy spent, from {ledger.path} ({len(releases)} releases, {accountant} accountant):",
+        f"  {'federation':<34}  {'rounds':>9}  {'epsilon':>8}  {'at delta':>9}",
+    ]
+    for name in dict.fromkeys(r.federation for r in releases):
+        own = [r for r in releases if r.federation == name]
+        at = delta or min((r.delta for r in own if r.delta > 0), default=0.0)
+        rounds = f"{min(r.round for r in own)}-{max(r.round for r in own)} ({len(own)})"
+        lines.append(f"  {name:<34}  {rounds:>9}  {_epsilon_at(own, at, accountant)}")
+    total = _epsilon_at(releases, overall, accountant)
+    lines.append(f"  {'all federations':<34}  {f'({len(releases)})':>9}  {total}")
+    if max_epsilon:
+        lines.append(f"policy.max_epsilon = {max_epsilon:g}, over all federations.")
+    if not overall:
+        lines.append(
+            "These releases were written before the ledger recorded their delta: give one "
+            "with --delta to see their epsilon."
+        )
+    return "\n".join(lines)
+
+
+def _epsilon_at(releases: list[Release], delta: float, accountant: str) -> str:
+    if not delta:
+        return f"{'-':>8}  {'-':>9}"
+    return f"{epsilon([r.entry for r in releases], delta, accountant):>8.3g}  {delta:>9.3g}"
