@@ -223,20 +223,23 @@ def test_a_delta_no_site_accepts_is_a_config_error_before_a_simulation_starts(ti
 
 
 def test_a_sites_operator_reads_what_its_rows_have_spent(tiny_cfg, tmp_path, capsys):
-    """`fedlora client --config site.toml --spent`: epsilon per federation at the delta its
-    releases recorded, and over the whole ledger at the smallest, from the ledger alone."""
+    """`fedlora client --config site.toml --spent`: epsilon per federation at the delta and
+    with the accountant its releases recorded, and over the whole ledger at the smallest delta,
+    from the ledger alone."""
     import argparse
 
     from fedlora.deploy.cli import cmd_client
     from fedlora.privacy.accounting import epsilon
 
-    cfg = tiny_cfg(privacy={"level": "sample", "noise_multiplier": 1.0})
     state = tmp_path / "site" / "state"
-    for federation in ("a", "b"):
+    for federation, accountant in (("a", "rdp"), ("b", "prv")):
+        privacy = {"level": "sample", "noise_multiplier": 1.0, "accountant": accountant}
+        cfg = tiny_cfg(privacy=privacy)
         train(daemon_grid(cfg, state, federation, SitePolicy()), cfg, 1)
     ledger = PrivacyLedger(state / "privacy-ledger.jsonl")
     releases = ledger.releases()
-    assert [r.federation for r in releases] == ["a", "b"] and all(r.delta > 0 for r in releases)
+    assert [(r.federation, r.accountant) for r in releases] == [("a", "rdp"), ("b", "prv")]
+    assert all(r.delta > 0 for r in releases)
     ledger.record(Release("c", 1, 2.0, 0.5, 3))  # an older line: no delta recorded
 
     site = tmp_path / "site"
@@ -249,12 +252,14 @@ def test_a_sites_operator_reads_what_its_rows_have_spent(tiny_cfg, tmp_path, cap
     assert cmd_client(args) == 0
     out = capsys.readouterr().out
     delta = releases[0].delta
-    for federation in ("a", "b"):
-        own = epsilon([r.entry for r in releases if r.federation == federation], delta)
-        assert re.search(rf"\n  {federation} +1-1 \(1\) +{own:.3g} +{delta:.3g}\n", out), out
+    for federation, accountant in (("a", "rdp"), ("b", "prv")):
+        entries = [r.entry for r in releases if r.federation == federation]
+        own = epsilon(entries, delta, accountant)
+        row = rf"\n  {federation} +1-1 \(1\) +{own:.3g} +{delta:.3g} +{accountant}\n"
+        assert re.search(row, out), out
     overall = epsilon([r.entry for r in ledger.releases()], delta)
-    assert re.search(rf"all federations +\(3\) +{overall:.3g} +{delta:.3g}", out), out
-    assert re.search(r"\n  c +1-1 \(1\) +- +-\n", out) and "policy.max_epsilon = 10" in out
+    assert re.search(rf"all federations +\(3\) +{overall:.3g} +{delta:.3g} +rdp", out), out
+    assert re.search(r"\n  c +1-1 \(1\) +- +- +rdp\n", out) and "policy.max_epsilon = 10" in out
 
     at = argparse.Namespace(config=str(site / "site.toml"), spent=True, delta=1e-6)
     assert cmd_client(at) == 0

@@ -261,6 +261,7 @@ def train_contribution(
             mechanism.sample_rate,
             mechanism.steps_per_round,
             mechanism.delta,
+            cfg.privacy.accountant,
         )
         spent = [*spent, release.entry]
         values |= {records.PRIVACY + k: v for k, v in spend_numbers(cfg, mechanism, spent).items()}

@@ -31,6 +31,7 @@ class Release:
     sample_rate: float
     steps: int
     delta: float = 0.0  # the delta the site accounted this release at (0: an older ledger's)
+    accountant: str = "rdp"  # the federation's privacy.accountant
 
     @property
     def entry(self) -> Entry:
@@ -80,9 +81,9 @@ class PrivacyLedger:
 def spent_report(
     ledger: PrivacyLedger, max_epsilon: float, delta: float = 0.0, accountant: str = "rdp"
 ) -> str:
-    """What a site's rows have spent, per federation and over all of them, for the site's
-    operator and data-protection officer. Each federation at the delta its releases recorded,
-    the whole ledger at the smallest (the largest epsilon); `delta` overrides both (needed for
+    """What a site's rows have spent, for the site's operator and data-protection officer:
+    each federation at the delta and with the accountant its releases recorded, the whole
+    ledger at the smallest delta with `accountant`; `delta` overrides the deltas (needed for
     releases written before the ledger recorded one)."""
     releases = ledger.releases()
     if not releases:
@@ -90,16 +91,17 @@ def spent_report(
     recorded = [r.delta for r in releases if r.delta > 0]
     overall = delta or (min(recorded) if recorded else 0.0)
     lines = [
-        f"Privacy spent, from {ledger.path} ({len(releases)} releases, {accountant} accountant):",
-        f"  {'federation':<34}  {'rounds':>9}  {'epsilon':>8}  {'at delta':>9}",
+        f"Privacy spent, from {ledger.path} ({len(releases)} releases):",
+        f"  {'federation':<34}  {'rounds':>9}  {'epsilon':>8}  {'at delta':>9}  accountant",
     ]
     for name in dict.fromkeys(r.federation for r in releases):
         own = [r for r in releases if r.federation == name]
         at = delta or min((r.delta for r in own if r.delta > 0), default=0.0)
         rounds = f"{min(r.round for r in own)}-{max(r.round for r in own)} ({len(own)})"
-        lines.append(f"  {name:<34}  {rounds:>9}  {_epsilon_at(own, at, accountant)}")
+        used = own[-1].accountant
+        lines.append(f"  {name:<34}  {rounds:>9}  {_epsilon_at(own, at, used)}  {used}")
     total = _epsilon_at(releases, overall, accountant)
-    lines.append(f"  {'all federations':<34}  {f'({len(releases)})':>9}  {total}")
+    lines.append(f"  {'all federations':<34}  {f'({len(releases)})':>9}  {total}  {accountant}")
     if max_epsilon:
         lines.append(f"policy.max_epsilon = {max_epsilon:g}, over all federations.")
     if not overall:
