@@ -78,13 +78,13 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
 
-def spent_report(
-    ledger: PrivacyLedger, max_epsilon: float, delta: float = 0.0, accountant: str = "rdp"
-) -> str:
+def spent_report(ledger: PrivacyLedger, max_epsilon: float, delta: float = 0.0) -> str:
     """What a site's rows have spent, for the site's operator and data-protection officer:
     each federation at the delta and with the accountant its releases recorded, the whole
-    ledger at the smallest delta with `accountant`; `delta` overrides the deltas (needed for
-    releases written before the ledger recorded one)."""
+    ledger at the smallest delta with RDP (the releases of several federations compose in
+    one accountant); `delta` overrides the deltas (needed for releases written before the
+    ledger recorded one)."""
+    accountant = "rdp"
     releases = ledger.releases()
     if not releases:
         return f"No private release in {ledger.path}: this site's rows have spent nothing."
