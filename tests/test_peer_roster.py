@@ -37,7 +37,6 @@ from fedlora.apps.secure import (
     _share_fields,
     _stage,
     key_bounds,
-    secure_sum,
 )
 from fedlora.deploy import runconfig
 from fedlora.deploy.settings import load_site
@@ -74,6 +73,15 @@ def roster(keys: Path, names) -> tuple[tuple[str, str], ...]:
     return tuple(
         sorted((n, fingerprint(Layout(keys).site_public_key(n).read_bytes())) for n in names)
     )
+
+
+#: round 2 of the three sites, its session set up during round 1 (secure.pipeline)
+NEXT = NextRound(2, [0, 1, 2], 2)
+
+
+def listing_each_other(keys: Path) -> list[SitePolicy]:
+    """The first three sites' policies, each listing the other two in its [peers]."""
+    return [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
 
 
 def daemons(cfg, tmp_path: Path, keys: Path, policies: list[SitePolicy]) -> LocalGrid:
@@ -197,22 +205,12 @@ def test_sites_that_list_each_other_run_signed_sessions(tiny_cfg, tmp_path, keys
     and the next one's rides on it (secure.pipeline), signatures relayed in both; a fourth site
     no one lists makes the others refuse the session."""
     cfg = tiny_cfg(secure={"enabled": True})
-    three = [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
+    three = listing_each_other(keys)
     grid = daemons(cfg, tmp_path / "three", keys, three)
-    nodes = {i: 100 + i for i in range(3)}
-    first = secure_sum(
-        grid,
-        nodes,
-        round_content(1, global_adapter(cfg)),
-        2,
-        lambda _: 0,
-        upcoming=NextRound(2, [0, 1, 2], 2),
-    )
+    first = run_secure(grid, cfg, 1, upcoming=NEXT)
     assert first.sites == [0, 1, 2] and not first.refused
     assert first.prepared is not None  # the next session passed every site's roster
-    second = secure_sum(
-        grid, nodes, round_content(2, global_adapter(cfg)), 2, lambda _: 0, prepared=first.prepared
-    )
+    second = run_secure(grid, cfg, 2, prepared=first.prepared)
     assert second.sites == [0, 1, 2]
 
     four = [*three, SitePolicy()]
@@ -324,32 +322,15 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     its unmasking shares it checks that every survivor trained from the same. Checked at the
     unmasking, not the keys, so that it holds for a session set up in the round before."""
     cfg = tiny_cfg(secure={"enabled": True})
-    policies = [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
-    grid = daemons(cfg, tmp_path, keys, policies)
-    nodes = {i: 100 + i for i in range(3)}
+    grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
     prepared = None
     if pipeline:  # round 1 honest, with round 2's session set up during it
-        first = secure_sum(
-            grid,
-            nodes,
-            round_content(1, global_adapter(cfg)),
-            2,
-            lambda _: 0,
-            upcoming=NextRound(2, [0, 1, 2], 2),
-        )
-        prepared = first.prepared
+        prepared = run_secure(grid, cfg, 1, upcoming=NEXT).prepared
         assert prepared is not None
     grid.__class__ = Inconsistent
     round_ = 2 if pipeline else 1
     with pytest.raises(SecureRoundFailed) as failed:
-        secure_sum(
-            grid,
-            nodes,
-            round_content(round_, global_adapter(cfg)),
-            2,
-            lambda _: 0,
-            prepared=prepared,
-        )
+        run_secure(grid, cfg, round_, prepared=prepared)
     assert "unmask" in str(failed.value)
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
     assert all("other training content" in why for why in failed.value.refused.values())

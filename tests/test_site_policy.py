@@ -54,11 +54,11 @@ def global_adapter(cfg) -> dict[str, np.ndarray]:
     return adapter_arrays(get_runtime(cfg).model)
 
 
-def run_secure(grid: LocalGrid, cfg, round_: int, threshold: int = 2, content=None):
+def run_secure(grid: LocalGrid, cfg, round_: int, threshold: int = 2, content=None, **options):
+    """A secure round of every site of `grid`; `options`: secure_sum's (upcoming, prepared)."""
     nodes = {i: 100 + i for i in range(len(grid.contexts))}
-    return secure_sum(
-        grid, nodes, content or round_content(round_, global_adapter(cfg)), threshold, lambda _: 0
-    )
+    content = content or round_content(round_, global_adapter(cfg))
+    return secure_sum(grid, nodes, content, threshold, lambda _: 0, **options)
 
 
 # --- the policy itself (pure) -------------------------------------------------------------------

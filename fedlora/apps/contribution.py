@@ -109,6 +109,11 @@ def site_state_dir(cfg: Config, context: Context) -> Path:
     return run_state_dir(Path(cfg.run.out)) / "sites"
 
 
+def federation_name(context: Context) -> str:
+    """The federation a site daemon's ledger and signatures name (a simulation's: "")."""
+    return str(context.run_config.get(runconfig.FEDERATION, ""))
+
+
 def site_ledger(cfg: Config, context: Context) -> PrivacyLedger:
     """A site daemon's ledger is named in its node config; a simulated site's lies beside its
     state (one federation)."""
@@ -155,7 +160,7 @@ def train_contribution(
     store = SiteStore(folder, site)
     client_state = store.before(round_)
     ledger = site_ledger(cfg, context)
-    federation = str(context.run_config.get(runconfig.FEDERATION, ""))
+    federation = federation_name(context)
     strategy = strategy_for(cfg)
     load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)

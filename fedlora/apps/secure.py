@@ -87,6 +87,7 @@ from flwr.serverapp import Grid
 from fedlora.apps import records
 from fedlora.apps.contribution import (
     AUTH_KEY,
+    federation_name,
     refusal_reply,
     site_id,
     site_state_dir,
@@ -708,7 +709,7 @@ def _stage_reply(
             policy.check_sum(len(survivors))
             trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
             policy.check_same_content(
-                _federation(context),
+                federation_name(context),
                 round_,
                 site,
                 bytes(trained_from),
@@ -781,7 +782,7 @@ def _open_session(
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
-    federation = _federation(context)
+    federation = federation_name(context)
     return client, reply | _signed(
         context, lambda name: keys_statement(federation, client.session, site, name, c_pk, s_pk)
     )
@@ -811,7 +812,7 @@ def _share_keys(
     peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
     received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
     proofs = _proofs(fields, fields[records.SITES])
-    policy.check_peers(_federation(context), client.session, client.site, received, proofs)
+    policy.check_peers(federation_name(context), client.session, client.site, received, proofs)
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
     return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
@@ -829,11 +830,6 @@ def _proofs(fields: ConfigRecord, sites: list) -> dict[int, Proof]:
         strict=True,
     )
     return {int(j): Proof(str(n), bytes(k), bytes(sig)) for j, n, k, sig in signed if n}
-
-
-def _federation(context: Context) -> str:
-    """The federation a site daemon's signatures name (a simulation signs nothing)."""
-    return str(context.run_config.get(runconfig.FEDERATION, ""))
 
 
 def _training_content(msg: Message, round_: int) -> RecordDict:
@@ -953,7 +949,7 @@ def _masked_reply(
     if records.STATS_EPSILON in trained.contribution:  # for the site's own audit log, never sent
         epsilon = float(trained.contribution[records.STATS_EPSILON][0])
         context.state[records.LOCAL_SPEND] = MetricRecord({records.PRIVACY + "epsilon": epsilon})
-    federation = _federation(context)
+    federation = federation_name(context)
     signed = _signed(
         context,
         lambda name: content_statement(
