@@ -10,6 +10,8 @@ message format, played by hand.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import itertools
 import json
 import shutil
@@ -191,7 +193,7 @@ def test_a_site_with_peers_refuses_keys_its_peers_did_not_sign(tiny_cfg, tmp_pat
         statement = keys_statement(FEDERATION, 7, j, NAMES[j], c_pk, s_pk)
         return signer(keys, NAMES[j]).prove(statement)
 
-    assert "(forged, or from another session)" in attack(replayed)
+    assert "(forged, from another session" in attack(replayed)
 
     def stranger(j: int, client: SecAggClient):
         c_pk, s_pk = client.public_keys()
@@ -264,6 +266,10 @@ def test_site_toml_peers(tmp_path, keys):
         load_site(write_site(tmp_path / "d", keys, f"[peers]\nst-marys = '{other}'\n", True))
     bare = load_site(write_site(tmp_path / "e", keys, ""))
     assert bare.policy.peers == () and roster_line(bare).startswith("WARNING: no [peers]")
+    first = "[policy]\ncheck_content_before_masking = true\n"
+    with pytest.raises(FedloraError, match="check_content_before_masking .* there is no .peers"):
+        load_site(write_site(tmp_path / "f", keys, first))
+    assert load_site(write_site(tmp_path / "g", keys, first + listed)).policy.peers
 
 
 class Inconsistent(LocalGrid):
@@ -319,8 +325,9 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     tiny_cfg, tmp_path, keys, monkeypatch, pipeline
 ):
     """Each site signs the digest of the training content it trained from; before it reveals
-    its unmasking shares it checks that every survivor trained from the same. Checked at the
-    unmasking, not the keys, so that it holds for a session set up in the round before."""
+    its unmasking shares it checks that every survivor trained from the same: the check a
+    session set up in the round before has. A session of its own round has it before anything
+    is masked (its keys come with the content and are signed with its digest)."""
     cfg = tiny_cfg(secure={"enabled": True})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
     prepared = None
@@ -329,8 +336,61 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
         assert prepared is not None
     grid.__class__ = Inconsistent
     round_ = 2 if pipeline else 1
+    own = spy_on_site_0(monkeypatch)
     with pytest.raises(SecureRoundFailed) as failed:
         run_secure(grid, cfg, round_, prepared=prepared)
-    assert "unmask" in str(failed.value)
+    assert ("'unmask' stage" in str(failed.value)) == pipeline
+    assert bool(own) == pipeline  # a session of its own round: refused before masking
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
     assert all("other training content" in why for why in failed.value.refused.values())
+
+
+def test_a_site_with_peers_checks_their_training_content_before_it_masks(
+    tiny_cfg, tmp_path, keys, monkeypatch
+):
+    """Site 0 lists its peers; sites 1 and 2 list none, so they reveal their unmasking shares
+    whatever the others trained from. In a session set up in its own round the training content
+    comes with the keys, and each site signs its keys with the content's digest: site 0 refuses
+    at the share stage, before anything it trained leaves, rather than depend on its peers'
+    checks. (On the code before, site 0 masked its input, refused only at the unmasking, and
+    sites 1 and 2 unmasked a "sum" that was site 0's update.)"""
+    cfg = tiny_cfg(secure={"enabled": True}, train={"optimizer": "sgd", "lr": 0.5})
+    lenient = SitePolicy(min_cohort=2)  # they unmask the sum of two
+    grid = daemons(cfg, tmp_path, keys, [listing_each_other(keys)[0], lenient, lenient])
+    grid.__class__ = Inconsistent
+    own = spy_on_site_0(monkeypatch)
+    result = run_secure(grid, cfg, 1)
+    assert not own, "site 0 masked its input"
+    assert result.sites == [1, 2]
+    assert "other training content" in result.refused[0], result.refused
+
+
+def test_a_site_that_checks_content_before_masking_takes_no_prepared_session(
+    tiny_cfg, tmp_path, keys
+):
+    """A session set up during the round before (secure.pipeline) exchanges its keys before its
+    training content exists, so no key can show it. policy.check_content_before_masking makes a
+    site refuse such sessions: every round then sets up a session of its own, all three sites
+    train in each, and the server says once why it did not pipeline."""
+    from fedlora.apps.server import Federation
+    from fedlora.report import Reporter
+    from fedlora.runtime import build_runtime
+
+    cfg = tiny_cfg(secure={"enabled": True, "min_cohort": 3}, federation={"rounds": 3})
+    assert cfg.secure.pipeline
+    policies = listing_each_other(keys)
+    policies[0] = dataclasses.replace(policies[0], check_content_before_masking=True)
+    said = io.StringIO()
+    runtime = build_runtime(cfg, log=lambda _: None)
+    federation = Federation(cfg, runtime, Reporter(tmp_path, said), site_names=NAMES[:3])
+    federation.run(daemons(cfg, tmp_path, keys, policies))
+    rounds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    for row in rounds[1:]:
+        assert row["sites"] == [0, 1, 2]
+        assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "unmask"]
+    notes = [line for line in said.getvalue().splitlines() if "next round's session" in line]
+    # said once per site: city's reason, then the others' (too small a cohort without city)
+    assert [n.split(":")[1].split()[0] for n in notes] == NAMES[:3], notes
+    assert "check_content_before_masking" in notes[0]
+    assert all("cohort of 2 sites" in n for n in notes[1:])

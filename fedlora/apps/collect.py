@@ -46,6 +46,7 @@ class RoundInputs:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     #: secure aggregation: the next round's session, set up during this round (secure.pipeline)
     prepared: PreparedSession | None = None
+    next_refused: dict[int, str] = field(default_factory=dict)  # site -> why not that session
 
 
 def secure_threshold(cfg: Config, sampled: int) -> int:
@@ -159,6 +160,7 @@ def collect_secure(
         bytes_down=sum(result.bytes_down.values()),
         stage_seconds=result.seconds,
         prepared=result.prepared,
+        next_refused=result.next_refused,
     )
     for failure in result.failures:
         found = re.search(r"site (\d+)", failure)

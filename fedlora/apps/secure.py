@@ -46,9 +46,11 @@ sends names each key's format; a site whose layout differs from the others' coun
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
 sees itself: the request before it opens a session or trains (and a round it took part in before
 is refused: one session per round), who signed the keys it receives (against its [peers]
-roster), the cohort and threshold when it receives them, the number of inputs in the sum
-and (with a roster) that they all came from the training content it trained from, before it
-reveals unmasking shares. Nothing the site trained leaves
+roster; in a session of its own round the keys are signed with the digest of the training
+content they came with, so this also shows that every peer trains from the same content), the
+cohort and threshold when it receives them, the number of inputs in the sum and (with a
+roster) that they all came from the training content it trained from, before it reveals
+unmasking shares. Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
 c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a
@@ -136,6 +138,7 @@ class SecureSum:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the next round's session, set up during this one (None: the next round sets up its own)
     prepared: PreparedSession | None = None
+    next_refused: dict[int, str] = field(default_factory=dict)  # site -> why it refused that
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -350,6 +353,7 @@ def secure_sum(
         refused=ask.refused,
         seconds=ask.seconds,
         prepared=nxt.prepared(),
+        next_refused=nxt.refused,
     )
 
 
@@ -420,6 +424,7 @@ class _NextSession:
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     signed: dict[int, Proof] = field(default_factory=dict)
     routed: dict[int, dict[int, bytes]] | None = None
+    refused: dict[int, str] = field(default_factory=dict)  # site -> its reason
 
     @classmethod
     def start(
@@ -441,7 +446,7 @@ class _NextSession:
     def receive_keys(self, replies: Mapping[int, RecordDict]) -> None:
         if self.server is None:
             return
-        read = _read_next(replies, _read_keys)
+        read = self._read(replies, _read_keys)
         mine = [s for s, (claimed, _, _) in read.items() if claimed == s]
         keys = {s: read[s][1] for s in mine if s in self.upcoming.sites}
         self.signed = {s: read[s][2] for s in keys}
@@ -459,9 +464,25 @@ class _NextSession:
         if self.server is None:
             return
         try:
-            self.routed = self.server.route_shares(_read_next(replies, _read_shares))
+            self.routed = self.server.route_shares(self._read(replies, _read_shares))
         except SecAggError:
             self.server = None
+
+    def _read(self, replies: Mapping[int, RecordDict], read: Callable) -> dict:
+        """site -> read(its reply's next-session part), for the sites whose part reads: a
+        refusal (kept in `refused`) or a malformed part only leaves that site out of the next
+        session."""
+        out = {}
+        for site, content in replies.items():
+            part = content.get(records.SECAGG_NEXT)
+            if part is not None and records.REASON in part:
+                self.refused[site] = str(part[records.REASON])
+                continue
+            try:
+                out[site] = read(content, records.SECAGG_NEXT)
+            except (KeyError, TypeError, ValueError):
+                continue
+        return out
 
     def prepared(self) -> PreparedSession | None:
         """The session, if every site of the next round is still in it."""
@@ -470,18 +491,6 @@ class _NextSession:
         if sorted(self.routed) != sorted(self.upcoming.sites):
             return None
         return PreparedSession(self.upcoming.round_, self.server, self.routed)
-
-
-def _read_next(replies: Mapping[int, RecordDict], read: Callable) -> dict:
-    """site -> read(its reply's next-session part), for the sites whose part reads: a refusal
-    or a malformed part only leaves that site out of the next session."""
-    out = {}
-    for site, content in replies.items():
-        try:
-            out[site] = read(content, records.SECAGG_NEXT)
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
 
 
 class SecureRoundFailed(FedloraError):
@@ -670,7 +679,8 @@ def _stage_reply(
             if key in context.state:
                 del context.state[key]
         content = _training_content(msg, round_)
-        client, reply_fields = _open_session(cfg, fields, policy, context)
+        digest = records.content_digest(content)
+        client, reply_fields = _open_session(cfg, fields, policy, context, digest)
         take_round(cfg, context, round_)
         if background is None:
             for name, record in content.items():
@@ -760,11 +770,18 @@ def _next_stage_reply(
 
 
 def _open_session(
-    cfg: Config, fields: ConfigRecord, policy: SitePolicy, context: Context
+    cfg: Config, fields: ConfigRecord, policy: SitePolicy, context: Context, content: bytes = b""
 ) -> tuple[SecAggClient, dict[str, list]]:
     """A keys stage: the request checked, a new session, and the public keys to send, signed
-    by a site daemon (fedlora.secure.identity)."""
+    by a site daemon (fedlora.secure.identity) with `content`, the digest of the training
+    content they came with (b"": a session set up in the round before its own)."""
     policy.check_request(cfg, secure=True)
+    if policy.check_content_before_masking and not content:
+        raise PolicyRefused(
+            "this site takes part only in sessions whose keys come with the round's training "
+            "content (policy.check_content_before_masking), so that it sees its peers train "
+            "from the same before it masks; a session set up during the round before cannot"
+        )
     threshold, site = int(fields[records.THRESHOLD]), site_id(context)
     value_bound = float(fields[records.VALUE_BOUND])
     if not value_bound >= DEFAULT_VALUE_BOUND:
@@ -779,12 +796,14 @@ def _open_session(
         threshold,
         value_bound,
         key_bounds=key_bounds(cfg, threshold),
+        content_digest=content,
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
     federation = federation_name(context)
     return client, reply | _signed(
-        context, lambda name: keys_statement(federation, client.session, site, name, c_pk, s_pk)
+        context,
+        lambda name: keys_statement(federation, client.session, site, name, c_pk, s_pk, content),
     )
 
 
@@ -812,7 +831,14 @@ def _share_keys(
     peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
     received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
     proofs = _proofs(fields, fields[records.SITES])
-    policy.check_peers(federation_name(context), client.session, client.site, received, proofs)
+    policy.check_peers(
+        federation_name(context),
+        client.session,
+        client.site,
+        received,
+        proofs,
+        client.content_digest,
+    )
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
     return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}

@@ -76,6 +76,8 @@ class Federation:
     round_start: tuple[int, Arrays] | None = None
     #: secure aggregation: the next round's session, set up during the last round
     prepared: PreparedSession | None = None
+    #: sites that refused a session set up during the round before (said once per site)
+    not_pipelined: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -171,6 +173,14 @@ class Federation:
             self.note_refusals(round_, err.refused)
             raise
         self.prepared = inputs.prepared
+        for site, why in sorted(inputs.next_refused.items()):
+            if site not in self.not_pipelined:
+                self.not_pipelined.add(site)
+                self.reporter.note(
+                    f"round {round_}: {self.site_name(site)} left the next round's session, "
+                    f"set up during this one (secure.pipeline; the next round sets up its own): "
+                    f"{why}"
+                )
         return inputs
 
     def upcoming(self, round_: int) -> NextRound | None:

@@ -254,6 +254,12 @@ def load_site(path: Path) -> SiteSettings:
             f"{path}: [peers] needs this site's key to sign its own secure-aggregation keys, "
             "and insecure = true has none; set site.auth_key and site.ca_cert, or remove [peers]."
         )
+    if policy_table.get("check_content_before_masking") and not peers:
+        raise FedloraError(
+            f"{path}: policy.check_content_before_masking checks the signatures of the sites "
+            "[peers] lists, and there is no [peers]; list the other sites' key fingerprints "
+            'under [peers] (clients/README.md, "Peers").'
+        )
     return SiteSettings(
         name=name,
         server=site["server"],

@@ -28,6 +28,10 @@ from fedlora.strategies import STRATEGIES
 LEVELS: tuple[str, ...] = get_args(PrivacyLevel)
 AGGREGATIONS: tuple[str, ...] = get_args(AggregationMode)
 DEFAULT_MIN_COHORT = 3
+OTHER_CONTENT = (
+    "it trained from other training content than this site: a server that sends sites "
+    "different adapters can read one site's update from the sum"
+)
 
 
 class PolicyRefused(Exception):
@@ -72,6 +76,11 @@ class SitePolicy:
     #: node-authentication key), from site.toml [peers]; when given, every other key of a
     #: secure-aggregation session must be signed by one of them (check_peers)
     peers: tuple[tuple[str, str], ...] = ()
+    #: refuse sessions set up during the round before (the server's secure.pipeline): their
+    #: keys exist before the round's training content, so only the unmasking stage can show
+    #: that every peer trained from the same content, after this site's input has left; in a
+    #: session of its own round the keys stage shows it (needs [peers])
+    check_content_before_masking: bool = False
 
     @classmethod
     def mirroring(cls, cfg: Config) -> SitePolicy:
@@ -176,18 +185,22 @@ class SitePolicy:
         own: int,
         received: Mapping[int, tuple[bytes, bytes]],
         proofs: Mapping[int, Proof],
+        content: bytes = b"",
     ) -> None:
         """With a roster: every key of the session but this site's (`own`) is signed, for this
         federation and session, by a different peer of the roster (fedlora.secure.identity),
         so the cohort this site counts is sites, not keys the server made. Without one, any
-        key counts (the server's word on who is behind it)."""
+        key counts (the server's word on who is behind it). `content`: the digest of the
+        training content this site's keys came with (a session of its own round), which every
+        peer's keys must have come with too: checked before anything this site trained leaves."""
 
         def statement(site: int, name: str) -> bytes:
-            return keys_statement(federation, session, site, name, *received[site])
+            return keys_statement(federation, session, site, name, *received[site], content)
 
-        self._check_signed(
-            set(received) - {own}, proofs, statement, "keys", "forged, or from another session"
-        )
+        mismatch = "forged, or from another session"
+        if content:
+            mismatch = f"forged, from another session, or {OTHER_CONTENT}"
+        self._check_signed(set(received) - {own}, proofs, statement, "keys", mismatch)
 
     def check_same_content(
         self,
@@ -210,8 +223,7 @@ class SitePolicy:
             proofs,
             statement,
             "training content",
-            "it trained from other training content than this site: a server that sends sites "
-            "different adapters can read one site's update from the sum",
+            OTHER_CONTENT,
         )
 
     def _check_signed(

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.errors import FedloraError
 
-KEYS = b"fedlora secure-aggregation keys v1\n"
+KEYS = b"fedlora secure-aggregation keys v2\n"
 CONTENT = b"fedlora secure-aggregation content v1\n"
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
@@ -64,10 +64,19 @@ def check_fingerprint(value: object, where: str) -> str:
 
 
 def keys_statement(
-    federation: str, session: int, site: int, name: str, c_pk: bytes, s_pk: bytes
+    federation: str,
+    session: int,
+    site: int,
+    name: str,
+    c_pk: bytes,
+    s_pk: bytes,
+    content: bytes = b"",
 ) -> bytes:
-    """What a site signs when it advertises its keys for one session."""
-    return _statement(KEYS, federation, session, site, name, c_pk, s_pk)
+    """What a site signs when it advertises its keys for one session. `content`: the digest of
+    the training content the keys came with, in a session set up in its own round (b"" for one
+    set up before its content existed): a site then sees, before it masks anything, that every
+    peer trains from the same content (see `content_statement`)."""
+    return _statement(KEYS, federation, session, site, name, c_pk, s_pk, content)
 
 
 def content_statement(federation: str, session: int, site: int, name: str, digest: bytes) -> bytes:
