@@ -9,6 +9,7 @@ server receives."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -554,20 +555,20 @@ def test_a_prepared_session_trains_only_on_its_own_round(tiny_cfg, task_identity
 # --- personalisation: scores of a site's rows ---------------------------------------------------
 
 
-def personalisation(arrays: dict[str, np.ndarray], node: int = 100) -> Message:
+def personalisation(arrays: dict[str, np.ndarray], node: int = 100, steps: int = 1) -> Message:
     """An EVALUATE message as the server's personalisation sends it, `arrays` as the adapter."""
     content = RecordDict(
         {
-            R.ROUND_CONFIG: ConfigRecord({R.PERSONALIZE_STEPS: 1}),
+            R.ROUND_CONFIG: ConfigRecord({R.PERSONALIZE_STEPS: steps}),
             R.GLOBAL_ADAPTER: R.to_record(arrays),
         }
     )
     return Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
 
 
-def personalise(grid: LocalGrid, arrays: dict[str, np.ndarray]) -> dict:
+def personalise(grid: LocalGrid, arrays: dict[str, np.ndarray], steps: int = 1) -> dict:
     """The site's metrics for a personalisation request, or its refusal."""
-    (reply,) = grid.pull_messages(grid.push_messages([personalisation(arrays)]))
+    (reply,) = grid.pull_messages(grid.push_messages([personalisation(arrays, steps=steps)]))
     assert not reply.has_error(), reply.error.reason
     if R.REFUSAL in reply.content:
         return dict(reply.content[R.REFUSAL])
@@ -689,3 +690,43 @@ def test_a_site_with_a_list_of_models_loads_no_other(tiny_cfg, tmp_path, task_id
     assert load_policy({"models": ["tiny-random"]}, "site.toml").models == ("tiny-random",)
     with pytest.raises(FedloraError, match="policy.models in site.toml must be a non-empty"):
         load_policy({"models": []}, "site.toml")
+
+
+def test_a_site_caps_the_work_a_round_asks_of_its_machine(tiny_cfg, task_identity):
+    """The local steps and the batch size are the server's: without a cap, a round may keep
+    a site's machine busy (or out of memory) for as long as the server likes.
+    policy.max_local_steps and max_batch_size refuse more, before any training: a round's
+    steps as this site would run them (train.local_steps_spread gives the sites different
+    ones), and a personalisation's."""
+    adapter = global_adapter(tiny_cfg())
+    capped = SitePolicy(max_local_steps=4, max_batch_size=8)
+
+    rounds = itertools.count(1)  # the sites' state folder is shared: a new round each time
+
+    def train(cfg, site: int = 0) -> dict:
+        content = round_content(next(rounds), adapter)
+        msg = Message(content, dst_node_id=100 + site, message_type=MessageType.TRAIN)
+        grid = LocalGrid(cfg, 3, capped)
+        (reply,) = grid.pull_messages(grid.push_messages([msg]))
+        assert not reply.has_error(), reply.error.reason
+        key = R.REFUSAL if R.REFUSAL in reply.content else R.SITE_METRICS
+        return dict(reply.content[key])
+
+    assert train(tiny_cfg(train={"local_steps": 4}))[R.LOCAL_STEPS] == 4
+    refused = train(tiny_cfg(train={"local_steps": 6}))
+    assert refused[R.REASON] == "6 local steps, this site's policy.max_local_steps is 4"
+    spread = tiny_cfg(train={"local_steps": 4, "local_steps_spread": 0.5})  # sites: 2, 4, 6
+    assert train(spread, site=1)[R.LOCAL_STEPS] == 4
+    assert "6 local steps" in train(spread, site=2)[R.REASON]
+    refused = train(tiny_cfg(train={"local_steps": 2, "batch_size": 16}), site=2)
+    assert refused[R.REASON] == "batches of 16 rows, this site's policy.max_batch_size is 8"
+    assert not SiteStore(grid_state(tiny_cfg()), 2).path.exists()  # site 2 never trained
+    secure = tiny_cfg(secure={"enabled": True}, train={"local_steps": 6})
+    with pytest.raises(SecureRoundFailed) as failed:  # refused before the session's keys
+        run_secure(LocalGrid(secure, 3, capped), secure, 100)
+    assert "'keys' stage" in str(failed.value) and sorted(failed.value.refused) == [0, 1, 2]
+    grid = LocalGrid(tiny_cfg(), 1, capped)
+    assert "10 local steps" in personalise(grid, adapter, steps=10)[R.REASON]
+    assert R.PERSONAL_LOSS in personalise(grid, adapter, steps=4)
+    policy = load_policy({"max_local_steps": 4, "max_batch_size": 8}, "site.toml")
+    assert (policy.max_local_steps, policy.max_batch_size) == (4, 8)

@@ -92,14 +92,15 @@ def personalize_reply(
     and only where the site's policy lets its scores leave in the clear."""
     site = site_id(context)
     policy = policy or SitePolicy.mirroring(cfg)
+    steps = int(msg.content[records.ROUND_CONFIG][records.PERSONALIZE_STEPS])
     try:
         policy.check_personalisation(cfg)
+        policy.check_work(steps, cfg.train.batch_size)
         if not RoundsTaken(site_state_dir(cfg, context), site).take(personalisation_round(cfg)):
             raise PolicyRefused("personalisation already done: a site answers it once")
     except PolicyRefused as exc:
         return refusal_reply(msg, site, personalisation_round(cfg), exc.reason)
     runtime = site_runtime(cfg, context)
-    steps = int(msg.content[records.ROUND_CONFIG][records.PERSONALIZE_STEPS])
     global_arrays = records.from_record(msg.content[records.GLOBAL_ADAPTER])
     held_out = runtime.encoder.encode_all(
         [runtime.dataset.test[i] for i in runtime.test_parts[site]]

@@ -65,6 +65,14 @@ def site_local_steps(train: TrainConfig, site: int, n_sites: int) -> int:
     return max(1, round(train.local_steps * factor))
 
 
+def checked_steps(cfg: Config, policy: SitePolicy, site: int) -> int:
+    """The local steps `site` runs in a round, once its policy has accepted them and the batch
+    size (SitePolicy.check_work)."""
+    steps = site_local_steps(cfg.train, site, cfg.federation.clients)
+    policy.check_work(steps, cfg.train.batch_size)
+    return steps
+
+
 def derive_seed(*parts: int) -> int:
     """A stable seed for (run seed, round, site): same command, same numbers. Public (the
     server knows every part): for LoRA dropout and plain batches, never for a value that
@@ -152,6 +160,7 @@ def train_contribution(
     clear metrics. `keep(round, state)` receives the site's new state instead of saving it
     (secure: saved once the input is accepted)."""
     site = site_id(context)
+    steps = checked_steps(cfg, policy, site)  # before the model is even loaded
     runtime = site_runtime(cfg, context)
     round_ = int(content[records.ROUND_CONFIG][records.ROUND])
     global_arrays = transport.decode(records.from_record(content[records.GLOBAL_ADAPTER]))
@@ -164,7 +173,6 @@ def train_contribution(
     strategy = strategy_for(cfg)
     load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
-    steps = site_local_steps(cfg.train, site, cfg.federation.clients)
     train = for_round(cfg.train, round_, cfg.federation.rounds)
     seed = derive_seed(cfg.run.seed, round_, site)
     secret = site_secret(cfg, context, folder)

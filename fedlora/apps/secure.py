@@ -89,6 +89,7 @@ from flwr.serverapp import Grid
 from fedlora.apps import records
 from fedlora.apps.contribution import (
     AUTH_KEY,
+    checked_steps,
     federation_name,
     refusal_reply,
     site_id,
@@ -776,6 +777,7 @@ def _open_session(
     by a site daemon (fedlora.secure.identity) with `content`, the digest of the training
     content they came with (b"": a session set up in the round before its own)."""
     policy.check_request(cfg, secure=True)
+    checked_steps(cfg, policy, site_id(context))
     if policy.check_content_before_masking and not content:
         raise PolicyRefused(
             "this site takes part only in sessions whose keys come with the round's training "

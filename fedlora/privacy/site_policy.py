@@ -69,6 +69,11 @@ class SitePolicy:
     #: strategies and lora.aggregation modes this site trains for
     strategies: tuple[str, ...] = tuple(STRATEGIES)
     aggregations: tuple[str, ...] = AGGREGATIONS
+    #: the most local steps a round (or a personalisation) may ask of this site, and the most
+    #: rows in one of its batches (0 = any): the server's settings decide how long and how
+    #: much memory this site's machine gives a round
+    max_local_steps: int = 0
+    max_batch_size: int = 0
     #: the base models (model.name) this site loads, () = any: the name is the server's, and
     #: it may be a hub id to download or a folder on this site's machine
     models: tuple[str, ...] = ()
@@ -128,6 +133,18 @@ class SitePolicy:
         if self.models and cfg.model.name not in self.models:
             raise PolicyRefused(
                 f"model.name {cfg.model.name!r} not accepted (policy: {', '.join(self.models)})"
+            )
+
+    def check_work(self, steps: int, batch_size: int) -> None:
+        """Before training: the steps this site would run and the rows in each batch."""
+        if self.max_local_steps and steps > self.max_local_steps:
+            raise PolicyRefused(
+                f"{steps} local steps, this site's policy.max_local_steps is {self.max_local_steps}"
+            )
+        if self.max_batch_size and batch_size > self.max_batch_size:
+            raise PolicyRefused(
+                f"batches of {batch_size} rows, this site's policy.max_batch_size is "
+                f"{self.max_batch_size}"
             )
 
     def check_personalisation(self, cfg: Config) -> None:
