@@ -776,15 +776,16 @@ def _open_session(
     """A keys stage: the request checked, a new session, and the public keys to send, signed
     by a site daemon (fedlora.secure.identity) with `content`, the digest of the training
     content they came with (b"": a session set up in the round before its own)."""
+    site = site_id(context)
     policy.check_request(cfg, secure=True)
-    checked_steps(cfg, policy, site_id(context))
+    checked_steps(cfg, policy, site)
     if policy.check_content_before_masking and not content:
         raise PolicyRefused(
             "this site takes part only in sessions whose keys come with the round's training "
             "content (policy.check_content_before_masking), so that it sees its peers train "
             "from the same before it masks; a session set up during the round before cannot"
         )
-    threshold, site = int(fields[records.THRESHOLD]), site_id(context)
+    threshold = int(fields[records.THRESHOLD])
     value_bound = float(fields[records.VALUE_BOUND])
     if not value_bound >= DEFAULT_VALUE_BOUND:
         raise PolicyRefused(
