@@ -41,6 +41,7 @@ from fedlora.apps.secure import (
     key_bounds,
 )
 from fedlora.deploy import runconfig
+from fedlora.deploy.server import shared_config
 from fedlora.deploy.settings import load_site
 from fedlora.deploy.site import roster_line
 from fedlora.errors import FedloraError
@@ -86,11 +87,15 @@ def listing_each_other(keys: Path) -> list[SitePolicy]:
     return [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
 
 
-def daemons(cfg, tmp_path: Path, keys: Path, policies: list[SitePolicy]) -> LocalGrid:
+def daemons(
+    cfg, tmp_path: Path, keys: Path, policies: list[SitePolicy], configs: list | None = None
+) -> LocalGrid:
     """Sites as site daemons run them (fedlora.deploy.apps.SiteApp): each its own name, state
-    folder and key; `policies[i]` is site i's."""
+    folder and key; `policies[i]` is site i's; `configs[i]` the federation's config as the
+    server sent it to site i (default: `cfg` to all), in its run config too."""
+    configs = configs or [cfg] * len(policies)
     grid = LocalGrid(cfg, len(policies))
-    apps = [LocalGrid(cfg, 1, policy).app for policy in policies]
+    apps = [LocalGrid(c, 1, policy).app for c, policy in zip(configs, policies, strict=True)]
     for i, context in enumerate(list(grid.contexts.values())):
         grid.contexts[context.node_id] = Context(
             run_id=1,
@@ -102,6 +107,7 @@ def daemons(cfg, tmp_path: Path, keys: Path, policies: list[SitePolicy]) -> Loca
             },
             state=RecordDict(),
             run_config={
+                runconfig.CONFIG: shared_config(configs[i]),
                 runconfig.FEDERATION: FEDERATION,
                 runconfig.SITES: json.dumps(NAMES[: len(policies)]),
             },
@@ -342,7 +348,7 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     assert ("'unmask' stage" in str(failed.value)) == pipeline
     assert bool(own) == pipeline  # a session of its own round: refused before masking
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
-    assert all("other training content" in why for why in failed.value.refused.values())
+    assert all("training content" in why for why in failed.value.refused.values())
 
 
 def test_a_site_with_peers_checks_their_training_content_before_it_masks(
@@ -362,7 +368,7 @@ def test_a_site_with_peers_checks_their_training_content_before_it_masks(
     result = run_secure(grid, cfg, 1)
     assert not own, "site 0 masked its input"
     assert result.sites == [1, 2]
-    assert "other training content" in result.refused[0], result.refused
+    assert "or training content than this site" in result.refused[0], result.refused
 
 
 def test_a_site_that_checks_content_before_masking_takes_no_prepared_session(
@@ -394,3 +400,54 @@ def test_a_site_that_checks_content_before_masking_takes_no_prepared_session(
     assert [n.split(":")[1].split()[0] for n in notes] == NAMES[:3], notes
     assert "check_content_before_masking" in notes[0]
     assert all("cohort of 2 sites" in n for n in notes[1:])
+
+
+def test_sites_with_peers_refuse_a_session_whose_sites_were_sent_other_terms(
+    tiny_cfg, tmp_path, keys, monkeypatch
+):
+    """The federation's config is the server's too, and a Flower server hands each site its run
+    config: one whose learning rate is 1e-12 makes the other sites' updates about 1e-12 of site
+    0's, and the "sum" is site 0's update, with the same adapter at every site (so the content
+    check passes; a config with less noise would do the same to distributed client-level DP).
+    On the code before, with every site listing its peers, the round ran with all three sites
+    and its sum equalled site 0's update to 1e-3 of its scale. Every site now signs its keys
+    with the digest of the run config it received (a session set up during the round before
+    too; a run's config does not change between its rounds, and its first round sets up its
+    own session), so the sites refuse at the share stage, before anything they trained leaves."""
+    cfg = tiny_cfg(secure={"enabled": True}, train={"optimizer": "sgd", "lr": 0.5})
+    slow = tiny_cfg(secure={"enabled": True}, train={"optimizer": "sgd", "lr": 1e-12})
+    grid = daemons(cfg, tmp_path, keys, listing_each_other(keys), [cfg, slow, slow])
+    own = spy_on_site_0(monkeypatch)
+    with pytest.raises(SecureRoundFailed) as failed:
+        run_secure(grid, cfg, 1, upcoming=NEXT)
+    assert "'keys' stage" in str(failed.value) and not own, "site 0 masked its input"
+    assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
+    assert all("other federation terms" in why for why in failed.value.refused.values())
+
+
+class Thresholds(LocalGrid):
+    """A server that gives site 0 the smallest threshold (2 of 3) and the others all three: a
+    site splits its distributed client-level noise over its own t, so the others would add
+    less noise each than site 0 counts on."""
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        for msg in msgs:
+            stage = msg.content.get(R.SECAGG)
+            if msg.metadata.dst_node_id != 100 and stage and stage[R.SECAGG_STAGE] == "keys":
+                stage[R.THRESHOLD] = 3
+        return super().push_messages(msgs)
+
+
+def test_sites_with_peers_refuse_a_session_whose_sites_were_given_other_thresholds(
+    tiny_cfg, tmp_path, keys
+):
+    """The keys are signed with the session's threshold and value bound too: a site with
+    [peers] takes part only when every peer was given the same."""
+    cfg = tiny_cfg(secure={"enabled": True})
+    grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
+    grid.__class__ = Thresholds
+    with pytest.raises(SecureRoundFailed) as failed:
+        run_secure(grid, cfg, 1, threshold=2)
+    assert "'keys' stage" in str(failed.value)
+    assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
+    assert all("other federation terms" in why for why in failed.value.refused.values())

@@ -127,6 +127,21 @@ def content_digest(content: RecordDict) -> bytes:
     return bytes.fromhex(payload_digest(arrays))
 
 
+def session_terms(
+    run_config_digest: bytes, threshold: int, value_bound: float, content: RecordDict | None
+) -> bytes:
+    """What a secure-aggregation session's keys come with, as every site of the session must
+    have received it: the federation's run config (fedlora.deploy.runconfig.terms_digest), the
+    session's threshold and value bound (a site splits its distributed noise over its own t)
+    and, in a session set up in its own round, the round's training content (None: a session
+    set up during the round before, whose content does not exist yet)."""
+    h = hashlib.sha256(b"run config\n" + run_config_digest)
+    h.update(json.dumps({"threshold": threshold, "value_bound": value_bound}).encode())
+    if content is not None:
+        h.update(b"content\n" + content_digest(content))
+    return h.digest()
+
+
 # secure aggregation (fedlora/apps/secure.py): four stages per session, message types
 # "query.secagg" (keys with the round's training content, shares, unmasking) and "train.secagg"
 # (send the trained, masked input); the next round's keys and shares may ride on this round's

@@ -46,8 +46,9 @@ sends names each key's format; a site whose layout differs from the others' coun
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
 sees itself: the request before it opens a session or trains (and a round it took part in before
 is refused: one session per round), who signed the keys it receives (against its [peers]
-roster; in a session of its own round the keys are signed with the digest of the training
-content they came with, so this also shows that every peer trains from the same content), the
+roster; the keys are signed with the digest of the federation's run config and, in a session
+of its own round, of the training content they came with, so this also shows that every peer
+trains under the same config and, there, from the same content), the
 cohort and threshold when it receives them, the number of inputs in the sum and (with a
 roster) that they all came from the training content it trained from, before it reveals
 unmasking shares. Nothing the site trained leaves
@@ -680,8 +681,7 @@ def _stage_reply(
             if key in context.state:
                 del context.state[key]
         content = _training_content(msg, round_)
-        digest = records.content_digest(content)
-        client, reply_fields = _open_session(cfg, fields, policy, context, digest)
+        client, reply_fields = _open_session(cfg, fields, policy, context, content)
         take_round(cfg, context, round_)
         if background is None:
             for name, record in content.items():
@@ -771,15 +771,20 @@ def _next_stage_reply(
 
 
 def _open_session(
-    cfg: Config, fields: ConfigRecord, policy: SitePolicy, context: Context, content: bytes = b""
+    cfg: Config,
+    fields: ConfigRecord,
+    policy: SitePolicy,
+    context: Context,
+    content: RecordDict | None = None,
 ) -> tuple[SecAggClient, dict[str, list]]:
     """A keys stage: the request checked, a new session, and the public keys to send, signed
-    by a site daemon (fedlora.secure.identity) with `content`, the digest of the training
-    content they came with (b"": a session set up in the round before its own)."""
+    by a site daemon (fedlora.secure.identity) with the digest of what they came with: the
+    federation's run config, the session's threshold and value bound, and the round's training
+    `content` (None: a session set up in the round before its own)."""
     site = site_id(context)
     policy.check_request(cfg, secure=True)
     checked_steps(cfg, policy, site)
-    if policy.check_content_before_masking and not content:
+    if policy.check_content_before_masking and content is None:
         raise PolicyRefused(
             "this site takes part only in sessions whose keys come with the round's training "
             "content (policy.check_content_before_masking), so that it sees its peers train "
@@ -799,14 +804,18 @@ def _open_session(
         threshold,
         value_bound,
         key_bounds=key_bounds(cfg, threshold),
-        content_digest=content,
+        terms=records.session_terms(
+            runconfig.terms_digest(context.run_config), threshold, value_bound, content
+        ),
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
     federation = federation_name(context)
     return client, reply | _signed(
         context,
-        lambda name: keys_statement(federation, client.session, site, name, c_pk, s_pk, content),
+        lambda name: keys_statement(
+            federation, client.session, site, name, c_pk, s_pk, client.terms
+        ),
     )
 
 
@@ -840,7 +849,7 @@ def _share_keys(
         client.site,
         received,
         proofs,
-        client.content_digest,
+        client.terms,
     )
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)

@@ -8,6 +8,7 @@ its own name and its own config file into its SuperNode's node config. Nothing e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -39,6 +40,14 @@ def federation(run_config: Mapping[str, object]) -> str:
             "(1-64 letters, digits, '-' or '_'); this site will not use it as a folder name."
         )
     return value
+
+
+def terms_digest(run_config: Mapping[str, object]) -> bytes:
+    """The federation's terms as this site received them (config, sites, federation id): a
+    Flower server hands each site its run config, so nothing but the sites' signatures on this
+    digest (fedlora.secure.identity.keys_statement) shows that they all received the same."""
+    terms = {key: str(run_config.get(key, "")) for key in (CONFIG, SITES, FEDERATION)}
+    return hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).digest()
 
 
 def is_site_daemon(node_config: Mapping[str, object]) -> bool:

@@ -32,6 +32,11 @@ OTHER_CONTENT = (
     "it trained from other training content than this site: a server that sends sites "
     "different adapters can read one site's update from the sum"
 )
+OTHER_TERMS = (
+    "sent with other federation terms (config, threshold) or training content than this "
+    "site's keys: a server that sends sites different configs or adapters can read one site's "
+    "update from the sum"
+)
 
 
 class PolicyRefused(Exception):
@@ -202,21 +207,21 @@ class SitePolicy:
         own: int,
         received: Mapping[int, tuple[bytes, bytes]],
         proofs: Mapping[int, Proof],
-        content: bytes = b"",
+        terms: bytes = b"",
     ) -> None:
         """With a roster: every key of the session but this site's (`own`) is signed, for this
         federation and session, by a different peer of the roster (fedlora.secure.identity),
         so the cohort this site counts is sites, not keys the server made. Without one, any
-        key counts (the server's word on who is behind it). `content`: the digest of the
-        training content this site's keys came with (a session of its own round), which every
-        peer's keys must have come with too: checked before anything this site trained leaves."""
+        key counts (the server's word on who is behind it). `terms`: the digest of what this
+        site's keys came with (the federation's run config, the session's threshold, and the
+        round's training content in a session of its own round: fedlora.apps.records.
+        session_terms), which every peer's keys must have come with too: checked before
+        anything this site trained leaves."""
 
         def statement(site: int, name: str) -> bytes:
-            return keys_statement(federation, session, site, name, *received[site], content)
+            return keys_statement(federation, session, site, name, *received[site], terms)
 
-        mismatch = "forged, or from another session"
-        if content:
-            mismatch = f"forged, from another session, or {OTHER_CONTENT}"
+        mismatch = f"forged, from another session, or {OTHER_TERMS}"
         self._check_signed(set(received) - {own}, proofs, statement, "keys", mismatch)
 
     def check_same_content(

@@ -70,13 +70,13 @@ def keys_statement(
     name: str,
     c_pk: bytes,
     s_pk: bytes,
-    content: bytes = b"",
+    terms: bytes = b"",
 ) -> bytes:
-    """What a site signs when it advertises its keys for one session. `content`: the digest of
-    the training content the keys came with, in a session set up in its own round (b"" for one
-    set up before its content existed): a site then sees, before it masks anything, that every
-    peer trains from the same content (see `content_statement`)."""
-    return _statement(KEYS, federation, session, site, name, c_pk, s_pk, content)
+    """What a site signs when it advertises its keys for one session. `terms`: the digest of
+    what the keys came with (fedlora.apps.records.session_terms): the federation's run config,
+    and in a session set up in its own round the training content, so that a site sees, before
+    it masks anything, that every peer trains under the same config from the same content."""
+    return _statement(KEYS, federation, session, site, name, c_pk, s_pk, terms)
 
 
 def content_statement(federation: str, session: int, site: int, name: str, digest: bytes) -> bytes:

@@ -41,13 +41,13 @@ Threat model: a server that looks at everything it sees, plus sites that drop at
 Sites also demand 2t > |U1|: a server that tells different survivors different drop lists
 cannot collect t shares of both b_j and s_j, which is what unmasking one site would take. A
 server that forges sites' public keys holds the shares it sends to them: this module cannot
-tell. In deployment every site signs its public keys and a site with a roster of its peers
-accepts only keys they signed for the session (fedlora.secure.identity, checked before the
-share stage; in a session set up in its own round, signed with the digest of the training
-content too), and unmasks only a sum whose inputs were all trained from the content it trained
-from (checked before the unmasking); the rest of Bonawitz et al.'s active-server protocol (a
-signed consistency round on the survivor set) is not implemented: 2t > |U1| covers what it
-guards while no site colludes with the server.
+tell. In deployment every site signs its public keys, with the digest of the federation's run
+config (and, in a session set up in its own round, of the training content), and a site with
+a roster of its peers accepts only keys they signed for the session and those terms
+(fedlora.secure.identity, checked before the share stage), and unmasks only a sum whose inputs
+were all trained from the content it trained from (checked before the unmasking); the rest of
+Bonawitz et al.'s active-server protocol (a signed consistency round on the survivor set) is
+not implemented: 2t > |U1| covers what it guards while no site colludes with the server.
 
 Fixed point (``FixedPoint``): each value x with |x| <= B (its key's bound) becomes
 q = round(x * 2^f) in two's complement modulo 2^w, w = 32 or 64 bits, with f = (w - 2) -
@@ -562,9 +562,9 @@ class SecAggClient:
     stage: str = "keys"
     #: key prefix -> a tighter bound than value_bound that the federation's config guarantees
     key_bounds: dict[str, float] = field(default_factory=dict)
-    #: digest of the training content the keys were advertised with (b"": a session set up
-    #: before its round's content existed); opaque here, signed with the keys by a site daemon
-    content_digest: bytes = b""
+    #: digest of what the keys were advertised with (the federation's terms, and the round's
+    #: training content when it came with them); opaque here, signed with the keys by a daemon
+    terms: bytes = b""
     peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1, self included
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's share of its own (b_i, s_i)
     shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from U2: (b_j, s_j)
@@ -577,7 +577,7 @@ class SecAggClient:
         threshold: int,
         value_bound: float = DEFAULT_VALUE_BOUND,
         key_bounds: Mapping[str, float] | None = None,
-        content_digest: bytes = b"",
+        terms: bytes = b"",
     ) -> SecAggClient:
         """`key_bounds`: key prefix -> bound for the keys that start with it (the longest
         matching prefix wins), in place of `value_bound`; see ``FixedPoint.choose``."""
@@ -595,7 +595,7 @@ class SecAggClient:
             s_sk=new_private_key(),
             seed=os.urandom(_KEY_BYTES),
             key_bounds=key_bounds,
-            content_digest=content_digest,
+            terms=terms,
         )
 
     def public_keys(self) -> PublicKeys:
@@ -720,7 +720,7 @@ class SecAggClient:
             "s_shares": [self.shares[j][1] for j in senders],
             "bound_prefixes": list(self.key_bounds),
             "bound_values": list(self.key_bounds.values()),
-            "content_digest": self.content_digest,
+            "terms": self.terms,
         }
 
     @classmethod
@@ -744,7 +744,7 @@ class SecAggClient:
                 str(k): float(b)
                 for k, b in zip(state["bound_prefixes"], state["bound_values"], strict=True)
             },
-            content_digest=bytes(state["content_digest"]),
+            terms=bytes(state["terms"]),
         )
 
 
