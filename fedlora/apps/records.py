@@ -131,7 +131,7 @@ def session_terms(
     run_config_digest: bytes, threshold: int, value_bound: float, content: RecordDict | None
 ) -> bytes:
     """What a secure-aggregation session's keys come with, as every site of the session must
-    have received it: the federation's run config (fedlora.deploy.runconfig.terms_digest), the
+    have received it: the federation's run config (fedlora.deploy.runconfig.digest), the
     session's threshold and value bound (a site splits its distributed noise over its own t)
     and, in a session set up in its own round, the round's training content (None: a session
     set up during the round before, whose content does not exist yet)."""

@@ -46,9 +46,9 @@ sends names each key's format; a site whose layout differs from the others' coun
 The site's policy (fedlora.privacy.site_policy) is checked at every stage against what the site
 sees itself: the request before it opens a session or trains (and a round it took part in before
 is refused: one session per round), who signed the keys it receives (against its [peers]
-roster; the keys are signed with the digest of the federation's run config and, in a session
-of its own round, of the training content they came with, so this also shows that every peer
-trains under the same config and, there, from the same content), the
+roster; the keys are signed with the digest of the federation's run config, the session's
+threshold and value bound and, in a session of its own round, the training content they came
+with, so this also shows that every peer received the same terms and, there, content), the
 cohort and threshold when it receives them, the number of inputs in the sum and (with a
 roster) that they all came from the training content it trained from, before it reveals
 unmasking shares. Nothing the site trained leaves
@@ -805,7 +805,7 @@ def _open_session(
         value_bound,
         key_bounds=key_bounds(cfg, threshold),
         terms=records.session_terms(
-            runconfig.terms_digest(context.run_config), threshold, value_bound, content
+            runconfig.digest(context.run_config), threshold, value_bound, content
         ),
     )
     c_pk, s_pk = client.public_keys()

@@ -42,10 +42,10 @@ def federation(run_config: Mapping[str, object]) -> str:
     return value
 
 
-def terms_digest(run_config: Mapping[str, object]) -> bytes:
-    """The federation's terms as this site received them (config, sites, federation id): a
-    Flower server hands each site its run config, so nothing but the sites' signatures on this
-    digest (fedlora.secure.identity.keys_statement) shows that they all received the same."""
+def digest(run_config: Mapping[str, object]) -> bytes:
+    """The run config as this site received it (config, sites, federation id): a Flower server
+    hands each site its own, so only the sites' signatures on this digest (in their
+    secure-aggregation keys: fedlora.apps.records.session_terms) show that all got the same."""
     terms = {key: str(run_config.get(key, "")) for key in (CONFIG, SITES, FEDERATION)}
     return hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).digest()
 
