@@ -52,7 +52,7 @@ from fedlora.secure.identity import Signer, fingerprint, keys_statement
 from fedlora.secure.secagg import DEFAULT_VALUE_BOUND, SecAggClient, SecAggServer
 
 FEDERATION = "federation-1"
-NAMES = ["city", "st-marys", "university", "general"]
+NAMES = ["city", "st-marys", "university", "general", "county"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +61,15 @@ def _flower_task():
         yield
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("keys")
+def make_keys(folder: Path) -> Path:
+    """Every site's node-authentication key (and one for a forger), made in `folder`."""
     make_certs(folder, server_names=[], server_ips=[], sites=[*NAMES, "forger"])
     return folder
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    return make_keys(tmp_path_factory.mktemp("keys"))
 
 
 def signer(keys: Path, name: str) -> Signer:
@@ -82,9 +86,10 @@ def roster(keys: Path, names) -> tuple[tuple[str, str], ...]:
 NEXT = NextRound(2, [0, 1, 2], 2)
 
 
-def listing_each_other(keys: Path) -> list[SitePolicy]:
-    """The first three sites' policies, each listing the other two in its [peers]."""
-    return [SitePolicy(peers=roster(keys, set(NAMES[:3]) - {n})) for n in NAMES[:3]]
+def listing_each_other(keys: Path, sites: int = 3) -> list[SitePolicy]:
+    """The first `sites` sites' policies, each listing the others in its [peers]."""
+    names = set(NAMES[:sites])
+    return [SitePolicy(peers=roster(keys, names - {n})) for n in NAMES[:sites]]
 
 
 def daemons(
@@ -133,10 +138,14 @@ def sybil_session(grid: LocalGrid, cfg, fakes: int = 3, threshold: int = 3, sign
     Returns the session's sum, which is site 0's contribution alone, or site 0's refusal."""
     round_, bounds = 1, key_bounds(cfg, threshold)
     content = round_content(round_, global_adapter(cfg))
-    content[R.SECAGG] = _stage("keys", round_, _keys_fields(threshold, DEFAULT_VALUE_BOUND))
-    site, real_keys, real_signed = _read_keys(ask(grid, content, QUERY_SECAGG))
+    cohort = list(range(fakes + 1))
+    content[R.SECAGG] = _stage("keys", round_, _keys_fields(threshold, DEFAULT_VALUE_BOUND, cohort))
+    site, real_keys, real_signed, _ = _read_keys(ask(grid, content, QUERY_SECAGG))
     assert site == 0
-    fake = {j: SecAggClient.create(round_, j, threshold, key_bounds=bounds) for j in range(1, 4)}
+    fake = {
+        j: SecAggClient.create(round_, j, threshold, key_bounds=bounds, cohort=cohort)
+        for j in range(1, fakes + 1)
+    }
     server = SecAggServer(threshold)
     peers = server.receive_keys({0: real_keys} | {j: c.public_keys() for j, c in fake.items()})
     signed = {0: real_signed} | {j: sign(j, c) if sign else UNSIGNED for j, c in fake.items()}
@@ -330,10 +339,11 @@ def test_without_peers_a_server_that_sends_different_adapters_reads_one_site(
 def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     tiny_cfg, tmp_path, keys, monkeypatch, pipeline
 ):
-    """Each site signs the digest of the training content it trained from; before it reveals
-    its unmasking shares it checks that every survivor trained from the same: the check a
-    session set up in the round before has. A session of its own round has it before anything
-    is masked (its keys come with the content and are signed with its digest)."""
+    """Each site signs the digest of the training content it trained from; before it confirms
+    the survivors (and so before it reveals unmasking shares) it checks that every survivor
+    trained from the same: the check a session set up in the round before has. A session of
+    its own round has it before anything is masked (its keys come with the content and are
+    signed with its digest)."""
     cfg = tiny_cfg(secure={"enabled": True})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
     prepared = None
@@ -345,7 +355,7 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     own = spy_on_site_0(monkeypatch)
     with pytest.raises(SecureRoundFailed) as failed:
         run_secure(grid, cfg, round_, prepared=prepared)
-    assert ("'unmask' stage" in str(failed.value)) == pipeline
+    assert ("'confirm' stage" in str(failed.value)) == pipeline
     assert bool(own) == pipeline  # a session of its own round: refused before masking
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
     assert all("training content" in why for why in failed.value.refused.values())
@@ -394,7 +404,7 @@ def test_a_site_that_checks_content_before_masking_takes_no_prepared_session(
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     for row in rounds[1:]:
         assert row["sites"] == [0, 1, 2]
-        assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "unmask"]
+        assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "confirm", "unmask"]
     notes = [line for line in said.getvalue().splitlines() if "next round's session" in line]
     # said once per site: city's reason, then the others' (too small a cohort without city)
     assert [n.split(":")[1].split()[0] for n in notes] == NAMES[:3], notes
@@ -425,29 +435,39 @@ def test_sites_with_peers_refuse_a_session_whose_sites_were_sent_other_terms(
     assert all("other federation terms" in why for why in failed.value.refused.values())
 
 
-class Thresholds(LocalGrid):
-    """A server that gives site 0 the smallest threshold (2 of 3) and the others all three: a
-    site splits its distributed client-level noise over its own t, so the others would add
-    less noise each than site 0 counts on."""
+class OtherTerms(LocalGrid):
+    """A server that tells site 0 the session's own threshold and cohort and the others other
+    ones (`told`): a site splits its distributed client-level noise over its own t, so sites
+    given a larger t would add less noise each than site 0 counts on; and a cohort decides how
+    many sites could confirm a survivor set (fedlora.secure.secagg)."""
+
+    told: dict = {}
 
     def push_messages(self, msgs: list[Message]) -> list[str]:
         for msg in msgs:
             stage = msg.content.get(R.SECAGG)
             if msg.metadata.dst_node_id != 100 and stage and stage[R.SECAGG_STAGE] == "keys":
-                stage[R.THRESHOLD] = 3
+                for key, value in self.told.items():
+                    stage[key] = value
         return super().push_messages(msgs)
 
 
+@pytest.mark.parametrize(
+    ("threshold", "told"),
+    [(2, {R.THRESHOLD: 3}), (3, {R.COHORT: [0, 1, 2, 3, 4]})],
+    ids=["threshold", "cohort"],
+)
 def test_sites_with_peers_refuse_a_session_whose_sites_were_given_other_thresholds(
-    tiny_cfg, tmp_path, keys
+    tiny_cfg, tmp_path, keys, threshold, told
 ):
-    """The keys are signed with the session's threshold and value bound too: a site with
-    [peers] takes part only when every peer was given the same."""
+    """The keys are signed with the session's threshold, value bound and cohort too: a site
+    with [peers] takes part only when every peer was given the same."""
     cfg = tiny_cfg(secure={"enabled": True})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
-    grid.__class__ = Thresholds
+    grid.__class__ = OtherTerms
+    grid.told = told
     with pytest.raises(SecureRoundFailed) as failed:
-        run_secure(grid, cfg, 1, threshold=2)
+        run_secure(grid, cfg, 1, threshold=threshold)
     assert "'keys' stage" in str(failed.value)
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
     assert all("other federation terms" in why for why in failed.value.refused.values())

@@ -411,6 +411,43 @@ def test_sites_refuse_what_would_expose_them():
         clients[0].unmask([0, 1], [2])  # a second request for the other kind of share
 
 
+def test_a_site_confirms_one_survivor_set_and_unmasks_for_it_alone():
+    """The confirm stage (module doc: a server that tells sites different drop lists): a site
+    confirms one set, within the sites it heard from, with itself and t of them, and then
+    reveals shares for that set only; and it takes part only in a session whose cohort, told
+    with the keys, is within a majority threshold and holds every key it is sent."""
+    cohort = [0, 1, 2, 3]
+    with pytest.raises(SecAggError, match="must exceed half"):
+        SecAggClient.create(1, 0, 2, cohort=cohort)  # 2t = |U0|: two sets of t could confirm
+    with pytest.raises(SecAggError, match="asked into a session of sites"):
+        SecAggClient.create(1, 5, 3, cohort=cohort)
+    server = SecAggServer(threshold=3)
+    clients = {i: SecAggClient.create(1, i, 3, cohort=cohort) for i in range(4)}
+    stranger = SecAggClient.create(1, 7, 3, cohort=[5, 6, 7])
+    keys = {i: c.public_keys() for i, c in clients.items()}
+    with pytest.raises(SecAggError, match=r"keys of sites \[7\], outside"):
+        clients[0].share_keys(keys | {7: stranger.public_keys()})
+    peers = server.receive_keys(keys)
+    routed = server.route_shares({i: c.share_keys(peers) for i, c in clients.items()})
+    heard = {j: routed[0][j] for j in (1, 2)}  # the server kept site 3's shares from site 0
+    clients[0].mask_input({"v": np.zeros(4)}, heard)
+    with pytest.raises(SecAggError, match="not among the sites that shared keys with it"):
+        clients[0].confirm([0, 1, 3])
+    with pytest.raises(SecAggError, match="with it"):
+        clients[0].confirm([1, 2, 3])
+    with pytest.raises(SecAggError, match="2 survivors, threshold is 3"):
+        clients[0].confirm([0, 1])
+    clients[0].confirm([0, 1, 2])
+    with pytest.raises(SecAggError, match="out of order"):
+        clients[0].confirm([0, 1])  # one set per session
+    with pytest.raises(SecAggError, match=r"but it confirmed \[0, 1, 2\]"):
+        clients[0].unmask([0, 2], [1])
+    state = SecAggClient.from_state(clients[0].to_state())
+    assert state.confirmed == [0, 1, 2] and state.cohort == cohort
+    b, s = state.unmask([0, 1, 2], [])
+    assert sorted(b) == [0, 1, 2] and not s
+
+
 def test_wrong_session_shares_are_rejected():
     server = SecAggServer(threshold=2)
     clients = {i: SecAggClient.create(session=1, site=i, threshold=2) for i in range(3)}

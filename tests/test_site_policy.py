@@ -175,6 +175,8 @@ def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_ide
                     items = value if isinstance(value, list) else [value]
                     if key in (R.C_PKS, R.S_PKS, R.CIPHERTEXTS, R.B_SHARES, R.S_SHARES):
                         assert all(isinstance(v, bytes) for v in items), key
+                    elif key == R.CONFIRM:  # whether the site has a roster ([peers])
+                        assert items == [False], items
                     else:  # site ids
                         assert key in (R.SITES, R.PEERS, R.SURVIVORS, R.DROPPED), key
                         assert all(isinstance(v, int) for v in items), key
@@ -622,7 +624,7 @@ def test_a_server_cannot_read_a_value_through_a_small_value_bound(tiny_cfg, task
     cfg = tiny_cfg(secure={"enabled": True})
     grid = LocalGrid(cfg, 3)
     content = round_content(1, global_adapter(cfg))
-    content[R.SECAGG] = _stage("keys", 1, _keys_fields(2, 1e-9))
+    content[R.SECAGG] = _stage("keys", 1, _keys_fields(2, 1e-9, [0, 1, 2]))
     msg = Message(content, dst_node_id=100, message_type=f"query.{R.SECAGG_ACTION}")
     (reply,) = grid.pull_messages(grid.push_messages([msg]))
     assert R.REFUSAL in reply.content, "the site opened a session with the server's tiny bound"

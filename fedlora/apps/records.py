@@ -128,38 +128,50 @@ def content_digest(content: RecordDict) -> bytes:
 
 
 def session_terms(
-    run_config_digest: bytes, threshold: int, value_bound: float, content: RecordDict | None
+    run_config_digest: bytes,
+    threshold: int,
+    value_bound: float,
+    cohort: list[int],
+    content: RecordDict | None,
 ) -> bytes:
     """What a secure-aggregation session's keys come with, as every site of the session must
     have received it: the federation's run config (fedlora.deploy.runconfig.digest), the
-    session's threshold and value bound (a site splits its distributed noise over its own t)
-    and, in a session set up in its own round, the round's training content (None: a session
-    set up during the round before, whose content does not exist yet)."""
+    session's threshold and value bound (a site splits its distributed noise over its own t),
+    the sites the server asked into the session (2t exceeds their number, so no two survivor
+    sets can each be confirmed by t of them: fedlora.secure.secagg) and, in a session set up in
+    its own round, the round's training content (None: a session set up during the round
+    before, whose content does not exist yet)."""
     h = hashlib.sha256(b"run config\n" + run_config_digest)
-    h.update(json.dumps({"threshold": threshold, "value_bound": value_bound}).encode())
+    terms = {"threshold": threshold, "value_bound": value_bound, "cohort": sorted(cohort)}
+    h.update(json.dumps(terms).encode())
     if content is not None:
         h.update(b"content\n" + content_digest(content))
     return h.digest()
 
 
-# secure aggregation (fedlora/apps/secure.py): four stages per session, message types
-# "query.secagg" (keys with the round's training content, shares, unmasking) and "train.secagg"
-# (send the trained, masked input); the next round's keys and shares may ride on this round's
-# mask and unmask messages (SECAGG_NEXT)
+# secure aggregation (fedlora/apps/secure.py): four or five stages per session, message types
+# "query.secagg" (keys with the round's training content, shares, confirmation of the survivors,
+# unmasking) and "train.secagg" (send the trained, masked input); the next round's keys and
+# shares may ride on this round's mask and unmask messages (SECAGG_NEXT)
 SECAGG_ACTION = "secagg"
 SECAGG = "secagg"  # ConfigRecord, both directions: the stage's protocol fields below
 #: ConfigRecord, both directions: the next round's session's keys or share stage, carried by
 #: this round's mask or unmask message and its reply; a site that refuses it answers REASON
 SECAGG_NEXT = "secagg_next"
-SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "unmask"
+SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "confirm" | "unmask"
 THRESHOLD = "threshold"  # t: shares needed to rebuild a secret
+COHORT = "cohort"  # the sites the server asks into the session (keys stage)
+#: a site's keys reply: True when it reveals unmasking shares only for a survivor set that t
+#: sites of the session confirmed (a site with [peers]): the server then runs the confirm stage
+CONFIRM = "confirm"
 VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
 SITES = "sites"  # site ids, aligned with C_PKS and S_PKS
 C_PKS = "c_pks"  # share-channel public keys
 S_PKS = "s_pks"  # mask public keys
 # who signed each site's keys (fedlora.secure.identity), aligned with SITES; "" / b"": unsigned;
-# in a mask reply (one each) and an unmask message (aligned with SURVIVORS): who signed the
-# digest of the training content that site trained from
+# in a mask reply (one each) and a confirm message (aligned with SURVIVORS): who signed the
+# digest of the training content that site trained from; in a confirm reply (one each) and an
+# unmask message (aligned with CONFIRMED): who signed the survivor set
 SIGNER_NAMES = "signer_names"
 SIGNER_KEYS = "signer_keys"  # the signers' node-authentication public keys (OpenSSH)
 SIGNATURES = "signatures"
@@ -167,6 +179,7 @@ PEERS = "peers"  # site ids, aligned with CIPHERTEXTS (recipients up, senders do
 CIPHERTEXTS = "ciphertexts"  # encrypted Shamir shares
 SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with B_SHARES
 DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
+CONFIRMED = "confirmed"  # the sites that confirmed the survivor set (unmask stage)
 B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
 S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 #: ArrayRecord: a site's masked input, uint64 words (64-bit values, then 32-bit lanes two a word)

@@ -105,7 +105,13 @@ from fedlora.errors import FedloraError, told_the_server
 from fedlora.privacy.client_level import noise_shares, site_noise_std
 from fedlora.privacy.policy import client_mechanism
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
-from fedlora.secure.identity import Proof, Signer, content_statement, keys_statement
+from fedlora.secure.identity import (
+    Proof,
+    Signer,
+    content_statement,
+    keys_statement,
+    survivors_statement,
+)
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     Layout,
@@ -119,7 +125,7 @@ from fedlora.secure.secagg import (
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
-KEYS, SHARE, MASK, UNMASK = "keys", "share", "mask", "unmask"
+KEYS, SHARE, MASK, CONFIRM, UNMASK = "keys", "share", "mask", "confirm", "unmask"
 UNSIGNED = Proof("", b"", b"")  # a simulated site's (and an older daemon's) signature
 QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
 TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
@@ -243,6 +249,7 @@ class PreparedSession:
     round_: int
     server: SecAggServer
     routed: dict[int, dict[int, bytes]]  # site -> the shares addressed to it
+    confirming: set[int] = field(default_factory=set)  # the sites that asked for a confirm stage
 
     @property
     def sites(self) -> list[int]:
@@ -293,11 +300,13 @@ def secure_sum(
     stage = KEYS
     try:
         if prepared is None:
-            server, routed = _set_up(ask, train_content, round_, threshold, value_bound, site_nodes)
+            server, routed, confirming = _set_up(
+                ask, train_content, round_, threshold, value_bound, site_nodes
+            )
         else:
             if prepared.round_ != round_ or prepared.sites != sorted(site_nodes):
                 raise SecAggError(f"the session prepared for round {prepared.round_} is not this")
-            server, routed = prepared.server, prepared.routed
+            server, routed, confirming = prepared.server, prepared.routed, prepared.confirming
         nxt = _NextSession.start(upcoming, value_bound, routed)
 
         stage = MASK
@@ -324,12 +333,21 @@ def secure_sum(
         survivors, dropped = server.receive_masked(masked, layout)
         nxt.receive_keys({s: replies[s] for s in survivors})
 
+        stage = CONFIRM
+        fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+        responders = survivors
+        if confirming & set(survivors):
+            signed = {s: inputs[s].signed for s in survivors}
+            request = _stage(CONFIRM, round_, fields | _signature_fields(survivors, signed))
+            replies = ask(CONFIRM, {s: RecordDict({records.SECAGG: request}) for s in survivors})
+            confirmed = ask.parse(CONFIRM, replies, lambda c: _read_signature(c[records.SECAGG]))
+            responders = server.receive_confirmations(confirmed)
+            fields |= {records.CONFIRMED: responders}
+            fields |= _signature_fields(responders, confirmed)
+
         stage = UNMASK
         contents = {}
-        signed = {s: inputs[s].signed for s in survivors}
-        for s in survivors:
-            fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
-            fields |= _signature_fields(survivors, signed)
+        for s in responders:
             contents[s] = RecordDict({records.SECAGG: _stage(UNMASK, round_, fields)})
             nxt.ask_shares(contents[s], s)
         replies = ask(UNMASK, contents)
@@ -366,28 +384,35 @@ def _set_up(
     threshold: int,
     value_bound: float,
     site_nodes: Mapping[int, int],
-) -> tuple[SecAggServer, dict[int, dict[int, bytes]]]:
+) -> tuple[SecAggServer, dict[int, dict[int, bytes]], set[int]]:
     """The keys and share stages of a session of its own; the keys carry the training content.
-    The server, and the shares addressed to each site that sent a complete set."""
+    The server, the shares addressed to each site that sent a complete set, and the sites that
+    asked for a confirm stage."""
     server = SecAggServer(threshold, value_bound)
     check_threshold(threshold, len(site_nodes))
+    cohort = sorted(site_nodes)
     request = copy.deepcopy(train_content)
-    request[records.SECAGG] = _stage(KEYS, round_, _keys_fields(threshold, value_bound))
-    replies = ask(KEYS, {s: copy.deepcopy(request) for s in sorted(site_nodes)})
-    keys, signed = {}, {}
-    for s, (claimed, pks, proof) in ask.parse(KEYS, replies, _read_keys).items():
-        if claimed == s:
-            keys[s], signed[s] = pks, proof
+    request[records.SECAGG] = _stage(KEYS, round_, _keys_fields(threshold, value_bound, cohort))
+    replies = ask(KEYS, {s: copy.deepcopy(request) for s in cohort})
+    keys, signed, confirming = {}, {}, set()
+    for s, advertised in ask.parse(KEYS, replies, _read_keys).items():
+        if advertised.site == s:
+            keys[s], signed[s] = advertised.keys, advertised.signed
+            confirming |= {s} if advertised.confirm else set()
         else:
-            ask.failures.append(f"site {s}, {KEYS}: answered as site {claimed}")
+            ask.failures.append(f"site {s}, {KEYS}: answered as site {advertised.site}")
     peers = server.receive_keys(keys)
     request = RecordDict({records.SECAGG: _stage(SHARE, round_, _share_fields(peers, signed))})
     replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
-    return server, server.route_shares(ask.parse(SHARE, replies, _read_shares))
+    return server, server.route_shares(ask.parse(SHARE, replies, _read_shares)), confirming
 
 
-def _keys_fields(threshold: int, value_bound: float) -> dict[str, object]:
-    return {records.THRESHOLD: threshold, records.VALUE_BOUND: value_bound}
+def _keys_fields(threshold: int, value_bound: float, cohort: list[int]) -> dict[str, object]:
+    return {
+        records.THRESHOLD: threshold,
+        records.VALUE_BOUND: value_bound,
+        records.COHORT: list(cohort),
+    }
 
 
 def _share_fields(
@@ -425,6 +450,7 @@ class _NextSession:
     server: SecAggServer | None = None
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     signed: dict[int, Proof] = field(default_factory=dict)
+    confirming: set[int] = field(default_factory=set)
     routed: dict[int, dict[int, bytes]] | None = None
     refused: dict[int, str] = field(default_factory=dict)  # site -> its reason
 
@@ -442,16 +468,18 @@ class _NextSession:
 
     def ask_keys(self, content: RecordDict, site: int) -> None:
         if self.server is not None and site in self.upcoming.sites:
-            fields = _keys_fields(self.server.threshold, self.server.value_bound)
+            fields = _keys_fields(
+                self.server.threshold, self.server.value_bound, self.upcoming.sites
+            )
             content[records.SECAGG_NEXT] = _stage(KEYS, self.upcoming.round_, fields)
 
     def receive_keys(self, replies: Mapping[int, RecordDict]) -> None:
         if self.server is None:
             return
         read = self._read(replies, _read_keys)
-        mine = [s for s, (claimed, _, _) in read.items() if claimed == s]
-        keys = {s: read[s][1] for s in mine if s in self.upcoming.sites}
-        self.signed = {s: read[s][2] for s in keys}
+        keys = {s: a.keys for s, a in read.items() if a.site == s and s in self.upcoming.sites}
+        self.signed = {s: read[s].signed for s in keys}
+        self.confirming = {s for s in keys if read[s].confirm}
         try:
             self.peers = self.server.receive_keys(keys)
         except SecAggError:
@@ -492,7 +520,7 @@ class _NextSession:
             return None
         if sorted(self.routed) != sorted(self.upcoming.sites):
             return None
-        return PreparedSession(self.upcoming.round_, self.server, self.routed)
+        return PreparedSession(self.upcoming.round_, self.server, self.routed, self.confirming)
 
 
 class SecureRoundFailed(FedloraError):
@@ -503,12 +531,20 @@ class SecureRoundFailed(FedloraError):
         self.refused = dict(refused)
 
 
-def _read_keys(
-    content: RecordDict, record: str = records.SECAGG
-) -> tuple[int, tuple[bytes, bytes], Proof]:
+class Advertised(NamedTuple):
+    """A site's keys-stage reply, as the server reads it."""
+
+    site: int  # the site it answers as
+    keys: tuple[bytes, bytes]
+    signed: Proof  # who signed the keys (with the session's terms)
+    confirm: bool  # it asks for a confirm stage (records.CONFIRM)
+
+
+def _read_keys(content: RecordDict, record: str = records.SECAGG) -> Advertised:
     f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
-    return int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f)
+    confirm = bool(f.get(records.CONFIRM, False))
+    return Advertised(int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f), confirm)
 
 
 def _read_signature(fields: Mapping) -> Proof:
@@ -715,17 +751,20 @@ def _stage_reply(
             else:
                 trained = background.result(context.run_id, site, round_)
             reply = _masked_reply(msg, context, client, trained)
+        elif stage == CONFIRM:
+            reply = RecordDict(
+                {records.SECAGG: ConfigRecord(_confirm(client, fields, policy, context))}
+            )
         elif stage == UNMASK:
             survivors = fields[records.SURVIVORS]
             policy.check_sum(len(survivors))
-            trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
-            policy.check_same_content(
+            policy.check_confirmed(
                 federation_name(context),
                 round_,
                 site,
-                bytes(trained_from),
-                survivors,
-                _proofs(fields, survivors),
+                client.threshold,
+                client.confirmed,
+                _proofs(fields, fields.get(records.CONFIRMED, [])),
             )
             b, s = client.unmask(survivors, fields[records.DROPPED])
             _commit_state(cfg, context, round_, site)  # this site's input is in the sum
@@ -792,6 +831,7 @@ def _open_session(
         )
     threshold = int(fields[records.THRESHOLD])
     value_bound = float(fields[records.VALUE_BOUND])
+    cohort = [int(j) for j in fields[records.COHORT]]
     if not value_bound >= DEFAULT_VALUE_BOUND:
         raise PolicyRefused(
             f"value bound {value_bound:g} is below the protocol's {DEFAULT_VALUE_BOUND:g}: "
@@ -805,11 +845,13 @@ def _open_session(
         value_bound,
         key_bounds=key_bounds(cfg, threshold),
         terms=records.session_terms(
-            runconfig.digest(context.run_config), threshold, value_bound, content
+            runconfig.digest(context.run_config), threshold, value_bound, cohort, content
         ),
+        cohort=cohort,
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+    reply[records.CONFIRM] = bool(policy.peers)  # with a roster it checks the confirmations
     federation = federation_name(context)
     return client, reply | _signed(
         context,
@@ -854,6 +896,30 @@ def _share_keys(
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
     return {records.PEERS: list(out), records.CIPHERTEXTS: list(out.values())}
+
+
+def _confirm(
+    client: SecAggClient, fields: ConfigRecord, policy: SitePolicy, context: Context
+) -> dict[str, list]:
+    """A confirm stage: the survivors checked (how many, and with a roster that every input
+    came from the content this site trained from), accepted once, and signed by a daemon."""
+    survivors = [int(j) for j in fields[records.SURVIVORS]]
+    policy.check_sum(len(survivors))
+    trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
+    federation = federation_name(context)
+    policy.check_same_content(
+        federation,
+        client.session,
+        client.site,
+        bytes(trained_from),
+        survivors,
+        _proofs(fields, survivors),
+    )
+    client.confirm(survivors)
+    return _signed(
+        context,
+        lambda name: survivors_statement(federation, client.session, client.site, name, survivors),
+    )
 
 
 def _proofs(fields: ConfigRecord, sites: list) -> dict[int, Proof]:

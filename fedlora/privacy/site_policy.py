@@ -22,7 +22,12 @@ from typing import Any, get_args
 from fedlora.config import AggregationMode, Config, PrivacyLevel
 from fedlora.errors import FedloraError
 from fedlora.privacy.policy import Mechanism
-from fedlora.secure.identity import Proof, content_statement, keys_statement
+from fedlora.secure.identity import (
+    Proof,
+    content_statement,
+    keys_statement,
+    survivors_statement,
+)
 from fedlora.strategies import STRATEGIES
 
 LEVELS: tuple[str, ...] = get_args(PrivacyLevel)
@@ -33,9 +38,14 @@ OTHER_CONTENT = (
     "different adapters can read one site's update from the sum"
 )
 OTHER_TERMS = (
-    "sent with other federation terms (config, threshold) or training content than this "
+    "sent with other federation terms (config, threshold, cohort) or training content than this "
     "site's keys: a server that sends sites different configs or adapters can read one site's "
     "update from the sum"
+)
+
+UNCONFIRMED = (
+    "this site reveals unmasking shares only for a survivor set that t sites of the session "
+    "confirmed: a server that tells sites different survivors can unmask one site"
 )
 
 
@@ -280,6 +290,43 @@ class SitePolicy:
                     f"for {proof.name!r} in this session ({mismatch})"
                 )
             seen.add(proof.name)
+
+    def check_confirmed(
+        self,
+        federation: str,
+        session: int,
+        own: int,
+        threshold: int,
+        confirmed: list[int],
+        proofs: Mapping[int, Proof],
+    ) -> None:
+        """With a roster, before revealing unmasking shares: this site confirmed a survivor set
+        (`confirmed`, the confirm stage) and t sites of the session did in all, each other one
+        a different peer of the roster signing that same set (fedlora.secure.secagg: each site
+        confirms one set, 2t exceeds the session's sites, so no other set can be confirmed)."""
+        if not self.peers:
+            return
+        if not confirmed:
+            raise PolicyRefused(
+                f"the server asked for no confirmation of the survivors; {UNCONFIRMED}"
+            )
+        signers = set(proofs) - {own}
+        if not signers <= set(confirmed):
+            raise PolicyRefused(
+                f"confirmations from sites {sorted(signers - set(confirmed))}, which are not "
+                f"among the survivors {confirmed}"
+            )
+        if len(signers) + 1 < threshold:
+            raise PolicyRefused(
+                f"{len(signers) + 1} sites confirmed the survivors, threshold is {threshold}; "
+                + UNCONFIRMED
+            )
+
+        def statement(site: int, name: str) -> bytes:
+            return survivors_statement(federation, session, site, name, confirmed)
+
+        mismatch = "forged, from another session, or for other survivors than this site's"
+        self._check_signed(signers, proofs, statement, "confirmation of the survivors", mismatch)
 
     def check_sum(self, survivors: int) -> None:
         """Before revealing unmasking shares: the sum must hold at least min_cohort inputs."""

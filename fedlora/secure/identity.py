@@ -1,8 +1,9 @@
-"""Who stands behind a secure-aggregation key, and what it trained from: every site daemon
-signs the keys it advertises and the training content it trained from with its
-node-authentication key, and a site with a roster of its peers (site.toml `[peers]`: name =
-fingerprint of that site's key) takes part in a session only when every other key in it is
-signed by a peer on the roster, and unmasks a sum only when every input came from its content.
+"""Who stands behind a secure-aggregation key, what it trained from, and which sum it helps
+unmask: every site daemon signs the keys it advertises, the training content it trained from
+and the survivor set it confirms with its node-authentication key, and a site with a roster of
+its peers (site.toml `[peers]`: name = fingerprint of that site's key) takes part in a session
+only when every other key in it is signed by a peer on the roster, and unmasks a sum only when
+every input came from its content and t peers confirmed the same survivors.
 
 Why: secure aggregation hides a site's update in a sum of at least t inputs, and distributed
 client-level noise is split over those t. A server that invents sites (keys whose secrets it
@@ -18,7 +19,8 @@ signs are domain-separated (Flower's node authentication signs only timestamps w
 key) and length-prefixed, and name the federation, the session's round, the site's index and
 name: a signature holds for that session alone. One covers the site's two public keys, checked
 before the site shares its secrets; one the training content it trained from, checked before
-it helps unmask a sum (every input in it must come from the same content). ECDSA over SHA-384
+it confirms the survivors (every input in the sum must come from the same content); one the
+survivor set, checked before it reveals unmasking shares. ECDSA over SHA-384
 and the key formats come from `cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf
 auth.pub` prints the same).
 """
@@ -40,6 +42,7 @@ from fedlora.errors import FedloraError
 
 KEYS = b"fedlora secure-aggregation keys v2\n"
 CONTENT = b"fedlora secure-aggregation content v1\n"
+SURVIVORS = b"fedlora secure-aggregation survivors v1\n"
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
 
@@ -86,6 +89,16 @@ def content_statement(federation: str, session: int, site: int, name: str, diges
     are zero (near-zero gradients, near-zero updates) reads that site's update from the sum
     (Pasquini et al. 2022, model inconsistency)."""
     return _statement(CONTENT, federation, session, site, name, digest)
+
+
+def survivors_statement(
+    federation: str, session: int, site: int, name: str, survivors: list[int]
+) -> bytes:
+    """What a site signs when it confirms a session's survivor set, the sites whose masked
+    inputs are in the sum; it signs one per session (fedlora.secure.secagg: a server that tells
+    different sites different survivors could otherwise unmask one site)."""
+    listed = ",".join(str(j) for j in sorted(survivors)).encode()
+    return _statement(SURVIVORS, federation, session, site, name, listed)
 
 
 def _statement(

@@ -22,10 +22,11 @@ Shamir sharing is our own, over the prime field GF(2^521 - 1) in Python integers
 at t = 26, 2.6 s of server time per round at 50 sites and growing as N t^2; ours takes well under
 a millisecond, and a wrong set of shares is detected (the result does not fit 32 bytes).
 
-Protocol, one session per round, for the sites U0 the server chose and threshold t:
+Protocol, one session per round, for the sites U0 the server chose (the cohort, which every
+site is told) and threshold t, 2t > |U0|:
 
 1. advertise keys: each site makes two X25519 key pairs, c (share channel) and s (masks); the
-   server forwards all public keys to the sites that answered, U1 (|U1| >= t).
+   server forwards all public keys to the sites that answered, U1 (|U1| >= t, U1 within U0).
 2. share keys: each site draws a self-mask seed b_i, Shamir-shares b_i and its mask secret key
    s_i (t of |U1| shares reconstruct), and encrypts one pair of shares per peer under the
    c-key agreed with that peer. Senders of a complete set form U2 (|U2| >= t).
@@ -33,21 +34,32 @@ Protocol, one session per round, for the sites U0 the server chose and threshold
    (w = 32 or 64 per key, see below) and sends  y_i = x_i + PRG(b_i) + sum_{j in U2, j > i}
    PRG(s_ij) - sum_{j in U2, j < i} PRG(s_ij)  (s_ij = the s-key agreed by i and j). Senders
    form U3 (|U3| >= t).
-4. unmask: each survivor sends its shares of b_j for j in U3 and of s_j for j in U2 \\ U3, never
+4. confirm (Bonawitz et al.'s consistency check; run when a site asks for it): the server
+   sends U3 to the survivors, and each that finds U3 within the sites it heard from (its own
+   U2), itself in it and |U3| >= t signs U3, once per session.
+5. unmask: each survivor sends its shares of b_j for j in U3 and of s_j for j in U2 \\ U3, never
    both for one site. From t shares each, the server removes the survivors' self masks and the
    dropped sites' pairwise masks; the pairwise masks among survivors cancel in the sum.
 
-Threat model: a server that looks at everything it sees, plus sites that drop at any stage.
-Sites also demand 2t > |U1|: a server that tells different survivors different drop lists
-cannot collect t shares of both b_j and s_j, which is what unmasking one site would take. A
-server that forges sites' public keys holds the shares it sends to them: this module cannot
-tell. In deployment every site signs its public keys, with the digest of the federation's run
-config (and, in a session set up in its own round, of the training content), and a site with
-a roster of its peers accepts only keys they signed for the session and those terms
-(fedlora.secure.identity, checked before the share stage), and unmasks only a sum whose inputs
-were all trained from the content it trained from (checked before the unmasking); the rest of
-Bonawitz et al.'s active-server protocol (a signed consistency round on the survivor set) is
-not implemented: 2t > |U1| covers what it guards while no site colludes with the server.
+Threat model: a server that looks at everything it sees and deviates from the protocol where it
+likes, plus sites that drop at any stage; no site colludes with the server. A site reveals one
+kind of share per peer, yet a server that tells different survivors different drop lists can
+collect both kinds across them: with five sites and t = 3, relay to site 0 only the shares of
+sites 1 and 2 (site 0 then pairs its masks with those two alone), tell site 1 that 2 dropped,
+site 2 that 1 dropped, sites 3 and 4 that both did, and all four that 0 survived: they reveal
+b_0, s_1 and s_2, and site 0's masked input is its update (tests/test_drop_lists.py). The
+confirmation stops that: a site reveals shares only for the U3 it confirmed and only when t
+sites of the session signed that same U3, and since each site signs one U3 and 2t > |U0|, no
+two survivor sets can both be confirmed; with one U3 for every site that answers, and U3
+within each one's U2, the server learns the sum over U3 and nothing about a smaller part of it.
+The signatures need keys the server cannot make, so a site checks them only with a roster of
+its peers, and asks for the stage only then (this module keeps the sets; the daemon signs and
+checks, fedlora.secure.identity). Likewise a server that forges sites' public keys holds the
+shares it sends to them: this module cannot tell. In deployment every site signs its public
+keys with the digest of the session's terms (the federation's run config, t, the value bound,
+U0, and in a session set up in its own round the training content), and a site with a roster
+accepts only keys its peers signed for the session and those terms (checked before the share
+stage), and confirms only a U3 whose inputs were all trained from the content it trained from.
 
 Fixed point (``FixedPoint``): each value x with |x| <= B (its key's bound) becomes
 q = round(x * 2^f) in two's complement modulo 2^w, w = 32 or 64 bits, with f = (w - 2) -
@@ -562,12 +574,15 @@ class SecAggClient:
     stage: str = "keys"
     #: key prefix -> a tighter bound than value_bound that the federation's config guarantees
     key_bounds: dict[str, float] = field(default_factory=dict)
+    #: the sites the server asked into the session, U0 (empty: the keys it relays, U1)
+    cohort: list[int] = field(default_factory=list)
     #: digest of what the keys were advertised with (the federation's terms, and the round's
     #: training content when it came with them); opaque here, signed with the keys by a daemon
     terms: bytes = b""
     peers: dict[int, PublicKeys] = field(default_factory=dict)  # U1, self included
     own_shares: tuple[bytes, bytes] = (b"", b"")  # this site's share of its own (b_i, s_i)
     shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # from U2: (b_j, s_j)
+    confirmed: list[int] = field(default_factory=list)  # the U3 this site confirmed, if any
 
     @classmethod
     def create(
@@ -578,11 +593,18 @@ class SecAggClient:
         value_bound: float = DEFAULT_VALUE_BOUND,
         key_bounds: Mapping[str, float] | None = None,
         terms: bytes = b"",
+        cohort: Iterable[int] = (),
     ) -> SecAggClient:
         """`key_bounds`: key prefix -> bound for the keys that start with it (the longest
-        matching prefix wins), in place of `value_bound`; see ``FixedPoint.choose``."""
+        matching prefix wins), in place of `value_bound`; see ``FixedPoint.choose``. `cohort`:
+        U0, the sites the server asked into the session (2t must exceed their number)."""
         if threshold < 1:
             raise SecAggError(f"threshold must be >= 1, got {threshold}")
+        cohort = sorted(int(j) for j in cohort)
+        if cohort:
+            if site not in cohort:
+                raise SecAggError(f"site {site}: asked into a session of sites {cohort}")
+            check_threshold(threshold, len(cohort))
         key_bounds = {str(k): float(b) for k, b in (key_bounds or {}).items()}
         for bound in (value_bound, *key_bounds.values()):
             FixedPoint.choose(1, bound)  # validate the bounds early
@@ -595,6 +617,7 @@ class SecAggClient:
             s_sk=new_private_key(),
             seed=os.urandom(_KEY_BYTES),
             key_bounds=key_bounds,
+            cohort=cohort,
             terms=terms,
         )
 
@@ -628,6 +651,11 @@ class SecAggClient:
         self._expect("keys")
         if peers.get(self.site) != self.public_keys():
             raise SecAggError(f"site {self.site}: the server did not relay this site's own keys")
+        if self.cohort and not set(peers) <= set(self.cohort):
+            raise SecAggError(
+                f"site {self.site}: keys of sites {sorted(set(peers) - set(self.cohort))}, "
+                f"outside the session's sites {self.cohort}"
+            )
         check_threshold(self.threshold, len(peers))
         all_keys = [k for pair in peers.values() for k in pair]
         if len(set(all_keys)) != len(all_keys):
@@ -679,12 +707,35 @@ class SecAggClient:
         self.stage = "masked"
         return layout, masked
 
+    def confirm(self, survivors: Iterable[int]) -> None:
+        """Stage 4: accept U3, once: within the sites this site heard from, this site in it,
+        at least t of them. The unmasking then answers for this U3 alone."""
+        self._expect("masked")
+        alive, u2 = set(survivors), set(self.shares) | {self.site}
+        if not alive <= u2 or self.site not in alive:
+            raise SecAggError(
+                f"site {self.site}: survivors {sorted(alive)} are not among the sites that "
+                f"shared keys with it {sorted(u2)}, with it"
+            )
+        if len(alive) < self.threshold:
+            raise SecAggError(
+                f"site {self.site}: {len(alive)} survivors, threshold is {self.threshold}"
+            )
+        self.confirmed = sorted(alive)
+        self.stage = "confirmed"
+
     def unmask(
         self, survivors: Iterable[int], dropped: Iterable[int]
     ) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Stage 4: shares of b_j for survivors and of s_j for dropped sites, never both."""
-        self._expect("masked")
+        """Stage 5: shares of b_j for survivors and of s_j for dropped sites, never both; after
+        a confirmation, for the survivors it confirmed only."""
+        if self.stage != "confirmed":
+            self._expect("masked")
         alive, gone = set(survivors), set(dropped)
+        if self.confirmed and sorted(alive) != self.confirmed:
+            raise SecAggError(
+                f"site {self.site}: survivors {sorted(alive)}, but it confirmed {self.confirmed}"
+            )
         u2 = set(self.shares) | {self.site}
         if alive & gone or alive | gone != u2 or self.site not in alive:
             raise SecAggError(
@@ -720,7 +771,9 @@ class SecAggClient:
             "s_shares": [self.shares[j][1] for j in senders],
             "bound_prefixes": list(self.key_bounds),
             "bound_values": list(self.key_bounds.values()),
+            "cohort": self.cohort,
             "terms": self.terms,
+            "confirmed": self.confirmed,
         }
 
     @classmethod
@@ -744,7 +797,9 @@ class SecAggClient:
                 str(k): float(b)
                 for k, b in zip(state["bound_prefixes"], state["bound_values"], strict=True)
             },
+            cohort=[int(j) for j in state["cohort"]],
             terms=bytes(state["terms"]),
+            confirmed=[int(j) for j in state["confirmed"]],
         )
 
 
@@ -816,10 +871,14 @@ class SecAggServer:
         self.masked_sum = total
         return list(self.survivors), sorted(set(self.sharers) - set(self.survivors))
 
+    def receive_confirmations(self, sites: Iterable[int]) -> list[int]:
+        """Stage 4: the survivors that confirmed U3 (at least t), who are asked to unmask."""
+        return self._enough("confirmed the survivors", set(sites) & set(self.survivors))
+
     def unmask(
         self, responses: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]
     ) -> np.ndarray:
-        """Stage 4: from the survivors' (b shares, s shares), the float64 sum of U3's inputs
+        """Stage 5: from the survivors' (b shares, s shares), the float64 sum of U3's inputs
         (packed in the layout's key order)."""
         if self.masked_sum is None or self.layout is None:
             raise SecAggError("unmask before the masked inputs arrived")
