@@ -16,15 +16,16 @@ trips, not bandwidth.
 From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 only evaluates
 the initial adapter): the mean of "seconds" (one round at the server, from sending the train
 messages to the end of the evaluation), and the mean "bytes_up" / "bytes_down" (tensor payload
-of the round, all sites together; under secure aggregation the four SecAgg stages: keys,
-shares, masked inputs, unmasking shares) and, for a secure mode, the seconds of each stage
+of the round, all sites together; under secure aggregation the SecAgg stages: keys, shares,
+masked inputs, confirmations, unmasking shares) and, for a secure mode, the seconds of each stage
 ("secagg_seconds": from sending its messages to the last reply). Then a markdown table: each
 mode's seconds per round (mean ± sample std over repeats, and each repeat's mean), bytes, and
 secure / plaintext: the ratio of the means and the median of the per-repeat ratios; and each
 secure mode's seconds per stage.
 
 A secure round sets up the next round's session in its mask and unmask messages
-(`secure.pipeline`, the default), so round 1 has four message stages and every later round two;
+(`secure.pipeline`, the default), so round 1 has five message stages and every later round
+three (the sites list each other under `[peers]`, so each asks for the confirmation stage);
 the table gives the mean over all rounds and over the rounds after the first.
 `--own-sessions` adds a mode whose every round sets up its own session (`secure.pipeline =
 false`; its sites still train from the keys stage on). `--at-mask` adds one whose every round

@@ -1,27 +1,32 @@
 """Secure aggregation over Flower's Message API: thin glue around fedlora.secure.secagg.
 
-One session per round, four stages, each one message to every site still in it and one reply:
+One session per round, four or five stages, each one message to every site still in it and one
+reply:
 
   keys    query.secagg  server -> site: the round's training content (global adapter, broadcast,
-                        round config), threshold, value bound; site -> server: its public keys
-                        (a site daemon signs them: fedlora.secure.identity)
+                        round config), threshold, value bound, cohort; site -> server: its
+                        public keys (a site daemon signs them: fedlora.secure.identity), and
+                        whether it asks for the confirm stage (a site with [peers] does)
   share   query.secagg  server -> site: everyone's public keys and signatures;
                         site -> server: encrypted shares
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
                         contribution, layout, metrics (a site daemon signs the digest of the
                         training content it trained from)
-  unmask  query.secagg  server -> site: who survived, who dropped, the survivors' signed
-                        digests; site -> server: shares
+  confirm query.secagg  only when a survivor asked for it: server -> site: who survived, their
+                        signed digests; site -> server: its signature on the survivors
+  unmask  query.secagg  server -> site: who survived, who dropped, who confirmed and their
+                        signatures; site -> server: shares
 
 The next round's session need not wait for its round (`secure.pipeline`, the server's choice):
 its keys stage rides on this round's mask message and its share stage on the unmask message
 (records.SECAGG_NEXT, both ways), so a round after the first has two message stages, mask and
-unmask, and its training content comes with the mask message. The sites check it as they would
-in a session of its own (the request, the cohort, the content's round, one session per round),
-and a site that refuses or fails the next session leaves only that one: the next round then
-sets up a session of its own, as does a round whose sites differ from those the session was set
-up for (a sample that changed) and the first round. The two sessions share messages, never
-secrets: each has its own keys, seeds and state at the site (SECAGG_STATE, SECAGG_NEXT_STATE).
+unmask (three with the confirm stage), and its training content comes with the mask message.
+The sites check it as they would in a session of its own (the request, the cohort, the
+content's round, one session per round), and a site that refuses or fails the next session
+leaves only that one: the next round then sets up a session of its own, as does a round whose
+sites differ from those the session was set up for (a sample that changed) and the first
+round. The two sessions share messages, never secrets: each has its own keys, seeds and state
+at the site (SECAGG_STATE, SECAGG_NEXT_STATE).
 
 In a round that sets up its own session, the training content comes with the keys so that a
 site daemon can train while the keys and shares are exchanged (`BackgroundTraining`,
@@ -47,11 +52,12 @@ The site's policy (fedlora.privacy.site_policy) is checked at every stage agains
 sees itself: the request before it opens a session or trains (and a round it took part in before
 is refused: one session per round), who signed the keys it receives (against its [peers]
 roster; the keys are signed with the digest of the federation's run config, the session's
-threshold and value bound and, in a session of its own round, the training content they came
-with, so this also shows that every peer received the same terms and, there, content), the
-cohort and threshold when it receives them, the number of inputs in the sum and (with a
-roster) that they all came from the training content it trained from, before it reveals
-unmasking shares. Nothing the site trained leaves
+threshold, value bound and cohort and, in a session of its own round, the training content
+they came with, so this also shows that every peer received the same terms and, there,
+content), the cohort and threshold when it receives them, the number of inputs in the sum and
+(with a roster) that they all came from the training content it trained from, before it
+confirms the survivors, and (with a roster) that t sites confirmed the same survivors, before
+it reveals unmasking shares (fedlora.secure.secagg says why). Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
 c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a

@@ -4,8 +4,8 @@ The server's run config says what the federation wants; the policy says what thi
 Every check looks at something the site sees or does itself: the run config it will train with
 (strategy, privacy level, the noise and clip it will apply), whether the request is a plain
 TRAIN or a secure-aggregation session, and in a session who signed the keys it received (its
-[peers] roster) and the cohort and threshold it derives from them. Never a number the server
-only asserts. A request that breaks the
+[peers] roster), the cohort and threshold it derives from them, and who confirmed the survivor
+set it is asked to unmask. Never a number the server only asserts. A request that breaks the
 policy raises `PolicyRefused` before any training; the site answers with the reason (see
 fedlora.apps.contribution.refusal_reply) and writes it to its audit log.
 
