@@ -24,8 +24,8 @@ secure / plaintext: the ratio of the means and the median of the per-repeat rati
 secure mode's seconds per stage.
 
 A secure round sets up the next round's session in its mask and unmask messages
-(`secure.pipeline`, the default), so round 1 has five message stages and every later round
-three (the sites list each other under `[peers]`, so each asks for the confirmation stage);
+(`secure.pipeline`, the default), so round 1 has four message stages and every later round two
+(a fifth, the confirmation of the survivors, only in a round where a site dropped);
 the table gives the mean over all rounds and over the rounds after the first.
 `--own-sessions` adds a mode whose every round sets up its own session (`secure.pipeline =
 false`; its sites still train from the keys stage on). `--at-mask` adds one whose every round

@@ -7,8 +7,10 @@ two alone. At the unmasking it tells site 1 that site 2 dropped, site 2 that sit
 sites 3 and 4 that both did, while every one of them is told that site 0 survived: each site
 reveals only one kind of share per peer, as the protocol asks, yet together they give the self
 mask of site 0 and the mask keys of sites 1 and 2, and site 0's masked input is its update.
-The sites here are the ClientApp a site daemon runs (`daemons`); the server is fedlora's own
-message format, played by hand.
+The check that stops it (a confirmed survivor set) is made by the other sites, so the same
+attack works against a site with [peers] whose peers have none: such a site now takes part
+only with peers that have a roster too. The sites here are the ClientApp a site daemon runs
+(`daemons`); the server is fedlora's own message format, played by hand.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
-from in_process import task_identity
+from flwr.app import Error, Message, RecordDict
+from in_process import LocalGrid, task_identity
 from test_peer_roster import daemons, listing_each_other, make_keys, spy_on_site_0
 from test_site_policy import global_adapter, round_content, run_secure
 
@@ -38,6 +40,7 @@ from fedlora.apps.secure import (
     _signature_fields,
     _stage,
 )
+from fedlora.privacy.site_policy import SitePolicy
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     combine_secret,
@@ -79,12 +82,22 @@ def drop_list_attack(grid, cfg, confirm: bool) -> dict[str, np.ndarray] | dict[i
     content = round_content(round_, global_adapter(cfg))
     fields = _keys_fields(THRESHOLD, DEFAULT_VALUE_BOUND, sites)
     content[R.SECAGG] = _stage("keys", round_, fields)
-    public, signed = {}, {}
+    public, signed, rostered = {}, {}, set()
     for s in sites:
-        _, public[s], signed[s], asks = _read_keys(ask(grid, s, copy.deepcopy(content)))
-        assert asks, "a site with [peers] asks for the confirm stage"
-    share = RecordDict({R.SECAGG: _stage("share", round_, _share_fields(public, signed))})
-    sent = {s: _read_shares(ask(grid, s, copy.deepcopy(share))) for s in sites}
+        advertised = _read_keys(ask(grid, s, copy.deepcopy(content)))
+        public[s], signed[s] = advertised.keys, advertised.signed
+        rostered |= {s} if advertised.rostered else set()
+    fields = _share_fields(public, signed, rostered)
+    share = RecordDict({R.SECAGG: _stage("share", round_, fields)})
+    sent, refused = {}, {}
+    for s in sites:
+        reply = ask(grid, s, copy.deepcopy(share))
+        if R.REFUSAL in reply:
+            refused[s] = str(reply[R.REFUSAL][R.REASON])
+        else:
+            sent[s] = _read_shares(reply)
+    if refused:
+        return refused
 
     inputs = {}
     for s in sites:  # site 0 hears from sites 1 and 2 only: its masks pair it with them alone
@@ -95,7 +108,6 @@ def drop_list_attack(grid, cfg, confirm: bool) -> dict[str, np.ndarray] | dict[i
 
     told = {s: [j for j in sites if j not in dropped] for s, dropped in TOLD_DROPPED.items()}
     confirmations: dict[tuple[int, ...], dict] = {}
-    refused = {}
     if confirm:
         for s, survivors in told.items():
             fields = {R.SURVIVORS: survivors}
@@ -113,8 +125,10 @@ def drop_list_attack(grid, cfg, confirm: bool) -> dict[str, np.ndarray] | dict[i
             continue
         fields = {R.SURVIVORS: told[s], R.DROPPED: dropped}
         proofs = confirmations.get(tuple(told[s]), {})
-        if proofs:
+        if proofs:  # the confirmations it has of that set
             fields |= {R.CONFIRMED: list(proofs)} | _signature_fields(list(proofs), proofs)
+        else:  # the survivors' signed content digests, as in a round without a confirm stage
+            fields |= _signature_fields(told[s], {j: inputs[j].signed for j in told[s]})
         reply = ask(grid, s, RecordDict({R.SECAGG: _stage("unmask", round_, fields)}))
         if R.REFUSAL in reply:
             refused[s] = str(reply[R.REFUSAL][R.REASON])
@@ -153,15 +167,56 @@ def test_sites_with_peers_never_unmask_one_site_by_different_drop_lists(
         assert all("asked for no confirmation" in why for why in result.values()), result
 
 
-def test_an_honest_server_runs_the_confirm_stage_sites_with_peers_ask_for(tiny_cfg, tmp_path, keys):
-    """Five daemons listing each other: the round runs five stages and sums every input; the
-    next round's session, set up during this one, asks for the stage too."""
+class DropsAtMask(LocalGrid):
+    """Site 4's masked input never arrives (its daemon fails while training, or the reply is
+    lost): the others must reveal its mask key for the sum of the rest."""
+
+    def push_messages(self, msgs: list[Message]) -> list[str]:
+        ids = super().push_messages(msgs)
+        for msg, msg_id in zip(msgs, ids, strict=True):
+            if msg.metadata.dst_node_id == 104 and msg.metadata.message_type == TRAIN_SECAGG:
+                self.replies[msg_id] = Message(Error(code=0, reason="lost"), reply_to=msg)
+                self.replies[msg_id].metadata.__dict__["_reply_to_message_id"] = msg_id
+        return ids
+
+
+def test_an_honest_server_asks_for_a_confirmation_when_a_site_drops(tiny_cfg, tmp_path, keys):
+    """Five daemons listing each other. Without a dropout a site reveals self-mask shares only,
+    which unmask no part of a sum, so the rounds run without the confirm stage (the next one's
+    session set up during this one); when site 4 drops after sharing its keys, the others
+    confirm the four survivors before revealing its mask key, and the round sums the four."""
     cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
-    first = run_secure(grid, cfg, 1, threshold=THRESHOLD, upcoming=NextRound(2, [*range(SITES)], 3))
+    upcoming = NextRound(2, [*range(SITES)], THRESHOLD)
+    first = run_secure(grid, cfg, 1, threshold=THRESHOLD, upcoming=upcoming)
     assert first.sites == [*range(SITES)] and not first.refused and not first.failures
-    assert list(first.seconds) == ["keys", "share", "mask", "confirm", "unmask"]
-    assert first.prepared is not None and first.prepared.confirming == {*range(SITES)}
+    assert list(first.seconds) == ["keys", "share", "mask", "unmask"]
+    assert first.prepared is not None and first.prepared.rostered == {*range(SITES)}
     second = run_secure(grid, cfg, 2, threshold=THRESHOLD, prepared=first.prepared)
     assert second.sites == [*range(SITES)]
-    assert list(second.seconds) == ["mask", "confirm", "unmask"]
+    assert list(second.seconds) == ["mask", "unmask"]
+
+    grid.__class__ = DropsAtMask
+    third = run_secure(grid, cfg, 3, threshold=THRESHOLD)
+    assert third.sites == [0, 1, 2, 3] and not third.refused, third.refused
+    assert list(third.seconds) == ["keys", "share", "mask", "confirm", "unmask"]
+    assert third.sums[R.STATS_ROWS][0] > 0
+
+
+@pytest.mark.parametrize("confirm", [False, True], ids=["no-confirm-stage", "each-its-own"])
+def test_a_site_with_peers_takes_part_only_with_peers_that_check(
+    tiny_cfg, tmp_path, keys, monkeypatch, confirm
+):
+    """Site 0 lists the other four; they list no one, so they reveal their shares for whatever
+    survivors the server names (and confirm whatever set it asks them to). On the code before,
+    the attack rebuilt site 0's update exactly, its own roster notwithstanding. Each site now
+    signs with its keys whether it has a roster, and a site with one takes part only when every
+    peer does: site 0 refuses at the share stage, before anything it trained leaves."""
+    cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
+    policies = [listing_each_other(keys, SITES)[0]] + [SitePolicy()] * (SITES - 1)
+    grid = daemons(cfg, tmp_path, keys, policies)
+    own = spy_on_site_0(monkeypatch)
+    result = drop_list_attack(grid, cfg, confirm)
+    assert not own, "site 0 masked its input"
+    assert list(result) == [0], result
+    assert "site 1 ('st-marys') has no [peers] of its own" in result[0], result

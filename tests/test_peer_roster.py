@@ -149,7 +149,7 @@ def sybil_session(grid: LocalGrid, cfg, fakes: int = 3, threshold: int = 3, sign
     server = SecAggServer(threshold)
     peers = server.receive_keys({0: real_keys} | {j: c.public_keys() for j, c in fake.items()})
     signed = {0: real_signed} | {j: sign(j, c) if sign else UNSIGNED for j, c in fake.items()}
-    share = RecordDict({R.SECAGG: _stage("share", round_, _share_fields(peers, signed))})
+    share = RecordDict({R.SECAGG: _stage("share", round_, _share_fields(peers, signed, set()))})
     reply = ask(grid, share, QUERY_SECAGG)
     if R.REFUSAL in reply:
         return str(reply[R.REFUSAL][R.REASON])
@@ -339,9 +339,9 @@ def test_without_peers_a_server_that_sends_different_adapters_reads_one_site(
 def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     tiny_cfg, tmp_path, keys, monkeypatch, pipeline
 ):
-    """Each site signs the digest of the training content it trained from; before it confirms
-    the survivors (and so before it reveals unmasking shares) it checks that every survivor
-    trained from the same: the check a session set up in the round before has. A session of
+    """Each site signs the digest of the training content it trained from; before it reveals
+    unmasking shares (or confirms the survivors) it checks that every survivor trained from
+    the same: the check a session set up in the round before has. A session of
     its own round has it before anything is masked (its keys come with the content and are
     signed with its digest)."""
     cfg = tiny_cfg(secure={"enabled": True})
@@ -355,7 +355,7 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
     own = spy_on_site_0(monkeypatch)
     with pytest.raises(SecureRoundFailed) as failed:
         run_secure(grid, cfg, round_, prepared=prepared)
-    assert ("'confirm' stage" in str(failed.value)) == pipeline
+    assert ("'unmask' stage" in str(failed.value)) == pipeline
     assert bool(own) == pipeline  # a session of its own round: refused before masking
     assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
     assert all("training content" in why for why in failed.value.refused.values())
@@ -404,7 +404,7 @@ def test_a_site_that_checks_content_before_masking_takes_no_prepared_session(
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     for row in rounds[1:]:
         assert row["sites"] == [0, 1, 2]
-        assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "confirm", "unmask"]
+        assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "unmask"]
     notes = [line for line in said.getvalue().splitlines() if "next round's session" in line]
     # said once per site: city's reason, then the others' (too small a cohort without city)
     assert [n.split(":")[1].split()[0] for n in notes] == NAMES[:3], notes

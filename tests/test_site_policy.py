@@ -175,7 +175,7 @@ def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_ide
                     items = value if isinstance(value, list) else [value]
                     if key in (R.C_PKS, R.S_PKS, R.CIPHERTEXTS, R.B_SHARES, R.S_SHARES):
                         assert all(isinstance(v, bytes) for v in items), key
-                    elif key == R.CONFIRM:  # whether the site has a roster ([peers])
+                    elif key == R.ROSTERED:  # whether the site has a roster ([peers])
                         assert items == [False], items
                     else:  # site ids
                         assert key in (R.SITES, R.PEERS, R.SURVIVORS, R.DROPPED), key

@@ -161,17 +161,20 @@ SECAGG_NEXT = "secagg_next"
 SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "confirm" | "unmask"
 THRESHOLD = "threshold"  # t: shares needed to rebuild a secret
 COHORT = "cohort"  # the sites the server asks into the session (keys stage)
-#: a site's keys reply: True when it reveals unmasking shares only for a survivor set that t
-#: sites of the session confirmed (a site with [peers]): the server then runs the confirm stage
-CONFIRM = "confirm"
+#: a site's keys reply (signed with its keys), and the share message (aligned with SITES): True
+#: for a site with a roster of its peers ([peers]), which checks what they signed and reveals
+#: the mask keys of sites that dropped only for a survivor set that t sites confirmed: the
+#: server then runs the confirm stage in a round where a site dropped
+ROSTERED = "rostered"
 VALUE_BOUND = "value_bound"  # largest |value| a site may contribute
 SITES = "sites"  # site ids, aligned with C_PKS and S_PKS
 C_PKS = "c_pks"  # share-channel public keys
 S_PKS = "s_pks"  # mask public keys
 # who signed each site's keys (fedlora.secure.identity), aligned with SITES; "" / b"": unsigned;
-# in a mask reply (one each) and a confirm message (aligned with SURVIVORS): who signed the
-# digest of the training content that site trained from; in a confirm reply (one each) and an
-# unmask message (aligned with CONFIRMED): who signed the survivor set
+# in a mask reply (one each), a confirm message and an unmask message without CONFIRMED
+# (aligned with SURVIVORS): who signed the digest of the training content that site trained
+# from; in a confirm reply (one each) and an unmask message with CONFIRMED (aligned with it):
+# who signed the survivor set
 SIGNER_NAMES = "signer_names"
 SIGNER_KEYS = "signer_keys"  # the signers' node-authentication public keys (OpenSSH)
 SIGNATURES = "signatures"
@@ -179,7 +182,7 @@ PEERS = "peers"  # site ids, aligned with CIPHERTEXTS (recipients up, senders do
 CIPHERTEXTS = "ciphertexts"  # encrypted Shamir shares
 SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with B_SHARES
 DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
-CONFIRMED = "confirmed"  # the sites that confirmed the survivor set (unmask stage)
+CONFIRMED = "confirmed"  # the sites that confirmed the survivor set (unmask stage, after one)
 B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
 S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 #: ArrayRecord: a site's masked input, uint64 words (64-bit values, then 32-bit lanes two a word)

@@ -12,15 +12,18 @@ reply:
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
                         contribution, layout, metrics (a site daemon signs the digest of the
                         training content it trained from)
-  confirm query.secagg  only when a survivor asked for it: server -> site: who survived, their
-                        signed digests; site -> server: its signature on the survivors
-  unmask  query.secagg  server -> site: who survived, who dropped, who confirmed and their
-                        signatures; site -> server: shares
+  confirm query.secagg  only when a site dropped after the share stage and a survivor asked for
+                        it: server -> site: who survived, who dropped, the survivors' signed
+                        digests; site -> server: its signature on the survivors
+  unmask  query.secagg  server -> site: who survived, who dropped, and the survivors' signed
+                        digests or (after a confirm stage) who confirmed and their signatures;
+                        site -> server: shares
 
 The next round's session need not wait for its round (`secure.pipeline`, the server's choice):
 its keys stage rides on this round's mask message and its share stage on the unmask message
 (records.SECAGG_NEXT, both ways), so a round after the first has two message stages, mask and
-unmask (three with the confirm stage), and its training content comes with the mask message.
+unmask (three when it needs the confirm stage), and its training content comes with the mask
+message.
 The sites check it as they would in a session of its own (the request, the cohort, the
 content's round, one session per round), and a site that refuses or fails the next session
 leaves only that one: the next round then sets up a session of its own, as does a round whose
@@ -56,8 +59,9 @@ threshold, value bound and cohort and, in a session of its own round, the traini
 they came with, so this also shows that every peer received the same terms and, there,
 content), the cohort and threshold when it receives them, the number of inputs in the sum and
 (with a roster) that they all came from the training content it trained from, before it
-confirms the survivors, and (with a roster) that t sites confirmed the same survivors, before
-it reveals unmasking shares (fedlora.secure.secagg says why). Nothing the site trained leaves
+confirms the survivors or reveals unmasking shares, and (with a roster, when the server names
+sites that dropped) that t sites confirmed the same survivors, before it reveals the dropped
+sites' mask keys (fedlora.secure.secagg says why). Nothing the site trained leaves
 it before the mask stage, so a session refused at the share stage has released nothing. A
 refusal is a reply (site, round, reason), not an error. The site's new strategy state (SCAFFOLD's
 c_i) is saved only once its input is in the sum (the unmasking stage names it a survivor): a
@@ -255,7 +259,7 @@ class PreparedSession:
     round_: int
     server: SecAggServer
     routed: dict[int, dict[int, bytes]]  # site -> the shares addressed to it
-    confirming: set[int] = field(default_factory=set)  # the sites that asked for a confirm stage
+    rostered: set[int] = field(default_factory=set)  # the sites that ask for a confirm stage
 
     @property
     def sites(self) -> list[int]:
@@ -306,13 +310,13 @@ def secure_sum(
     stage = KEYS
     try:
         if prepared is None:
-            server, routed, confirming = _set_up(
+            server, routed, rostered = _set_up(
                 ask, train_content, round_, threshold, value_bound, site_nodes
             )
         else:
             if prepared.round_ != round_ or prepared.sites != sorted(site_nodes):
                 raise SecAggError(f"the session prepared for round {prepared.round_} is not this")
-            server, routed, confirming = prepared.server, prepared.routed, prepared.confirming
+            server, routed, rostered = prepared.server, prepared.routed, prepared.rostered
         nxt = _NextSession.start(upcoming, value_bound, routed)
 
         stage = MASK
@@ -341,15 +345,16 @@ def secure_sum(
 
         stage = CONFIRM
         fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+        signed = {s: inputs[s].signed for s in survivors}
+        fields |= _signature_fields(survivors, signed)
         responders = survivors
-        if confirming & set(survivors):
-            signed = {s: inputs[s].signed for s in survivors}
-            request = _stage(CONFIRM, round_, fields | _signature_fields(survivors, signed))
-            replies = ask(CONFIRM, {s: RecordDict({records.SECAGG: request}) for s in survivors})
+        if dropped and rostered & set(survivors):
+            request = RecordDict({records.SECAGG: _stage(CONFIRM, round_, fields)})
+            replies = ask(CONFIRM, {s: copy.deepcopy(request) for s in survivors})
             confirmed = ask.parse(CONFIRM, replies, lambda c: _read_signature(c[records.SECAGG]))
             responders = server.receive_confirmations(confirmed)
-            fields |= {records.CONFIRMED: responders}
-            fields |= _signature_fields(responders, confirmed)
+            fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+            fields |= {records.CONFIRMED: responders} | _signature_fields(responders, confirmed)
 
         stage = UNMASK
         contents = {}
@@ -392,25 +397,26 @@ def _set_up(
     site_nodes: Mapping[int, int],
 ) -> tuple[SecAggServer, dict[int, dict[int, bytes]], set[int]]:
     """The keys and share stages of a session of its own; the keys carry the training content.
-    The server, the shares addressed to each site that sent a complete set, and the sites that
-    asked for a confirm stage."""
+    The server, the shares addressed to each site that sent a complete set, and the sites with
+    a roster (they ask for a confirm stage)."""
     server = SecAggServer(threshold, value_bound)
     check_threshold(threshold, len(site_nodes))
     cohort = sorted(site_nodes)
     request = copy.deepcopy(train_content)
     request[records.SECAGG] = _stage(KEYS, round_, _keys_fields(threshold, value_bound, cohort))
     replies = ask(KEYS, {s: copy.deepcopy(request) for s in cohort})
-    keys, signed, confirming = {}, {}, set()
+    keys, signed, rostered = {}, {}, set()
     for s, advertised in ask.parse(KEYS, replies, _read_keys).items():
         if advertised.site == s:
             keys[s], signed[s] = advertised.keys, advertised.signed
-            confirming |= {s} if advertised.confirm else set()
+            rostered |= {s} if advertised.rostered else set()
         else:
             ask.failures.append(f"site {s}, {KEYS}: answered as site {advertised.site}")
     peers = server.receive_keys(keys)
-    request = RecordDict({records.SECAGG: _stage(SHARE, round_, _share_fields(peers, signed))})
+    fields = _share_fields(peers, signed, rostered)
+    request = RecordDict({records.SECAGG: _stage(SHARE, round_, fields)})
     replies = ask(SHARE, {s: copy.deepcopy(request) for s in peers})
-    return server, server.route_shares(ask.parse(SHARE, replies, _read_shares)), confirming
+    return server, server.route_shares(ask.parse(SHARE, replies, _read_shares)), rostered
 
 
 def _keys_fields(threshold: int, value_bound: float, cohort: list[int]) -> dict[str, object]:
@@ -422,14 +428,16 @@ def _keys_fields(threshold: int, value_bound: float, cohort: list[int]) -> dict[
 
 
 def _share_fields(
-    peers: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, Proof]
+    peers: Mapping[int, tuple[bytes, bytes]], signed: Mapping[int, Proof], rostered: set[int]
 ) -> dict[str, object]:
-    """Every site's public keys, and who signed them where any site did (relayed as sent:
-    each site checks them against its own roster, fedlora.secure.identity)."""
+    """Every site's public keys, whether it has a roster, and who signed them where any site
+    did (relayed as sent: each site checks them against its own roster,
+    fedlora.secure.identity)."""
     return {
         records.SITES: list(peers),
         records.C_PKS: [c for c, _ in peers.values()],
         records.S_PKS: [s for _, s in peers.values()],
+        records.ROSTERED: [j in rostered for j in peers],
     } | _signature_fields(list(peers), signed)
 
 
@@ -456,7 +464,7 @@ class _NextSession:
     server: SecAggServer | None = None
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     signed: dict[int, Proof] = field(default_factory=dict)
-    confirming: set[int] = field(default_factory=set)
+    rostered: set[int] = field(default_factory=set)
     routed: dict[int, dict[int, bytes]] | None = None
     refused: dict[int, str] = field(default_factory=dict)  # site -> its reason
 
@@ -485,7 +493,7 @@ class _NextSession:
         read = self._read(replies, _read_keys)
         keys = {s: a.keys for s, a in read.items() if a.site == s and s in self.upcoming.sites}
         self.signed = {s: read[s].signed for s in keys}
-        self.confirming = {s for s in keys if read[s].confirm}
+        self.rostered = {s for s in keys if read[s].rostered}
         try:
             self.peers = self.server.receive_keys(keys)
         except SecAggError:
@@ -493,7 +501,7 @@ class _NextSession:
 
     def ask_shares(self, content: RecordDict, site: int) -> None:
         if self.server is not None and site in self.peers:
-            fields = _share_fields(self.peers, self.signed)
+            fields = _share_fields(self.peers, self.signed, self.rostered)
             content[records.SECAGG_NEXT] = _stage(SHARE, self.upcoming.round_, fields)
 
     def receive_shares(self, replies: Mapping[int, RecordDict]) -> None:
@@ -526,7 +534,7 @@ class _NextSession:
             return None
         if sorted(self.routed) != sorted(self.upcoming.sites):
             return None
-        return PreparedSession(self.upcoming.round_, self.server, self.routed, self.confirming)
+        return PreparedSession(self.upcoming.round_, self.server, self.routed, self.rostered)
 
 
 class SecureRoundFailed(FedloraError):
@@ -543,14 +551,14 @@ class Advertised(NamedTuple):
     site: int  # the site it answers as
     keys: tuple[bytes, bytes]
     signed: Proof  # who signed the keys (with the session's terms)
-    confirm: bool  # it asks for a confirm stage (records.CONFIRM)
+    rostered: bool  # it has a roster, and asks for a confirm stage (records.ROSTERED)
 
 
 def _read_keys(content: RecordDict, record: str = records.SECAGG) -> Advertised:
     f = content[record]
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
-    confirm = bool(f.get(records.CONFIRM, False))
-    return Advertised(int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f), confirm)
+    rostered = bool(f.get(records.ROSTERED, False))
+    return Advertised(int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f), rostered)
 
 
 def _read_signature(fields: Mapping) -> Proof:
@@ -762,17 +770,20 @@ def _stage_reply(
                 {records.SECAGG: ConfigRecord(_confirm(client, fields, policy, context))}
             )
         elif stage == UNMASK:
-            survivors = fields[records.SURVIVORS]
+            survivors, dropped = fields[records.SURVIVORS], fields[records.DROPPED]
             policy.check_sum(len(survivors))
+            if not client.confirmed:  # else checked when it confirmed them
+                _check_content(client, survivors, _proofs(fields, survivors), policy, context)
             policy.check_confirmed(
                 federation_name(context),
                 round_,
                 site,
                 client.threshold,
                 client.confirmed,
-                _proofs(fields, fields.get(records.CONFIRMED, [])),
+                dropped,
+                _proofs(fields, fields[records.CONFIRMED]) if records.CONFIRMED in fields else {},
             )
-            b, s = client.unmask(survivors, fields[records.DROPPED])
+            b, s = client.unmask(survivors, dropped)
             _commit_state(cfg, context, round_, site)  # this site's input is in the sum
             if records.CONTENT_DIGEST in context.state:
                 del context.state[records.CONTENT_DIGEST]
@@ -857,12 +868,12 @@ def _open_session(
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
-    reply[records.CONFIRM] = bool(policy.peers)  # with a roster it checks the confirmations
+    reply[records.ROSTERED] = rostered = bool(policy.peers)
     federation = federation_name(context)
     return client, reply | _signed(
         context,
         lambda name: keys_statement(
-            federation, client.session, site, name, c_pk, s_pk, client.terms
+            federation, client.session, site, name, c_pk, s_pk, client.terms, rostered
         ),
     )
 
@@ -890,14 +901,15 @@ def _share_keys(
     of shares per peer."""
     peers = zip(fields[records.SITES], fields[records.C_PKS], fields[records.S_PKS], strict=True)
     received = {int(j): (bytes(c), bytes(s)) for j, c, s in peers}
-    proofs = _proofs(fields, fields[records.SITES])
+    rostered = fields.get(records.ROSTERED, [False] * len(received))
     policy.check_peers(
         federation_name(context),
         client.session,
         client.site,
         received,
-        proofs,
+        _proofs(fields, fields[records.SITES]),
         client.terms,
+        {j for j, has in zip(received, rostered, strict=True) if has},
     )
     policy.check_session(cohort=len(received), threshold=client.threshold)
     out = client.share_keys(received)
@@ -911,20 +923,31 @@ def _confirm(
     came from the content this site trained from), accepted once, and signed by a daemon."""
     survivors = [int(j) for j in fields[records.SURVIVORS]]
     policy.check_sum(len(survivors))
-    trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
+    _check_content(client, survivors, _proofs(fields, survivors), policy, context)
+    client.confirm(survivors)
     federation = federation_name(context)
+    return _signed(
+        context,
+        lambda name: survivors_statement(federation, client.session, client.site, name, survivors),
+    )
+
+
+def _check_content(
+    client: SecAggClient,
+    survivors: list[int],
+    proofs: Mapping[int, Proof],
+    policy: SitePolicy,
+    context: Context,
+) -> None:
+    """With a roster: every survivor signed that it trained from the content this site did."""
+    trained_from = context.state.get(records.CONTENT_DIGEST, {}).get("digest", b"")
     policy.check_same_content(
-        federation,
+        federation_name(context),
         client.session,
         client.site,
         bytes(trained_from),
         survivors,
-        _proofs(fields, survivors),
-    )
-    client.confirm(survivors)
-    return _signed(
-        context,
-        lambda name: survivors_statement(federation, client.session, client.site, name, survivors),
+        proofs,
     )
 
 

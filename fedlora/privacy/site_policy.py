@@ -44,8 +44,8 @@ OTHER_TERMS = (
 )
 
 UNCONFIRMED = (
-    "this site reveals unmasking shares only for a survivor set that t sites of the session "
-    "confirmed: a server that tells sites different survivors can unmask one site"
+    "this site reveals the mask keys of sites that dropped only for a survivor set that t sites "
+    "of the session confirmed: a server that tells sites different drop lists can unmask one site"
 )
 
 
@@ -218,21 +218,36 @@ class SitePolicy:
         received: Mapping[int, tuple[bytes, bytes]],
         proofs: Mapping[int, Proof],
         terms: bytes = b"",
+        rostered: Iterable[int] = (),
     ) -> None:
         """With a roster: every key of the session but this site's (`own`) is signed, for this
         federation and session, by a different peer of the roster (fedlora.secure.identity),
-        so the cohort this site counts is sites, not keys the server made. Without one, any
-        key counts (the server's word on who is behind it). `terms`: the digest of what this
-        site's keys came with (the federation's run config, the session's threshold, and the
-        round's training content in a session of its own round: fedlora.apps.records.
-        session_terms), which every peer's keys must have come with too: checked before
-        anything this site trained leaves."""
+        so the cohort this site counts is sites, not keys the server made, and each of them
+        has a roster too (`rostered`, signed with its keys). Without one, any key counts (the
+        server's word on who is behind it). `terms`: the digest of what this site's keys came
+        with (the federation's run config, the session's threshold, and the round's training
+        content in a session of its own round: fedlora.apps.records.session_terms), which every
+        peer's keys must have come with too: checked before anything this site trained leaves.
+
+        Why every peer needs a roster: a peer without one reveals its unmasking shares whatever
+        the others trained from and whatever survivors the server names, and its shares of
+        this site's secrets are what unmasks this site's input alone."""
+        rostered = set(rostered)
 
         def statement(site: int, name: str) -> bytes:
-            return keys_statement(federation, session, site, name, *received[site], terms)
+            keys = received[site]
+            return keys_statement(federation, session, site, name, *keys, terms, site in rostered)
 
         mismatch = f"forged, from another session, or {OTHER_TERMS}"
-        self._check_signed(set(received) - {own}, proofs, statement, "keys", mismatch)
+        others = set(received) - {own}
+        self._check_signed(others, proofs, statement, "keys", mismatch)
+        if self.peers and others - rostered:
+            site = min(others - rostered)
+            raise PolicyRefused(
+                f"site {site} ({proofs[site].name!r}) has no [peers] of its own, so it would help "
+                "unmask whatever sum the server names: this site takes part only with peers "
+                "that check what they unmask"
+            )
 
     def check_same_content(
         self,
@@ -298,17 +313,21 @@ class SitePolicy:
         own: int,
         threshold: int,
         confirmed: list[int],
+        dropped: list[int],
         proofs: Mapping[int, Proof],
     ) -> None:
-        """With a roster, before revealing unmasking shares: this site confirmed a survivor set
-        (`confirmed`, the confirm stage) and t sites of the session did in all, each other one
-        a different peer of the roster signing that same set (fedlora.secure.secagg: each site
-        confirms one set, 2t exceeds the session's sites, so no other set can be confirmed)."""
-        if not self.peers:
+        """With a roster, before revealing unmasking shares: when the server names sites that
+        dropped (whose mask keys this site would reveal) or this site confirmed survivors, it
+        confirmed that set (`confirmed`, the confirm stage) and t sites of the session did in
+        all, each other one a different peer of the roster signing that same set
+        (fedlora.secure.secagg: each site confirms one set, 2t exceeds the session's sites, so
+        no other set can be confirmed, and self-mask shares alone unmask no part of a sum)."""
+        if not self.peers or not (confirmed or dropped):
             return
         if not confirmed:
             raise PolicyRefused(
-                f"the server asked for no confirmation of the survivors; {UNCONFIRMED}"
+                f"the server names sites {sorted(dropped)} that dropped but asked for no "
+                f"confirmation of the survivors; {UNCONFIRMED}"
             )
         signers = set(proofs) - {own}
         if not signers <= set(confirmed):

@@ -2,8 +2,9 @@
 unmask: every site daemon signs the keys it advertises, the training content it trained from
 and the survivor set it confirms with its node-authentication key, and a site with a roster of
 its peers (site.toml `[peers]`: name = fingerprint of that site's key) takes part in a session
-only when every other key in it is signed by a peer on the roster, and unmasks a sum only when
-every input came from its content and t peers confirmed the same survivors.
+only when every other key in it is signed by a peer on the roster that has a roster too (each
+signs that with its keys: a peer without one would help unmask any sum), and unmasks a sum only
+when every input came from its content and t peers confirmed the same survivors.
 
 Why: secure aggregation hides a site's update in a sum of at least t inputs, and distributed
 client-level noise is split over those t. A server that invents sites (keys whose secrets it
@@ -40,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.errors import FedloraError
 
-KEYS = b"fedlora secure-aggregation keys v2\n"
+KEYS = b"fedlora secure-aggregation keys v3\n"
 CONTENT = b"fedlora secure-aggregation content v1\n"
 SURVIVORS = b"fedlora secure-aggregation survivors v1\n"
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
@@ -74,12 +75,16 @@ def keys_statement(
     c_pk: bytes,
     s_pk: bytes,
     terms: bytes = b"",
+    rostered: bool = False,
 ) -> bytes:
     """What a site signs when it advertises its keys for one session. `terms`: the digest of
     what the keys came with (fedlora.apps.records.session_terms): the federation's run config,
     and in a session set up in its own round the training content, so that a site sees, before
-    it masks anything, that every peer trains under the same config from the same content."""
-    return _statement(KEYS, federation, session, site, name, c_pk, s_pk, terms)
+    it masks anything, that every peer trains under the same config from the same content.
+    `rostered`: the site has a roster of its peers, so it checks what they sign (their
+    content, the survivors they confirm) before it helps unmask anyone."""
+    flag = b"rostered" if rostered else b""
+    return _statement(KEYS, federation, session, site, name, c_pk, s_pk, terms, flag)
 
 
 def content_statement(federation: str, session: int, site: int, name: str, digest: bytes) -> bytes:

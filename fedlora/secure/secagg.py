@@ -34,9 +34,10 @@ site is told) and threshold t, 2t > |U0|:
    (w = 32 or 64 per key, see below) and sends  y_i = x_i + PRG(b_i) + sum_{j in U2, j > i}
    PRG(s_ij) - sum_{j in U2, j < i} PRG(s_ij)  (s_ij = the s-key agreed by i and j). Senders
    form U3 (|U3| >= t).
-4. confirm (Bonawitz et al.'s consistency check; run when a site asks for it): the server
-   sends U3 to the survivors, and each that finds U3 within the sites it heard from (its own
-   U2), itself in it and |U3| >= t signs U3, once per session.
+4. confirm (Bonawitz et al.'s consistency check; run when sites dropped after sharing keys,
+   U3 != U2, and a site asks for it): the server sends U3 to the survivors, and each that
+   finds U3 within the sites it heard from (its own U2), itself in it and |U3| >= t signs U3,
+   once per session.
 5. unmask: each survivor sends its shares of b_j for j in U3 and of s_j for j in U2 \\ U3, never
    both for one site. From t shares each, the server removes the survivors' self masks and the
    dropped sites' pairwise masks; the pairwise masks among survivors cancel in the sum.
@@ -48,10 +49,15 @@ collect both kinds across them: with five sites and t = 3, relay to site 0 only 
 sites 1 and 2 (site 0 then pairs its masks with those two alone), tell site 1 that 2 dropped,
 site 2 that 1 dropped, sites 3 and 4 that both did, and all four that 0 survived: they reveal
 b_0, s_1 and s_2, and site 0's masked input is its update (tests/test_drop_lists.py). The
-confirmation stops that: a site reveals shares only for the U3 it confirmed and only when t
-sites of the session signed that same U3, and since each site signs one U3 and 2t > |U0|, no
-two survivor sets can both be confirmed; with one U3 for every site that answers, and U3
-within each one's U2, the server learns the sum over U3 and nothing about a smaller part of it.
+confirmation stops that: a site reveals mask keys s_j (of sites it is told dropped) only for
+the U3 it confirmed and only when t sites of the session signed that same U3, and since each
+site signs one U3 and 2t > |U0|, no two survivor sets can both be confirmed; with one U3 for
+every site that answers, and U3 within each one's U2, the server learns the sum over U3 and
+nothing about a smaller part of it. A site told that no one dropped reveals self-mask shares
+alone (for the U2 it heard from, all of it), and without any s_j no pairwise mask comes off:
+the inputs whose masks cancel are a set closed under "heard from", at least t sites (each
+heard from t), of which 2t > |U0| leaves room for one. So a round without dropouts needs no
+confirmation, and the stage costs a message round trip only in a round where a site dropped.
 The signatures need keys the server cannot make, so a site checks them only with a roster of
 its peers, and asks for the stage only then (this module keeps the sets; the daemon signs and
 checks, fedlora.secure.identity). Likewise a server that forges sites' public keys holds the
