@@ -22,7 +22,15 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, RecordDict
 from in_process import LocalGrid, task_identity
-from test_peer_roster import daemons, listing_each_other, make_keys, spy_on_site_0
+from test_peer_roster import (
+    NAMES,
+    daemons,
+    listing_each_other,
+    make_keys,
+    roster,
+    signer,
+    spy_on_site_0,
+)
 from test_site_policy import global_adapter, round_content, run_secure
 
 from fedlora.apps import records as R
@@ -40,7 +48,8 @@ from fedlora.apps.secure import (
     _signature_fields,
     _stage,
 )
-from fedlora.privacy.site_policy import SitePolicy
+from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
+from fedlora.secure.identity import survivors_statement
 from fedlora.secure.secagg import (
     DEFAULT_VALUE_BOUND,
     combine_secret,
@@ -220,3 +229,34 @@ def test_a_site_with_peers_takes_part_only_with_peers_that_check(
     assert not own, "site 0 masked its input"
     assert list(result) == [0], result
     assert "site 1 ('st-marys') has no [peers] of its own" in result[0], result
+
+
+def test_the_confirmations_a_site_with_peers_accepts(keys):
+    """Before revealing a dropped site's mask key: its own confirmation and t - 1 more, each
+    a different peer of its roster signing the same survivors for this session."""
+    policy = listing_each_other(keys, SITES)[0]
+    survivors, dropped = [0, 1, 2, 3], [4]
+
+    def confirm(site: int, confirmed=survivors, session: int = 1):
+        statement = survivors_statement("federation-1", session, site, NAMES[site], confirmed)
+        return signer(keys, NAMES[site]).prove(statement)
+
+    def check(proofs, confirmed=survivors, policy=policy):
+        policy.check_confirmed("federation-1", 1, 0, THRESHOLD, confirmed, dropped, proofs)
+
+    check({1: confirm(1), 2: confirm(2)})  # with its own: 3 of threshold 3
+    policy.check_confirmed("federation-1", 1, 0, THRESHOLD, [], [], {})  # nobody dropped
+    cases = [
+        ({1: confirm(1)}, "2 sites confirmed the survivors, threshold is 3"),
+        ({1: confirm(1), 2: confirm(2, [0, 1, 2])}, "for other survivors than this site's"),
+        ({1: confirm(1), 2: confirm(2, session=2)}, "from another session"),
+        ({1: confirm(1), 4: confirm(4)}, r"confirmations from sites \[4\], which are not"),
+        ({1: confirm(1), 2: confirm(1)}, "two sites of the session sign as 'st-marys'"),
+    ]
+    for proofs, refusal in cases:
+        with pytest.raises(PolicyRefused, match=refusal):
+            check(proofs)
+    with pytest.raises(PolicyRefused, match=r"names sites \[4\] that dropped but asked for no"):
+        check({}, confirmed=[])
+    SitePolicy().check_confirmed("federation-1", 1, 0, THRESHOLD, [], dropped, {})  # no roster
+    assert roster(keys, NAMES[1:SITES]) == policy.peers

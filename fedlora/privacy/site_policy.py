@@ -225,8 +225,9 @@ class SitePolicy:
         so the cohort this site counts is sites, not keys the server made, and each of them
         has a roster too (`rostered`, signed with its keys). Without one, any key counts (the
         server's word on who is behind it). `terms`: the digest of what this site's keys came
-        with (the federation's run config, the session's threshold, and the round's training
-        content in a session of its own round: fedlora.apps.records.session_terms), which every
+        with (the federation's run config, the session's threshold, value bound and cohort, and
+        the round's training content in a session of its own round: fedlora.apps.records.
+        session_terms), which every
         peer's keys must have come with too: checked before anything this site trained leaves.
 
         Why every peer needs a roster: a peer without one reveals its unmasking shares whatever
