@@ -360,12 +360,14 @@ def roster_line(settings: SiteSettings) -> str:
     if peers:
         return (
             f"site {settings.name}: secure aggregation with the {len(peers)} sites of [peers] "
-            f"only ({', '.join(peers)}); every key of a session must carry their signature"
+            f"only ({', '.join(peers)}); every key of a session must carry their signature, "
+            "and each of them must have [peers] too"
         )
     return (
         "WARNING: no [peers] in site.toml: in secure aggregation this site cannot tell the other "
         "sites' keys from keys the server made itself, and a server that invents sites can read "
-        "this site's update. List the other sites' key fingerprints under [peers]."
+        "this site's update; and sites that have [peers] take no part in a session with it. "
+        "List the other sites' key fingerprints under [peers]."
     )
 
 
