@@ -3,7 +3,9 @@ process), and the Flower stages in a real simulation against the plaintext contr
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import numpy as np
 import pytest
@@ -446,6 +448,110 @@ def test_a_site_confirms_one_survivor_set_and_unmasks_for_it_alone():
     assert state.confirmed == [0, 1, 2] and state.cohort == cohort
     b, s = state.unmask([0, 1, 2], [])
     assert sorted(b) == [0, 1, 2] and not s
+
+
+def unmaskable_sums(threshold: int, heard: dict, answers: dict) -> list[set[int]]:
+    """A model of what a server learns at the unmasking, whatever it told each site: the sets
+    of inputs whose sum it can take out of the masked inputs. `heard[j]`: the sites j heard
+    from at the share stage (j too; j pairs its masks with them and holds their shares);
+    `answers[k]`: the (alive, dropped) lists site k answered for (self-mask shares of the
+    first, mask keys of the second), or None. The server knows b_j (s_j) when t sites holding
+    j's shares gave it; an input is usable when b_j is known, and its mask paired with k comes
+    off when s_j or s_k is known, or cancels against k's when both paired and both are used."""
+    n = len(heard)
+
+    def given(j: int, part: int) -> bool:  # t holders of j's shares gave this kind
+        holders = [k for k, a in answers.items() if a and j in a[part] and j in heard[k]]
+        return len(holders) >= threshold
+
+    b = {j for j in range(n) if given(j, 0)}
+    s = {j for j in range(n) if given(j, 1)}
+    assert not b & s, "both secrets of one site"
+    block = {j: {j} for j in b}
+    dead: set[int] = set()
+    for j, k in itertools.permutations(range(n), 2):
+        if j in s or k in s or k not in heard[j]:
+            continue  # no mask j added for k, or one that comes off
+        if j in b and k in b and j in heard[k]:
+            merged = block[j] | block[k]
+            for i in merged:
+                block[i] = merged
+        else:
+            dead.add(j)  # j's mask for k cancels against nothing the server can use
+    sums = {frozenset(blk) for j, blk in block.items()}
+    return [set(blk) for blk in sums if not blk & dead]
+
+
+def drop_list_attempt(n: int, t: int, rng: random.Random, follow_rules: bool) -> tuple:
+    """A server's try at one site X, in the shape of the drop-list attack: X hears from t - 1
+    partners only, the others mostly from everyone; at the unmasking each other site is told
+    X survived and some of X's partners dropped. Sites that follow the rules say who dropped
+    only for a survivor set t of them confirmed (within what each heard from), else that
+    every site they heard from survived. Returns (heard, answers)."""
+    x, others = rng.randrange(n), list(range(n))
+    others.remove(x)
+    partners = set(rng.sample(others, t - 1))
+    heard = {
+        j: set(range(n)) if rng.random() < 0.7 else {j, *rng.sample(range(n), t)} for j in others
+    }
+    heard[x] = {x} | partners
+    confirmed = {x} | set(rng.sample(others, rng.randrange(t - 1, n - 1)))
+    confirmers = [k for k in confirmed if confirmed <= heard[k]]
+    answers: dict[int, tuple[set[int], set[int]] | None] = {x: None}
+    for k in others:
+        if not follow_rules:
+            dropped = {j for j in partners - {k} if j in heard[k] and rng.random() < 0.7}
+            alive = heard[k] - dropped
+            answers[k] = (alive, dropped) if len(alive) >= t else (heard[k], set())
+        elif len(confirmers) >= t and k in confirmers and rng.random() < 0.8:
+            answers[k] = (confirmed, heard[k] - confirmed)
+        else:
+            answers[k] = (heard[k], set()) if rng.random() < 0.9 else None
+    return heard, answers
+
+
+def test_no_server_unmasks_a_sum_of_fewer_than_t_sites_under_the_sites_rules():
+    """The argument of fedlora.secure.secagg's module doc, checked on a model of the shares:
+    told that no site dropped, a site reveals self-mask shares only, and it reveals the mask
+    keys of sites that dropped only for a survivor set t sites confirmed. Whatever the server
+    relays and tells each site (every case at 4 sites; attempts shaped like the drop-list
+    attack at 5 and 7), it unmasks one sum at most, of at least t inputs. Without the rule the
+    same attempts unmask a site alone, as the attack of tests/test_drop_lists.py does."""
+    heard = {0: {0, 1, 2}} | {j: {0, 1, 2, 3, 4} for j in range(1, 5)}
+    told = {1: {2}, 2: {1}, 3: {1, 2}, 4: {1, 2}}
+    attack = {0: None} | {k: (heard[k] - d, d) for k, d in told.items()}
+    assert unmaskable_sums(3, heard, attack) == [{0}]
+
+    def sets(n, t):
+        return [set(c) for r in range(t, n + 1) for c in itertools.combinations(range(n), r)]
+
+    def safe(t, heard, answers) -> bool:
+        sums = unmaskable_sums(t, heard, answers)
+        return len(sums) <= 1 and all(len(found) >= t for found in sums)
+
+    n, t = 4, 3  # every case: what each site heard from, the confirmed set, each site's answer
+    for views in itertools.product(*[[v for v in sets(n, t) if j in v] for j in range(n)]):
+        heard = dict(enumerate(views))
+        for confirmed in [*sets(n, t), set()]:
+            confirmers = [k for k in confirmed if confirmed <= heard[k]]
+            if confirmed and len(confirmers) < t:
+                continue
+            options = [
+                [None, (heard[k], set())]
+                + ([(confirmed, heard[k] - confirmed)] if k in confirmers else [])
+                for k in range(n)
+            ]
+            for answers in itertools.product(*options):
+                assert safe(t, heard, dict(enumerate(answers))), (heard, answers)
+    rng = random.Random(0)
+    for n, t in [(5, 3), (7, 4)]:
+        for _ in range(1000):
+            heard, answers = drop_list_attempt(n, t, rng, follow_rules=True)
+            assert safe(t, heard, answers), (heard, answers)
+        broken = sum(
+            not safe(t, *drop_list_attempt(n, t, rng, follow_rules=False)) for _ in range(1000)
+        )
+        assert broken > 0, f"the attempts at {n} sites never unmask a site without the rule"
 
 
 def test_wrong_session_shares_are_rejected():
