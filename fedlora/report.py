@@ -18,7 +18,7 @@ COLUMNS = (
     ("eval_macro_f1", "macro-F1", 8, "{:.3f}"),
     ("eval_perplexity", "ppl", 8, "{:.2f}"),
     ("agg_error_mean", "agg err", 8, "{:.2e}"),
-    ("epsilon_max", "epsilon", 7, "{:.2f}"),
+    ("epsilon", "epsilon", 7, "{:.2f}"),  # the largest so far, or (secure, sample level) the mean
     ("clients", "sites", 5, "{}"),
     ("bytes_up", "up", 9, "{}"),
     ("bytes_down", "down", 9, "{}"),
@@ -38,15 +38,23 @@ def _columns(row: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     """Classification shows accuracy and macro-F1; plain text shows perplexity."""
     text = row.get("eval_accuracy") is None and row.get("eval_perplexity") is not None
     hidden = {"eval_accuracy", "eval_macro_f1"} if text else {"eval_perplexity"}
-    if "epsilon_max" not in row:  # a run without differential privacy
-        hidden.add("epsilon_max")
+    if _value("epsilon", row) is None:  # a run without differential privacy
+        hidden.add("epsilon")
     if "lr" not in row:  # a constant learning rate (train.lr_schedule)
         hidden.add("lr")
     return [c for c in COLUMNS if c[0] not in hidden]
 
 
+def _value(key: str, row: dict[str, Any]) -> Any:
+    """A column's value: under secure aggregation at sample level the server knows only the
+    mean of the sites' epsilons (their sum), so the epsilon column shows it there."""
+    if key == "epsilon":
+        return row.get("epsilon_max", row.get("epsilon_mean"))
+    return row.get(key)
+
+
 def _cell(key: str, width: int, fmt: str, row: dict[str, Any]) -> str:
-    value = row.get(key)
+    value = _value(key, row)
     if value is None:
         text = "-"
     elif key.startswith("bytes"):
@@ -61,8 +69,10 @@ def table_header(row: dict[str, Any]) -> str:
     return line + "\n" + "-" * len(line)
 
 
-def table_row(row: dict[str, Any]) -> str:
-    return "  ".join(_cell(key, width, fmt, row) for key, _, width, fmt in _columns(row))
+def table_row(row: dict[str, Any], first: dict[str, Any] | None = None) -> str:
+    """`row` in the columns of the table's first row (`first`, default `row`)."""
+    columns = _columns(row if first is None else first)
+    return "  ".join(_cell(key, width, fmt, row) for key, _, width, fmt in columns)
 
 
 def time_left(rows: list[dict[str, Any]], total_rounds: int) -> str:
@@ -108,7 +118,7 @@ class Reporter:
             tracker.log(row)
         eta = time_left(self.rows, self.total_rounds)
         tail = f"  ETA {eta}" if eta else ""
-        print(table_row(row) + tail, file=self.stream, flush=True)
+        print(table_row(row, self.rows[0]) + tail, file=self.stream, flush=True)
 
     def close(self) -> None:
         """Flush and close the trackers (the results folder needs no closing)."""

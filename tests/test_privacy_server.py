@@ -60,3 +60,22 @@ def test_secure_client_level_spend_is_recomputed_from_the_rounds_each_site_was_i
         assert row["privacy"][site] == spend(cfg, mechanism, ledger).as_dict()
     assert row["epsilon_max"] == pytest.approx(row["privacy"]["0"]["epsilon"])
     assert row["amplification"] == NO_AMPLIFICATION
+
+
+def test_the_round_table_keeps_its_columns_when_only_the_mean_epsilon_is_known(tmp_path):
+    """Under secure aggregation at sample level a round's row holds the mean epsilon only (the
+    sites' sum is all the server sees): the table shows it in the epsilon column, in line with
+    round 0's largest epsilon, not a row with a column missing."""
+    import io
+
+    from fedlora.report import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter(tmp_path, stream)
+    common = {"eval_loss": 5.5, "eval_accuracy": 0.3, "eval_macro_f1": 0.15, "seconds": 1.0}
+    reporter.round({"round": 0, **common, "epsilon_max": 0.0, "clients": 0, "bytes_up": 0})
+    reporter.round({"round": 1, **common, "epsilon_mean": 7.99, "clients": 3, "bytes_up": 5})
+    header, _, first, second = stream.getvalue().splitlines()
+    end = header.index("epsilon") + len("epsilon")
+    assert first[:end].endswith("0.00") and second[:end].endswith("7.99"), stream.getvalue()
+    assert len({len(header), len(first), len(second)}) == 1, stream.getvalue()
