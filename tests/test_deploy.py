@@ -1201,3 +1201,51 @@ def test_a_federation_id_from_the_server_is_never_a_path(tmp_path):
         with pytest.raises(FedloraError, match="not a federation id"):
             SiteApp()(msg, context)
     assert not (tmp_path / "elsewhere").exists()
+
+
+@deploy
+def test_sites_with_peers_confirm_the_survivors_when_one_leaves_after_sharing_its_keys(tmp_path):
+    """Four site daemons listing each other under [peers], secure aggregation with DP-SGD. The
+    fourth has already spent its own budget (policy.max_epsilon), which it finds when it trains:
+    it refuses at the mask stage, after its keys and shares went out. The other three confirm
+    the survivors before revealing its mask key (fedlora.secure.secagg), over TLS between real
+    processes, and the round sums the three."""
+    from fedlora.model import resolve_model
+    from fedlora.secure.certs import Layout, make_certs
+    from fedlora.secure.identity import fingerprint
+
+    resolve_model("tiny-random", log=lambda _: None)
+    names = ("north", "south", "east", "west")
+    certs = tmp_path / "certs"
+    make_certs(certs, server_names=["localhost"], server_ips=["127.0.0.1"], sites=list(names))
+    prints = {n: fingerprint(Layout(certs).site_public_key(n).read_bytes()) for n in names}
+    write_rows(tmp_path / "eval.jsonl", seed=99)
+    port = free_port()
+    sections = {
+        "secure": {"enabled": "true"},
+        "privacy": {"level": '"sample"', "target_epsilon": "8.0"},
+    }
+    config = server_toml(
+        tmp_path, "server", port, "runs/dropout", sections, sites=names, rounds=1, min_clients=3
+    )
+    procs = Processes(tmp_path)
+    try:
+        server = procs.fedlora("server", "server", "--config", str(config))
+        for i, name in enumerate(names):
+            write_rows(tmp_path / f"{name}.jsonl", seed=i)
+            policy = "[policy]\nmax_epsilon = 0.01\n\n" if name == "west" else ""
+            peers = "".join(f'{n} = "{prints[n]}"\n' for n in names if n != name)
+            (tmp_path / f"site-{name}.toml").write_text(
+                f'[site]\nname = "{name}"\nserver = "localhost:{port}"\n'
+                f'ca_cert = "certs/ca.pem"\nauth_key = "certs/sites/{name}/auth.key"\n'
+                f'state_dir = "state-{name}"\nthreads = 1\n\n[data]\npath = "{name}.jsonl"\n\n'
+                f"{policy}[peers]\n{peers}"
+            )
+            procs.fedlora(f"site-{name}", "client", "--config", f"site-{name}.toml")
+        assert finished(server, procs, "server", 300) == 0, procs.log("server")
+    finally:
+        procs.kill_all()
+    (_, row) = metrics(tmp_path / "runs" / "dropout")
+    assert row["sites"] == [0, 1, 2], procs.log("server")
+    assert list(row["secagg_seconds"]) == ["keys", "share", "mask", "confirm", "unmask"]
+    assert "site 3 has spent its privacy budget" in procs.log("server")
