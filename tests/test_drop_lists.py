@@ -260,3 +260,32 @@ def test_the_confirmations_a_site_with_peers_accepts(keys):
         check({}, confirmed=[])
     SitePolicy().check_confirmed("federation-1", 1, 0, THRESHOLD, [], dropped, {})  # no roster
     assert roster(keys, NAMES[1:SITES]) == policy.peers
+
+
+def test_a_site_and_a_server_of_other_protocols_say_so(tiny_cfg, tmp_path, keys):
+    """The keys stage carries the secure-aggregation protocol's version both ways: a site
+    asked by a server of another version (or of none: an older fedlora) says so instead of
+    failing on a missing field or a signature that cannot match, and so does the server of a
+    site's reply."""
+    from fedlora.apps import secure
+
+    cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
+    grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
+    content = round_content(1, global_adapter(cfg))
+    fields = _keys_fields(THRESHOLD, DEFAULT_VALUE_BOUND, list(range(SITES)))
+    for sent in (secure.PROTOCOL - 1, None):
+        request = copy.deepcopy(content)
+        request[R.SECAGG] = _stage("keys", 1, fields)
+        if sent is None:
+            del request[R.SECAGG][R.PROTOCOL]
+        else:
+            request[R.SECAGG][R.PROTOCOL] = sent
+        msg = Message(request, dst_node_id=100, message_type=QUERY_SECAGG)
+        (reply,) = grid.pull_messages(grid.push_messages([msg]))
+        assert reply.has_error() and "secure-aggregation protocol" in reply.error.reason
+    request = copy.deepcopy(content)
+    request[R.SECAGG] = _stage("keys", 1, fields)
+    answer = ask(grid, 1, request)
+    answer[R.SECAGG][R.PROTOCOL] = secure.PROTOCOL + 1
+    with pytest.raises(ValueError, match="secure-aggregation protocol"):
+        _read_keys(answer)

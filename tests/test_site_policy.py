@@ -157,6 +157,8 @@ def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_ide
     )
     grid = LocalGrid(cfg, 3)
     result = run_secure(grid, cfg, 1)
+    from fedlora.apps.secure import PROTOCOL
+
     assert result.sites == [0, 1, 2] and not result.failures
     for content in grid.received:
         for name, record in content.items():
@@ -177,6 +179,8 @@ def test_the_server_sees_no_per_site_number_in_a_secure_round(tiny_cfg, task_ide
                         assert all(isinstance(v, bytes) for v in items), key
                     elif key == R.ROSTERED:  # whether the site has a roster ([peers])
                         assert items == [False], items
+                    elif key == R.PROTOCOL:  # the protocol's version, every site's
+                        assert items == [PROTOCOL], items
                     else:  # site ids
                         assert key in (R.SITES, R.PEERS, R.SURVIVORS, R.DROPPED), key
                         assert all(isinstance(v, int) for v in items), key

@@ -159,6 +159,7 @@ SECAGG = "secagg"  # ConfigRecord, both directions: the stage's protocol fields 
 #: this round's mask or unmask message and its reply; a site that refuses it answers REASON
 SECAGG_NEXT = "secagg_next"
 SECAGG_STAGE = "stage"  # "keys" | "share" | "mask" | "confirm" | "unmask"
+PROTOCOL = "protocol"  # the secure-aggregation protocol's version (keys stage, both ways)
 THRESHOLD = "threshold"  # t: shares needed to rebuild a secret
 COHORT = "cohort"  # the sites the server asks into the session (keys stage)
 #: a site's keys reply (signed with its keys), and the share message (aligned with SITES): True

@@ -4,9 +4,10 @@ One session per round, four or five stages, each one message to every site still
 reply:
 
   keys    query.secagg  server -> site: the round's training content (global adapter, broadcast,
-                        round config), threshold, value bound, cohort; site -> server: its
-                        public keys (a site daemon signs them: fedlora.secure.identity), and
-                        whether it asks for the confirm stage (a site with [peers] does)
+                        round config), the protocol's version (PROTOCOL), threshold, value
+                        bound, cohort; site -> server: its version, its public keys (a site
+                        daemon signs them: fedlora.secure.identity), and whether it asks for
+                        the confirm stage (a site with [peers] does)
   share   query.secagg  server -> site: everyone's public keys and signatures;
                         site -> server: encrypted shares
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
@@ -136,6 +137,9 @@ from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, CONFIRM, UNMASK = "keys", "share", "mask", "confirm", "unmask"
+#: the version of the messages and signed statements below; a server and its sites must agree
+#: (1: before versions; 2: the cohort, the confirm stage and the roster flag)
+PROTOCOL = 2
 UNSIGNED = Proof("", b"", b"")  # a simulated site's (and an older daemon's) signature
 QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
 TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
@@ -421,10 +425,18 @@ def _set_up(
 
 def _keys_fields(threshold: int, value_bound: float, cohort: list[int]) -> dict[str, object]:
     return {
+        records.PROTOCOL: PROTOCOL,
         records.THRESHOLD: threshold,
         records.VALUE_BOUND: value_bound,
         records.COHORT: list(cohort),
     }
+
+
+def other_protocol(whose: str, theirs: int) -> str:
+    return (
+        f"{whose} secure-aggregation protocol is version {theirs}, this one's {PROTOCOL}: the "
+        "server and every site must run fedlora releases of the same protocol"
+    )
 
 
 def _share_fields(
@@ -556,6 +568,8 @@ class Advertised(NamedTuple):
 
 def _read_keys(content: RecordDict, record: str = records.SECAGG) -> Advertised:
     f = content[record]
+    if (theirs := int(f.get(records.PROTOCOL, 1))) != PROTOCOL:
+        raise ValueError(other_protocol("the site's", theirs))
     (site,), (c_pk,), (s_pk,) = f[records.SITES], f[records.C_PKS], f[records.S_PKS]
     rostered = bool(f.get(records.ROSTERED, False))
     return Advertised(int(site), (bytes(c_pk), bytes(s_pk)), _read_signature(f), rostered)
@@ -846,6 +860,8 @@ def _open_session(
             "content (policy.check_content_before_masking), so that it sees its peers train "
             "from the same before it masks; a session set up during the round before cannot"
         )
+    if (theirs := int(fields.get(records.PROTOCOL, 1))) != PROTOCOL:
+        raise SecAggError(other_protocol("the server's", theirs))
     threshold = int(fields[records.THRESHOLD])
     value_bound = float(fields[records.VALUE_BOUND])
     cohort = [int(j) for j in fields[records.COHORT]]
@@ -868,6 +884,7 @@ def _open_session(
     )
     c_pk, s_pk = client.public_keys()
     reply = {records.SITES: [site], records.C_PKS: [c_pk], records.S_PKS: [s_pk]}
+    reply[records.PROTOCOL] = PROTOCOL
     reply[records.ROSTERED] = rostered = bool(policy.peers)
     federation = federation_name(context)
     return client, reply | _signed(
