@@ -24,9 +24,8 @@ The next round's session need not wait for its round (`secure.pipeline`, the ser
 its keys stage rides on this round's mask message and its share stage on the unmask message
 (records.SECAGG_NEXT, both ways), so a round after the first has two message stages, mask and
 unmask (three when it needs the confirm stage), and its training content comes with the mask
-message.
-The sites check it as they would in a session of its own (the request, the cohort, the
-content's round, one session per round), and a site that refuses or fails the next session
+message. The sites check it as they would in a session of its own (the request, the cohort,
+the content's round, one session per round), and a site that refuses or fails the next session
 leaves only that one: the next round then sets up a session of its own, as does a round whose
 sites differ from those the session was set up for (a sample that changed) and the first
 round. The two sessions share messages, never secrets: each has its own keys, seeds and state
@@ -306,7 +305,7 @@ def secure_sum(
     `site_nodes`'): the round starts at the mask stage, which then carries the training content.
     `upcoming`: the next round, whose session is then set up in this round's mask and unmask
     messages for those of its sites that are in this round (`SecureSum.prepared`, None when it
-    could not be: the next round then runs all four stages).
+    could not be: the next round then sets up a session of its own).
     Raises FedloraError when fewer than t sites remain at any stage.
     """
     round_ = int(train_content[records.ROUND_CONFIG][records.ROUND])

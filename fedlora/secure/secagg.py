@@ -713,6 +713,12 @@ class SecAggClient:
         self.stage = "masked"
         return layout, masked
 
+    def _check_enough(self, alive: set[int]) -> None:
+        if len(alive) < self.threshold:
+            raise SecAggError(
+                f"site {self.site}: {len(alive)} survivors, threshold is {self.threshold}"
+            )
+
     def confirm(self, survivors: Iterable[int]) -> None:
         """Stage 4: accept U3, once: within the sites this site heard from, this site in it,
         at least t of them. The unmasking then answers for this U3 alone."""
@@ -723,10 +729,7 @@ class SecAggClient:
                 f"site {self.site}: survivors {sorted(alive)} are not among the sites that "
                 f"shared keys with it {sorted(u2)}, with it"
             )
-        if len(alive) < self.threshold:
-            raise SecAggError(
-                f"site {self.site}: {len(alive)} survivors, threshold is {self.threshold}"
-            )
+        self._check_enough(alive)
         self.confirmed = sorted(alive)
         self.stage = "confirmed"
 
@@ -748,10 +751,7 @@ class SecAggClient:
                 f"site {self.site}: survivors {sorted(alive)} and dropped {sorted(gone)} do not "
                 f"split the sites that shared keys {sorted(u2)}"
             )
-        if len(alive) < self.threshold:
-            raise SecAggError(
-                f"site {self.site}: {len(alive)} survivors, threshold is {self.threshold}"
-            )
+        self._check_enough(alive)
         mine = {self.site: self.own_shares} | self.shares
         self.stage = "done"
         return {j: mine[j][0] for j in sorted(alive)}, {j: mine[j][1] for j in sorted(gone)}
