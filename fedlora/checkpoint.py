@@ -31,12 +31,14 @@ STARTED_FILE = "round-started.txt"
 
 #: config sections that may differ between the interrupted and the resumed run
 _FREE_SECTIONS = ("run",)
-#: keys that say where a run computes, not what: a run may resume on another device or cluster
+#: keys that say where a run computes and how long it waits for sites, not what it computes: a
+#: run may resume on another device or cluster, or with another reply_timeout
 _FREE_KEYS = (
     ("model", "device"),
     ("federation", "gpus_per_client"),
     ("federation", "ray_address"),
     ("federation", "workers"),
+    ("federation", "reply_timeout"),
 )
 
 

@@ -242,6 +242,11 @@ class FederationConfig:
     #: after the last round every site fine-tunes the global adapter on its own rows for this
     #: many steps and reports global vs personalised accuracy on its held-out share (0 = off).
     personalize_steps: int = 0
+    #: seconds the server waits for a site's reply to one request (a round's training, each
+    #: stage of a secure round, personalisation), counted from sending it; a site that has not
+    #: answered by then counts as dropped for that round, as one that fails does (0 = wait for
+    #: every reply, as Flower does). Simulated sites queue for workers, and the wait includes that.
+    reply_timeout: float = 0.0
 
 
 @dataclass
@@ -562,6 +567,11 @@ def validate(cfg: Config) -> None:
     )
     _require(
         federation.personalize_steps >= 0, "federation.personalize_steps must be >= 0 (0 = off)."
+    )
+    _require(
+        federation.reply_timeout >= 0,
+        f"federation.reply_timeout must be >= 0 seconds (0 = wait for every reply; got "
+        f"{federation.reply_timeout}).",
     )
     _require(
         train.local_steps >= 1, f"train.local_steps must be at least 1 (got {train.local_steps})."

@@ -978,6 +978,30 @@ def test_server_sigint_ends_within_seconds_with_the_resume_command(kit):
 
 
 @deploy
+def test_a_site_that_stops_answering_holds_a_round_only_for_the_reply_timeout(kit):
+    """A site daemon frozen mid-federation (SIGSTOP: its SuperNode still heartbeats, so Flower
+    counts it gone only minutes later) holds each round for federation.reply_timeout, and the
+    rounds complete with the others; thawed, it answers the next federation (the next test)."""
+    root, port, procs = kit
+    victim = next(p for p in procs.procs if p.args[-1] == "site-gamma.toml")
+    queries = procs.log("site-gamma").count("query handled")
+    config = server_toml(
+        root, "server-t", port, "runs/t", PLAIN_FEDAVG, min_clients=2, reply_timeout=10
+    )
+    server = procs.fedlora("server-t", "server", "--config", str(config))
+    wait_for(lambda: procs.log("site-gamma").count("query handled") > queries, 90, "gamma's query")
+    victim.send_signal(signal.SIGSTOP)
+    try:
+        assert finished(server, procs, "server-t", FEDERATION_TIMEOUT) == 0, procs.log("server-t")
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    rows = metrics(root / "runs" / "t")
+    assert [r["clients"] for r in rows[1:]] == [2, 2]
+    said = procs.log("server-t")
+    assert said.count("gamma: no reply within 10 s (federation.reply_timeout)") == 2, said
+
+
+@deploy
 def test_site_killed_mid_round_the_round_completes_with_the_others(kit):
     root, port, procs = kit
     victim = next(p for p in procs.procs if p.args[-1] == "site-gamma.toml")

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fedlora import transport
 from fedlora.apps import records
-from fedlora.apps.discovery import exchange
+from fedlora.apps.discovery import exchange, no_reply
 from fedlora.apps.secure import NextRound, PreparedSession, secure_sum
 from fedlora.config import Config
 from fedlora.errors import FedloraError
@@ -84,11 +84,15 @@ def collect_plain(
     global_arrays: Arrays,
     global_wire: Arrays,
     progress: Callable[[int], None],
+    timeout: float | None = None,
+    name_of_node: Callable[[int], str] = lambda node: f"node {node}",
 ) -> RoundInputs:
-    """Send the round's TRAIN messages, wait for every reply, and read them: `global_wire` is
-    the global adapter as it was sent (for the round-trip error of transport.dtype)."""
-    replies = exchange(grid, msgs, progress)
+    """Send the round's TRAIN messages, wait for the replies (at most `timeout` seconds), and
+    read them: `global_wire` is the global adapter as it was sent (for the round-trip error of
+    transport.dtype). A site that has not answered in time is a failure of this round."""
+    replies, silent = exchange(grid, msgs, progress, timeout)
     inputs = read_plain_replies(replies, global_arrays)
+    inputs.failures += [no_reply(name_of_node(node), timeout) for node in silent]
     inputs.bytes_down = bytes_down
     inputs.transport_error_down = transport.round_trip_error(
         global_arrays, transport.decode(global_wire)
@@ -143,12 +147,20 @@ def collect_secure(
     progress: Callable[[str], None],
     prepared: PreparedSession | None = None,
     upcoming: NextRound | None = None,
+    timeout: float | None = None,
 ) -> RoundInputs:
     """One round under secure aggregation (fedlora.apps.secure): the sums, and the statistics
-    the sites put inside them; `prepared`, `upcoming`: as in `secure_sum`. Raises
+    the sites put inside them; `prepared`, `upcoming`, `timeout`: as in `secure_sum`. Raises
     SecureRoundFailed (naming the refusals) when the session cannot complete."""
     result = secure_sum(
-        grid, site_nodes, content, threshold, progress, prepared=prepared, upcoming=upcoming
+        grid,
+        site_nodes,
+        content,
+        threshold,
+        progress,
+        timeout=timeout,
+        prepared=prepared,
+        upcoming=upcoming,
     )
     sums = {k: v for k, v in result.sums.items() if not k.startswith(records.STATS)}
     inputs = RoundInputs(

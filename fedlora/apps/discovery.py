@@ -142,16 +142,28 @@ def discover_sites(
     return nodes
 
 
-def exchange(grid: Grid, msgs: list[Message], on_progress: Callable[[int], None]) -> list[Message]:
-    """send_and_receive with a live count of sites that have replied."""
-    ids = set(grid.push_messages(msgs))
+def no_reply(who: str, timeout: float | None) -> str:
+    """A site that did not answer in time, as a round's failures say it."""
+    return f"{who}: no reply within {timeout:g} s (federation.reply_timeout)"
+
+
+def exchange(
+    grid: Grid,
+    msgs: list[Message],
+    on_progress: Callable[[int], None],
+    timeout: float | None = None,
+) -> tuple[list[Message], list[int]]:
+    """send_and_receive with a live count of sites that have replied: the replies, and the
+    nodes that had not replied after `timeout` seconds (None: wait for every reply)."""
+    ids = dict(zip(grid.push_messages(msgs), (m.metadata.dst_node_id for m in msgs), strict=True))
+    deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     on_progress(0)
-    while ids:
+    while ids and (deadline is None or time.monotonic() < deadline):
         for reply in grid.pull_messages(list(ids)):
-            ids.discard(reply.metadata.reply_to_message_id)
+            ids.pop(reply.metadata.reply_to_message_id, None)
             replies.append(reply)
             on_progress(len(replies))
         if ids:
             time.sleep(0.2)
-    return replies
+    return replies, sorted(ids.values())

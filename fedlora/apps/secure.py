@@ -108,6 +108,7 @@ from fedlora.apps.contribution import (
     take_round,
     train_contribution,
 )
+from fedlora.apps.discovery import no_reply
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
 from fedlora.deploy import runconfig
@@ -234,7 +235,7 @@ class _Exchange:
             if pending:
                 time.sleep(0.2)
         for msg_id in sorted(pending, key=by_id.get):
-            self.failures.append(f"site {by_id[msg_id]}, {stage}: no reply in {self.timeout} s")
+            self.failures.append(no_reply(f"site {by_id[msg_id]}, {stage}", self.timeout))
         self.seconds[stage] = time.perf_counter() - started
         return dict(sorted(replies.items()))
 

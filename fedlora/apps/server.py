@@ -22,7 +22,7 @@ from fedlora.adapter import adapter_arrays, load_adapter_arrays, lora_arrays
 from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import collect, records
 from fedlora.apps.collect import RoundInputs
-from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange
+from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange, no_reply
 from fedlora.apps.secure import NextRound, PreparedSession, SecureRoundFailed
 from fedlora.config import Config
 from fedlora.errors import FedloraError
@@ -145,14 +145,27 @@ class Federation:
         per_site = sum(records.payload_bytes(arrays) for arrays in self.wire_down())
         return msgs, per_site * len(sites)
 
+    @property
+    def reply_timeout(self) -> float | None:
+        """How long to wait for a site's reply to one request (None: for every reply)."""
+        return self.cfg.federation.reply_timeout or None
+
     def available_sites(self) -> list[int]:
         return [s for s in sorted(self.nodes) if s not in self.exhausted]
 
     def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
         msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)
         global_wire = self.wire_down()[0]
+        site_of = {node: site for site, node in self.nodes.items()}
         return collect.collect_plain(
-            grid, msgs, bytes_down, self.global_arrays, global_wire, progress
+            grid,
+            msgs,
+            bytes_down,
+            self.global_arrays,
+            global_wire,
+            progress,
+            self.reply_timeout,
+            lambda node: self.site_name(site_of[node]),
         )
 
     def collect_secure(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
@@ -168,6 +181,7 @@ class Federation:
                 progress,
                 prepared=prepared,
                 upcoming=self.upcoming(round_),
+                timeout=self.reply_timeout,
             )
         except SecureRoundFailed as err:
             self.note_refusals(round_, err.refused)
@@ -476,11 +490,17 @@ class Federation:
             )
             for _, node in sorted(nodes.items())
         ]
-        replies = exchange(
+        replies, silent = exchange(
             grid,
             msgs,
             lambda done: self.reporter.progress(f"personalising: {done}/{len(msgs)} sites done"),
+            self.reply_timeout,
         )
+        site_of = {node: site for site, node in nodes.items()}
+        for node in silent:
+            self.reporter.note(
+                f"personalisation: {no_reply(self.site_name(site_of[node]), self.reply_timeout)}"
+            )
         for reply in replies:
             if reply.has_error():
                 self.reporter.note(f"personalisation failed at a site: {reply.error.reason}")
