@@ -98,12 +98,24 @@ def test_secure_aggregation_says_when_a_dropout_ends_the_federation():
 def test_errors_relayed_to_the_server_name_the_site_and_no_local_path():
     from fedlora.deploy.executor import relayed_reason
     from fedlora.errors import FedloraError
+    from fedlora.secure.secagg import SecAggError
 
     error = FedloraError("/srv/hospital/data/rows.jsonl, line 3: not UTF-8 text")
     assert relayed_reason(error, "st-marys") == "site st-marys: rows.jsonl, line 3: not UTF-8 text"
-    other = OSError(r"cannot open 'C:\fl\state\site-0.npz' or /var/lib/fl/state/")
-    reason = relayed_reason(other, "city")
-    assert reason == "site city: OSError: cannot open 'site-0.npz' or state"
+    protocol = SecAggError(r"no share of site 2 in C:\fl\state\session.json")
+    reason = relayed_reason(protocol, "city")
+    assert reason == "site city: SecAggError: no share of site 2 in session.json"
+
+
+def test_of_another_librarys_error_the_server_learns_the_type_not_the_message():
+    """A library's message may quote what it was working on: a row of the site's data, a value
+    of its update. On the code before, the server read it whole."""
+    from fedlora.deploy.executor import relayed_reason
+
+    row = KeyError("Jane Doe, 1961-04-02, HIV positive")
+    assert relayed_reason(row, "city") == "site city: KeyError (the message is in the site's log)"
+    path = OSError(r"cannot open 'C:\fl\state\site-0.npz' or /var/lib/fl/state/")
+    assert relayed_reason(path, "city") == "site city: OSError (the message is in the site's log)"
 
 
 def test_simulate_help_shows_the_config_defaults_of_its_shortcuts():

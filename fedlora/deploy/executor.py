@@ -53,8 +53,13 @@ _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s,;:'\"()]+)+[/\\]?")
 
 
 def relayed_reason(exc: BaseException, site: str) -> str:
-    """Why a message failed, as the server reads it: naming the site, and with every local path
-    cut to its file name (a site's file layout is its own business; its log keeps the rest)."""
+    """Why a message failed, as the server reads it: naming the site, and only in words fedlora
+    wrote (an exception of its own), with every local path cut to its file name (a site's file
+    layout is its own business). Another library's message may quote whatever it was working
+    on, a row of the site's data or a value of its update, so of such an error the server
+    learns the type; the site's log keeps the message."""
+    if not type(exc).__module__.startswith("fedlora."):
+        return f"site {site}: {type(exc).__name__} (the message is in the site's log)"
     text = _PATH.sub(
         lambda m: m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], str(exc)
     )
