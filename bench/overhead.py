@@ -17,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from fedlora.apps.contribution import derive_seed, site_local_steps
+from fedlora.apps.contribution import seed_training, site_local_steps
 from fedlora.config import load_config, parse_override
+from fedlora.privacy.secrets import simulated_secret
 from fedlora.runtime import build_runtime
 from fedlora.simulate import simulate
 from fedlora.strategies import TrainingTerms
@@ -36,8 +34,7 @@ def bare_loop(cfg) -> dict[str, float]:
     t0 = time.perf_counter()
     for round_ in range(1, cfg.federation.rounds + 1):
         for site in range(cfg.federation.clients):
-            seed = derive_seed(cfg.run.seed, round_, site)
-            torch.manual_seed(seed)
+            batches = seed_training(simulated_secret(cfg.run.seed, site), round_, site)
             steps = site_local_steps(cfg.train, site, cfg.federation.clients)
             local_train(
                 rt.model,
@@ -45,7 +42,7 @@ def bare_loop(cfg) -> dict[str, float]:
                 steps,
                 cfg.train,
                 TrainingTerms(),
-                np.random.default_rng(seed),
+                batches,
                 rt.pad_id,
                 bf16=rt.bf16,
             )

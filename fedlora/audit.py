@@ -386,9 +386,7 @@ def replay_site_round(
     from its secret, all derived from `run_seed`, from the adapter now in the model. Returns the
     steps and the DP-SGD arguments (None without DP-SGD). SCAFFOLD, which needs saved control
     variates, and lower-rank sites are refused before (check_site_update)."""
-    import torch
-
-    from fedlora.apps.contribution import derive_seed, site_local_steps
+    from fedlora.apps.contribution import seed_training, site_local_steps
     from fedlora.privacy.dpsgd import DPSGD, count_units
     from fedlora.privacy.policy import sample_mechanism
     from fedlora.privacy.secrets import simulated_secret
@@ -397,8 +395,8 @@ def replay_site_round(
 
     cfg = runtime.cfg
     steps = site_local_steps(cfg.train, site, cfg.federation.clients)
-    seed = derive_seed(run_seed, round_, site)
-    torch.manual_seed(seed)  # LoRA dropout
+    secret = simulated_secret(run_seed, site)
+    batches = seed_training(secret, round_, site)
     start = _adapter_arrays(runtime.model)
     terms = strategy_for(cfg).training_terms({}, {}, start)  # no client state: not SCAFFOLD
     dp_args = None
@@ -408,7 +406,7 @@ def replay_site_round(
             "noise_multiplier": mechanism.noise_multiplier,
             "max_grad_norm": mechanism.max_grad_norm,
             "sample_rate": mechanism.sample_rate,
-            "secret": simulated_secret(run_seed, site),
+            "secret": secret,
             "round_": round_,
             "site": site,
             "physical_batch_size": cfg.privacy.physical_batch_size,
@@ -416,7 +414,7 @@ def replay_site_round(
         }
     local_train(
         runtime.model, rows, steps, for_round(cfg.train, round_, cfg.federation.rounds), terms,
-        np.random.default_rng(seed),
+        batches,
         runtime.pad_id, bf16=runtime.bf16, dp=DPSGD.for_round(**dp_args) if dp_args else None,
     )  # fmt: skip
     return steps, dp_args

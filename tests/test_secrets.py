@@ -170,3 +170,53 @@ def test_self_selected_sites_are_accounted_with_amplification_and_hidden_in_the_
         assert summary["privacy"]["sites"][site]["sample_rate"] == 0.5
     assert summary["privacy"]["amplification"] == "poisson self-selection"
     assert "amplification: poisson self-selection" in capsys.readouterr().out
+
+
+def test_a_site_trains_the_same_round_of_two_federations_from_other_batches(tiny_cfg, tmp_path):
+    """A server runs two federations with the same config and adapter, one with site 3 and one
+    without, and subtracts the two sums (each a secure sum; the server may start as many
+    federations as it likes). Batches and LoRA dropout were seeded by run.seed, round and site,
+    all the server's: every other site trained exactly the same in both, and the difference
+    was site 3's update, to float precision (on the code before). They come from the site's
+    secret now, which a site daemon draws for each federation."""
+    from flwr.app import Message, MessageType
+    from in_process import LocalGrid, task_identity
+    from test_site_policy import global_adapter, round_content
+
+    from fedlora import transport
+    from fedlora.apps import records as R
+    from fedlora.deploy import runconfig
+    from fedlora.strategies.base import sum_contributions
+
+    cfg = tiny_cfg(federation={"clients": 4}, lora={"dropout": 0.1})
+    content = round_content(1, global_adapter(cfg))
+
+    def updates(federation: str, sites: range) -> list[dict[str, np.ndarray]]:
+        grid = LocalGrid(cfg, 4)
+        for node in grid.contexts:  # as a site daemon runs (fedlora.deploy.apps)
+            grid.contexts[node] = Context(
+                run_id=1,
+                node_id=node,
+                node_config={
+                    "partition-id": node - 100,
+                    "num-partitions": 4,
+                    STATE_DIR: str(tmp_path / f"site-{node}" / federation),
+                },
+                state=RecordDict(),
+                run_config={runconfig.FEDERATION: federation},
+            )
+        with task_identity():
+            msgs = [
+                Message(content, dst_node_id=100 + s, message_type=MessageType.TRAIN) for s in sites
+            ]
+            replies = grid.pull_messages(grid.push_messages(msgs))
+        return [transport.decode(R.from_record(r.content[R.CONTRIBUTION])) for r in replies]
+
+    with_site_3 = updates("x", range(4))
+    without = sum_contributions(updates("y", range(3)))
+    difference = {k: v - without[k] for k, v in sum_contributions(with_site_3).items()}
+    site_3 = with_site_3[3]
+    keys = [k for k in site_3 if "lora" in k]
+    error = np.sqrt(sum(np.sum((difference[k] - site_3[k]) ** 2) for k in keys))
+    size = np.sqrt(sum(np.sum(site_3[k] ** 2) for k in keys))
+    assert error > 0.2 * size, f"the difference of the sums is site 3's update ({error / size:.2g})"

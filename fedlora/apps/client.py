@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,10 +19,11 @@ from fedlora.apps import records
 from fedlora.apps.contribution import (
     SITE_LOG,
     STATE_DIR,
-    derive_seed,
     refusal_reply,
+    seed_training,
     site_id,
     site_runtime,
+    site_secret,
     site_state_dir,
     take_round,
     train_contribution,
@@ -115,15 +114,14 @@ def personalize_reply(
             records.GLOBAL_LOSS: before.loss,
             records.GLOBAL_ACCURACY: before.accuracy or 0.0,
         }
-    seed = derive_seed(cfg.run.seed, personalisation_round(cfg), site)
-    torch.manual_seed(seed)
+    secret = site_secret(cfg, context, site_state_dir(cfg, context))
     local_train(
         runtime.model,
         runtime.site_rows(site),
         steps,
         cfg.train,
         TrainingTerms(),
-        np.random.default_rng(seed),
+        seed_training(secret, personalisation_round(cfg), site),
         runtime.pad_id,
         bf16=runtime.bf16,
     )

@@ -7,7 +7,6 @@ server sums): `fedlora.apps.client` sends it in the clear, `fedlora.apps.secure`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -73,12 +72,16 @@ def checked_steps(cfg: Config, policy: SitePolicy, site: int) -> int:
     return steps
 
 
-def derive_seed(*parts: int) -> int:
-    """A stable seed for (run seed, round, site): same command, same numbers. Public (the
-    server knows every part): for LoRA dropout and plain batches, never for a value that
-    protects a site (those come from `site_secret`)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+def seed_training(secret: secrets.SiteSecret, round_: int, site: int) -> np.random.Generator:
+    """Seed one round's local training from the site's secret: torch's generator (LoRA
+    dropout) now, and the returned stream (which rows make each batch). Seeds the server knows
+    (run.seed, round, site) made a site train a round exactly alike in two federations, so a
+    server that ran one with a site and one without read that site's update off the difference
+    of the two sums. A site daemon draws a secret per federation; a simulated site's follows
+    run.seed, so that a simulation repeats. (Dropout draws from torch, whose CPU generator keeps
+    32 bits of a seed: enough to differ between federations, which is all it protects.)"""
+    torch.manual_seed(int(secret.rng(secrets.LORA_DROPOUT, round_, site).integers(2**63)))
+    return secret.rng(secrets.TRAINING_BATCHES, round_, site)
 
 
 #: a site's own account of each private round, for its operator: a site daemon prints it
@@ -174,9 +177,8 @@ def train_contribution(
     load_adapter_arrays(runtime.model, global_arrays)
     terms = strategy.training_terms(broadcast, client_state, global_arrays)
     train = for_round(cfg.train, round_, cfg.federation.rounds)
-    seed = derive_seed(cfg.run.seed, round_, site)
     secret = site_secret(cfg, context, folder)
-    torch.manual_seed(seed)  # LoRA dropout
+    batches = seed_training(secret, round_, site)
     rows = runtime.site_rows(site)
     level = cfg.privacy.level
     mechanism, dp_sgd = None, None
@@ -219,7 +221,7 @@ def train_contribution(
             steps,
             train,
             terms,
-            np.random.default_rng(seed),
+            batches,
             runtime.pad_id,
             bf16=runtime.bf16,
             optimizer=optimizer,

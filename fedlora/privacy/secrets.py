@@ -1,7 +1,9 @@
 """A site's secret: the one source of every random value that protects the site.
 
 DP-SGD's noise and Poisson batches, the client-level noise a site adds before secure
-aggregation and its participation coin are only private if the server cannot regenerate them.
+aggregation and its participation coin are only private if the server cannot regenerate them;
+and the batches and dropout of plain local training must differ between two federations, or a
+server that runs the same round in two, with a site and without, subtracts the sums.
 So each comes from a per-use stream keyed by a secret of at least 128 bits that the site drew
 from the operating system's CSPRNG (`os.urandom`) and keeps in its state folder; nothing the
 server holds (run seed, round, site id, config) says anything about it. A simulation plays every
@@ -54,6 +56,8 @@ DPSGD_NOISE = "dpsgd-noise"
 DPSGD_BATCHES = "dpsgd-batches"
 CLIENT_NOISE = "client-noise"
 PARTICIPATION = "participation"
+TRAINING_BATCHES = "training-batches"  # which rows make each batch of plain local training
+LORA_DROPOUT = "lora-dropout"
 
 
 @dataclass(frozen=True)
