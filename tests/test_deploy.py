@@ -676,10 +676,15 @@ def site_toml(root: Path, stem: str, port: int, **overrides: str | None) -> Path
 
 
 #: the federation of the main tests: SCAFFOLD (site state across rounds) under secure
-#: aggregation (four message stages per round), the hardest combination to resume exactly
+#: aggregation (four message stages per round), the hardest combination to resume exactly.
+#: Every batch holds all of a site's rows (40, 32 of them trained on) and there is no LoRA
+#: dropout: a site draws both from a secret of each federation's, so that two federations
+#: train alike only where those draws do not matter (the secure one is compared with a
+#: plaintext one below).
 SECURE_SCAFFOLD = {
     "strategy": {"name": '"scaffold"'},
-    "train": {"optimizer": '"sgd"', "lr": "0.5", "local_steps": "2"},
+    "train": {"optimizer": '"sgd"', "lr": "0.5", "local_steps": "2", "batch_size": "64"},
+    "lora": {"dropout": "0.0"},
     "secure": {"enabled": "true"},
 }
 PLAIN_FEDAVG = {"train": {"local_steps": "2"}}
