@@ -84,8 +84,8 @@ def collect_plain(
     global_arrays: Arrays,
     global_wire: Arrays,
     progress: Callable[[int], None],
-    timeout: float | None = None,
-    name_of_node: Callable[[int], str] = lambda node: f"node {node}",
+    timeout: float | None,
+    name_of_node: Callable[[int], str],
 ) -> RoundInputs:
     """Send the round's TRAIN messages, wait for the replies (at most `timeout` seconds), and
     read them: `global_wire` is the global adapter as it was sent (for the round-trip error of

@@ -156,7 +156,6 @@ class Federation:
     def collect_plain(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
         msgs, bytes_down = self.train_messages(grid, self.nodes, chosen, round_)
         global_wire = self.wire_down()[0]
-        site_of = {node: site for site, node in self.nodes.items()}
         return collect.collect_plain(
             grid,
             msgs,
@@ -165,7 +164,7 @@ class Federation:
             global_wire,
             progress,
             self.reply_timeout,
-            lambda node: self.site_name(site_of[node]),
+            self.node_name,
         )
 
     def collect_secure(self, grid: Grid, chosen: list[int], round_: int, progress) -> RoundInputs:
@@ -350,6 +349,10 @@ class Federation:
     def site_name(self, site: int) -> str:
         return self.site_names[site] if site < len(self.site_names) else f"site {site}"
 
+    def node_name(self, node: int) -> str:
+        """The name of the site connected as Flower node `node`."""
+        return self.site_name({n: s for s, n in self.nodes.items()}[node])
+
     def refusal_lines(self, round_: int, refused: dict[int, str]) -> list[str]:
         return [
             f"{self.site_name(s)} refused round {round_}: {why}"
@@ -496,11 +499,9 @@ class Federation:
             lambda done: self.reporter.progress(f"personalising: {done}/{len(msgs)} sites done"),
             self.reply_timeout,
         )
-        site_of = {node: site for site, node in nodes.items()}
         for node in silent:
-            self.reporter.note(
-                f"personalisation: {no_reply(self.site_name(site_of[node]), self.reply_timeout)}"
-            )
+            late = no_reply(self.node_name(node), self.reply_timeout)
+            self.reporter.note(f"personalisation: {late}")
         for reply in replies:
             if reply.has_error():
                 self.reporter.note(f"personalisation failed at a site: {reply.error.reason}")
