@@ -206,8 +206,8 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     if cfg.privacy.level == "sample":
         log(site_noise_line(cfg, dataset, train_parts))
     log(
-        f"Site secrets (DP noise and batches, participation): {SIMULATED}, so the run repeats; "
-        "a site daemon draws its own from its OS CSPRNG."
+        f"Site secrets (batches, dropout, DP noise, participation): {SIMULATED}, so the run "
+        "repeats; a site daemon draws its own from its OS CSPRNG."
     )
     work = open_results(cfg, out, resume, restart)
     reporter = Reporter(
