@@ -73,6 +73,19 @@ def workers_text(cfg: Config) -> str:
     return f"{worker_count(cfg)} parallel workers{gpu}"
 
 
+def queueing_note(cfg: Config) -> str:
+    """What federation.reply_timeout means in a simulation whose sites outnumber its workers:
+    the wait counts from sending a request, so a site still queued for a worker counts too."""
+    timeout, sites = cfg.federation.reply_timeout, cfg.federation.clients
+    if not timeout or ray_address(cfg) or worker_count(cfg) >= sites:
+        return ""
+    return (
+        f"Note: federation.reply_timeout = {timeout:g} s counts from sending a request, and "
+        f"{sites} sites queue for {worker_count(cfg)} workers: a site still waiting for a worker "
+        "after that long counts as dropped for the round."
+    )
+
+
 def local_gpus() -> int:
     from fedlora.device import cuda_count
 
@@ -205,6 +218,8 @@ def _simulate(cfg: Config, log, resume: bool, restart: bool, switch: StopSwitch)
     )
     if cfg.privacy.level == "sample":
         log(site_noise_line(cfg, dataset, train_parts))
+    if note := queueing_note(cfg):
+        log(note)
     log(
         f"Site secrets (batches, dropout, DP noise, participation): {SIMULATED}, so the run "
         "repeats; a site daemon draws its own from its OS CSPRNG."

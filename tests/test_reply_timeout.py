@@ -73,3 +73,15 @@ def test_a_site_that_never_answers_personalisation_is_named(tiny_cfg, monkeypatc
 def test_a_negative_reply_timeout_is_refused():
     with pytest.raises(FedloraError, match="federation.reply_timeout must be >= 0"):
         load_config(None, [{"federation": {"reply_timeout": -5}}])
+
+
+def test_a_simulation_says_that_queued_sites_count_against_the_timeout():
+    from fedlora.simulate import queueing_note
+
+    def cfg(**federation):
+        return load_config(None, [{"federation": {"clients": 10} | federation}])
+
+    note = queueing_note(cfg(reply_timeout=60, workers=2))
+    assert "10 sites queue for 2 workers" in note and "60 s" in note, note
+    assert queueing_note(cfg(reply_timeout=60, workers=10)) == ""  # a worker for every site
+    assert queueing_note(cfg(workers=2)) == ""  # no timeout: every reply is awaited
