@@ -77,12 +77,12 @@ def queueing_note(cfg: Config) -> str:
     """What federation.reply_timeout means in a simulation whose sites outnumber its workers:
     the wait counts from sending a request, so a site still queued for a worker counts too."""
     timeout, sites = cfg.federation.reply_timeout, cfg.federation.clients
-    if not timeout or ray_address(cfg) or worker_count(cfg) >= sites:
+    if not timeout or ray_address(cfg) or (workers := worker_count(cfg)) >= sites:
         return ""
     return (
         f"Note: federation.reply_timeout = {timeout:g} s counts from sending a request, and "
-        f"{sites} sites queue for {worker_count(cfg)} workers: a site still waiting for a worker "
-        "after that long counts as dropped for the round."
+        f"{sites} sites queue for {workers} workers: a site still waiting for a worker after "
+        "that long counts as dropped for the round."
     )
 
 
