@@ -348,17 +348,17 @@ def secure_sum(
         nxt.receive_keys({s: replies[s] for s in survivors})
 
         stage = CONFIRM
-        fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
+        outcome = {records.SURVIVORS: survivors, records.DROPPED: dropped}
         signed = {s: inputs[s].signed for s in survivors}
-        fields |= _signature_fields(survivors, signed)
+        fields = outcome | _signature_fields(survivors, signed)
         responders = survivors
         if dropped and rostered & set(survivors):
             request = RecordDict({records.SECAGG: _stage(CONFIRM, round_, fields)})
             replies = ask(CONFIRM, {s: copy.deepcopy(request) for s in survivors})
             confirmed = ask.parse(CONFIRM, replies, lambda c: _read_signature(c[records.SECAGG]))
             responders = server.receive_confirmations(confirmed)
-            fields = {records.SURVIVORS: survivors, records.DROPPED: dropped}
-            fields |= {records.CONFIRMED: responders} | _signature_fields(responders, confirmed)
+            fields = outcome | {records.CONFIRMED: responders}
+            fields |= _signature_fields(responders, confirmed)
 
         stage = UNMASK
         contents = {}

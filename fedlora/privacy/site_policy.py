@@ -227,8 +227,8 @@ class SitePolicy:
         server's word on who is behind it). `terms`: the digest of what this site's keys came
         with (the federation's run config, the session's threshold, value bound and cohort, and
         the round's training content in a session of its own round: fedlora.apps.records.
-        session_terms), which every
-        peer's keys must have come with too: checked before anything this site trained leaves.
+        session_terms), which every peer's keys must have come with too: checked before
+        anything this site trained leaves.
 
         Why every peer needs a roster: a peer without one reveals its unmasking shares whatever
         the others trained from and whatever survivors the server names, and its shares of
