@@ -181,6 +181,9 @@ RECONNECTED = "Connection successful after"
 #: the SuperNode is ending (it may then hang in its interpreter's shutdown: seen after giving up
 #: on a TLS error)
 SUPERNODE_ENDED = "SuperNode terminated gracefully."
+#: the SuperNode's exit code after a signal (Flower's ExitCode.GRACEFUL_EXIT_*): it ended
+#: because another process told it to, not by itself
+SUPERNODE_SIGNAL_EXITS = {1: "SIGINT", 2: "SIGQUIT", 3: "SIGTERM"}
 #: a message dropped because the server stopped its run
 RUN_NOT_RUNNING = re.compile(r"Run ID (\d+) is not in `RUNNING` status")
 

@@ -138,3 +138,18 @@ def test_a_refused_grid_token_raises_the_given_error_and_other_statuses_keep_flo
     assert invoker.invoke(fails_with(503)) == "answered"
     with pytest.raises(httpx.HTTPStatusError):
         invoker.invoke(fails_with(404))
+
+
+def test_the_supernode_exits_with_the_codes_the_site_daemon_reads_as_signals():
+    """A SuperNode that another process stops exits with Flower's graceful-exit code of that
+    signal; the daemon names the signal (a flake once looked like a lost heartbeat)."""
+    import signal
+
+    from flwr.supercore.exit.exit_code import ExitCode
+
+    from fedlora.deploy.site import supernode_exit
+
+    for code, name in fi.SUPERNODE_SIGNAL_EXITS.items():
+        assert getattr(ExitCode, f"GRACEFUL_EXIT_{name}") == code
+        assert name in supernode_exit(code) and signal.Signals[name]
+    assert supernode_exit(0) == "exit 0" and supernode_exit(None) == "exit None"

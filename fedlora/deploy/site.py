@@ -46,6 +46,7 @@ from fedlora.flower_internals import (
     RUN_NOT_RUNNING,
     SUPERNODE_COMMAND,
     SUPERNODE_ENDED,
+    SUPERNODE_SIGNAL_EXITS,
 )
 
 BACKOFF_MAX = 60.0
@@ -271,6 +272,17 @@ class ServerWatch:
             self.away_since = None
 
 
+def supernode_exit(code: int | None) -> str:
+    """What a SuperNode's exit code says: a signal from another process (this daemon stops
+    its SuperNode only on its way out), or its own exit."""
+    if code in SUPERNODE_SIGNAL_EXITS:
+        return (
+            f"exit {code}: another process sent it {SUPERNODE_SIGNAL_EXITS[code]}; a message it "
+            "held is lost, and the server counts this site out of that round"
+        )
+    return f"exit {code}"
+
+
 def stopped_runs(log_text: str) -> set[int]:
     """The runs that a SuperNode's log says the server has stopped."""
     return {int(run_id) for run_id in RUN_NOT_RUNNING.findall(log_text)}
@@ -419,7 +431,7 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
                     stop.wait(0.5)
             if stop.requested:
                 break
-            if out_of_step:
+            if out_of_step and node.exited() is None:
                 log(
                     f"site {settings.name}: a federation stopped while one of its messages was "
                     "on its way; reconnecting with a fresh queue"
@@ -428,7 +440,8 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
                 continue
             failure = connection_failure(lines + node.new_output(), settings)
             if failure is None:
-                log(f"the SuperNode stopped (exit {node.exited()}); restarting in {delay:.0f} s")
+                ended = supernode_exit(node.exited())
+                log(f"the SuperNode stopped ({ended}); restarting in {delay:.0f} s")
             elif not failure[0]:
                 raise FedloraError(failure[1])
             else:
