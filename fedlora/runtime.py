@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.adapter import add_lora
+from fedlora.adapter import adapter_arrays, add_lora
 from fedlora.config import Config
 from fedlora.data import Dataset, load_dataset, partition
 from fedlora.device import resolve_device
@@ -30,6 +30,9 @@ class Runtime:
     test_parts: list[list[int]]
     bf16: bool = False  # the resolved model.precision
     device: object = None  # torch.device: the resolved model.device, where the model lives
+    #: the adapter as add_lora made it from run.seed, before any training: what round 1 sends
+    #: (a site with a roster checks that it is: fedlora.apps.evidence)
+    initial_adapter: dict[str, np.ndarray] = field(default_factory=dict)
     _site_rows: dict[int, list[Encoded]] = field(default_factory=dict)
 
     @property
@@ -105,7 +108,18 @@ def build_runtime(
     model = add_lora(base, cfg.lora, cfg.run.seed)
     encoder = Encoder(tokenizer, dataset, cfg.data.max_text_tokens)
     bf16 = use_bf16(cfg.model.precision, device)
-    return Runtime(cfg, model, tokenizer, dataset, encoder, train_parts, test_parts, bf16, device)
+    return Runtime(
+        cfg,
+        model,
+        tokenizer,
+        dataset,
+        encoder,
+        train_parts,
+        test_parts,
+        bf16,
+        device,
+        adapter_arrays(model),
+    )
 
 
 _CACHE: dict[str, Runtime] = {}

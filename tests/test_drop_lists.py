@@ -31,7 +31,7 @@ from test_peer_roster import (
     signer,
     spy_on_site_0,
 )
-from test_site_policy import global_adapter, round_content, run_secure
+from test_site_policy import global_adapter, next_content, round_content, run_secure
 
 from fedlora.apps import records as R
 from fedlora.apps.secure import (
@@ -201,12 +201,12 @@ def test_an_honest_server_asks_for_a_confirmation_when_a_site_drops(tiny_cfg, tm
     assert first.sites == [*range(SITES)] and not first.refused and not first.failures
     assert list(first.seconds) == ["keys", "share", "mask", "unmask"]
     assert first.prepared is not None and first.prepared.rostered == {*range(SITES)}
-    second = run_secure(grid, cfg, 2, threshold=THRESHOLD, prepared=first.prepared)
+    second = run_secure(grid, cfg, 2, THRESHOLD, next_content(cfg, first), prepared=first.prepared)
     assert second.sites == [*range(SITES)]
     assert list(second.seconds) == ["mask", "unmask"]
 
     grid.__class__ = DropsAtMask
-    third = run_secure(grid, cfg, 3, threshold=THRESHOLD)
+    third = run_secure(grid, cfg, 3, THRESHOLD, next_content(cfg, second))
     assert third.sites == [0, 1, 2, 3] and not third.refused, third.refused
     assert list(third.seconds) == ["keys", "share", "mask", "confirm", "unmask"]
     assert third.sums[R.STATS_ROWS][0] > 0

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 from in_process import LocalGrid, task_identity
-from test_site_policy import global_adapter, round_content, run_secure
+from test_site_policy import global_adapter, next_content, round_content, run_secure
 
 from fedlora.apps import records as R
 from fedlora.apps.contribution import AUTH_KEY, STATE_DIR
@@ -227,7 +227,7 @@ def test_sites_that_list_each_other_run_signed_sessions(tiny_cfg, tmp_path, keys
     first = run_secure(grid, cfg, 1, upcoming=NEXT)
     assert first.sites == [0, 1, 2] and not first.refused
     assert first.prepared is not None  # the next session passed every site's roster
-    second = run_secure(grid, cfg, 2, prepared=first.prepared)
+    second = run_secure(grid, cfg, 2, content=next_content(cfg, first), prepared=first.prepared)
     assert second.sites == [0, 1, 2]
 
     four = [*three, SitePolicy()]
@@ -341,24 +341,32 @@ def test_sites_with_peers_refuse_to_unmask_sums_of_different_adapters(
 ):
     """Each site signs the digest of the training content it trained from; before it reveals
     unmasking shares (or confirms the survivors) it checks that every survivor trained from
-    the same: the check a session set up in the round before has. A session of
-    its own round has it before anything is masked (its keys come with the content and are
-    signed with its digest)."""
+    the same. A session of its own round has that check before anything is masked (its keys
+    come with the content and are signed with its digest). In a session set up in the round
+    before, whose keys cannot show the content, a site with [peers] refuses to train from an
+    adapter that is not the aggregate of the round before (fedlora.apps.evidence): the sites
+    sent the crafted one refuse before they train, and site 0's input is never unmasked."""
     cfg = tiny_cfg(secure={"enabled": True})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
-    prepared = None
+    prepared, content = None, None
     if pipeline:  # round 1 honest, with round 2's session set up during it
-        prepared = run_secure(grid, cfg, 1, upcoming=NEXT).prepared
+        first = run_secure(grid, cfg, 1, upcoming=NEXT)
+        prepared, content = first.prepared, next_content(cfg, first)
         assert prepared is not None
     grid.__class__ = Inconsistent
     round_ = 2 if pipeline else 1
     own = spy_on_site_0(monkeypatch)
     with pytest.raises(SecureRoundFailed) as failed:
-        run_secure(grid, cfg, round_, prepared=prepared)
-    assert ("'unmask' stage" in str(failed.value)) == pipeline
+        run_secure(grid, cfg, round_, content=content, prepared=prepared)
+    assert ("'mask' stage" in str(failed.value)) == pipeline
     assert bool(own) == pipeline  # a session of its own round: refused before masking
-    assert sorted(failed.value.refused) == [0, 1, 2], failed.value.refused
-    assert all("training content" in why for why in failed.value.refused.values())
+    refused = failed.value.refused
+    if pipeline:
+        assert sorted(refused) == [1, 2], refused
+        assert all("is not the secure sum of round 1" in why for why in refused.values())
+    else:
+        assert sorted(refused) == [0, 1, 2], refused
+        assert all("training content" in why for why in refused.values())
 
 
 def test_a_site_with_peers_checks_their_training_content_before_it_masks(

@@ -49,10 +49,22 @@ def round_content(round_: int, arrays: dict[str, np.ndarray]) -> RecordDict:
 
 
 def global_adapter(cfg) -> dict[str, np.ndarray]:
-    from fedlora.adapter import adapter_arrays
+    """Round 1's global adapter: the one every party builds from run.seed."""
     from fedlora.runtime import get_runtime
 
-    return adapter_arrays(get_runtime(cfg).model)
+    return get_runtime(cfg).initial_adapter
+
+
+def next_content(cfg, before) -> RecordDict:
+    """The training content an honest server sends after the secure round `before`: the
+    adapter and broadcast made of its sum, with the evidence to check them by."""
+    from fedlora.apps.evidence import replay
+
+    adapter, broadcast = replay(cfg, before.evidence)
+    content = round_content(before.evidence.round_ + 1, adapter)
+    content[R.BROADCAST] = R.to_record(broadcast)
+    before.evidence.attach(content)
+    return content
 
 
 def run_secure(grid: LocalGrid, cfg, round_: int, threshold: int = 2, content=None, **options):

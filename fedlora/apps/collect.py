@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedlora import transport
 from fedlora.apps import records
 from fedlora.apps.discovery import exchange, no_reply
+from fedlora.apps.evidence import Evidence
 from fedlora.apps.secure import NextRound, PreparedSession, secure_sum
 from fedlora.config import Config
 from fedlora.errors import FedloraError
@@ -47,6 +48,9 @@ class RoundInputs:
     #: secure aggregation: the next round's session, set up during this round (secure.pipeline)
     prepared: PreparedSession | None = None
     next_refused: dict[int, str] = field(default_factory=dict)  # site -> why not that session
+    #: secure aggregation with signed inputs: the round's sum as the next round's sites with a
+    #: roster recompute it (fedlora.apps.evidence)
+    evidence: Evidence | None = None
 
 
 def secure_threshold(cfg: Config, sampled: int) -> int:
@@ -173,6 +177,7 @@ def collect_secure(
         stage_seconds=result.seconds,
         prepared=result.prepared,
         next_refused=result.next_refused,
+        evidence=result.evidence,
     )
     for failure in result.failures:
         found = re.search(r"site (\d+)", failure)

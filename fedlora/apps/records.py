@@ -118,12 +118,22 @@ def payload_digest(arrays: Arrays) -> str:
     return h.hexdigest()
 
 
-def content_digest(content: RecordDict) -> bytes:
-    """What a round's training content is, as every site of the round must have received it:
-    the global adapter, the strategy's broadcast state and the round number."""
+def content_arrays(content: RecordDict) -> Arrays:
+    """A round's training content as one set of arrays: the global adapter (`global/`), the
+    strategy's broadcast state (`broadcast/`) and the round number (`round`)."""
     arrays = {f"global/{k}": v for k, v in from_record(content[GLOBAL_ADAPTER]).items()}
     arrays |= {f"broadcast/{k}": v for k, v in from_record(content[BROADCAST]).items()}
     arrays["round"] = np.array([int(content[ROUND_CONFIG][ROUND])])
+    return arrays
+
+
+def content_digest(content: RecordDict) -> bytes:
+    """What a round's training content is, as every site of the round must have received it."""
+    return arrays_digest(content_arrays(content))
+
+
+def arrays_digest(arrays: Arrays) -> bytes:
+    """`content_digest` of content given as `content_arrays`."""
     return bytes.fromhex(payload_digest(arrays))
 
 
@@ -185,10 +195,18 @@ SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with 
 DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
 CONFIRMED = "confirmed"  # the sites that confirmed the survivor set (unmask stage, after one)
 B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
+#: a mask reply's second signature (same signer as SIGNATURES): on its masked input, with the
+#: content, seed commitment and mask key (fedlora.secure.identity.input_statement)
+INPUT_SIGNATURES = "input_signatures"
 S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 #: ArrayRecord: a site's masked input, uint64 words (64-bit values, then 32-bit lanes two a word)
 SECAGG_MASKED = "secagg_masked"
 SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed contribution
+#: with a round's training content, when the round before's sites signed their inputs: what a
+#: site needs to recompute that round's secure sum and check the global adapter against it
+#: (fedlora.apps.evidence); ConfigRecord of fields, ArrayRecord of the content and inputs
+EVIDENCE = "evidence"
+EVIDENCE_ARRAYS = "evidence_arrays"
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
 #: ConfigRecord in context.state: the next round's session, prepared during this round's stages
 SECAGG_NEXT_STATE = "fedlora_secagg_next_state"

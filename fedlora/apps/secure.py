@@ -104,11 +104,13 @@ from fedlora.apps.contribution import (
     federation_name,
     refusal_reply,
     site_id,
+    site_runtime,
     site_state_dir,
     take_round,
     train_contribution,
 )
 from fedlora.apps.discovery import no_reply
+from fedlora.apps.evidence import Evidence, check_training_content
 from fedlora.apps.site_state import SiteStore
 from fedlora.config import Config
 from fedlora.deploy import runconfig
@@ -120,6 +122,8 @@ from fedlora.secure.identity import (
     Proof,
     Signer,
     content_statement,
+    fingerprint,
+    input_statement,
     keys_statement,
     survivors_statement,
 )
@@ -132,14 +136,17 @@ from fedlora.secure.secagg import (
     ValueOutOfRange,
     check_threshold,
     clipped_range,
+    input_digest,
+    seed_commitment,
 )
 from fedlora.strategies import strategy_for
 from fedlora.strategies.base import Arrays
 
 KEYS, SHARE, MASK, CONFIRM, UNMASK = "keys", "share", "mask", "confirm", "unmask"
 #: the version of the messages and signed statements below; a server and its sites must agree
-#: (1: before versions; 2: the cohort, the confirm stage and the roster flag)
-PROTOCOL = 2
+#: (1: before versions; 2: the cohort, the confirm stage and the roster flag; 3: the signed
+#: input and the evidence of the round before, fedlora.apps.evidence)
+PROTOCOL = 3
 UNSIGNED = Proof("", b"", b"")  # a simulated site's (and an older daemon's) signature
 QUERY_SECAGG = f"{MessageType.QUERY}.{records.SECAGG_ACTION}"
 TRAIN_SECAGG = f"{MessageType.TRAIN}.{records.SECAGG_ACTION}"
@@ -161,6 +168,8 @@ class SecureSum:
     #: the next round's session, set up during this one (None: the next round sets up its own)
     prepared: PreparedSession | None = None
     next_refused: dict[int, str] = field(default_factory=dict)  # site -> why it refused that
+    #: what the next round's sites with a roster recompute the sum from (None: no site signed)
+    evidence: Evidence | None = None
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -369,6 +378,17 @@ def secure_sum(
         responses = ask.parse(UNMASK, replies, _read_unmask)
         total = server.unmask(responses)
         nxt.receive_shares({s: replies[s] for s in responses})
+        evidence = Evidence(
+            round_,
+            records.content_arrays(train_content),
+            survivors,
+            dropped,
+            {j: server.peers[j][1] for j in survivors},
+            layout,
+            {j: inputs[j].masked for j in survivors},
+            {j: inputs[j].input_signed for j in survivors},
+            server.revealed,
+        )
     except SecAggError as err:
         detail = "; ".join(ask.failures)
         refused = "; ".join(f"site {s} refused: {why}" for s, why in sorted(ask.refused.items()))
@@ -389,6 +409,7 @@ def secure_sum(
         seconds=ask.seconds,
         prepared=nxt.prepared(),
         next_refused=nxt.refused,
+        evidence=evidence if evidence.signed else None,
     )
 
 
@@ -599,6 +620,7 @@ class MaskedInput(NamedTuple):
     layout: Layout
     metrics: MetricRecord
     signed: Proof  # who signed the digest of the training content the site trained from
+    input_signed: Proof  # the same signer, on the input (identity.input_statement)
 
 
 def _read_masked(content: RecordDict) -> MaskedInput:
@@ -606,8 +628,13 @@ def _read_masked(content: RecordDict) -> MaskedInput:
     layout = Layout.from_config(content[records.SECAGG_LAYOUT])
     if masked.dtype != np.uint64 or masked.shape != (layout.words,):
         raise ValueError(f"masked input {masked.dtype} {masked.shape}, layout of {layout.words}")
-    signed = _read_signature(content[records.SECAGG]) if records.SECAGG in content else UNSIGNED
-    return MaskedInput(masked, layout, content[records.SITE_METRICS], signed)
+    fields = content.get(records.SECAGG, {})
+    signed = _read_signature(fields)
+    input_signed = UNSIGNED
+    if records.INPUT_SIGNATURES in fields:
+        (signature,) = fields[records.INPUT_SIGNATURES]
+        input_signed = Proof(signed.name, signed.public_key, bytes(signature))
+    return MaskedInput(masked, layout, content[records.SITE_METRICS], signed, input_signed)
 
 
 def _read_unmask(content: RecordDict) -> tuple[dict[int, bytes], dict[int, bytes]]:
@@ -778,7 +805,7 @@ def _stage_reply(
                 )
             else:
                 trained = background.result(context.run_id, site, round_)
-            reply = _masked_reply(msg, context, client, trained)
+            reply = _masked_reply(msg, context, client, trained, bool(policy.peers))
         elif stage == CONFIRM:
             reply = RecordDict(
                 {records.SECAGG: ConfigRecord(_confirm(client, fields, policy, context))}
@@ -911,6 +938,16 @@ def _signed(context: Context, statement: Callable[[str], bytes]) -> dict[str, li
     }
 
 
+def _own_identity(context: Context) -> tuple[str, str]:
+    """A site daemon's name and key fingerprint (a simulated site has neither)."""
+    if AUTH_KEY not in context.node_config:
+        return "", ""
+    signer = Signer.load(
+        str(context.node_config[runconfig.SITE_NAME]), Path(str(context.node_config[AUTH_KEY]))
+    )
+    return signer.name, fingerprint(signer.public_key())
+
+
 def _share_keys(
     client: SecAggClient, fields: ConfigRecord, policy: SitePolicy, context: Context
 ) -> dict:
@@ -1005,7 +1042,17 @@ def train_input(
     cfg: Config, content: RecordDict, context: Context, policy: SitePolicy, threshold: int
 ) -> Trained:
     """Train as in a plaintext round, for a session of threshold `threshold`; the new site
-    state is kept for the unmasking stage, not saved."""
+    state is kept for the unmasking stage, not saved. A site with a roster first checks that
+    the content's adapter is the federation's aggregate (fedlora.apps.evidence)."""
+    if policy.peers:
+        check_training_content(
+            cfg,
+            content,
+            site_runtime(cfg, context).initial_adapter,
+            policy,
+            federation_name(context),
+            _own_identity(context),
+        )
     pending: dict[str, Arrays] = {}
     contribution, metrics, release = train_contribution(
         cfg,
@@ -1075,7 +1122,7 @@ def _load_session(context: Context, round_: int, key: str = records.SECAGG_STATE
 
 
 def _masked_reply(
-    msg: Message, context: Context, client: SecAggClient, trained: Trained
+    msg: Message, context: Context, client: SecAggClient, trained: Trained, rostered: bool
 ) -> RecordDict:
     """Mask the trained contribution. The new site state waits in ``context.state`` until the
     unmasking stage shows the input was summed."""
@@ -1106,6 +1153,22 @@ def _masked_reply(
             federation, client.session, client.site, name, trained.digest
         ),
     )
+    if signed:  # and the input, for the next round's sites to recompute the sum from
+        on_input = _signed(
+            context,
+            lambda name: input_statement(
+                federation,
+                client.session,
+                client.site,
+                name,
+                trained.digest,
+                input_digest(layout, masked),
+                seed_commitment(client.seed),
+                client.public_keys()[1],
+                rostered,
+            ),
+        )
+        signed[records.INPUT_SIGNATURES] = on_input[records.SIGNATURES]
     return RecordDict(
         {
             records.SECAGG_MASKED: ArrayRecord(

@@ -23,6 +23,7 @@ from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import collect, records
 from fedlora.apps.collect import RoundInputs
 from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange, no_reply
+from fedlora.apps.evidence import Evidence
 from fedlora.apps.secure import NextRound, PreparedSession, SecureRoundFailed
 from fedlora.config import Config
 from fedlora.errors import FedloraError
@@ -78,6 +79,9 @@ class Federation:
     prepared: PreparedSession | None = None
     #: sites that refused a session set up during the round before (said once per site)
     not_pipelined: set[int] = field(default_factory=set)
+    #: the last round's secure sum as sites with a roster recompute it, sent with the next
+    #: round's content (fedlora.apps.evidence); None where no site signed its input
+    evidence: Evidence | None = None
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -116,13 +120,16 @@ class Federation:
         state and the round config."""
         config: dict[str, int] = {records.ROUND: round_}
         global_wire, broadcast_wire = self.wire_down()
-        return RecordDict(
+        content = RecordDict(
             {
                 records.GLOBAL_ADAPTER: records.to_record(global_wire),
                 records.BROADCAST: records.to_record(broadcast_wire),
                 records.ROUND_CONFIG: ConfigRecord(config),
             }
         )
+        if self.evidence is not None and self.evidence.round_ == round_ - 1:
+            self.evidence.attach(content)
+        return content
 
     def wire_down(self) -> tuple[Arrays, Arrays]:
         """The global adapter and the broadcast state as they travel (transport.dtype)."""
@@ -216,6 +223,7 @@ class Federation:
             return None  # budgets, not faults, ended the federation: `run` says so
         works = local_works(self.cfg, inputs, round_)
         participants, error_mean, error_max = self.aggregate(inputs, works, round_)
+        self.evidence = inputs.evidence
         train_loss = round_train_loss(self.cfg, inputs, works)
         row: dict[str, object] = {
             "round": round_,
@@ -398,6 +406,9 @@ class Federation:
         if self.round_start is not None:
             extra["round_start"] = self.round_start[0]
             arrays["round_start"] = self.round_start[1]
+        if self.evidence is not None:
+            extra["evidence"] = self.evidence.fields()
+            arrays["evidence"] = self.evidence.arrays()
         checkpoint.save_federation(
             self.state_dir, self.cfg.to_dict(), round_, arrays, self.reporter.rows, extra
         )
@@ -418,6 +429,8 @@ class Federation:
         self.noise_seed = saved.extra.get("noise_seed", self.noise_seed)
         if "round_start" in saved.extra:
             self.round_start = (int(saved.extra["round_start"]), saved.arrays["round_start"])
+        if "evidence" in saved.extra:
+            self.evidence = Evidence.parse(saved.extra["evidence"], saved.arrays["evidence"])
         self.reporter.restore(saved.rows)
         self.reporter.note(f"Resumed from the saved state after round {saved.round}.")
         return saved.round

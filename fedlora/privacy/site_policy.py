@@ -132,6 +132,8 @@ class SitePolicy:
                 f"lora.aggregation {cfg.lora.aggregation!r} not accepted (policy: "
                 f"{', '.join(self.aggregations)})"
             )
+        if secure:
+            self.check_replayable(cfg)
         if (
             self.min_noise_multiplier
             and level == "client"
@@ -141,6 +143,31 @@ class SitePolicy:
                 "central client-level noise is added by the server, which this site cannot "
                 f"check (min_noise_multiplier = {self.min_noise_multiplier:g} needs "
                 'client_noise = "distributed")'
+            )
+
+    def check_replayable(self, cfg: Config) -> None:
+        """With a roster: the server step must be one this site can replay from the secure sum
+        (fedlora.apps.evidence), so that it trains only from the federation's aggregate."""
+        if not self.peers:
+            return
+        why = "this site ([peers]) checks every adapter it trains from against the secure sum"
+        if cfg.privacy.level == "client" and cfg.privacy.client_noise == "central":
+            raise PolicyRefused(
+                f"central client-level noise is the server's own draw, and {why}: ask for "
+                'privacy.client_noise = "distributed"'
+            )
+        strategy = cfg.strategy
+        if strategy.server_optimizer != "sgd" or strategy.server_momentum:
+            raise PolicyRefused(
+                f"a server optimiser with state ({strategy.server_optimizer}, momentum "
+                f"{strategy.server_momentum:g}) makes each adapter depend on more than the "
+                f'round\'s sum, and {why}: ask for strategy.server_optimizer = "sgd" with '
+                "server_momentum = 0"
+            )
+        if cfg.transport.dtype != "float32":
+            raise PolicyRefused(
+                f"an adapter sent in {cfg.transport.dtype} is a rounding of the one the server "
+                f'keeps, and {why}: ask for transport.dtype = "float32"'
             )
 
     def check_model(self, cfg: Config) -> None:
@@ -274,6 +301,26 @@ class SitePolicy:
             OTHER_CONTENT,
         )
 
+    def check_inputs(
+        self,
+        federation: str,
+        survivors: Iterable[int],
+        proofs: Mapping[int, Proof],
+        statement: Callable[[str, int, str], bytes],
+        own: tuple[str, str],
+    ) -> None:
+        """With a roster, before training from an adapter made of a secure sum: every input in
+        that sum was signed, as `statement(federation, site, name)` says it should be (its
+        content, masked input, seed commitment, mask key, and that it has a roster), by a
+        different peer of the roster or by this site itself (`own`: its name and fingerprint,
+        for its own input of that round; fedlora.apps.evidence)."""
+
+        def signed(site: int, name: str) -> bytes:
+            return statement(federation, site, name)
+
+        mismatch = "forged, altered, or from a site without [peers], which checks nothing"
+        self._check_signed(survivors, proofs, signed, "masked input", mismatch, dict([own]))
+
     def _check_signed(
         self,
         sites: Iterable[int],
@@ -281,12 +328,14 @@ class SitePolicy:
         statement: Callable[[int, str], bytes],
         what: str,
         mismatch: str,
+        also: Mapping[str, str] | None = None,
     ) -> None:
-        """Each site's `what` signed, by a different peer of the roster, as `statement(site,
-        the peer's name)`; `mismatch` says what a signature that does not hold means."""
+        """Each site's `what` signed, by a different peer of the roster (or of `also`: name ->
+        fingerprint), as `statement(site, the peer's name)`; `mismatch` says what a signature
+        that does not hold means."""
         if not self.peers:
             return
-        roster, seen = dict(self.peers), set()
+        roster, seen = dict(self.peers) | dict(also or {}), set()
         for site in sorted(sites):
             proof = proofs.get(site)
             if proof is None:

@@ -21,9 +21,10 @@ key) and length-prefixed, and name the federation, the session's round, the site
 name: a signature holds for that session alone. One covers the site's two public keys, checked
 before the site shares its secrets; one the training content it trained from, checked before
 it confirms the survivors (every input in the sum must come from the same content); one the
-survivor set, checked before it reveals unmasking shares. ECDSA over SHA-384
-and the key formats come from `cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf
-auth.pub` prints the same).
+survivor set, checked before it reveals unmasking shares; one its masked input (with its
+content, self-mask seed commitment and mask key), checked by the sites of the next round before
+they train from the adapter made of the sum. ECDSA over SHA-384 and the key formats come from
+`cryptography`; a fingerprint is OpenSSH's (`ssh-keygen -lf auth.pub` prints the same).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from fedlora.errors import FedloraError
 KEYS = b"fedlora secure-aggregation keys v3\n"
 CONTENT = b"fedlora secure-aggregation content v1\n"
 SURVIVORS = b"fedlora secure-aggregation survivors v1\n"
+INPUT = b"fedlora secure-aggregation input v1\n"
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 
 
@@ -94,6 +96,27 @@ def content_statement(federation: str, session: int, site: int, name: str, diges
     are zero (near-zero gradients, near-zero updates) reads that site's update from the sum
     (Pasquini et al. 2022, model inconsistency)."""
     return _statement(CONTENT, federation, session, site, name, digest)
+
+
+def input_statement(
+    federation: str,
+    session: int,
+    site: int,
+    name: str,
+    content: bytes,
+    masked: bytes,
+    seed: bytes,
+    s_pk: bytes,
+    rostered: bool,
+) -> bytes:
+    """What a site signs with its masked input besides the content statement: the digest of
+    the content it trained from, of the masked input (fedlora.secure.secagg.input_digest), the
+    commitment to its self-mask seed (`seed_commitment`), its mask public key and whether it has
+    a roster. With these a site of a later round recomputes the sum the server made and checks
+    the global adapter it is sent against it (fedlora.apps.evidence): a server cannot swap an
+    input, a seed or a key without breaking a signature."""
+    flag = b"rostered" if rostered else b""
+    return _statement(INPUT, federation, session, site, name, content, masked, seed, s_pk, flag)
 
 
 def survivors_statement(

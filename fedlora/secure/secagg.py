@@ -99,6 +99,8 @@ and modulo 2^32 on each 32-bit lane of the second (``Layout.join``, ``ring_add``
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import math
 import os
 import secrets
@@ -562,6 +564,51 @@ def default_threshold(num_sites: int) -> int:
     return num_sites // 2 + 1
 
 
+# --- what the server and a checking site both compute ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revealed:
+    """What an unmasking rebuilds: the survivors' self-mask seeds b_j and the mask keys s_d of
+    the sites that dropped after sharing theirs."""
+
+    seeds: dict[int, bytes]
+    mask_keys: dict[int, bytes]
+
+
+def unmasked_sum(
+    layout: Layout,
+    masked_sum: np.ndarray,
+    survivor_keys: Mapping[int, bytes],
+    revealed: Revealed,
+) -> np.ndarray:
+    """The float64 sum (packed in key order) of the inputs whose masked sum is `masked_sum`:
+    each survivor's self mask removed, and each dropped site's pairwise masks with every
+    survivor (`survivor_keys`: survivor -> its mask public key); the pairwise masks among
+    survivors cancel. The server's last step, and a site's when it checks the sum a global
+    adapter came from (fedlora.apps.evidence)."""
+    total = masked_sum.copy()
+    for j in survivor_keys:
+        ring_add(layout, total, mask(revealed.seeds[j], total.size), subtract=True)
+    for d, s_d in revealed.mask_keys.items():
+        for j, p_j in survivor_keys.items():  # j added +PRG(s_jd) if d > j, -PRG(s_jd) if d < j
+            ring_add(layout, total, pairwise_mask(s_d, p_j, total.size), subtract=d > j)
+    return decode_sum(layout, total)
+
+
+def input_digest(layout: Layout, masked: np.ndarray) -> bytes:
+    """SHA-256 of a masked input as it travels: its layout, then its words."""
+    h = hashlib.sha256(json.dumps(layout.to_config(), sort_keys=True).encode())
+    h.update(np.ascontiguousarray(masked, dtype="<u8").tobytes())
+    return h.digest()
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    """A site's commitment to its self-mask seed b_i, signed with its masked input before b_i
+    is revealed: a server that relays a b_i of its choosing is caught."""
+    return hashlib.sha256(b"fedlora self-mask seed\n" + seed).digest()
+
+
 # --- the site's side ---------------------------------------------------------------------------
 
 
@@ -824,6 +871,7 @@ class SecAggServer:
     survivors: list[int] = field(default_factory=list)  # U3
     layout: Layout | None = None  # the keys, shapes and number formats of the inputs
     masked_sum: np.ndarray | None = None
+    revealed: Revealed | None = None  # after the unmasking
 
     def _enough(self, what: str, sites: Iterable[int]) -> list[int]:
         sites = sorted(sites)
@@ -885,23 +933,24 @@ class SecAggServer:
         self, responses: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]
     ) -> np.ndarray:
         """Stage 5: from the survivors' (b shares, s shares), the float64 sum of U3's inputs
-        (packed in the layout's key order)."""
+        (packed in the layout's key order). The rebuilt seeds and mask keys are kept
+        (`revealed`): what a site needs to recompute the sum (fedlora.apps.evidence)."""
         if self.masked_sum is None or self.layout is None:
             raise SecAggError("unmask before the masked inputs arrived")
         responders = self._enough("sent unmasking shares", set(responses) & set(self.survivors))
         dropped = sorted(set(self.sharers) - set(self.survivors))
-        total = self.masked_sum.copy()
-        for j in self.survivors:
-            b_j = self._combine(j, [responses[r][0].get(j) for r in responders])
-            ring_add(self.layout, total, mask(b_j, total.size), subtract=True)
+        seeds = {
+            j: self._combine(j, [responses[r][0].get(j) for r in responders])
+            for j in self.survivors
+        }
+        mask_keys = {}
         for d in dropped:
-            s_d = self._combine(d, [responses[r][1].get(d) for r in responders])
-            if public_key(s_d) != self.peers[d][1]:
+            mask_keys[d] = self._combine(d, [responses[r][1].get(d) for r in responders])
+            if public_key(mask_keys[d]) != self.peers[d][1]:
                 raise SecAggError(f"the shares of dropped site {d} rebuild a wrong mask key")
-            for j in self.survivors:  # j added +PRG(s_jd) if d > j, -PRG(s_jd) if d < j
-                pair = pairwise_mask(s_d, self.peers[j][1], total.size)
-                ring_add(self.layout, total, pair, subtract=d > j)
-        return decode_sum(self.layout, total)
+        self.revealed = Revealed(seeds, mask_keys)
+        survivors = {j: self.peers[j][1] for j in self.survivors}
+        return unmasked_sum(self.layout, self.masked_sum, survivors, self.revealed)
 
     def _combine(self, site: int, shares: list[bytes | None]) -> bytes:
         given = [s for s in shares if s]
