@@ -124,8 +124,9 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     """Five daemons, site 4's masked input lost: the evidence carries the survivors' seeds and
     site 4's mask key, and a site recomputes exactly the server's sum. Then the server's
     possible lies, each refused: an input swapped for one that steers the sum (the adapter made
-    to match), this site's own input altered, a seed of its choosing, an old round's evidence,
-    none at all."""
+    to match), this site's own input altered, a seed of its choosing, a dropped site's mask key
+    of its choosing (the sum it gives is pseudo-random: not the adapter sent), an old round's
+    evidence, none at all."""
     cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
     grid.__class__ = DropsAtMask
@@ -168,6 +169,10 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
         content
     )
     with pytest.raises(PolicyRefused, match="signature on site 3's masked input"):
+        check_training_content(cfg, content, {}, policy, "federation-1", own)
+    lie = Revealed(evidence.revealed.seeds, {4: bytes(range(32))})  # a mask key of its own
+    dataclasses.replace(evidence, revealed=lie).attach(content)
+    with pytest.raises(PolicyRefused, match="not the secure sum of round 1|gives no adapter"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)
     dataclasses.replace(evidence, round_=0).attach(content)
     with pytest.raises(PolicyRefused, match="came with the evidence of round 0"):

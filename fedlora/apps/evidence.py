@@ -93,8 +93,8 @@ class Evidence:
             records.SIGNER_NAMES: [self.proofs[j].name for j in s],
             records.SIGNER_KEYS: [self.proofs[j].public_key.hex() for j in s],
             records.INPUT_SIGNATURES: [self.proofs[j].signature.hex() for j in s],
-            records.B_SHARES: [self.revealed.seeds[j].hex() for j in s],
-            records.S_SHARES: [self.revealed.mask_keys[d].hex() for d in self.dropped],
+            records.SEEDS: [self.revealed.seeds[j].hex() for j in s],
+            records.MASK_KEYS: [self.revealed.mask_keys[d].hex() for d in self.dropped],
         } | {f"layout.{k}": v for k, v in self.layout.to_config().items()}
 
     def arrays(self) -> Arrays:
@@ -124,7 +124,7 @@ class Evidence:
             masked={j: np.asarray(arrays[f"{_MASKED}{j}"], np.uint64) for j in survivors},
             proofs={j: Proof(str(names[j]), keys[j], sigs[j]) for j in survivors},
             revealed=Revealed(
-                aligned(records.B_SHARES, survivors), aligned(records.S_SHARES, dropped)
+                aligned(records.SEEDS, survivors), aligned(records.MASK_KEYS, dropped)
             ),
         )
 
@@ -154,7 +154,7 @@ class Evidence:
         masked_sum = np.zeros(self.layout.words, dtype=np.uint64)
         for j in self.survivors:
             if self.masked[j].shape != (self.layout.words,):
-                raise PolicyRefused(f"site {j}'s masked input does not fit its layout")
+                raise ValueError(f"site {j}'s masked input does not fit its layout")
             ring_add(self.layout, masked_sum, self.masked[j])
         keys = {j: self.mask_public_keys[j] for j in self.survivors}
         return self.layout.unpack(unmasked_sum(self.layout, masked_sum, keys, self.revealed))
@@ -232,7 +232,12 @@ def check_training_content(
         policy.check_inputs(
             federation, evidence.survivors, evidence.proofs, evidence.statement, own
         )
-        expected = replay(cfg, evidence)
+        try:
+            expected = replay(cfg, evidence)
+        except (KeyError, ValueError) as exc:  # a key or sum that cannot be (a lie about a drop)
+            raise PolicyRefused(
+                f"the evidence of round {evidence.round_} gives no adapter ({exc})"
+            ) from None
         source = f"the secure sum of round {evidence.round_} that its sites signed"
     for what, got, want in zip(("adapter", "broadcast state"), sent, expected, strict=True):
         if not _same(got, want):

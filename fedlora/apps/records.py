@@ -207,6 +207,8 @@ SECAGG_LAYOUT = "secagg_layout"  # ConfigRecord: keys and shapes of the packed c
 #: (fedlora.apps.evidence); ConfigRecord of fields, ArrayRecord of the content and inputs
 EVIDENCE = "evidence"
 EVIDENCE_ARRAYS = "evidence_arrays"
+SEEDS = "seeds"  # in the evidence, aligned with SURVIVORS: their rebuilt self-mask seeds
+MASK_KEYS = "mask_keys"  # in the evidence, aligned with DROPPED: their rebuilt mask keys
 SECAGG_STATE = "fedlora_secagg_state"  # ConfigRecord in context.state: the site's session
 #: ConfigRecord in context.state: the next round's session, prepared during this round's stages
 SECAGG_NEXT_STATE = "fedlora_secagg_next_state"

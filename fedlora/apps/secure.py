@@ -12,7 +12,8 @@ reply:
                         site -> server: encrypted shares
   mask    train.secagg  server -> site: the shares addressed to it; site -> server: its masked
                         contribution, layout, metrics (a site daemon signs the digest of the
-                        training content it trained from)
+                        training content it trained from, and its input with that digest, its
+                        seed commitment and mask key: the next round's evidence)
   confirm query.secagg  only when a site dropped after the share stage and a survivor asked for
                         it: server -> site: who survived, who dropped, the survivors' signed
                         digests; site -> server: its signature on the survivors
@@ -39,6 +40,11 @@ so cannot overlap) instead of three. A site
 without it (a simulated one, whose stages may run in different worker processes) keeps the
 content in ``context.state`` and trains at the mask stage. Either way the training's outcome,
 a refusal or an error included, is the mask stage's reply.
+
+After the unmasking the server keeps the round's evidence (`SecureSum.evidence`, where the sites
+signed their inputs) and sends it with the next round's training content: a site with a roster
+recomputes the sum from it and trains only from the adapter that sum gives
+(fedlora.apps.evidence).
 
 A site keeps its session secrets in ``context.state`` between the stages and deletes them once it
 has answered the unmasking. The server sees public keys, ciphertexts, masked vectors, the layout
