@@ -125,8 +125,8 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     site 4's mask key, and a site recomputes exactly the server's sum. Then the server's
     possible lies, each refused: an input swapped for one that steers the sum (the adapter made
     to match), this site's own input altered, a seed of its choosing, a dropped site's mask key
-    of its choosing (the sum it gives is pseudo-random: not the adapter sent), an old round's
-    evidence, none at all."""
+    of its choosing (the sum it gives is pseudo-random: not the adapter sent), a later round's
+    evidence or an earlier one's under its number, none at all."""
     cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
     grid.__class__ = DropsAtMask
@@ -174,13 +174,16 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     dataclasses.replace(evidence, revealed=lie).attach(content)
     with pytest.raises(PolicyRefused, match="not the secure sum of round 1|gives no adapter"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)
-    dataclasses.replace(evidence, round_=0).attach(content)
-    with pytest.raises(PolicyRefused, match="came with the evidence of round 0"):
+    dataclasses.replace(evidence, round_=2).attach(content)
+    with pytest.raises(PolicyRefused, match="round 2's adapter came with the evidence of round 2"):
+        check_training_content(cfg, content, {}, policy, "federation-1", own)
+    dataclasses.replace(evidence, round_=0).attach(content)  # the inputs were signed for 1
+    with pytest.raises(PolicyRefused, match="signature on site 0's masked input"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)
     for key in (R.EVIDENCE, R.EVIDENCE_ARRAYS):
         del content[key]
-    with pytest.raises(PolicyRefused, match="without the evidence of round 1"):
-        check_training_content(cfg, content, {}, policy, "federation-1", own)
+    with pytest.raises(PolicyRefused, match="from run.seed = 0, and it came without the evid"):
+        check_training_content(cfg, content, get_runtime(cfg).initial_adapter, policy, "f", own)
 
 
 @pytest.mark.parametrize(

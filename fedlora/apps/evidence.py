@@ -7,18 +7,20 @@ attacks such as Fowl et al. 2023, "Decepticons", which survive the aggregation o
 reads from the sum what it hides. So a site with a roster of its peers (site.toml `[peers]`)
 checks the training content of every round before it trains:
 
-- round 1: the adapter must be the one made from `run.seed` (fedlora.adapter.add_lora: every
+- before any round has made an aggregate (round 1, or rounds that were interrupted and are not
+  repeated): the adapter must be the one made from `run.seed` (fedlora.adapter.add_lora: every
   party builds the same), which the site builds too, and the broadcast state empty;
-- a later round: the content comes with the round before's evidence (`Evidence`): that round's
-  training content, the survivors' masked inputs, and the self-mask seeds and mask keys the
-  unmasking rebuilt. Each input is signed by its site with the content it trained from, a
-  commitment to its seed and its mask key (fedlora.secure.identity.input_statement), so the site
-  recomputes the sum exactly as the server did (fedlora.secure.secagg.unmasked_sum), replays the
-  server step (the strategy's server half and the server optimiser: aggregate_sums) and refuses
-  the round unless the adapter and broadcast state it was sent are what that gives.
+- after that: the content comes with the evidence of the last round that made one (`Evidence`,
+  the round before unless a round was interrupted): that round's training content, the
+  survivors' masked inputs, and the self-mask seeds and mask keys the unmasking rebuilt. Each
+  input is signed by its site with the content it trained from, a commitment to its seed and
+  its mask key (fedlora.secure.identity.input_statement), so the site recomputes the sum
+  exactly as the server did (fedlora.secure.secagg.unmasked_sum), replays the server step (the
+  strategy's server half and the server optimiser: aggregate_sums) and refuses the round unless
+  the adapter and broadcast state it was sent are what that gives.
 
-Every survivor of the round before signed that it has a roster, so it checked the content it
-trained from the same way: by induction from round 1, every adapter a site with a roster trains
+Every survivor of that round signed that it has a roster, so it checked the content it trained
+from the same way: by induction from round 1, every adapter a site with a roster trains
 from is the aggregate of its peers' honest updates. A server that lies about a dropped site's
 mask key gets a pseudo-random sum that it cannot steer to any adapter of its choosing.
 
@@ -207,25 +209,24 @@ def check_training_content(
     own: tuple[str, str],
 ) -> None:
     """Refuse (PolicyRefused) a round whose adapter or broadcast state is not what this site
-    derives itself: `initial` (the adapter from run.seed) in round 1, else the replay of the
-    evidence it came with, every input signed by a peer of the roster or `own` (this site's
-    name and key fingerprint: its own input of the round before is checked too)."""
+    derives itself: the replay of the evidence of an earlier round it came with (the last one
+    that made an aggregate: an interrupted round is not repeated), else `initial` (the adapter
+    from run.seed), every input signed by a peer of the roster or `own` (this site's
+    name and key fingerprint: its own input of that round is checked too)."""
     round_ = int(content[records.ROUND_CONFIG][records.ROUND])
     sent = (
         records.from_record(content[records.GLOBAL_ADAPTER]),
         records.from_record(content[records.BROADCAST]),
     )
-    if round_ == 1:
+    evidence = Evidence.of(content)
+    if evidence is None:  # no round has made an aggregate yet (round 1, or it was interrupted)
         expected: tuple[Arrays, Arrays] = (initial, {})
-        source = f"the adapter every site builds from run.seed = {cfg.run.seed}"
+        source = (
+            f"the adapter every site builds from run.seed = {cfg.run.seed}, and it came "
+            "without the evidence of a secure sum"
+        )
     else:
-        evidence = Evidence.of(content)
-        if evidence is None:
-            raise PolicyRefused(
-                f"round {round_}'s adapter came without the evidence of round {round_ - 1}'s "
-                "secure sum, so this site cannot check that it is the aggregate"
-            )
-        if evidence.round_ != round_ - 1:
+        if evidence.round_ >= round_:
             raise PolicyRefused(
                 f"round {round_}'s adapter came with the evidence of round {evidence.round_}"
             )

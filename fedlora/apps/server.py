@@ -127,7 +127,7 @@ class Federation:
                 records.ROUND_CONFIG: ConfigRecord(config),
             }
         )
-        if self.evidence is not None and self.evidence.round_ == round_ - 1:
+        if self.evidence is not None and self.evidence.round_ < round_:
             self.evidence.attach(content)
         return content
 
