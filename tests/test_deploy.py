@@ -1036,7 +1036,8 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
     its public half in the server's site-keys/, its fingerprint in the other sites' [peers]),
     with only what every operator edits: the addresses, each site's name, data and peers, and
     (to keep this test short) the base model and the number of rounds. Secure aggregation with
-    DP-SGD, as the kits ship, passes every site's policy and roster and runs a round."""
+    DP-SGD, as the kits ship, passes every site's policy and roster and runs two rounds: in the
+    second each site checks the adapter against round 1's sum (fedlora.apps.evidence)."""
     import shutil
 
     from fedlora.model import resolve_model
@@ -1089,7 +1090,7 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
             "--set",
             "model.name=tiny-random",
             "--set",
-            "federation.rounds=1",
+            "federation.rounds=2",
         )
         assert server.wait(timeout=FEDERATION_TIMEOUT) == 0, procs.log("server")[-3000:]
     except subprocess.TimeoutExpired:
@@ -1098,7 +1099,8 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
         procs.kill_all()
     out = server_dir / "runs" / "federation-1"
     rows = metrics(out)
-    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 3, rows
+    assert [r["round"] for r in rows] == [0, 1, 2], rows
+    assert [r["clients"] for r in rows[1:]] == [3, 3] and "refused" not in rows[2], rows
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]  # under secure aggregation only the sites' mean is known
     assert privacy["level"] == "sample" and privacy["max_epsilon"] is None
@@ -1107,12 +1109,12 @@ def test_the_kits_as_shipped_run_a_federation(tmp_path):
         sent = [
             json.loads(line) for line in (tmp_path / name / "audit.jsonl").read_text().splitlines()
         ]
-        assert [e["message"] for e in sent if "records" in e] == ["train.secagg"], sent
+        assert [e["message"] for e in sent if "records" in e] == ["train.secagg"] * 2, sent
         # its operator saw the noise and the spend; its ledger holds the round it released
         assert "round 1 trained: DP-SGD, noise multiplier" in procs.log(f"site-{name}")
         assert "secure aggregation with the 2 sites of [peers] only" in procs.log(f"site-{name}")
         ledger = PrivacyLedger(tmp_path / name / "state" / "privacy-ledger.jsonl")
-        assert [r.round for r in ledger.releases()] == [1]
+        assert [r.round for r in ledger.releases()] == [1, 2]
 
 
 def test_a_site_cannot_answer_discovery_in_another_sites_name():
