@@ -30,8 +30,10 @@ holds the statistics the sites put inside it (rows, and loss x rows where no DP 
 site learns their totals over the round's survivors, as the server does.
 
 Only a server step that is a function of the sum can be replayed; a site with a roster refuses
-the others before it trains (SitePolicy.check_replayable). Written here because no federated
-learning library checks the aggregate it is sent (Flower's SecAgg+ has no such step).
+the others before it trains (SitePolicy.check_replayable). Written here: Flower's SecAgg+ has
+no such step, and research protocols that verify an aggregate (VerifyNet, VeriFL) do it with
+homomorphic hashes no maintained library offers; replaying costs a site one masked input per
+survivor instead.
 """
 
 from __future__ import annotations

@@ -189,15 +189,15 @@ S_PKS = "s_pks"  # mask public keys
 SIGNER_NAMES = "signer_names"
 SIGNER_KEYS = "signer_keys"  # the signers' node-authentication public keys (OpenSSH)
 SIGNATURES = "signatures"
+#: a mask reply's second signature (same signer as SIGNATURES): on its masked input, with the
+#: content, seed commitment and mask key (fedlora.secure.identity.input_statement)
+INPUT_SIGNATURES = "input_signatures"
 PEERS = "peers"  # site ids, aligned with CIPHERTEXTS (recipients up, senders down)
 CIPHERTEXTS = "ciphertexts"  # encrypted Shamir shares
 SURVIVORS = "survivors"  # sites whose masked input is in the sum, aligned with B_SHARES
 DROPPED = "dropped"  # sites that shared keys but sent no input, aligned with S_SHARES
 CONFIRMED = "confirmed"  # the sites that confirmed the survivor set (unmask stage, after one)
 B_SHARES = "b_shares"  # shares of the survivors' self-mask seeds
-#: a mask reply's second signature (same signer as SIGNATURES): on its masked input, with the
-#: content, seed commitment and mask key (fedlora.secure.identity.input_statement)
-INPUT_SIGNATURES = "input_signatures"
 S_SHARES = "s_shares"  # shares of the dropped sites' mask keys
 #: ArrayRecord: a site's masked input, uint64 words (64-bit values, then 32-bit lanes two a word)
 SECAGG_MASKED = "secagg_masked"

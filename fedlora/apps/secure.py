@@ -928,14 +928,20 @@ def _open_session(
     )
 
 
-def _signed(context: Context, statement: Callable[[str], bytes]) -> dict[str, list]:
-    """A site daemon's signature (its node-authentication key) on `statement(its name)`, as
-    reply fields; a simulated site signs nothing."""
+def _signer(context: Context) -> Signer | None:
+    """A site daemon's signer (its node-authentication key); a simulated site has none."""
     if AUTH_KEY not in context.node_config:
-        return {}
-    signer = Signer.load(
+        return None
+    return Signer.load(
         str(context.node_config[runconfig.SITE_NAME]), Path(str(context.node_config[AUTH_KEY]))
     )
+
+
+def _signed(context: Context, statement: Callable[[str], bytes]) -> dict[str, list]:
+    """A site daemon's signature on `statement(its name)`, as reply fields; a simulated site
+    signs nothing."""
+    if (signer := _signer(context)) is None:
+        return {}
     proof = signer.prove(statement(signer.name))
     return {
         records.SIGNER_NAMES: [proof.name],
@@ -946,11 +952,8 @@ def _signed(context: Context, statement: Callable[[str], bytes]) -> dict[str, li
 
 def _own_identity(context: Context) -> tuple[str, str]:
     """A site daemon's name and key fingerprint (a simulated site has neither)."""
-    if AUTH_KEY not in context.node_config:
+    if (signer := _signer(context)) is None:
         return "", ""
-    signer = Signer.load(
-        str(context.node_config[runconfig.SITE_NAME]), Path(str(context.node_config[AUTH_KEY]))
-    )
     return signer.name, fingerprint(signer.public_key())
 
 
