@@ -211,3 +211,31 @@ def test_round_1_is_the_adapter_every_party_builds_from_the_seed(tiny_cfg):
     assert set(server.initial_adapter) == set(site.initial_adapter)
     for k, v in server.initial_adapter.items():
         np.testing.assert_array_equal(v, site.initial_adapter[k])
+
+
+class KilledInRound2(Federation):
+    """A server that dies once round 2 has begun (its sites never heard of it)."""
+
+    def collect(self, grid, chosen, round_):
+        if round_ == 2:
+            self.mark_started(round_)
+            raise RuntimeError("killed")
+        return super().collect(grid, chosen, round_)
+
+
+def test_after_a_round_that_is_not_repeated_the_sites_check_the_last_aggregate(
+    tiny_cfg, tmp_path, keys
+):
+    """An interrupted round is not repeated (a site takes part in a round once): the resumed
+    server sends round 3 the adapter of round 1's sum with round 1's evidence, and the sites
+    with [peers] accept it."""
+    cfg = tiny_cfg(secure={"enabled": True, "min_cohort": 3}, federation={"rounds": 3})
+    federation, grid, _ = federation_of(KilledInRound2, cfg, tmp_path, keys)
+    with pytest.raises(RuntimeError, match="killed"):
+        federation.run(grid)
+    resumed, _, said = federation_of(Federation, cfg, tmp_path, keys)
+    resumed.run(grid)
+    assert "Round 2 was interrupted and is not repeated" in said.getvalue()
+    assert [r["round"] for r in resumed.reporter.rows] == [0, 1, 3]
+    assert resumed.reporter.rows[-1]["sites"] == [0, 1, 2]
+    assert resumed.evidence.round_ == 3
