@@ -92,16 +92,25 @@ def test_sites_with_peers_train_only_from_the_aggregate(tiny_cfg, tmp_path, keys
     assert len(rows(tmp_path)) == crafted_round  # round 0, and round 1 when it was honest
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"name": "scaffold"},
+        {"name": "fedavg", "server_momentum": 0.9},
+        {"name": "fedavg", "server_optimizer": "adam", "server_lr": 0.01},
+    ],
+    ids=["scaffold", "fedavgm", "fedadam"],
+)
 def test_an_honest_federation_of_sites_with_peers_runs_and_resumes_its_checks(
-    tiny_cfg, tmp_path, keys
+    tiny_cfg, tmp_path, keys, strategy
 ):
-    """Three rounds, SCAFFOLD (its control variate is broadcast state, checked too), the
-    rounds' sessions set up in the round before; the evidence of the last round survives a
-    restart: the resumed server's next content passes a site's check."""
+    """Three rounds, the rounds' sessions set up in the round before, with the server state
+    that the next adapter depends on besides the sum: SCAFFOLD's control variate (broadcast
+    state), FedAvgM's momentum, FedAdam's moments (the server optimiser's state, sent with the
+    content), each checked too. The evidence of the last round survives a restart: the resumed
+    server's next content passes a site's check."""
     cfg = tiny_cfg(
-        secure={"enabled": True, "min_cohort": 3},
-        federation={"rounds": 3},
-        strategy={"name": "scaffold"},
+        secure={"enabled": True, "min_cohort": 3}, federation={"rounds": 3}, strategy=strategy
     )
     federation, grid, _ = federation_of(Federation, cfg, tmp_path, keys)
     federation.run(grid)
@@ -112,7 +121,8 @@ def test_an_honest_federation_of_sites_with_peers_runs_and_resumes_its_checks(
     assert resumed.restore_state() == 3
     assert resumed.evidence.fields() == federation.evidence.fields()
     content = resumed.round_content(4)
-    assert R.from_record(content[R.BROADCAST])  # SCAFFOLD's c, replayed and compared
+    # replayed and compared: SCAFFOLD's c, or the server optimiser's state
+    assert R.from_record(content[R.BROADCAST]) or R.server_state(content)
     policy = listing_each_other(keys)[0]
     own = (NAMES[0], fingerprint(signer(keys, NAMES[0]).public_key()))
     check_training_content(cfg, content, {}, policy, "federation-1", own)
@@ -190,8 +200,6 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     ("setting", "named"),
     [
         ({"privacy": {"level": "client", "client_noise": "central"}}, "client_noise"),
-        ({"strategy": {"server_optimizer": "adam", "server_lr": 0.01}}, "server_optimizer"),
-        ({"strategy": {"server_momentum": 0.9}}, "server_momentum"),
         ({"transport": {"dtype": "bfloat16"}}, "transport.dtype"),
     ],
 )
@@ -239,3 +247,21 @@ def test_after_a_round_that_is_not_repeated_the_sites_check_the_last_aggregate(
     assert [r["round"] for r in resumed.reporter.rows] == [0, 1, 3]
     assert resumed.reporter.rows[-1]["sites"] == [0, 1, 2]
     assert resumed.evidence.round_ == 3
+
+
+def test_the_server_optimisers_state_is_checked_like_the_adapter(tiny_cfg, tmp_path, keys):
+    """FedAvgM: the next adapter depends on the momentum as much as on the sum, so a server
+    that sends the right adapter with a momentum of its own making steers the one after. The
+    momentum is in the content the sites sign and check."""
+    cfg = tiny_cfg(secure={"enabled": True}, strategy={"server_momentum": 0.9})
+    grid = daemons(cfg, tmp_path, keys, listing_each_other(keys))
+    result = run_secure(grid, cfg, 1)
+    content = next_content(cfg, result)
+    state = R.server_state(content)
+    assert state  # the momentum after round 1
+    policy = listing_each_other(keys)[0]
+    own = (NAMES[0], fingerprint(signer(keys, NAMES[0]).public_key()))
+    check_training_content(cfg, content, {}, policy, "federation-1", own)
+    content[R.SERVER_STATE] = R.to_record({k: 2 * v for k, v in state.items()})
+    with pytest.raises(PolicyRefused, match="round 2's server optimiser state is not the secure"):
+        check_training_content(cfg, content, {}, policy, "federation-1", own)

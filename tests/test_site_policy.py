@@ -60,9 +60,11 @@ def next_content(cfg, before) -> RecordDict:
     adapter and broadcast made of its sum, with the evidence to check them by."""
     from fedlora.apps.evidence import replay
 
-    adapter, broadcast = replay(cfg, before.evidence)
+    adapter, broadcast, server_state = replay(cfg, before.evidence)
     content = round_content(before.evidence.round_ + 1, adapter)
     content[R.BROADCAST] = R.to_record(broadcast)
+    if server_state:
+        content[R.SERVER_STATE] = R.to_record(server_state)
     before.evidence.attach(content)
     return content
 

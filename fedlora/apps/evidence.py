@@ -29,8 +29,11 @@ by its pairwise masks with the other survivors, whose keys the site does not hol
 holds the statistics the sites put inside it (rows, and loss x rows where no DP hides it), so a
 site learns their totals over the round's survivors, as the server does.
 
-Only a server step that is a function of the sum can be replayed; a site with a roster refuses
-the others before it trains (SitePolicy.check_replayable). Written here: Flower's SecAgg+ has
+The server optimiser's state (FedAvgM's momentum, FedAdam's moments) travels with the content
+of such a federation (records.SERVER_STATE), is in the digest its sites sign, and is checked the
+same way. Only a server step that is a function of the sum and that state can be replayed; a
+site with a roster refuses central noise and rounded adapters before it trains
+(SitePolicy.check_replayable). Written here: Flower's SecAgg+ has
 no such step, and research protocols that verify an aggregate (VerifyNet, VeriFL) do it with
 homomorphic hashes no maintained library offers; replaying costs a site one masked input per
 survivor instead.
@@ -61,8 +64,8 @@ from fedlora.strategies.base import Arrays, read_scalar, strip_prefix
 from fedlora.strategies.server_opt import server_optimizer_for
 
 #: how close a received adapter must be to the replayed one: the replay runs the server's own
-#: float64 code on the same sums, so only SCAFFOLD's control variate, which the server keeps in
-#: float64 and sends in float32, differs at all (in its last bits)
+#: float64 code on the same sums and state, so only SCAFFOLD's control variate, which the server
+#: keeps in float64 and sends in float32, differs at all (in its last bits)
 RTOL = 1e-6
 
 _CONTENT, _MASKED = "content/", "masked/"
@@ -183,10 +186,11 @@ def _exact(prefix: str, arrays: Arrays) -> Arrays:
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def replay(cfg: Config, evidence: Evidence) -> tuple[Arrays, Arrays]:
-    """The server step on the recomputed sum: (global adapter, broadcast state) of the next
-    round, as the server makes them (fedlora.apps.server.Federation.aggregate, where central
-    noise and the SVD mode, which cannot be replayed, are refused to a site with a roster)."""
+def replay(cfg: Config, evidence: Evidence) -> tuple[Arrays, Arrays, Arrays]:
+    """The server step on the recomputed sum: (global adapter, broadcast state, server
+    optimiser state) of the next round, as the server makes them (fedlora.apps.server.
+    Federation.aggregate, where central noise and the SVD mode, which cannot be replayed, are
+    refused to a site with a roster)."""
     sums = {k: v for k, v in evidence.total().items() if not k.startswith(records.STATS)}
     participants = len(evidence.survivors)
     if cfg.federation.participation == "poisson":  # the sum says how many took part
@@ -194,12 +198,12 @@ def replay(cfg: Config, evidence: Evidence) -> tuple[Arrays, Arrays]:
         sums = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
     strategy = strategy_for(cfg)
     strategy.load_state_dict(strip_prefix("broadcast/", evidence.content))
+    server_opt = server_optimizer_for(cfg.strategy)
+    server_opt.load_state_dict(strip_prefix("server/", evidence.content))
     adapter = _exact("global/", evidence.content)
     if participants:
-        adapter = aggregate_sums(
-            strategy, server_optimizer_for(cfg.strategy), adapter, sums, participants
-        )
-    return adapter, strategy.broadcast()
+        adapter = aggregate_sums(strategy, server_opt, adapter, sums, participants)
+    return adapter, strategy.broadcast(), server_opt.state_dict()
 
 
 def check_training_content(
@@ -219,10 +223,11 @@ def check_training_content(
     sent = (
         records.from_record(content[records.GLOBAL_ADAPTER]),
         records.from_record(content[records.BROADCAST]),
+        records.server_state(content),
     )
     evidence = Evidence.of(content)
     if evidence is None:  # no round has made an aggregate yet (round 1, or it was interrupted)
-        expected: tuple[Arrays, Arrays] = (initial, {})
+        expected: tuple[Arrays, Arrays, Arrays] = (initial, {}, {})
         source = (
             f"the adapter every site builds from run.seed = {cfg.run.seed}, and it came "
             "without the evidence of a secure sum"
@@ -242,7 +247,8 @@ def check_training_content(
                 f"the evidence of round {evidence.round_} gives no adapter ({exc})"
             ) from None
         source = f"the secure sum of round {evidence.round_} that its sites signed"
-    for what, got, want in zip(("adapter", "broadcast state"), sent, expected, strict=True):
+    whats = ("adapter", "broadcast state", "server optimiser state")
+    for what, got, want in zip(whats, sent, expected, strict=True):
         if not _same(got, want):
             raise PolicyRefused(
                 f"round {round_}'s {what} is not {source}: the server sent one of its own "

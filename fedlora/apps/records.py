@@ -17,6 +17,9 @@ Arrays = dict[str, np.ndarray]
 GLOBAL_ADAPTER = "global_adapter"  # ArrayRecord: the LoRA A/B tensors of the global adapter
 BROADCAST = "broadcast"  # ArrayRecord: strategy server state (SCAFFOLD's c), may be empty
 ROUND_CONFIG = "round_config"  # ConfigRecord: round number
+#: ArrayRecord, where the sites check the aggregate (fedlora.apps.evidence): the server
+#: optimiser's state (momentum, second moment), which the next adapter depends on besides the sum
+SERVER_STATE = "server_state"
 ROUND = "round"
 
 # site -> server
@@ -120,11 +123,18 @@ def payload_digest(arrays: Arrays) -> str:
 
 def content_arrays(content: RecordDict) -> Arrays:
     """A round's training content as one set of arrays: the global adapter (`global/`), the
-    strategy's broadcast state (`broadcast/`) and the round number (`round`)."""
+    strategy's broadcast state (`broadcast/`), the server optimiser's state where it travels
+    (`server/`) and the round number (`round`)."""
     arrays = {f"global/{k}": v for k, v in from_record(content[GLOBAL_ADAPTER]).items()}
     arrays |= {f"broadcast/{k}": v for k, v in from_record(content[BROADCAST]).items()}
+    arrays |= {f"server/{k}": v for k, v in server_state(content).items()}
     arrays["round"] = np.array([int(content[ROUND_CONFIG][ROUND])])
     return arrays
+
+
+def server_state(content: RecordDict) -> Arrays:
+    """The server optimiser's state a round's content carries ({}: none)."""
+    return from_record(content[SERVER_STATE]) if SERVER_STATE in content else {}
 
 
 def content_digest(content: RecordDict) -> bytes:

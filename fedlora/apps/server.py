@@ -129,6 +129,8 @@ class Federation:
         )
         if self.evidence is not None and self.evidence.round_ < round_:
             self.evidence.attach(content)
+            if state := self.server_opt.state_dict():  # the next adapter depends on it too
+                content[records.SERVER_STATE] = records.to_record(state)
         return content
 
     def wire_down(self) -> tuple[Arrays, Arrays]:

@@ -156,14 +156,6 @@ class SitePolicy:
                 f"central client-level noise is the server's own draw, and {why}: ask for "
                 'privacy.client_noise = "distributed"'
             )
-        strategy = cfg.strategy
-        if strategy.server_optimizer != "sgd" or strategy.server_momentum:
-            raise PolicyRefused(
-                f"a server optimiser with state ({strategy.server_optimizer}, momentum "
-                f"{strategy.server_momentum:g}) makes each adapter depend on more than the "
-                f'round\'s sum, and {why}: ask for strategy.server_optimizer = "sgd" with '
-                "server_momentum = 0"
-            )
         if cfg.transport.dtype != "float32":
             raise PolicyRefused(
                 f"an adapter sent in {cfg.transport.dtype} is a rounding of the one the server "
