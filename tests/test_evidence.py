@@ -135,7 +135,8 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     site 4's mask key, and a site recomputes exactly the server's sum. Then the server's
     possible lies, each refused: an input swapped for one that steers the sum (the adapter made
     to match), this site's own input altered, a seed of its choosing, a dropped site's mask key
-    of its choosing (the sum it gives is pseudo-random: not the adapter sent), a later round's
+    of its choosing (the sum it gives is pseudo-random: not the adapter sent), evidence without
+    inputs (which would vouch for a content of its choosing), a later round's
     evidence or an earlier one's under its number, none at all."""
     cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
@@ -184,6 +185,14 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     dataclasses.replace(evidence, revealed=lie).attach(content)
     with pytest.raises(PolicyRefused, match="not the secure sum of round 1|gives no adapter"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)
+    # "round 1 summed no input and started from this": the adapter of the server's choosing
+    crafted = {k: v + 1 for k, v in evidence.content.items() if k.startswith("global/")}
+    vouched_by_none = dataclasses.replace(
+        evidence, content=evidence.content | crafted, survivors=[], dropped=[]
+    )
+    unvouched = next_content(cfg, dataclasses.replace(result, evidence=vouched_by_none))
+    with pytest.raises(PolicyRefused, match="holds no input, so no peer vouches"):
+        check_training_content(cfg, unvouched, {}, policy, "federation-1", own)
     dataclasses.replace(evidence, round_=2).attach(content)
     with pytest.raises(PolicyRefused, match="round 2's adapter came with the evidence of round 2"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)

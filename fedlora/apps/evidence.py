@@ -49,6 +49,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedlora.aggregation import aggregate_sums
 from fedlora.apps import records
 from fedlora.config import Config
+from fedlora.errors import FedloraError
 from fedlora.privacy.site_policy import PolicyRefused, SitePolicy
 from fedlora.secure.identity import Proof, input_statement
 from fedlora.secure.secagg import (
@@ -151,9 +152,9 @@ class Evidence:
                 dict(content[records.EVIDENCE]),
                 records.from_record(content[records.EVIDENCE_ARRAYS]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (FedloraError, KeyError, TypeError, ValueError) as exc:
             raise PolicyRefused(
-                f"the evidence of the round before is malformed ({exc!r})"
+                f"the evidence of an earlier round's sum is malformed ({exc!r})"
             ) from None
 
     def total(self) -> Arrays:
@@ -214,11 +215,11 @@ def check_training_content(
     federation: str,
     own: tuple[str, str],
 ) -> None:
-    """Refuse (PolicyRefused) a round whose adapter or broadcast state is not what this site
-    derives itself: the replay of the evidence of an earlier round it came with (the last one
-    that made an aggregate: an interrupted round is not repeated), else `initial` (the adapter
-    from run.seed), every input signed by a peer of the roster or `own` (this site's
-    name and key fingerprint: its own input of that round is checked too)."""
+    """Refuse (PolicyRefused) a round whose adapter, broadcast state or server optimiser state
+    is not what this site derives itself: the replay of the evidence of an earlier round it
+    came with (the last one that made an aggregate: an interrupted round is not repeated),
+    else `initial` (the adapter from run.seed), every input signed by a peer of the roster or
+    `own` (this site's name and key fingerprint: its own input of that round is checked too)."""
     round_ = int(content[records.ROUND_CONFIG][records.ROUND])
     sent = (
         records.from_record(content[records.GLOBAL_ADAPTER]),
@@ -226,7 +227,7 @@ def check_training_content(
         records.server_state(content),
     )
     evidence = Evidence.of(content)
-    if evidence is None:  # no round has made an aggregate yet (round 1, or it was interrupted)
+    if evidence is None:  # no round has made an aggregate yet (round 1, or all were interrupted)
         expected: tuple[Arrays, Arrays, Arrays] = (initial, {}, {})
         source = (
             f"the adapter every site builds from run.seed = {cfg.run.seed}, and it came "
@@ -236,6 +237,11 @@ def check_training_content(
         if evidence.round_ >= round_:
             raise PolicyRefused(
                 f"round {round_}'s adapter came with the evidence of round {evidence.round_}"
+            )
+        if not evidence.survivors:  # nothing would vouch for that round's content
+            raise PolicyRefused(
+                f"the evidence of round {evidence.round_} holds no input, so no peer vouches "
+                "for the content it starts from"
             )
         policy.check_inputs(
             federation, evidence.survivors, evidence.proofs, evidence.statement, own
