@@ -23,6 +23,7 @@ deployment tests (`pytest -m deploy`), and port what fails.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -154,10 +155,24 @@ def run_supernode(idle_wait: float, args: list[str]) -> None:
     patched.__dict__.update(vars(time))
     patched.sleep = lambda seconds: sleep(idle_wait if seconds == FLOWER_IDLE_WAIT else seconds)
     start_client_internal.time = patched  # type: ignore[attr-defined]
+    os.kill = _announcing_self_signals(os.kill)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
+
+
+def _announcing_self_signals(kill: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """`os.kill` that first logs SUPERNODE_SELF_ENDED when this process signals itself: Flower's
+    SuperNode sends itself SIGINT when the server answers a request with 401 (its fleet
+    heartbeat and its request retries), and that exit looks like any other otherwise."""
+
+    def announcing(pid: int, sig: int) -> None:
+        if pid == os.getpid():
+            print(SUPERNODE_SELF_ENDED, flush=True)
+        kill(pid, sig)
+
+    return announcing
 
 
 #: the command line that starts Flower's SuperNode with this interpreter: `python -c
@@ -181,6 +196,10 @@ RECONNECTED = "Connection successful after"
 #: the SuperNode is ending (it may then hang in its interpreter's shutdown: seen after giving up
 #: on a TLS error)
 SUPERNODE_ENDED = "SuperNode terminated gracefully."
+#: what the SuperNode logs (through run_supernode) when it signals itself to end: the server
+#: refused one of its requests as unauthorised (a key it no longer accepts, or a signed timestamp
+#: outside its window: the two machines' clocks apart)
+SUPERNODE_SELF_ENDED = "fedlora: the SuperNode ends itself: the server answered 401 Unauthorized"
 #: the SuperNode's exit code after a signal (Flower's ExitCode.GRACEFUL_EXIT_*): it ended
 #: because another process told it to, not by itself
 SUPERNODE_SIGNAL_EXITS = {1: "SIGINT", 2: "SIGQUIT", 3: "SIGTERM"}

@@ -2,6 +2,7 @@
 
 import ast
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -85,6 +86,7 @@ def test_the_supernode_sleeps_the_sites_idle_wait_after_an_empty_pull_and_nothin
 
     slept, started = [], []
     monkeypatch.setattr(start_client_internal, "time", time)  # undone after the test
+    monkeypatch.setattr(os, "kill", os.kill)  # run_supernode wraps it
     monkeypatch.setattr(time, "sleep", slept.append)
     monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(list(sys.argv)))
     monkeypatch.setattr(sys, "argv", ["-c"])
@@ -138,6 +140,30 @@ def test_a_refused_grid_token_raises_the_given_error_and_other_statuses_keep_flo
     assert invoker.invoke(fails_with(503)) == "answered"
     with pytest.raises(httpx.HTTPStatusError):
         invoker.invoke(fails_with(404))
+
+
+def test_a_supernode_that_ends_itself_after_a_401_says_so(monkeypatch, capsys):
+    """Flower's SuperNode sends itself SIGINT when the server answers 401 (its heartbeat, its
+    request retries); run_supernode's os.kill logs SUPERNODE_SELF_ENDED first, which the site
+    daemon reads: an exit that looked like another process's SIGTERM in a flaky test."""
+    import signal
+
+    from flwr.supercore.retry import http_retry
+    from flwr.supernode import fleet_http_connection
+
+    from fedlora.deploy.site import supernode_exit
+
+    for module in (fleet_http_connection, http_retry):
+        source = inspect.getsource(module)
+        assert "UNAUTHORIZED" in source and "os.kill(os.getpid(), signal.SIGINT)" in source
+    sent = []
+    monkeypatch.setattr(os, "kill", fi._announcing_self_signals(lambda p, s: sent.append((p, s))))
+    os.kill(os.getpid() + 1, signal.SIGTERM)  # another process: nothing said
+    assert fi.SUPERNODE_SELF_ENDED not in capsys.readouterr().out
+    os.kill(os.getpid(), signal.SIGINT)
+    assert fi.SUPERNODE_SELF_ENDED in capsys.readouterr().out
+    assert sent == [(os.getpid() + 1, signal.SIGTERM), (os.getpid(), signal.SIGINT)]
+    assert "401 Unauthorized" in supernode_exit(1, self_ended=True)
 
 
 def test_the_supernode_exits_with_the_codes_the_site_daemon_reads_as_signals():

@@ -46,6 +46,7 @@ from fedlora.flower_internals import (
     RUN_NOT_RUNNING,
     SUPERNODE_COMMAND,
     SUPERNODE_ENDED,
+    SUPERNODE_SELF_ENDED,
     SUPERNODE_SIGNAL_EXITS,
 )
 
@@ -142,6 +143,8 @@ class SuperNode:
         self._stopped_runs: set[int] = set()
         self._stopped_offset = 0
         self._ending_since: float | None = None
+        #: it logged SUPERNODE_SELF_ENDED since it started
+        self.self_ended = False
 
     def start(self) -> None:
         s = self.settings
@@ -170,6 +173,7 @@ class SuperNode:
         self._stopped_offset = self._log_offset
         self._stopped_runs = set()
         self._ending_since = None
+        self.self_ended = False
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SUPERNODE_COMMAND, str(s.poll_interval), *args],
@@ -197,6 +201,13 @@ class SuperNode:
             code = self.proc.poll()
         return code
 
+    @property
+    def ending(self) -> bool:
+        """It has exited, or logged that it is ending."""
+        return self._ending_since is not None or (
+            self.proc is not None and self.proc.poll() is not None
+        )
+
     def new_output(self) -> list[str]:
         """Lines the SuperNode logged since the last call."""
         if not self.log_path.exists():
@@ -208,6 +219,7 @@ class SuperNode:
         lines = data.decode(errors="replace").splitlines()
         if self._ending_since is None and any(SUPERNODE_ENDED in line for line in lines):
             self._ending_since = time.monotonic()
+        self.self_ended |= any(SUPERNODE_SELF_ENDED in line for line in lines)
         return lines
 
     def stopped_runs_seen(self) -> set[int]:
@@ -272,14 +284,19 @@ class ServerWatch:
             self.away_since = None
 
 
-def supernode_exit(code: int | None) -> str:
-    """What a SuperNode's exit code says: a signal from another process (this daemon stops
-    its SuperNode only on its way out), or its own exit."""
-    if code in SUPERNODE_SIGNAL_EXITS:
+def supernode_exit(code: int | None, self_ended: bool = False) -> str:
+    """What a SuperNode's exit says: Flower's SuperNode ending itself after a 401 from the server
+    (`self_ended`, from its log), a signal from another process (this daemon stops its
+    SuperNode only on its way out), or another exit."""
+    lost = "a message it held is lost, and the server counts this site out of that round"
+    if self_ended:
         return (
-            f"exit {code}: another process sent it {SUPERNODE_SIGNAL_EXITS[code]}; a message it "
-            "held is lost, and the server counts this site out of that round"
+            f"exit {code}: it ended itself because the server answered a request with 401 "
+            "Unauthorized (the server no longer accepts this site's key, or this machine's "
+            f"clock and the server's are more than 5 s apart); {lost}"
         )
+    if code in SUPERNODE_SIGNAL_EXITS:
+        return f"exit {code}: another process sent it {SUPERNODE_SIGNAL_EXITS[code]}; {lost}"
     return f"exit {code}"
 
 
@@ -431,16 +448,19 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
                     stop.wait(0.5)
             if stop.requested:
                 break
-            if out_of_step and node.exited() is None:
-                log(
-                    f"site {settings.name}: a federation stopped while one of its messages was "
-                    "on its way; reconnecting with a fresh queue"
-                )
-                node.stop()
-                continue
-            failure = connection_failure(lines + node.new_output(), settings)
+            lines += node.new_output()  # its last lines: did it end by itself?
+            if out_of_step:
+                if not node.ending:
+                    log(
+                        f"site {settings.name}: a federation stopped while one of its messages "
+                        "was on its way; reconnecting with a fresh queue"
+                    )
+                    node.stop()
+                    continue
+                node.stop()  # it is ending by itself: see it gone
+            failure = connection_failure(lines, settings)
             if failure is None:
-                ended = supernode_exit(node.exited())
+                ended = supernode_exit(node.exited(), node.self_ended)
                 log(f"the SuperNode stopped ({ended}); restarting in {delay:.0f} s")
             elif not failure[0]:
                 raise FedloraError(failure[1])
