@@ -141,7 +141,7 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
     to match), this site's own input altered, a seed of its choosing, a dropped site's mask key
     of its choosing (the sum it gives is pseudo-random: not the adapter sent), evidence without
     inputs (which would vouch for a content of its choosing), a later round's
-    evidence or an earlier one's under its number, none at all."""
+    evidence or an earlier one's under its number, a malformed one, none at all."""
     cfg = tiny_cfg(secure={"enabled": True}, federation={"clients": SITES})
     grid = daemons(cfg, tmp_path, keys, listing_each_other(keys, SITES))
     grid.__class__ = DropsAtMask
@@ -202,6 +202,9 @@ def test_a_site_recomputes_a_sum_with_a_dropped_site_and_checks_every_input(
         check_training_content(cfg, content, {}, policy, "federation-1", own)
     dataclasses.replace(evidence, round_=0).attach(content)  # the inputs were signed for 1
     with pytest.raises(PolicyRefused, match="signature on site 0's masked input"):
+        check_training_content(cfg, content, {}, policy, "federation-1", own)
+    content[R.EVIDENCE_ARRAYS] = R.to_record({"masked/0": np.zeros(3)})  # not what it says
+    with pytest.raises(PolicyRefused, match="evidence of an earlier round's sum is malformed"):
         check_training_content(cfg, content, {}, policy, "federation-1", own)
     for key in (R.EVIDENCE, R.EVIDENCE_ARRAYS):
         del content[key]

@@ -152,7 +152,7 @@ class Evidence:
                 dict(content[records.EVIDENCE]),
                 records.from_record(content[records.EVIDENCE_ARRAYS]),
             )
-        except (FedloraError, KeyError, TypeError, ValueError) as exc:
+        except (FedloraError, LookupError, TypeError, ValueError, ArithmeticError) as exc:
             raise PolicyRefused(
                 f"the evidence of an earlier round's sum is malformed ({exc!r})"
             ) from None
@@ -248,7 +248,7 @@ def check_training_content(
         )
         try:
             expected = replay(cfg, evidence)
-        except (KeyError, ValueError) as exc:  # a key or sum that cannot be (a lie about a drop)
+        except (LookupError, ValueError, ArithmeticError) as exc:  # a lie about a drop, say
             raise PolicyRefused(
                 f"the evidence of round {evidence.round_} gives no adapter ({exc})"
             ) from None
