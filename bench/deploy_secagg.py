@@ -17,7 +17,9 @@ From each results folder's metrics.jsonl, for the rounds after round 0 (round 0 
 the initial adapter): the mean of "seconds" (one round at the server, from sending the train
 messages to the end of the evaluation), and the mean "bytes_up" / "bytes_down" (tensor payload
 of the round, all sites together; under secure aggregation the SecAgg stages: keys, shares,
-masked inputs, confirmations, unmasking shares) and, for a secure mode, the seconds of each stage
+masked inputs, confirmations, unmasking shares, and, since every site lists the others under
+`[peers]`, the evidence of the round before that each round after the first carries: its masked
+inputs, fedlora/apps/evidence.py) and, for a secure mode, the seconds of each stage
 ("secagg_seconds": from sending its messages to the last reply). Then a markdown table: each
 mode's seconds per round (mean ± sample std over repeats, and each repeat's mean), bytes, and
 secure / plaintext: the ratio of the means and the median of the per-repeat ratios; and each
