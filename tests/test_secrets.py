@@ -99,7 +99,7 @@ def test_why_not_torch_generators_their_cpu_seed_keeps_32_bits():
 def test_a_site_that_sits_out_sends_a_zero_of_the_same_layout_and_keeps_its_state():
     from fedlora.apps import records as R
     from fedlora.apps.contribution import self_selection
-    from fedlora.apps.server import participant_count
+    from fedlora.apps.evidence import took_part
 
     cfg = load_config(
         None,
@@ -126,7 +126,7 @@ def test_a_site_that_sits_out_sends_a_zero_of_the_same_layout_and_keeps_its_stat
         else:
             assert state is old and not any(np.any(v) for v in sent.values())
         sums = {k: sums.get(k, 0) + v for k, v in sent.items()}
-    rest, participants = participant_count(sums)
+    rest, participants = took_part(cfg, sums, [0])
     assert participants == sum(coins[:6]) and R.PARTICIPANT not in rest
     assert rest["weight"][0] == participants
 

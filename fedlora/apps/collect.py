@@ -166,12 +166,12 @@ def collect_secure(
         prepared=prepared,
         upcoming=upcoming,
     )
-    sums = {k: v for k, v in result.sums.items() if not k.startswith(records.STATS)}
+    sums, stats = records.split_stats(result.sums)
     inputs = RoundInputs(
         sums=sums,
         metrics=[result.metrics[s] for s in sorted(result.sites)],
         refused=result.refused,
-        stats={k: v for k, v in result.sums.items() if k.startswith(records.STATS)},
+        stats=stats,
         bytes_up=sum(result.bytes_up.values()),
         bytes_down=sum(result.bytes_down.values()),
         stage_seconds=result.seconds,

@@ -41,6 +41,7 @@ survivor instead.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,16 +188,25 @@ def _exact(prefix: str, arrays: Arrays) -> Arrays:
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
+def took_part(cfg: Config, sums: Arrays, contributors: Sized) -> tuple[Arrays, int]:
+    """How many sites took part in a round's sum, and the sums to aggregate: every contributor,
+    or, where sites select themselves (federation.participation = "poisson"), the sum of the
+    participant coordinate (the masked zeros of the others add 0), which is then left out. One
+    decision for the server (Federation.aggregate) and a site replaying it."""
+    if cfg.federation.participation != "poisson":
+        return sums, len(contributors)
+    rest = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
+    return rest, round(read_scalar(sums, records.PARTICIPANT))
+
+
 def replay(cfg: Config, evidence: Evidence) -> tuple[Arrays, Arrays, Arrays]:
     """The server step on the recomputed sum: (global adapter, broadcast state, server
     optimiser state) of the next round, as the server makes them (fedlora.apps.server.
     Federation.aggregate, where central noise and the SVD mode, which cannot be replayed, are
     refused to a site with a roster)."""
-    sums = {k: v for k, v in evidence.total().items() if not k.startswith(records.STATS)}
-    participants = len(evidence.survivors)
-    if cfg.federation.participation == "poisson":  # the sum says how many took part
-        participants = round(read_scalar(sums, records.PARTICIPANT))
-        sums = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
+    sums, participants = took_part(
+        cfg, records.split_stats(evidence.total())[0], evidence.survivors
+    )
     strategy = strategy_for(cfg)
     strategy.load_state_dict(strip_prefix("broadcast/", evidence.content))
     server_opt = server_optimizer_for(cfg.strategy)

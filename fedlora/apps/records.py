@@ -48,6 +48,13 @@ STATS_ROWS = STATS + "rows"
 STATS_EPSILON = STATS + "epsilon"
 STATS_UNBOUNDED = STATS + "epsilon_infinite"  # sites whose epsilon is infinite (no noise)
 
+
+def split_stats(sums: Arrays) -> tuple[Arrays, Arrays]:
+    """A secure sum's strategy sums and the statistics the sites put inside it (STATS keys)."""
+    stats = {k: v for k, v in sums.items() if k.startswith(STATS)}
+    return {k: v for k, v in sums.items() if k not in stats}, stats
+
+
 # personalisation (site -> server, after the last round)
 GLOBAL_ACCURACY = "global_accuracy"
 PERSONAL_ACCURACY = "personal_accuracy"

@@ -23,7 +23,7 @@ from fedlora.aggregation import aggregate_sums, aggregate_svd, factor_error
 from fedlora.apps import collect, records
 from fedlora.apps.collect import RoundInputs
 from fedlora.apps.discovery import StoppableGrid, discover_sites, exchange, no_reply
-from fedlora.apps.evidence import Evidence
+from fedlora.apps.evidence import Evidence, took_part
 from fedlora.apps.secure import NextRound, PreparedSession, SecureRoundFailed
 from fedlora.config import Config
 from fedlora.errors import FedloraError
@@ -33,7 +33,7 @@ from fedlora.privacy.server import central_noise, latest_epsilons, privacy_row
 from fedlora.report import Reporter
 from fedlora.runtime import Runtime
 from fedlora.strategies import ServerOptimizer, strategy_for
-from fedlora.strategies.base import Arrays, LocalWork, Strategy, read_scalar
+from fedlora.strategies.base import Arrays, LocalWork, Strategy
 from fedlora.strategies.server_opt import server_optimizer_for
 from fedlora.train import evaluate, round_lr
 
@@ -315,9 +315,7 @@ class Federation:
         """Apply the strategy's server half to the round's sums (central noise added first):
         the new global adapter. Returns how many sites took part and the factor error of
         aggregating A and B apart (mean, max; None where it cannot be measured)."""
-        sums, participants = inputs.sums, len(inputs.metrics)
-        if self.cfg.federation.participation == "poisson":  # only the sum says how many, not who
-            sums, participants = participant_count(inputs.sums)
+        sums, participants = took_part(self.cfg, inputs.sums, inputs.metrics)
         sums = central_noise(
             self.cfg, sums, self.strategy.private_prefixes, seed=self.noise_seed, round_=round_
         )
@@ -565,13 +563,6 @@ def local_works(cfg: Config, inputs: RoundInputs, round_: int) -> list[LocalWork
         )
         for m in inputs.metrics
     ]
-
-
-def participant_count(sums: Arrays) -> tuple[Arrays, int]:
-    """Self-selected rounds: the sums without the participant coordinate, and how many sites
-    took part (its sum; the masked zeros of the others add 0)."""
-    rest = {k: v for k, v in sums.items() if k != records.PARTICIPANT}
-    return rest, round(float(read_scalar(sums, records.PARTICIPANT)))
 
 
 def round_train_loss(cfg: Config, inputs: RoundInputs, works: list[LocalWork]) -> float | None:
