@@ -11,7 +11,8 @@ fedlora's apps use only Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr
   SuperNode's ClientApp tasks itself, as `flwr-clientapp` does, so that the base model stays
   loaded across messages; it reads the SuperNode's log for the few facts the SuperNode tells
   nobody else (its node id, a refused key, a run stopped under a message), and it shortens the
-  SuperNode's fixed wait after a pull that found no message (`run_supernode`);
+  SuperNode's fixed wait after a pull that found no message and has it say when it ends itself
+  (`run_supernode`);
 - secure aggregation (`fedlora/secure/secagg.py`) reuses Flower's SecAgg+ key-share encoding
   and its symmetric encryption.
 

@@ -450,14 +450,14 @@ def run_site(settings: SiteSettings, log: Callable[[str], None] = print) -> int:
                 break
             lines += node.new_output()  # its last lines: did it end by itself?
             if out_of_step:
-                if not node.ending:
+                by_itself = node.ending
+                node.stop()  # one ending by itself is seen gone too
+                if not by_itself:
                     log(
                         f"site {settings.name}: a federation stopped while one of its messages "
                         "was on its way; reconnecting with a fresh queue"
                     )
-                    node.stop()
                     continue
-                node.stop()  # it is ending by itself: see it gone
             failure = connection_failure(lines, settings)
             if failure is None:
                 ended = supernode_exit(node.exited(), node.self_ended)
